@@ -1,0 +1,8 @@
+//! What the sessiongate XDP program and its agent share: the layout of every map
+//! (`maps`), the stable verdict and counter codes (`verdict`), and the pure decisions the
+//! kernel makes on them (`logic`), kept here so they can be unit-tested on the host.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod logic;
+pub mod maps;
+pub mod verdict;

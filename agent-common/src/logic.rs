@@ -1,0 +1,238 @@
+//! The decisions the XDP program makes, as pure functions of map values and the clock,
+//! so they are unit-tested on the host exactly as the kernel runs them.
+
+use crate::{
+    maps::{
+        BYPASS_POLICY, DestRule, IPPROTO_TCP, NO_POLICY, POLICY_ENFORCE, PolicyParams, Session,
+        UNKNOWN_DEVICE_ALLOW,
+    },
+    verdict::Verdict,
+};
+
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+const SECOND_NS: u64 = 1_000_000_000;
+/// A tracked flow's last-seen time is rewritten at most this often, so the packets of
+/// a busy flow do not all dirty the same shared cache line.
+pub const FLOW_REFRESH_NS: u64 = SECOND_NS;
+/// At most one refusal event per device and policy in this interval.
+pub const EVENT_INTERVAL_NS: u64 = SECOND_NS;
+
+/// A TCP segment opens a new connection when it is a SYN without ACK. Everything else
+/// (SYN-ACK, ACK, data, FIN, RST) belongs to a connection and is never judged, so
+/// established connections survive a session's expiry.
+#[inline(always)]
+pub const fn is_new_tcp_flow(flags: u8) -> bool {
+    flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+}
+
+/// Age of a session at boot-clock time `now_ns`; negative if authenticated "later"
+/// than now (which the agent never writes, but must not overflow).
+#[inline(always)]
+pub const fn session_age_ns(now_ns: u64, authenticated_at_ns: i64) -> i64 {
+    (now_ns as i64).saturating_sub(authenticated_at_ns)
+}
+
+/// A session is valid for a policy while `now - authenticated_at <= duration`.
+#[inline(always)]
+pub const fn session_valid(now_ns: u64, authenticated_at_ns: i64, duration_ns: u64) -> bool {
+    session_age_ns(now_ns, authenticated_at_ns) <= duration_ns as i64
+}
+
+/// A tracked UDP flow still counts as established while its idle time is at most
+/// `idle_ns`.
+#[inline(always)]
+pub const fn flow_active(now_ns: u64, last_seen_ns: u64, idle_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) <= idle_ns
+}
+
+/// Whether a packet of an active flow should rewrite its last-seen time.
+#[inline(always)]
+pub const fn flow_needs_refresh(now_ns: u64, last_seen_ns: u64) -> bool {
+    now_ns.saturating_sub(last_seen_ns) >= FLOW_REFRESH_NS
+}
+
+/// Whether a refusal may send an event, given when the last one for the same device and
+/// policy was sent (`None`: never).
+#[inline(always)]
+pub const fn event_due(now_ns: u64, last_event_ns: Option<u64>) -> bool {
+    match last_event_ns {
+        None => true,
+        Some(last) => now_ns.saturating_sub(last) >= EVENT_INTERVAL_NS,
+    }
+}
+
+/// The policy index that applies to a packet, from the destination's rule and the
+/// port-specific answer for (rule, protocol, port), if `SG_PORT_RULES` has one.
+#[inline(always)]
+pub const fn policy_for(rule: &DestRule, proto: u8, port_rule: Option<u32>) -> u32 {
+    match port_rule {
+        Some(policy) => policy,
+        None if proto == IPPROTO_TCP => rule.tcp,
+        None => rule.udp,
+    }
+}
+
+/// The verdict for a policy index that matches no policy entry.
+#[inline(always)]
+pub const fn verdict_without_policy(policy: u32) -> Option<Verdict> {
+    match policy {
+        NO_POLICY => Some(Verdict::PassedNoPolicy),
+        BYPASS_POLICY => Some(Verdict::PassedBypass),
+        _ => None,
+    }
+}
+
+/// Whether a policy needs the device's session at all.
+#[inline(always)]
+pub const fn policy_enforces(policy: &PolicyParams) -> bool {
+    policy.flags & POLICY_ENFORCE != 0
+}
+
+/// The verdict for a new flow matched by `policy`, from the device's session (if any).
+#[inline(always)]
+pub const fn judge_new_flow(
+    policy: &PolicyParams,
+    session: Option<&Session>,
+    unknown_device: u32,
+    now_ns: u64,
+) -> Verdict {
+    if !policy_enforces(policy) {
+        return Verdict::PassedUnlimited;
+    }
+    match session {
+        None if unknown_device == UNKNOWN_DEVICE_ALLOW => Verdict::AdmittedUnknownDevice,
+        None => Verdict::DroppedUnknownDevice,
+        Some(s) if session_valid(now_ns, s.authenticated_at_ns, policy.duration_ns) => {
+            Verdict::AdmittedNewFlow
+        }
+        Some(_) => Verdict::DroppedExpired,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{ACTION_DROP, IPPROTO_UDP, UNKNOWN_DEVICE_ENFORCE};
+
+    const H: u64 = 3600 * SECOND_NS;
+
+    fn enforcing(duration_ns: u64) -> PolicyParams {
+        PolicyParams {
+            duration_ns,
+            flags: POLICY_ENFORCE,
+            on_expired: ACTION_DROP,
+        }
+    }
+
+    #[test]
+    fn only_a_bare_syn_opens_a_tcp_flow() {
+        assert!(is_new_tcp_flow(TCP_FLAG_SYN));
+        assert!(is_new_tcp_flow(TCP_FLAG_SYN | 0x01 | 0x08 | 0x20)); // with FIN/PSH/URG noise
+        assert!(!is_new_tcp_flow(TCP_FLAG_SYN | TCP_FLAG_ACK));
+        assert!(!is_new_tcp_flow(TCP_FLAG_ACK));
+        assert!(!is_new_tcp_flow(0x04)); // RST
+        assert!(!is_new_tcp_flow(0));
+    }
+
+    #[test]
+    fn session_is_valid_up_to_and_including_the_duration() {
+        let auth = 1_000 * SECOND_NS as i64;
+        let now = |age: u64| auth as u64 + age;
+        assert!(session_valid(now(0), auth, H));
+        assert!(session_valid(now(H), auth, H));
+        assert!(!session_valid(now(H + 1), auth, H));
+        // Authenticated before this boot: negative boot-clock time, still aged right.
+        assert!(!session_valid(5 * SECOND_NS, -2 * H as i64, H));
+        assert!(session_valid(
+            5 * SECOND_NS,
+            -(H as i64) + 5 * SECOND_NS as i64,
+            H
+        ));
+        // Extreme values do not overflow.
+        assert!(!session_valid(u64::MAX / 2, i64::MIN, H));
+        assert!(session_valid(0, i64::MAX, H));
+        assert_eq!(session_age_ns(10, 4), 6);
+    }
+
+    #[test]
+    fn udp_flows_expire_after_the_idle_timeout_and_refresh_once_a_second() {
+        let idle = 120 * SECOND_NS;
+        assert!(flow_active(1000 + idle, 1000, idle));
+        assert!(!flow_active(1001 + idle, 1000, idle));
+        assert!(
+            flow_active(5, 10, idle),
+            "a clock behind the entry is not idle"
+        );
+        assert!(!flow_needs_refresh(1000 + SECOND_NS - 1, 1000));
+        assert!(flow_needs_refresh(1000 + SECOND_NS, 1000));
+    }
+
+    #[test]
+    fn events_are_limited_to_one_a_second() {
+        assert!(event_due(5, None));
+        assert!(!event_due(SECOND_NS + 4, Some(5)));
+        assert!(event_due(SECOND_NS + 5, Some(5)));
+    }
+
+    #[test]
+    fn port_answers_override_the_protocol_default() {
+        let rule = DestRule {
+            port_table: 7,
+            tcp: 1,
+            udp: NO_POLICY,
+        };
+        assert_eq!(policy_for(&rule, IPPROTO_TCP, None), 1);
+        assert_eq!(policy_for(&rule, IPPROTO_UDP, None), NO_POLICY);
+        assert_eq!(policy_for(&rule, IPPROTO_UDP, Some(3)), 3);
+        assert_eq!(
+            verdict_without_policy(NO_POLICY),
+            Some(Verdict::PassedNoPolicy)
+        );
+        assert_eq!(
+            verdict_without_policy(BYPASS_POLICY),
+            Some(Verdict::PassedBypass)
+        );
+        assert_eq!(verdict_without_policy(0), None);
+    }
+
+    #[test]
+    fn new_flows_are_judged_by_session_age_and_unknown_device_setting() {
+        let now = 10 * H;
+        let fresh = Session {
+            authenticated_at_ns: (now - H) as i64,
+        };
+        let old = Session {
+            authenticated_at_ns: (now - 3 * H) as i64,
+        };
+        let p = enforcing(2 * H);
+        let allow = UNKNOWN_DEVICE_ALLOW;
+        let enforce = UNKNOWN_DEVICE_ENFORCE;
+        assert_eq!(
+            judge_new_flow(&p, Some(&fresh), enforce, now),
+            Verdict::AdmittedNewFlow
+        );
+        assert_eq!(
+            judge_new_flow(&p, Some(&old), allow, now),
+            Verdict::DroppedExpired
+        );
+        assert_eq!(
+            judge_new_flow(&p, None, enforce, now),
+            Verdict::DroppedUnknownDevice
+        );
+        assert_eq!(
+            judge_new_flow(&p, None, allow, now),
+            Verdict::AdmittedUnknownDevice
+        );
+        let unlimited = PolicyParams::default();
+        assert_eq!(
+            judge_new_flow(&unlimited, Some(&old), enforce, now),
+            Verdict::PassedUnlimited
+        );
+        assert_eq!(
+            judge_new_flow(&unlimited, None, enforce, now),
+            Verdict::PassedUnlimited
+        );
+    }
+}

@@ -1,0 +1,251 @@
+//! Layout of every map the XDP program reads or writes. Each type is `#[repr(C)]` with
+//! explicit, zeroed padding (bytemuck's derives refuse hidden padding at compile time)
+//! and a size assertion, so the kernel and the agent can never disagree on a layout.
+//!
+//! Addresses are stored in network byte order as raw bytes; ports and every other
+//! integer are host order. Times are `bpf_ktime_get_boot_ns` nanoseconds (CLOCK_BOOTTIME),
+//! which a wall-clock step does not move.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Map names, as the agent looks them up in the object file.
+pub mod names {
+    pub const SETTINGS: &str = "SG_SETTINGS";
+    pub const DEST_V4: &str = "SG_DEST_V4";
+    pub const DEST_V6: &str = "SG_DEST_V6";
+    pub const PORT_RULES: &str = "SG_PORT_RULES";
+    pub const POLICIES: &str = "SG_POLICIES";
+    pub const SESSIONS_V4: &str = "SG_SESSIONS_V4";
+    pub const SESSIONS_V6: &str = "SG_SESSIONS_V6";
+    pub const FLOWS_V4: &str = "SG_FLOWS_V4";
+    pub const FLOWS_V6: &str = "SG_FLOWS_V6";
+    pub const COUNTERS: &str = "SG_COUNTERS";
+    pub const POLICY_DROPS: &str = "SG_POLICY_DROPS";
+    pub const EVENT_LIMIT: &str = "SG_EVENT_LIMIT";
+    pub const EVENTS: &str = "SG_EVENTS";
+}
+
+/// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values: no policy matches.
+pub const NO_POLICY: u32 = u32::MAX;
+/// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values: a bypass destination matches.
+pub const BYPASS_POLICY: u32 = u32::MAX - 1;
+/// Most policies a config may hold; policy indices are below this.
+pub const MAX_POLICIES: u32 = 4096;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `SG_SETTINGS`: ARRAY, one entry, written by the agent at start.
+///
+/// Everything the program needs from the config apart from policies and sessions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct Settings {
+    /// A UDP flow idle for longer than this is judged again as a new flow.
+    pub udp_idle_ns: u64,
+    /// `UNKNOWN_DEVICE_ENFORCE` or `UNKNOWN_DEVICE_ALLOW`.
+    pub unknown_device: u32,
+    pub _pad: u32,
+    /// Bitmap of DNS destination ports: bit `p % 64` of word `p / 64` is set for port `p`.
+    pub dns_ports: [u64; 1024],
+}
+const _: () = assert!(size_of::<Settings>() == 16 + 8192);
+
+pub const UNKNOWN_DEVICE_ENFORCE: u32 = 0;
+pub const UNKNOWN_DEVICE_ALLOW: u32 = 1;
+
+impl Settings {
+    pub const fn is_dns_port(&self, port: u16) -> bool {
+        let word = self.dns_ports[(port >> 6) as usize];
+        word & (1u64 << (port & 63)) != 0
+    }
+
+    pub fn set_dns_port(&mut self, port: u16) {
+        self.dns_ports[(port >> 6) as usize] |= 1u64 << (port & 63);
+    }
+}
+
+/// Value of `SG_DEST_V4` / `SG_DEST_V6`: LPM_TRIE keyed by destination prefix
+/// (`aya` LPM key: prefix length, then address bytes), written by the agent from the
+/// compiled policy table (see the agent's `policy` module).
+///
+/// For every address whose longest matching prefix is this one, it holds the answer of
+/// first-match-by-precedence over the policy list, per protocol, for every port the
+/// `port_table` does not list. Indices point into `SG_POLICIES`, or are `NO_POLICY` /
+/// `BYPASS_POLICY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DestRule {
+    /// Id of the port-specific answers in `SG_PORT_RULES`; 0 when there are none.
+    pub port_table: u32,
+    /// First-match policy for TCP to an unlisted port.
+    pub tcp: u32,
+    /// First-match policy for UDP to an unlisted port.
+    pub udp: u32,
+}
+const _: () = assert!(size_of::<DestRule>() == 12);
+
+/// Key of `SG_PORT_RULES`: HASH, value `u32` policy index (or `NO_POLICY`/`BYPASS_POLICY`),
+/// written by the agent. Holds the first-match answer for ports that some policy of a
+/// destination rule names explicitly, where it differs from the rule's default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PortRuleKey {
+    /// `DestRule::port_table` of the destination rule.
+    pub port_table: u32,
+    /// Destination port, host order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PortRuleKey>() == 8);
+
+/// Value of `SG_POLICIES`: ARRAY indexed by policy index (`MAX_POLICIES` entries),
+/// written by the agent. What a matching policy asks of a new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PolicyParams {
+    /// Longest session age the policy accepts, when `POLICY_ENFORCE` is set.
+    pub duration_ns: u64,
+    /// `POLICY_*` bits.
+    pub flags: u32,
+    /// `ACTION_*`: what an expired or unknown device's new flow gets.
+    pub on_expired: u32,
+}
+const _: () = assert!(size_of::<PolicyParams>() == 16);
+
+/// `PolicyParams::flags`: the policy checks sessions (`check_session.enforce = true`
+/// with a duration). Without it the policy passes everything (unlimited session).
+pub const POLICY_ENFORCE: u32 = 1;
+
+/// `PolicyParams::on_expired`: drop the packet. Codes are stable.
+pub const ACTION_DROP: u32 = 1;
+
+/// Value of `SG_SESSIONS_V4` (HASH, key: IPv4 address bytes) and `SG_SESSIONS_V6`
+/// (HASH, key: IPv6 address bytes), written by the agent on login and logout. The
+/// session of a device, found by its source address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Session {
+    /// Boot-clock time of the last authentication. Negative when it happened before
+    /// this boot (a back-dated or old login).
+    pub authenticated_at_ns: i64,
+}
+const _: () = assert!(size_of::<Session>() == 8);
+
+/// Key of `SG_FLOWS_V4`: LRU_HASH, value `FlowState`, written by the program when it
+/// admits a new UDP flow. The flow's 5-tuple, client to server.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKeyV4 {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKeyV4>() == 16);
+
+/// Key of `SG_FLOWS_V6`: LRU_HASH, value `FlowState`; as `FlowKeyV4` for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKeyV6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKeyV6>() == 40);
+
+/// Value of `SG_FLOWS_V4` / `SG_FLOWS_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowState {
+    /// Boot-clock time the flow last sent a packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<FlowState>() == 8);
+
+/// Key of `SG_EVENT_LIMIT`: LRU_HASH, value `u64` boot-clock time of the last event,
+/// written by the program. Limits refusal events to one per device and policy per second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct EventLimitKey {
+    /// Device address; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Policy index, or `NO_POLICY`.
+    pub policy: u32,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<EventLimitKey>() == 24);
+
+/// A record of `SG_EVENTS` (RINGBUF), written by the program for a refused new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RefusalEvent {
+    /// Boot-clock time of the refusal.
+    pub at_ns: u64,
+    /// Age of the device's session at that time; `i64::MIN` when it has none.
+    pub session_age_ns: i64,
+    /// Policy index that refused the flow.
+    pub policy: u32,
+    /// `Verdict` code (`DroppedExpired` or `DroppedUnknownDevice`).
+    pub verdict: u32,
+    /// 4 or 6.
+    pub family: u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// Destination and source ports, host order.
+    pub dport: u16,
+    pub sport: u16,
+    pub _pad: [u8; 2],
+    /// Device (source) address; IPv4 in the first four bytes.
+    pub src: [u8; 16],
+    /// Destination address; IPv4 in the first four bytes.
+    pub dst: [u8; 16],
+}
+const _: () = assert!(size_of::<RefusalEvent>() == 64);
+
+/// Session age recorded in a `RefusalEvent` for a device without a session.
+pub const NO_SESSION_AGE: i64 = i64::MIN;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY (all): plain-old-data `#[repr(C)]` types without padding, checked by
+    // bytemuck's `Pod` derive above.
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for DestRule {}
+    unsafe impl aya::Pod for PortRuleKey {}
+    unsafe impl aya::Pod for PolicyParams {}
+    unsafe impl aya::Pod for Session {}
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    unsafe impl aya::Pod for FlowKeyV6 {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for EventLimitKey {}
+    unsafe impl aya::Pod for RefusalEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_port_bitmap_covers_every_port() {
+        let mut s = Settings::zeroed();
+        for p in [0u16, 1, 53, 63, 64, 853, 5353, 65535] {
+            assert!(!s.is_dns_port(p));
+            s.set_dns_port(p);
+            assert!(s.is_dns_port(p), "port {p}");
+        }
+        assert!(!s.is_dns_port(54));
+        assert!(!s.is_dns_port(65534));
+    }
+}

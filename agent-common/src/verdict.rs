@@ -1,0 +1,138 @@
+//! Verdicts and counters. Every number here is a stable code: it indexes
+//! `SG_COUNTERS`, appears in refusal events and in the agent's output, and is never
+//! reused for another meaning. New codes take the next free number.
+
+/// What the program decided for one packet, and why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not IPv4/IPv6, or an IP protocol other than TCP and UDP.
+    PassedOtherProtocol = 0,
+    /// Truncated or malformed headers: never judged, never aborted.
+    PassedMalformed = 1,
+    /// A non-first fragment: it carries no L4 header to judge.
+    PassedFragment = 2,
+    /// TCP or UDP to a configured DNS port: DNS is never affected.
+    PassedDns = 3,
+    /// Destination is a configured bypass (identity provider, team domain).
+    PassedBypass = 4,
+    /// No policy covers the destination, protocol and port.
+    PassedNoPolicy = 5,
+    /// The first matching policy does not check sessions (unlimited).
+    PassedUnlimited = 6,
+    /// A packet of a flow admitted earlier: TCP without a bare SYN, or a tracked UDP flow.
+    PassedEstablished = 7,
+    /// A new flow from a device whose session is valid for the policy.
+    AdmittedNewFlow = 8,
+    /// A new flow from a device with no session, with `unknown_device = "allow"`.
+    AdmittedUnknownDevice = 9,
+    /// A new flow refused: the device's session is older than the policy allows.
+    DroppedExpired = 10,
+    /// A new flow refused: the device has no session (`unknown_device = "enforce"`).
+    DroppedUnknownDevice = 11,
+}
+
+impl Verdict {
+    /// Every verdict, in code order.
+    pub const ALL: [Self; 12] = [
+        Self::PassedOtherProtocol,
+        Self::PassedMalformed,
+        Self::PassedFragment,
+        Self::PassedDns,
+        Self::PassedBypass,
+        Self::PassedNoPolicy,
+        Self::PassedUnlimited,
+        Self::PassedEstablished,
+        Self::AdmittedNewFlow,
+        Self::AdmittedUnknownDevice,
+        Self::DroppedExpired,
+        Self::DroppedUnknownDevice,
+    ];
+
+    /// The counter slot (and stable code) of this verdict.
+    #[inline(always)]
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// Whether the packet is refused.
+    #[inline(always)]
+    pub const fn is_refusal(self) -> bool {
+        matches!(self, Self::DroppedExpired | Self::DroppedUnknownDevice)
+    }
+
+    /// The name used in metrics, stats and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassedOtherProtocol => "passed_other_protocol",
+            Self::PassedMalformed => "passed_malformed",
+            Self::PassedFragment => "passed_fragment",
+            Self::PassedDns => "passed_dns",
+            Self::PassedBypass => "passed_bypass",
+            Self::PassedNoPolicy => "passed_no_policy",
+            Self::PassedUnlimited => "passed_unlimited",
+            Self::PassedEstablished => "passed_established",
+            Self::AdmittedNewFlow => "admitted_new_flow",
+            Self::AdmittedUnknownDevice => "admitted_unknown_device",
+            Self::DroppedExpired => "dropped_expired",
+            Self::DroppedUnknownDevice => "dropped_unknown_device",
+        }
+    }
+
+    /// The verdict with this code, if there is one.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        if (code as usize) < Self::ALL.len() {
+            Some(Self::ALL[code as usize])
+        } else {
+            None
+        }
+    }
+}
+
+/// Counter slots after the verdicts, for the event path. Stable like the verdict codes.
+pub mod counter {
+    /// Refusal events written to the ring buffer.
+    pub const EVENTS_SENT: u32 = 16;
+    /// Refusals not reported because the same device and policy had an event less than
+    /// a second ago.
+    pub const EVENTS_RATE_LIMITED: u32 = 17;
+    /// Refusal events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 18;
+
+    /// Size of `SG_COUNTERS`: verdicts, event counters, and room to grow.
+    pub const SLOTS: u32 = 32;
+
+    /// Names of the non-verdict counters, for stats output.
+    pub const NAMED: [(u32, &str); 3] = [
+        (EVENTS_SENT, "events_sent"),
+        (EVENTS_RATE_LIMITED, "events_rate_limited"),
+        (EVENTS_LOST, "events_lost"),
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_dense_stable_and_round_trip() {
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            assert_eq!(v.code() as usize, i, "{v:?} out of order");
+            assert_eq!(Verdict::from_code(v.code()), Some(*v));
+        }
+        assert_eq!(Verdict::from_code(Verdict::ALL.len() as u32), None);
+        assert_eq!(Verdict::DroppedExpired.code(), 10, "codes are stable");
+        for (slot, _) in counter::NAMED {
+            assert!(slot as usize >= Verdict::ALL.len() && slot < counter::SLOTS);
+        }
+    }
+
+    #[test]
+    fn only_drops_are_refusals() {
+        let refusals: Vec<_> = Verdict::ALL.iter().filter(|v| v.is_refusal()).collect();
+        assert_eq!(
+            refusals,
+            [&Verdict::DroppedExpired, &Verdict::DroppedUnknownDevice]
+        );
+    }
+}

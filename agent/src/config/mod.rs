@@ -1,0 +1,224 @@
+//! The agent's configuration: a TOML file whose policy section mirrors Gateway's rule
+//! settings. `Config::load` either returns a fully valid config or every problem in it
+//! at once, each naming the file, the section or policy, and the field.
+
+mod duration;
+mod raw;
+mod validate;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use thiserror::Error;
+
+pub use duration::{DurationError, GoDuration};
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Where it was read from, for messages.
+    pub source: String,
+    pub agent: AgentConfig,
+    pub dns: DnsConfig,
+    /// Destinations that always pass: the identity provider, the team domain.
+    pub bypass: Vec<IpNet>,
+    pub limits: Limits,
+    /// In file order; a policy's index here is its index in the kernel's policy map.
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    pub unknown_device: UnknownDevice,
+    pub api_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub udp_idle_timeout: GoDuration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// TCP and UDP destination ports that are never session-checked.
+    pub ports: Vec<u16>,
+    /// The resolvers devices use; only for `check`'s warnings.
+    pub resolvers: Vec<IpAddr>,
+}
+
+/// Map capacities; each applies per address family where the map is per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_sessions: u32,
+    pub max_flows: u32,
+    pub max_policy_cidrs: u32,
+    pub max_port_rules: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1 << 20,
+            max_flows: 1 << 20,
+            max_policy_cidrs: 1 << 16,
+            max_port_rules: 1 << 16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native, falling back to generic with a warning.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownDevice {
+    Enforce,
+    Allow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn ip_proto(self) -> u8 {
+        match self {
+            Self::Tcp => agent_common::maps::IPPROTO_TCP,
+            Self::Udp => agent_common::maps::IPPROTO_UDP,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExpired {
+    Drop,
+}
+
+impl OnExpired {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// Lower is evaluated first, as in Gateway. Unique.
+    pub precedence: i64,
+    pub destinations: Vec<IpNet>,
+    /// `None`: both TCP and UDP.
+    pub protocol: Option<Protocol>,
+    /// `None`: every port.
+    pub ports: Option<Vec<u16>>,
+    pub check_session: CheckSession,
+    pub on_expired: OnExpired,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckSession {
+    /// No `check_session`, `enforce = false`, or no duration: unlimited sessions.
+    Unlimited { enforce_without_duration: bool },
+    /// New flows need a session no older than this.
+    Enforce(GoDuration),
+}
+
+impl Policy {
+    pub fn matches_protocol(&self, proto: Protocol) -> bool {
+        self.protocol.is_none_or(|p| p == proto)
+    }
+
+    pub fn matches_port(&self, port: u16) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&port))
+    }
+
+    pub fn duration(&self) -> Option<GoDuration> {
+        match self.check_session {
+            CheckSession::Enforce(d) => Some(d),
+            CheckSession::Unlimited { .. } => None,
+        }
+    }
+}
+
+/// One thing wrong with a config, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// `[agent]`, `[dns]`, `policy "Company Wiki" (#2)`, ...
+    pub place: String,
+    /// The field, as written in the file: `check_session.duration`, `ports[1]`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}, {}: {}", self.place, self.field, self.message)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid TOML for sessiongate: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config {path} has {} problem(s); nothing was loaded:\n{}", problems.len(), list(problems))]
+    Invalid {
+        path: String,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: source.clone(),
+            source: e,
+        })?;
+        Self::parse(&text, &source)
+    }
+
+    /// Validates config text; `source` names it in messages.
+    pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: source.to_string(),
+            message: e.to_string(),
+        })?;
+        validate::validate(raw, source).map_err(|problems| ConfigError::Invalid {
+            path: source.to_string(),
+            problems,
+        })
+    }
+}

@@ -1,0 +1,76 @@
+//! The config file as TOML gives it: loosely typed where validation should name the
+//! problem itself (strings for durations, addresses and choices, wide integers for
+//! ports), strict about unknown keys so a typo is never silently ignored.
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub dns: RawDns,
+    #[serde(default)]
+    pub bypass: RawBypass,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<String>,
+    pub unknown_device: Option<String>,
+    pub api_socket: Option<String>,
+    pub state_dir: Option<String>,
+    pub udp_idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub ports: Option<Vec<i64>>,
+    #[serde(default)]
+    pub resolvers: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBypass {
+    #[serde(default)]
+    pub destinations: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_sessions: Option<i64>,
+    pub max_flows: Option<i64>,
+    pub max_policy_cidrs: Option<i64>,
+    pub max_port_rules: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub name: Option<String>,
+    pub precedence: Option<i64>,
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    pub protocol: Option<String>,
+    pub ports: Option<Vec<i64>>,
+    pub check_session: Option<RawCheckSession>,
+    pub on_expired: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheckSession {
+    pub enforce: Option<bool>,
+    pub duration: Option<String>,
+}

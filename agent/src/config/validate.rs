@@ -1,0 +1,690 @@
+//! From `RawConfig` to `Config`, collecting every problem instead of stopping at the
+//! first one.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::PathBuf,
+    str::FromStr,
+};
+
+use agent_common::maps::MAX_POLICIES;
+use ipnet::IpNet;
+
+use super::{
+    AgentConfig, CheckSession, Config, DnsConfig, GoDuration, Limits, OnExpired, Policy, Problem,
+    Protocol, UnknownDevice, XdpMode,
+    raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy},
+};
+
+/// Largest capacity accepted for any map: beyond it, preallocation alone would take
+/// gigabytes of kernel memory.
+const MAX_CAPACITY: i64 = 1 << 26;
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, place: &str, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            place: place.to_string(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Problem>> {
+    let mut problems = Problems::default();
+    let agent = agent(raw.agent, &mut problems);
+    let dns = dns(raw.dns, &mut problems);
+    let bypass = bypass(raw.bypass, &mut problems);
+    let limits = limits(raw.limits, &mut problems);
+    let policies = policies(raw.policies, &mut problems);
+    if problems.0.is_empty() {
+        Ok(Config {
+            source: source.to_string(),
+            agent,
+            dns,
+            bypass,
+            limits,
+            policies,
+        })
+    } else {
+        Err(problems.0)
+    }
+}
+
+fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
+    const PLACE: &str = "[agent]";
+    if raw.interfaces.is_empty() {
+        problems.add(
+            PLACE,
+            "interfaces",
+            "list at least one interface that carries device traffic, e.g. [\"eth0\"]",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in raw.interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}]");
+        if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ']) {
+            problems.add(
+                PLACE,
+                field,
+                format!(
+                    "{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+                ),
+            );
+        } else if !seen.insert(name) {
+            problems.add(PLACE, field, format!("{name:?} is listed twice"));
+        }
+    }
+    let xdp_mode = choice(
+        raw.xdp_mode.as_deref(),
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
+        XdpMode::Auto,
+        (PLACE, "xdp_mode"),
+        problems,
+    );
+    let unknown_device = choice(
+        raw.unknown_device.as_deref(),
+        &[
+            ("enforce", UnknownDevice::Enforce),
+            ("allow", UnknownDevice::Allow),
+        ],
+        UnknownDevice::Enforce,
+        (PLACE, "unknown_device"),
+        problems,
+    );
+    let api_socket = path(
+        raw.api_socket,
+        "/run/sessiongate/api.sock",
+        (PLACE, "api_socket"),
+        problems,
+    );
+    let state_dir = path(
+        raw.state_dir,
+        "/var/lib/sessiongate",
+        (PLACE, "state_dir"),
+        problems,
+    );
+    let default_idle = GoDuration(std::time::Duration::from_secs(120));
+    let udp_idle_timeout = match raw.udp_idle_timeout {
+        None => default_idle,
+        Some(text) => text.parse().unwrap_or_else(|e| {
+            problems.add(
+                PLACE,
+                "udp_idle_timeout",
+                format!("invalid duration {text:?}: {e}"),
+            );
+            default_idle
+        }),
+    };
+    AgentConfig {
+        interfaces: raw.interfaces,
+        xdp_mode,
+        unknown_device,
+        api_socket,
+        state_dir,
+        udp_idle_timeout,
+    }
+}
+
+fn dns(raw: RawDns, problems: &mut Problems) -> DnsConfig {
+    const PLACE: &str = "[dns]";
+    let ports = match raw.ports {
+        None => vec![53],
+        Some(ports) if ports.is_empty() => {
+            problems.add(
+                PLACE,
+                "ports",
+                "list at least one port: DNS must never be session-checked (the default is [53])",
+            );
+            vec![]
+        }
+        Some(ports) => port_list(&ports, PLACE, "ports", problems),
+    };
+    let resolvers = raw
+        .resolvers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| match IpAddr::from_str(text.trim()) {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.add(
+                    PLACE,
+                    format!("resolvers[{i}]"),
+                    format!("{text:?} is not an IP address"),
+                );
+                None
+            }
+        })
+        .collect();
+    DnsConfig { ports, resolvers }
+}
+
+fn bypass(raw: RawBypass, problems: &mut Problems) -> Vec<IpNet> {
+    cidr_list(&raw.destinations, "[bypass]", "destinations", problems)
+}
+
+fn limits(raw: RawLimits, problems: &mut Problems) -> Limits {
+    const PLACE: &str = "[limits]";
+    let defaults = Limits::default();
+    let mut capacity = |value: Option<i64>, field: &str, default: u32| match value {
+        None => default,
+        Some(n) if (1..=MAX_CAPACITY).contains(&n) => n as u32,
+        Some(n) => {
+            problems.add(
+                PLACE,
+                field,
+                format!("{n} is out of range (1 to {MAX_CAPACITY})"),
+            );
+            default
+        }
+    };
+    Limits {
+        max_sessions: capacity(raw.max_sessions, "max_sessions", defaults.max_sessions),
+        max_flows: capacity(raw.max_flows, "max_flows", defaults.max_flows),
+        max_policy_cidrs: capacity(
+            raw.max_policy_cidrs,
+            "max_policy_cidrs",
+            defaults.max_policy_cidrs,
+        ),
+        max_port_rules: capacity(
+            raw.max_port_rules,
+            "max_port_rules",
+            defaults.max_port_rules,
+        ),
+    }
+}
+
+fn policies(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Policy> {
+    if raw.len() > MAX_POLICIES as usize {
+        problems.add(
+            "[[policy]]",
+            "policy",
+            format!(
+                "{} policies, at most {MAX_POLICIES} are supported",
+                raw.len()
+            ),
+        );
+    }
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut precedences: HashMap<i64, String> = HashMap::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        let place = match &p.name {
+            Some(name) if !name.trim().is_empty() => format!("policy {name:?} (#{})", i + 1),
+            _ => format!("policy #{}", i + 1),
+        };
+        let name = match p.name {
+            Some(name) if !name.trim().is_empty() => {
+                if let Some(first) = names.insert(name.clone(), i + 1) {
+                    problems.add(
+                        &place,
+                        "name",
+                        format!("policy #{first} already has this name; names must be unique"),
+                    );
+                }
+                name
+            }
+            _ => {
+                problems.add(&place, "name", "missing: every policy needs a name");
+                String::new()
+            }
+        };
+        let precedence = match p.precedence {
+            Some(n) if n >= 0 => {
+                if let Some(other) = precedences.insert(n, place.clone()) {
+                    problems.add(
+                        &place,
+                        "precedence",
+                        format!(
+                            "{n} is also the precedence of {other}; precedences must be unique"
+                        ),
+                    );
+                }
+                n
+            }
+            Some(n) => {
+                problems.add(&place, "precedence", format!("{n} is negative"));
+                0
+            }
+            None => {
+                problems.add(
+                    &place,
+                    "precedence",
+                    "missing: policies are evaluated in precedence order, lower first",
+                );
+                0
+            }
+        };
+        if p.destinations.is_empty() {
+            problems.add(&place, "destinations", "list at least one CIDR or address");
+        }
+        let destinations = cidr_list(&p.destinations, &place, "destinations", problems);
+        let protocol = p.protocol.as_deref().and_then(|text| match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            _ => {
+                problems.add(
+                    &place,
+                    "protocol",
+                    format!("{text:?} is not \"tcp\" or \"udp\" (leave it out for both)"),
+                );
+                None
+            }
+        });
+        let ports = p.ports.map(|ports| {
+            if ports.is_empty() {
+                problems.add(&place, "ports", "empty: leave it out to match every port");
+            }
+            port_list(&ports, &place, "ports", problems)
+        });
+        let check_session = check_session(p.check_session, &place, problems);
+        let on_expired = match p.on_expired.as_deref() {
+            None | Some("drop") => OnExpired::Drop,
+            Some(action @ ("reject" | "redirect")) => {
+                problems.add(
+                    &place,
+                    "on_expired",
+                    format!("{action:?} is not supported by this version yet; use \"drop\""),
+                );
+                OnExpired::Drop
+            }
+            Some(other) => {
+                problems.add(
+                    &place,
+                    "on_expired",
+                    format!("{other:?} is not an action; use \"drop\""),
+                );
+                OnExpired::Drop
+            }
+        };
+        out.push(Policy {
+            name,
+            precedence,
+            destinations,
+            protocol,
+            ports,
+            check_session,
+            on_expired,
+        });
+    }
+    out
+}
+
+fn check_session(
+    raw: Option<super::raw::RawCheckSession>,
+    place: &str,
+    problems: &mut Problems,
+) -> CheckSession {
+    let Some(raw) = raw else {
+        return CheckSession::Unlimited {
+            enforce_without_duration: false,
+        };
+    };
+    let duration = raw.duration.as_deref().and_then(|text| {
+        text.parse::<GoDuration>()
+            .map_err(|e| {
+                problems.add(
+                    place,
+                    "check_session.duration",
+                    format!("invalid duration {text:?}: {e}"),
+                );
+            })
+            .ok()
+    });
+    match (raw.enforce, raw.duration.is_some(), duration) {
+        (Some(false), _, _) => CheckSession::Unlimited {
+            enforce_without_duration: false,
+        },
+        (None, false, _) => {
+            problems.add(
+                place,
+                "check_session",
+                "give a duration, as in { enforce = true, duration = \"1h30m0s\" }",
+            );
+            CheckSession::Unlimited {
+                enforce_without_duration: false,
+            }
+        }
+        (_, true, Some(d)) => CheckSession::Enforce(d),
+        // An invalid duration was reported above.
+        (_, true, None) => CheckSession::Unlimited {
+            enforce_without_duration: false,
+        },
+        (Some(true), false, _) => CheckSession::Unlimited {
+            enforce_without_duration: true,
+        },
+    }
+}
+
+fn choice<T: Copy>(
+    value: Option<&str>,
+    options: &[(&str, T)],
+    default: T,
+    (place, field): (&str, &str),
+    problems: &mut Problems,
+) -> T {
+    let Some(value) = value else {
+        return default;
+    };
+    if let Some((_, v)) = options.iter().find(|(name, _)| *name == value) {
+        return *v;
+    }
+    let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+    problems.add(
+        place,
+        field,
+        format!("{value:?} is not one of {}", names.join(", ")),
+    );
+    default
+}
+
+fn path(
+    value: Option<String>,
+    default: &str,
+    (place, field): (&str, &str),
+    problems: &mut Problems,
+) -> PathBuf {
+    match value {
+        None => PathBuf::from(default),
+        Some(text) if text.trim().is_empty() => {
+            problems.add(place, field, "empty path");
+            PathBuf::from(default)
+        }
+        Some(text) => PathBuf::from(text),
+    }
+}
+
+fn port_list(ports: &[i64], place: &str, field: &str, problems: &mut Problems) -> Vec<u16> {
+    let mut out: Vec<u16> = Vec::with_capacity(ports.len());
+    for (i, &port) in ports.iter().enumerate() {
+        match u16::try_from(port) {
+            Ok(p) if p != 0 => {
+                if out.contains(&p) {
+                    problems.add(
+                        place,
+                        format!("{field}[{i}]"),
+                        format!("port {p} is listed twice"),
+                    );
+                } else {
+                    out.push(p);
+                }
+            }
+            _ => problems.add(
+                place,
+                format!("{field}[{i}]"),
+                format!("{port} is not a port (1 to 65535)"),
+            ),
+        }
+    }
+    out
+}
+
+/// Parses CIDRs or plain addresses (a host route). A CIDR with host bits set is refused
+/// rather than silently widened or narrowed.
+fn cidr_list(texts: &[String], place: &str, field: &str, problems: &mut Problems) -> Vec<IpNet> {
+    let mut out = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let field = format!("{field}[{i}]");
+        match parse_cidr(text.trim()) {
+            Ok(net) => out.push(net),
+            Err(message) => problems.add(place, field, message),
+        }
+    }
+    out
+}
+
+pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = IpAddr::from_str(text) {
+        return Ok(IpNet::from(ip));
+    }
+    let net = IpNet::from_str(text)
+        .map_err(|_| format!("{text:?} is not a CIDR (like 198.18.0.0/24) or an IP address"))?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::{Config, ConfigError};
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        [agent]
+        interfaces = ["eth0"]
+        xdp_mode = "auto"
+        unknown_device = "enforce"
+        api_socket = "/run/sessiongate/api.sock"
+        state_dir = "/var/lib/sessiongate"
+
+        [dns]
+        ports = [53]
+
+        [bypass]
+        destinations = ["203.0.113.10/32"]
+
+        [[policy]]
+        name = "Company Wiki"
+        precedence = 103
+        destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+        protocol = "tcp"
+        ports = [443, 8443]
+        check_session = { enforce = true, duration = "1h30m0s" }
+        on_expired = "drop"
+    "#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::parse(text, "test.toml") {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    fn has(problems: &[Problem], place: &str, field: &str, needle: &str) -> bool {
+        problems
+            .iter()
+            .any(|p| p.place == place && p.field == field && p.message.contains(needle))
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let config = Config::parse(EXAMPLE, "example.toml").expect("valid");
+        assert_eq!(config.agent.interfaces, ["eth0"]);
+        assert_eq!(config.agent.xdp_mode, XdpMode::Auto);
+        assert_eq!(config.agent.udp_idle_timeout.0, Duration::from_secs(120));
+        assert_eq!(config.dns.ports, [53]);
+        assert_eq!(config.bypass, ["203.0.113.10/32".parse::<IpNet>().unwrap()]);
+        let wiki = &config.policies[0];
+        assert_eq!(wiki.name, "Company Wiki");
+        assert_eq!(wiki.precedence, 103);
+        assert_eq!(wiki.protocol, Some(Protocol::Tcp));
+        assert_eq!(wiki.ports.as_deref(), Some(&[443, 8443][..]));
+        assert_eq!(
+            wiki.check_session,
+            CheckSession::Enforce(GoDuration(Duration::from_secs(5400)))
+        );
+        assert_eq!(wiki.on_expired, OnExpired::Drop);
+    }
+
+    #[test]
+    fn defaults_fill_every_section_but_interfaces() {
+        let config = Config::parse("[agent]\ninterfaces = [\"veth0\"]\n", "t").unwrap();
+        assert_eq!(config.agent.unknown_device, UnknownDevice::Enforce);
+        assert_eq!(
+            config.agent.api_socket,
+            PathBuf::from("/run/sessiongate/api.sock")
+        );
+        assert_eq!(config.dns.ports, [53]);
+        assert!(config.policies.is_empty());
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_place_and_field() {
+        let text = r#"
+            [agent]
+            interfaces = []
+            xdp_mode = "turbo"
+            unknown_device = "maybe"
+            udp_idle_timeout = "2 minutes"
+
+            [dns]
+            ports = [53, 70000]
+            resolvers = ["not-an-ip"]
+
+            [bypass]
+            destinations = ["203.0.113.10/24"]
+
+            [limits]
+            max_flows = 0
+
+            [[policy]]
+            name = "Wiki"
+            precedence = 10
+            destinations = ["198.19.10.0/33"]
+            protocol = "icmp"
+            ports = [0, 443, 443]
+            check_session = { enforce = true, duration = "90 minutes" }
+            on_expired = "reject"
+
+            [[policy]]
+            name = "Wiki"
+            precedence = 10
+            destinations = []
+            on_expired = "explode"
+
+            [[policy]]
+            destinations = ["198.19.0.0/16"]
+            check_session = {}
+        "#;
+        let p = problems(text);
+        let expected = [
+            ("[agent]", "interfaces", "at least one"),
+            ("[agent]", "xdp_mode", "\"turbo\""),
+            ("[agent]", "unknown_device", "\"maybe\""),
+            ("[agent]", "udp_idle_timeout", "\"2 minutes\""),
+            ("[dns]", "ports[1]", "70000"),
+            ("[dns]", "resolvers[0]", "not-an-ip"),
+            ("[bypass]", "destinations[0]", "did you mean 203.0.113.0/24"),
+            ("[limits]", "max_flows", "out of range"),
+            ("policy \"Wiki\" (#1)", "destinations[0]", "198.19.10.0/33"),
+            ("policy \"Wiki\" (#1)", "protocol", "\"icmp\""),
+            ("policy \"Wiki\" (#1)", "ports[0]", "not a port"),
+            ("policy \"Wiki\" (#1)", "ports[2]", "listed twice"),
+            (
+                "policy \"Wiki\" (#1)",
+                "check_session.duration",
+                "\"90 minutes\"",
+            ),
+            (
+                "policy \"Wiki\" (#1)",
+                "on_expired",
+                "not supported by this version",
+            ),
+            (
+                "policy \"Wiki\" (#2)",
+                "name",
+                "policy #1 already has this name",
+            ),
+            (
+                "policy \"Wiki\" (#2)",
+                "precedence",
+                "precedences must be unique",
+            ),
+            ("policy \"Wiki\" (#2)", "destinations", "at least one"),
+            ("policy \"Wiki\" (#2)", "on_expired", "\"explode\""),
+            ("policy #3", "name", "missing"),
+            ("policy #3", "precedence", "missing"),
+            ("policy #3", "check_session", "give a duration"),
+        ];
+        for (place, field, needle) in expected {
+            assert!(
+                has(&p, place, field, needle),
+                "missing problem {place} / {field} / {needle}; got:\n{p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expected.len(), "unexpected extra problems: {p:#?}");
+    }
+
+    #[test]
+    fn the_error_message_names_file_policy_field_and_string() {
+        let text = r#"
+            [agent]
+            interfaces = ["eth0"]
+            [[policy]]
+            name = "Payroll"
+            precedence = 1
+            destinations = ["198.19.0.0/24"]
+            check_session = { enforce = true, duration = "1 hour" }
+        "#;
+        let message = Config::parse(text, "/etc/sessiongate.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("/etc/sessiongate.toml"), "{message}");
+        assert!(message.contains("policy \"Payroll\" (#1)"), "{message}");
+        assert!(message.contains("check_session.duration"), "{message}");
+        assert!(message.contains("\"1 hour\""), "{message}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_syntax_errors_with_a_location() {
+        let typo = Config::parse("[agent]\ninterface = [\"eth0\"]\n", "t.toml").unwrap_err();
+        let text = typo.to_string();
+        assert!(matches!(typo, ConfigError::Syntax { .. }), "{text}");
+        assert!(
+            text.contains("interface") && text.contains("line 2"),
+            "{text}"
+        );
+        let wrong = Config::parse("[dns]\nports = \"53\"\n", "t.toml").unwrap_err();
+        assert!(matches!(wrong, ConfigError::Syntax { .. }));
+    }
+
+    #[test]
+    fn check_session_forms() {
+        let policy = |cs: &str| {
+            let text = format!(
+                "[agent]\ninterfaces=[\"e\"]\n[[policy]]\nname=\"p\"\nprecedence=1\ndestinations=[\"198.18.0.1\"]\n{cs}\n"
+            );
+            Config::parse(&text, "t").unwrap().policies.remove(0)
+        };
+        let unlimited = CheckSession::Unlimited {
+            enforce_without_duration: false,
+        };
+        assert_eq!(policy("").check_session, unlimited);
+        assert_eq!(
+            policy("check_session = { enforce = false, duration = \"1h\" }").check_session,
+            unlimited
+        );
+        assert_eq!(
+            policy("check_session = { enforce = true }").check_session,
+            CheckSession::Unlimited {
+                enforce_without_duration: true
+            }
+        );
+        assert_eq!(
+            policy("check_session = { duration = \"45s\" }").check_session,
+            CheckSession::Enforce(GoDuration(Duration::from_secs(45)))
+        );
+        // A plain address is a host route.
+        assert_eq!(
+            policy("").destinations,
+            ["198.18.0.1/32".parse::<IpNet>().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! Refusal events from the kernel's ring buffer, turned into "re-authentication
+//! required" log lines and kept in a short history for the API.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use agent_common::{
+    maps::{IPPROTO_TCP, NO_SESSION_AGE, RefusalEvent},
+    verdict::Verdict,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{clock::ClockPair, config::GoDuration};
+
+/// Refusals kept for `GET /v1/events`.
+pub const HISTORY: usize = 256;
+
+/// A refused new flow, with names resolved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// `session_expired` or `unknown_device`.
+    pub reason: String,
+    pub device: IpAddr,
+    /// The device's user, when it has a session.
+    pub user: Option<String>,
+    pub policy: String,
+    pub destination: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    /// Age of the device's session when refused (Go format), if it has one.
+    pub session_age: Option<String>,
+}
+
+/// A ring-buffer record decoded, before names are resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawRefusal {
+    pub at_boot_ns: i64,
+    pub verdict: Verdict,
+    pub device: IpAddr,
+    pub destination: IpAddr,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub policy: u32,
+    pub session_age_ns: Option<i64>,
+}
+
+/// Decodes a record; `None` for a record of the wrong size or unknown verdict.
+pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
+    let event: RefusalEvent = bytemuck::try_pod_read_unaligned(bytes).ok()?;
+    let addr = |raw: [u8; 16]| -> IpAddr {
+        if event.family == 4 {
+            Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]).into()
+        } else {
+            Ipv6Addr::from(raw).into()
+        }
+    };
+    Some(RawRefusal {
+        at_boot_ns: event.at_ns as i64,
+        verdict: Verdict::from_code(event.verdict)?,
+        device: addr(event.src),
+        destination: addr(event.dst),
+        port: event.dport,
+        protocol: if event.proto == IPPROTO_TCP {
+            "tcp"
+        } else {
+            "udp"
+        },
+        policy: event.policy,
+        session_age_ns: (event.session_age_ns != NO_SESSION_AGE).then_some(event.session_age_ns),
+    })
+}
+
+impl RawRefusal {
+    pub fn resolve(&self, clock: &ClockPair, user: Option<String>, policy: String) -> Refusal {
+        Refusal {
+            at: clock.wall_of(self.at_boot_ns),
+            reason: match self.verdict {
+                Verdict::DroppedUnknownDevice => "unknown_device",
+                _ => "session_expired",
+            }
+            .to_string(),
+            device: self.device,
+            user,
+            policy,
+            destination: self.destination,
+            port: self.port,
+            protocol: self.protocol.to_string(),
+            session_age: self.session_age_ns.map(format_age),
+        }
+    }
+}
+
+/// A session age as Gateway writes durations, to the second.
+pub fn format_age(ns: i64) -> String {
+    let secs = u64::try_from(ns.max(0)).unwrap_or(0) / 1_000_000_000;
+    if secs == 0 {
+        return "0s".into();
+    }
+    GoDuration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+/// The last `HISTORY` refusals.
+#[derive(Default)]
+pub struct History(VecDeque<Refusal>);
+
+impl History {
+    pub fn push(&mut self, refusal: Refusal) {
+        if self.0.len() == HISTORY {
+            self.0.pop_front();
+        }
+        self.0.push_back(refusal);
+    }
+
+    pub fn snapshot(&self) -> Vec<Refusal> {
+        self.0.iter().cloned().collect()
+    }
+}
+
+/// Logs a refusal as one "re-authentication required" line.
+pub fn log(refusal: &Refusal) {
+    let destination = match refusal.destination {
+        IpAddr::V4(a) => format!("{a}:{}/{}", refusal.port, refusal.protocol),
+        IpAddr::V6(a) => format!("[{a}]:{}/{}", refusal.port, refusal.protocol),
+    };
+    tracing::warn!(
+        user = refusal.user.as_deref().unwrap_or("(no session)"),
+        device = %refusal.device,
+        policy = %refusal.policy,
+        destination = %destination,
+        reason = %refusal.reason,
+        session_age = refusal.session_age.as_deref().unwrap_or("-"),
+        "re-authentication required"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_ipv4_and_ipv6_records() {
+        let mut event = RefusalEvent {
+            at_ns: 5_000_000_000,
+            session_age_ns: 7_200_000_000_000,
+            policy: 3,
+            verdict: Verdict::DroppedExpired.code(),
+            family: 4,
+            proto: IPPROTO_TCP,
+            dport: 443,
+            sport: 50000,
+            ..RefusalEvent::default()
+        };
+        event.src[..4].copy_from_slice(&[198, 18, 1, 10]);
+        event.dst[..4].copy_from_slice(&[198, 19, 10, 10]);
+        let raw = decode(bytemuck::bytes_of(&event)).unwrap();
+        assert_eq!(raw.device, "198.18.1.10".parse::<IpAddr>().unwrap());
+        assert_eq!(raw.destination, "198.19.10.10".parse::<IpAddr>().unwrap());
+        assert_eq!((raw.port, raw.protocol, raw.policy), (443, "tcp", 3));
+        assert_eq!(
+            raw.session_age_ns.map(format_age).as_deref(),
+            Some("2h0m0s")
+        );
+
+        event.family = 6;
+        event.proto = agent_common::maps::IPPROTO_UDP;
+        event.src = "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets();
+        event.session_age_ns = NO_SESSION_AGE;
+        event.verdict = Verdict::DroppedUnknownDevice.code();
+        let raw = decode(bytemuck::bytes_of(&event)).unwrap();
+        assert_eq!(raw.device, "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert_eq!((raw.protocol, raw.session_age_ns), ("udp", None));
+        let clock = ClockPair::now();
+        assert_eq!(
+            raw.resolve(&clock, None, "p".into()).reason,
+            "unknown_device"
+        );
+
+        assert_eq!(decode(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn history_keeps_the_latest() {
+        let clock = ClockPair::now();
+        let mut history = History::default();
+        let raw = RawRefusal {
+            at_boot_ns: clock.boot_ns,
+            verdict: Verdict::DroppedExpired,
+            device: "198.18.1.10".parse().unwrap(),
+            destination: "198.19.10.10".parse().unwrap(),
+            port: 1,
+            protocol: "tcp",
+            policy: 0,
+            session_age_ns: Some(0),
+        };
+        for port in 0..(HISTORY as u16 + 10) {
+            let mut r = raw.resolve(&clock, None, "p".into());
+            r.port = port;
+            history.push(r);
+        }
+        let snapshot = history.snapshot();
+        assert_eq!(snapshot.len(), HISTORY);
+        assert_eq!(snapshot[0].port, 10);
+    }
+}

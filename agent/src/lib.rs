@@ -1,0 +1,13 @@
+//! sessiongate's agent: configuration, policy compilation, the kernel datapath's maps,
+//! device sessions, the control API and the CLI.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod datapath;
+pub mod events;
+pub mod policy;
+pub mod run;
+pub mod sessions;

@@ -1,0 +1,291 @@
+//! Policy compilation: from the config's precedence-ordered, possibly overlapping
+//! policies to the tables the kernel reads, so that one longest-prefix match on the
+//! destination (plus, where policies name ports, one hash lookup) gives the same
+//! answer as first-match-by-precedence over the whole policy list.
+//!
+//! Why this is exact: every policy CIDR that contains an address is an ancestor (or
+//! equal) of the longest policy CIDR `P` that contains it, so the policies that can
+//! match the address are exactly those owning `P` or one of its ancestors. For each
+//! distinct `P` we keep that list in precedence order and precompute its first match
+//! per protocol: for each port some policy in the list names explicitly, and for all
+//! other ports (which only port-less policies can match).
+
+mod lint;
+mod table;
+
+use std::collections::{BTreeSet, HashMap};
+
+use agent_common::maps::{
+    ACTION_DROP, BYPASS_POLICY, DestRule, NO_POLICY, POLICY_ENFORCE, PolicyParams, PortRuleKey,
+};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::config::{CheckSession, Config, OnExpired, Protocol};
+
+pub use lint::{Warning, lint};
+pub use table::describe;
+
+/// The compiled tables, ready to be written to the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTable {
+    /// `SG_DEST_V4` / `SG_DEST_V6` entries, one per distinct prefix.
+    pub dest: Vec<(IpNet, DestRule)>,
+    /// `SG_PORT_RULES` entries.
+    pub port_rules: Vec<(PortRuleKey, u32)>,
+    /// `SG_POLICIES`, indexed by the policy's position in the config.
+    pub params: Vec<PolicyParams>,
+    /// Per policy: whether some packet can reach it (it is not completely shadowed by
+    /// policies of higher precedence or bypass destinations).
+    pub reachable: Vec<bool>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error(
+        "the policies need {needed} {family} prefixes but [limits] max_policy_cidrs is {limit}; raise it"
+    )]
+    TooManyPrefixes {
+        family: &'static str,
+        needed: usize,
+        limit: u32,
+    },
+    #[error(
+        "the policies need {needed} port rules but [limits] max_port_rules is {limit}; raise it"
+    )]
+    TooManyPortRules { needed: usize, limit: u32 },
+}
+
+/// Something that can match a packet, in evaluation order: the bypass destinations
+/// first, then the policies by precedence.
+struct Candidate<'a> {
+    /// Policy index, or `BYPASS_POLICY`.
+    index: u32,
+    protocol: Option<Protocol>,
+    ports: Option<&'a [u16]>,
+}
+
+impl Candidate<'_> {
+    fn matches(&self, proto: Protocol, port: Option<u16>) -> bool {
+        self.protocol.is_none_or(|p| p == proto)
+            && match (self.ports, port) {
+                (None, _) => true,
+                (Some(ports), Some(port)) => ports.contains(&port),
+                (Some(_), None) => false,
+            }
+    }
+}
+
+/// Compiles the config's bypass destinations and policies.
+pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
+    let mut order: Vec<usize> = (0..config.policies.len()).collect();
+    order.sort_by_key(|&i| config.policies[i].precedence);
+
+    let mut candidates = Vec::with_capacity(order.len() + 1);
+    let mut owners: HashMap<IpNet, Vec<usize>> = HashMap::new();
+    if !config.bypass.is_empty() {
+        for net in &config.bypass {
+            owners.entry(*net).or_default().push(candidates.len());
+        }
+        candidates.push(Candidate {
+            index: BYPASS_POLICY,
+            protocol: None,
+            ports: None,
+        });
+    }
+    for &i in &order {
+        let policy = &config.policies[i];
+        for net in &policy.destinations {
+            owners.entry(*net).or_default().push(candidates.len());
+        }
+        candidates.push(Candidate {
+            index: i as u32,
+            protocol: policy.protocol,
+            ports: policy.ports.as_deref(),
+        });
+    }
+
+    let mut prefixes: Vec<IpNet> = owners.keys().copied().collect();
+    prefixes.sort();
+    let nonempty = table::regions_nonempty(&prefixes);
+
+    let mut table = PolicyTable {
+        reachable: vec![false; config.policies.len()],
+        ..PolicyTable::default()
+    };
+    let mut port_tables: HashMap<Vec<usize>, u32> = HashMap::new();
+    for (prefix, region_nonempty) in prefixes.iter().zip(nonempty) {
+        let ranks = matching_ranks(prefix, &owners);
+        let list: Vec<&Candidate<'_>> = ranks.iter().map(|&r| &candidates[r]).collect();
+        let first = |proto: Protocol, port: Option<u16>| {
+            list.iter()
+                .find(|c| c.matches(proto, port))
+                .map_or(NO_POLICY, |c| c.index)
+        };
+        let mut rule = DestRule {
+            port_table: 0,
+            tcp: first(Protocol::Tcp, None),
+            udp: first(Protocol::Udp, None),
+        };
+        let named_ports: BTreeSet<u16> = list
+            .iter()
+            .filter_map(|c| c.ports)
+            .flatten()
+            .copied()
+            .collect();
+        let mut answers = Vec::new();
+        for port in named_ports {
+            for (proto, default) in [(Protocol::Tcp, rule.tcp), (Protocol::Udp, rule.udp)] {
+                let answer = first(proto, Some(port));
+                if region_nonempty {
+                    mark_reachable(&mut table.reachable, answer);
+                }
+                if answer != default {
+                    answers.push((port, proto, answer));
+                }
+            }
+        }
+        if region_nonempty {
+            mark_reachable(&mut table.reachable, rule.tcp);
+            mark_reachable(&mut table.reachable, rule.udp);
+        }
+        if !answers.is_empty() {
+            let next_id = port_tables.len() as u32 + 1;
+            let id = *port_tables.entry(ranks).or_insert_with(|| {
+                for &(port, proto, answer) in &answers {
+                    table.port_rules.push((
+                        PortRuleKey {
+                            port_table: next_id,
+                            port,
+                            proto: proto.ip_proto(),
+                            _pad: 0,
+                        },
+                        answer,
+                    ));
+                }
+                next_id
+            });
+            rule.port_table = id;
+        }
+        table.dest.push((*prefix, rule));
+    }
+
+    table.params = config.policies.iter().map(params).collect();
+    check_capacity(config, &table)?;
+    Ok(table)
+}
+
+/// Ranks (positions in evaluation order) of every candidate owning `prefix` or one of
+/// its ancestors, in order.
+fn matching_ranks(prefix: &IpNet, owners: &HashMap<IpNet, Vec<usize>>) -> Vec<usize> {
+    let mut ranks = Vec::new();
+    for len in (0..=prefix.prefix_len()).rev() {
+        let ancestor = IpNet::new(prefix.network(), len)
+            .expect("shorter than a valid prefix")
+            .trunc();
+        if let Some(found) = owners.get(&ancestor) {
+            ranks.extend_from_slice(found);
+        }
+    }
+    ranks.sort_unstable();
+    ranks.dedup();
+    ranks
+}
+
+fn mark_reachable(reachable: &mut [bool], answer: u32) {
+    if let Some(r) = reachable.get_mut(answer as usize) {
+        *r = true;
+    }
+}
+
+fn params(policy: &crate::config::Policy) -> PolicyParams {
+    let on_expired = match policy.on_expired {
+        OnExpired::Drop => ACTION_DROP,
+    };
+    match policy.check_session {
+        CheckSession::Enforce(d) => PolicyParams {
+            duration_ns: d.as_nanos_u64(),
+            flags: POLICY_ENFORCE,
+            on_expired,
+        },
+        CheckSession::Unlimited { .. } => PolicyParams {
+            duration_ns: 0,
+            flags: 0,
+            on_expired,
+        },
+    }
+}
+
+fn check_capacity(config: &Config, table: &PolicyTable) -> Result<(), CompileError> {
+    let limit = config.limits.max_policy_cidrs;
+    for (family, is_v4) in [("IPv4", true), ("IPv6", false)] {
+        let needed = table
+            .dest
+            .iter()
+            .filter(|(net, _)| matches!(net, IpNet::V4(_)) == is_v4)
+            .count();
+        if needed > limit as usize {
+            return Err(CompileError::TooManyPrefixes {
+                family,
+                needed,
+                limit,
+            });
+        }
+    }
+    if table.port_rules.len() > config.limits.max_port_rules as usize {
+        return Err(CompileError::TooManyPortRules {
+            needed: table.port_rules.len(),
+            limit: config.limits.max_port_rules,
+        });
+    }
+    Ok(())
+}
+
+/// The policy index the kernel's tables give a packet, computed from the compiled
+/// table the way the program does (longest prefix, then port rule, then default).
+pub fn kernel_lookup(
+    table: &PolicyTable,
+    dst: std::net::IpAddr,
+    proto: Protocol,
+    port: u16,
+) -> u32 {
+    let Some((_, rule)) = table
+        .dest
+        .iter()
+        .filter(|(net, _)| net.contains(&dst))
+        .max_by_key(|(net, _)| net.prefix_len())
+    else {
+        return NO_POLICY;
+    };
+    let port_rule = (rule.port_table != 0)
+        .then(|| {
+            table.port_rules.iter().find(|(k, _)| {
+                k.port_table == rule.port_table && k.port == port && k.proto == proto.ip_proto()
+            })
+        })
+        .flatten()
+        .map(|(_, v)| *v);
+    agent_common::logic::policy_for(rule, proto.ip_proto(), port_rule)
+}
+
+/// The reference semantics: the first match over bypass destinations, then policies by
+/// precedence. `BYPASS_POLICY`, a policy index, or `NO_POLICY`.
+pub fn first_match(config: &Config, dst: std::net::IpAddr, proto: Protocol, port: u16) -> u32 {
+    if config.bypass.iter().any(|net| net.contains(&dst)) {
+        return BYPASS_POLICY;
+    }
+    config
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p.destinations.iter().any(|net| net.contains(&dst))
+                && p.matches_protocol(proto)
+                && p.matches_port(port)
+        })
+        .min_by_key(|(_, p)| p.precedence)
+        .map_or(NO_POLICY, |(i, _)| i as u32)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,364 @@
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+
+use super::*;
+use crate::config::{GoDuration, Policy};
+
+fn base_config() -> Config {
+    Config::parse("[agent]\ninterfaces = [\"t0\"]\n", "test").unwrap()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn policy(name: &str, precedence: i64, dests: &[&str], duration_secs: Option<u64>) -> Policy {
+    Policy {
+        name: name.into(),
+        precedence,
+        destinations: dests.iter().map(|d| net(d)).collect(),
+        protocol: None,
+        ports: None,
+        check_session: match duration_secs {
+            Some(s) => CheckSession::Enforce(GoDuration(Duration::from_secs(s))),
+            None => CheckSession::Unlimited {
+                enforce_without_duration: false,
+            },
+        },
+        on_expired: OnExpired::Drop,
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn overlapping_policies_follow_precedence_not_prefix_length() {
+    // A 7-day baseline over the whole range, with a 10-minute app inside it.
+    let mut config = base_config();
+    config.policies = vec![
+        policy("baseline", 200, &["198.18.0.0/15"], Some(7 * 86400)),
+        policy("app", 100, &["198.19.10.0/24"], Some(600)),
+    ];
+    let table = compile(&config).unwrap();
+    let lookup = |a: &str| kernel_lookup(&table, ip(a), Protocol::Tcp, 443);
+    assert_eq!(
+        lookup("198.19.10.7"),
+        1,
+        "the app has the lower precedence number"
+    );
+    assert_eq!(lookup("198.18.3.4"), 0);
+    assert_eq!(lookup("203.0.113.1"), NO_POLICY);
+
+    // The reverse order: the baseline comes first and wins everywhere, and the app is
+    // completely shadowed.
+    config.policies[0].precedence = 50;
+    let table = compile(&config).unwrap();
+    assert_eq!(
+        kernel_lookup(&table, ip("198.19.10.7"), Protocol::Tcp, 443),
+        0
+    );
+    assert_eq!(table.reachable, [true, false]);
+}
+
+#[test]
+fn protocol_and_port_narrowing_falls_through_to_later_policies() {
+    let mut config = base_config();
+    let mut wiki = policy("wiki", 10, &["198.19.10.0/24"], Some(60));
+    wiki.protocol = Some(Protocol::Tcp);
+    wiki.ports = Some(vec![443, 8443]);
+    let baseline = policy("baseline", 20, &["198.18.0.0/15"], Some(3600));
+    config.policies = vec![wiki, baseline];
+    let table = compile(&config).unwrap();
+    let at = |proto, port| kernel_lookup(&table, ip("198.19.10.5"), proto, port);
+    assert_eq!(at(Protocol::Tcp, 443), 0);
+    assert_eq!(at(Protocol::Tcp, 8443), 0);
+    assert_eq!(at(Protocol::Tcp, 80), 1);
+    assert_eq!(at(Protocol::Udp, 443), 1);
+    // One port table for the /24, two TCP port answers; the /15 needs none.
+    assert_eq!(table.port_rules.len(), 2);
+    assert_eq!(table.dest.len(), 2);
+}
+
+#[test]
+fn bypass_destinations_win_over_every_policy() {
+    let mut config = base_config();
+    config.bypass = vec![net("198.19.10.10/32")];
+    config.policies = vec![policy("app", 1, &["198.19.10.0/24"], Some(60))];
+    let table = compile(&config).unwrap();
+    assert_eq!(
+        kernel_lookup(&table, ip("198.19.10.10"), Protocol::Udp, 53),
+        BYPASS_POLICY
+    );
+    assert_eq!(
+        kernel_lookup(&table, ip("198.19.10.11"), Protocol::Udp, 53),
+        0
+    );
+}
+
+#[test]
+fn params_carry_duration_and_enforcement() {
+    let mut config = base_config();
+    config.policies = vec![
+        policy("checked", 1, &["198.18.0.0/24"], Some(90 * 60)),
+        policy("open", 2, &["198.18.1.0/24"], None),
+    ];
+    let table = compile(&config).unwrap();
+    assert_eq!(
+        table.params[0],
+        PolicyParams {
+            duration_ns: 90 * 60 * 1_000_000_000,
+            flags: POLICY_ENFORCE,
+            on_expired: ACTION_DROP
+        }
+    );
+    assert_eq!(table.params[1].flags & POLICY_ENFORCE, 0);
+}
+
+#[test]
+fn capacity_limits_are_enforced_with_a_clear_error() {
+    let mut config = base_config();
+    config.limits.max_policy_cidrs = 2;
+    config.policies = vec![policy(
+        "many",
+        1,
+        &["198.18.0.0/24", "198.18.1.0/24", "198.18.2.0/24"],
+        Some(60),
+    )];
+    let err = compile(&config).unwrap_err();
+    assert_eq!(
+        err,
+        CompileError::TooManyPrefixes {
+            family: "IPv4",
+            needed: 3,
+            limit: 2
+        }
+    );
+    assert!(err.to_string().contains("max_policy_cidrs"));
+}
+
+/// A random policy set over a small address universe, so that CIDRs nest and overlap.
+fn random_config(rng: &mut StdRng) -> Config {
+    const PORTS: [u16; 6] = [22, 53, 80, 443, 3389, 8443];
+    let mut config = base_config();
+    let random_net = |rng: &mut StdRng| -> IpNet {
+        if rng.random_bool(0.7) {
+            let len = *[15u8, 16, 20, 23, 24, 25, 26, 28, 31, 32]
+                .choose(rng)
+                .unwrap();
+            let addr = Ipv4Addr::from(0xC612_0000u32 | rng.random_range(0..0x0002_0000u32));
+            IpNet::new(addr.into(), len).unwrap().trunc()
+        } else {
+            let len = *[32u8, 33, 40, 48, 64, 120, 127, 128].choose(rng).unwrap();
+            let addr = random_v6(rng);
+            IpNet::new(addr.into(), len).unwrap().trunc()
+        }
+    };
+    let n = rng.random_range(1..12);
+    let mut precedences: Vec<i64> = (0..100).collect();
+    for i in 0..n {
+        let dests = (0..rng.random_range(1..4))
+            .map(|_| random_net(rng))
+            .collect();
+        let slot = rng.random_range(0..precedences.len());
+        config.policies.push(Policy {
+            name: format!("p{i}"),
+            precedence: precedences.swap_remove(slot),
+            destinations: dests,
+            protocol: *[None, Some(Protocol::Tcp), Some(Protocol::Udp)]
+                .choose(rng)
+                .unwrap(),
+            ports: rng.random_bool(0.5).then(|| {
+                let mut ports: Vec<u16> = PORTS
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.random_bool(0.4))
+                    .collect();
+                if ports.is_empty() {
+                    ports.push(443);
+                }
+                ports
+            }),
+            check_session: CheckSession::Enforce(GoDuration(Duration::from_secs(60))),
+            on_expired: OnExpired::Drop,
+        });
+    }
+    config.bypass = (0..rng.random_range(0..3))
+        .map(|_| random_net(rng))
+        .collect();
+    config
+}
+
+/// An address in 2001:db8::/32 drawn from few enough values that prefixes nest.
+fn random_v6(rng: &mut StdRng) -> Ipv6Addr {
+    let middle: u128 = rng.random_range(0..4u128) << 80;
+    let low: u128 = rng.random_range(0..4u128);
+    Ipv6Addr::from((0x2001_0db8u128 << 96) | middle | low)
+}
+
+fn probe_addresses(config: &Config, rng: &mut StdRng) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    for net in config
+        .policies
+        .iter()
+        .flat_map(|p| &p.destinations)
+        .chain(&config.bypass)
+    {
+        addrs.push(net.network());
+        addrs.push(net.broadcast());
+    }
+    for _ in 0..200 {
+        addrs.push(Ipv4Addr::from(0xC612_0000u32 | rng.random_range(0..0x0002_0000u32)).into());
+        addrs.push(random_v6(rng).into());
+    }
+    addrs
+}
+
+#[test]
+fn compiled_tables_equal_first_match_by_precedence_on_random_policies() {
+    let mut checked = 0usize;
+    for seed in 0..300u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let config = random_config(&mut rng);
+        let table = compile(&config).unwrap();
+        let addrs = probe_addresses(&config, &mut rng);
+        for addr in addrs {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                for port in [22, 53, 80, 443, 3389, 8443, 1, 65535] {
+                    let expected = first_match(&config, addr, proto, port);
+                    let got = kernel_lookup(&table, addr, proto, port);
+                    assert_eq!(
+                        got, expected,
+                        "seed {seed}: {addr} {proto:?}/{port}: kernel table gives {got}, first match is {expected}\n{config:#?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100_000, "only {checked} probes");
+}
+
+#[test]
+fn reachability_matches_a_brute_force_search_on_random_policies() {
+    for seed in 0..200u64 {
+        let mut rng = StdRng::seed_from_u64(1000 + seed);
+        let config = random_config(&mut rng);
+        let table = compile(&config).unwrap();
+        // Brute force over every address a policy's CIDRs can hold, at their ends and
+        // at every boundary of any other prefix inside them (enough to meet every
+        // region), and every port any policy names plus one none names.
+        let mut boundaries: Vec<IpAddr> = Vec::new();
+        let all: Vec<IpNet> = config
+            .policies
+            .iter()
+            .flat_map(|p| p.destinations.clone())
+            .chain(config.bypass.clone())
+            .collect();
+        for net in &all {
+            for edge in [net.network(), net.broadcast()] {
+                boundaries.push(edge);
+                boundaries.extend(step(edge, 1));
+                boundaries.extend(step(edge, -1));
+            }
+        }
+        let mut seen = vec![false; config.policies.len()];
+        for addr in boundaries {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                for port in [22, 53, 80, 443, 3389, 8443, 1] {
+                    if let Some(s) = seen.get_mut(first_match(&config, addr, proto, port) as usize)
+                    {
+                        *s = true;
+                    }
+                }
+            }
+        }
+        assert_eq!(table.reachable, seen, "seed {seed}: {config:#?}");
+    }
+}
+
+fn step(addr: IpAddr, delta: i8) -> Option<IpAddr> {
+    match addr {
+        IpAddr::V4(a) => u32::from(a)
+            .checked_add_signed(i32::from(delta))
+            .map(|n| Ipv4Addr::from(n).into()),
+        IpAddr::V6(a) => {
+            let n = u128::from(a);
+            let n = if delta > 0 {
+                n.checked_add(1)
+            } else {
+                n.checked_sub(1)
+            };
+            n.map(|n| Ipv6Addr::from(n).into())
+        }
+    }
+}
+
+#[test]
+fn lint_warns_about_the_common_mistakes() {
+    let text = r#"
+        [agent]
+        interfaces = ["t0"]
+        [dns]
+        ports = [53]
+        resolvers = ["198.19.0.53"]
+        [bypass]
+        destinations = ["198.19.0.10"]
+
+        [[policy]]
+        name = "everything"
+        precedence = 1
+        destinations = ["198.0.0.0/8"]
+        check_session = { enforce = true, duration = "168h" }
+
+        [[policy]]
+        name = "shadowed"
+        precedence = 2
+        destinations = ["198.19.5.0/24"]
+        check_session = { enforce = true, duration = "1h" }
+
+        [[policy]]
+        name = "dns only"
+        precedence = 3
+        destinations = ["203.0.113.0/24"]
+        ports = [53]
+        check_session = { enforce = true }
+    "#;
+    let config = Config::parse(text, "t").unwrap();
+    let table = compile(&config).unwrap();
+    let warnings: Vec<String> = lint(&config, &table)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    let expect = [
+        ("policy \"everything\" (#1)", "DNS resolver 198.19.0.53"),
+        (
+            "policy \"everything\" (#1)",
+            "overlaps the bypass destination 198.19.0.10/32",
+        ),
+        ("policy \"everything\" (#1)", "/8 or wider"),
+        ("policy \"shadowed\" (#2)", "completely shadowed"),
+        ("policy \"dns only\" (#3)", "only DNS ports"),
+        ("policy \"dns only\" (#3)", "no duration"),
+    ];
+    for (place, needle) in expect {
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.starts_with(place) && w.contains(needle)),
+            "missing warning {place}: {needle} in {warnings:#?}"
+        );
+    }
+    assert_eq!(warnings.len(), expect.len(), "{warnings:#?}");
+    let described = describe(&config, &table);
+    assert!(described.contains("198.0.0.0/8"), "{described}");
+    assert!(
+        described.contains("\"everything\" (session <= 168h0m0s, else drop)"),
+        "{described}"
+    );
+}

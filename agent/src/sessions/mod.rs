@@ -1,0 +1,268 @@
+//! Device sessions: who authenticated on which device, through which IdP, and when.
+//! The rules are Gateway's: a login resets the device's session timer to zero; a
+//! device is bound to one user until logged out; and a session only resets through the
+//! IdP the device enrolled with.
+//!
+//! Changes are two-phase so the kernel map and this store never disagree: `plan_*`
+//! checks a request and returns what would change without changing anything, the
+//! caller writes the kernel map, then `commit_*` records it durably.
+
+mod journal;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use agent_common::maps::Session;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use time::OffsetDateTime;
+
+use crate::clock::{ClockPair, boot_id};
+use journal::Journal;
+
+/// The IdP recorded when a login names none.
+pub const DEFAULT_IDP: &str = "default";
+/// A login time this far ahead of the agent's clock is refused; closer ones are taken
+/// as "now" (small skew between the caller's clock and ours).
+const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
+const MAX_NAME_LEN: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub ip: IpAddr,
+    pub user: String,
+    pub idp: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub authenticated_at: OffsetDateTime,
+    /// The boot the boot-clock time below belongs to.
+    pub boot_id: String,
+    /// Boot-clock time of the authentication, as written to the kernel.
+    pub authenticated_at_boot_ns: i64,
+}
+
+impl SessionRecord {
+    /// The kernel's view of this session now. Within the boot it was recorded in, the
+    /// recorded boot-clock time (immune to wall-clock steps); after a reboot, converted
+    /// from wall-clock time.
+    pub fn kernel_value(&self, clock: &ClockPair, current_boot: &str) -> Session {
+        let authenticated_at_ns = if !self.boot_id.is_empty() && self.boot_id == current_boot {
+            self.authenticated_at_boot_ns
+        } else {
+            clock.boot_ns_of(self.authenticated_at)
+        };
+        Session {
+            authenticated_at_ns,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoginRequest {
+    pub ip: IpAddr,
+    pub user: String,
+    pub idp: Option<String>,
+    /// When the authentication happened; `None` is now.
+    pub at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(
+        "device {ip} is bound to user {current:?}; {requested:?} cannot log in on it until it is logged out (one user per device)"
+    )]
+    OtherUser {
+        ip: IpAddr,
+        current: String,
+        requested: String,
+    },
+    #[error(
+        "device {ip} enrolled through IdP {enrolled:?}; its session resets only through that IdP, not {requested:?}"
+    )]
+    WrongIdp {
+        ip: IpAddr,
+        enrolled: String,
+        requested: String,
+    },
+    #[error("authentication time {at} is in the future (agent clock: {now})")]
+    InFuture {
+        at: OffsetDateTime,
+        now: OffsetDateTime,
+    },
+    #[error("no session for device {ip}")]
+    NotFound { ip: IpAddr },
+    #[error("{field} {value:?} is invalid: {reason}")]
+    InvalidName {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("session state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("session state {path}, line {line}: {message}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+impl SessionError {
+    /// A stable machine-readable code for API clients.
+    pub const fn code(&self) -> &'static str {
+        match self {
+            Self::OtherUser { .. } => "other_user",
+            Self::WrongIdp { .. } => "wrong_idp",
+            Self::InFuture { .. } => "in_future",
+            Self::NotFound { .. } => "not_found",
+            Self::InvalidName { .. } => "invalid",
+            Self::Io { .. } | Self::Corrupt { .. } => "state_error",
+        }
+    }
+}
+
+pub struct SessionStore {
+    sessions: BTreeMap<IpAddr, SessionRecord>,
+    journal: Journal,
+    boot_id: String,
+}
+
+impl SessionStore {
+    /// Opens (creating if needed) the store in `state_dir` and replays its journal.
+    pub fn open(state_dir: &Path) -> Result<Self, SessionError> {
+        let (journal, sessions) = Journal::open(state_dir)?;
+        Ok(Self {
+            sessions,
+            journal,
+            boot_id: boot_id(),
+        })
+    }
+
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> Option<&SessionRecord> {
+        self.sessions.get(ip)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SessionRecord> {
+        self.sessions.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Checks a login against the rules and returns the record it would write.
+    pub fn plan_login(
+        &self,
+        req: &LoginRequest,
+        clock: &ClockPair,
+    ) -> Result<SessionRecord, SessionError> {
+        let user = checked_name("user", &req.user)?;
+        let idp = checked_name("idp", req.idp.as_deref().unwrap_or(DEFAULT_IDP))?;
+        if let Some(current) = self.sessions.get(&req.ip) {
+            if current.user != user {
+                return Err(SessionError::OtherUser {
+                    ip: req.ip,
+                    current: current.user.clone(),
+                    requested: user,
+                });
+            }
+            if current.idp != idp {
+                return Err(SessionError::WrongIdp {
+                    ip: req.ip,
+                    enrolled: current.idp.clone(),
+                    requested: idp,
+                });
+            }
+        }
+        let (authenticated_at, boot_ns) = match req.at {
+            None => (clock.wall, clock.boot_ns),
+            Some(at) if at > clock.wall + FUTURE_TOLERANCE => {
+                return Err(SessionError::InFuture {
+                    at,
+                    now: clock.wall,
+                });
+            }
+            Some(at) if at > clock.wall => (clock.wall, clock.boot_ns),
+            Some(at) => (at, clock.boot_ns_of(at)),
+        };
+        Ok(SessionRecord {
+            ip: req.ip,
+            user,
+            idp,
+            authenticated_at,
+            boot_id: self.boot_id.clone(),
+            authenticated_at_boot_ns: boot_ns,
+        })
+    }
+
+    /// Records a planned login; returns the session it replaced.
+    pub fn commit_login(
+        &mut self,
+        record: SessionRecord,
+    ) -> Result<Option<SessionRecord>, SessionError> {
+        self.journal.append_login(&record)?;
+        let previous = self.sessions.insert(record.ip, record);
+        self.compact_if_needed();
+        Ok(previous)
+    }
+
+    /// Checks a logout: the device must have a session.
+    pub fn plan_logout(&self, ip: &IpAddr) -> Result<&SessionRecord, SessionError> {
+        self.sessions
+            .get(ip)
+            .ok_or(SessionError::NotFound { ip: *ip })
+    }
+
+    /// Records a logout; returns the removed session.
+    pub fn commit_logout(&mut self, ip: &IpAddr) -> Result<SessionRecord, SessionError> {
+        let record = self.plan_logout(ip)?.clone();
+        self.journal.append_logout(ip)?;
+        self.sessions.remove(ip);
+        self.compact_if_needed();
+        Ok(record)
+    }
+
+    /// The change is already durable in the journal; a failed rewrite only leaves it
+    /// longer than it needs to be, so it is logged rather than failing the change.
+    fn compact_if_needed(&mut self) {
+        if self.journal.needs_compaction(self.sessions.len())
+            && let Err(e) = self.journal.compact(self.sessions.values())
+        {
+            tracing::warn!(error = %e, "could not compact the session journal");
+        }
+    }
+}
+
+fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
+    let invalid = |reason| SessionError::InvalidName {
+        field,
+        value: value.to_string(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(invalid("it is longer than 256 bytes"));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(invalid("it contains spaces or control characters"));
+    }
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests;
