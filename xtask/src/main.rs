@@ -1,1 +1,157 @@
-fn main() {}
+//! `cargo xtask`: everything a developer or CI does with sessiongate, each command
+//! doing its own set-up on a fresh machine.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, set up, demo and test sessiongate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (idempotent): rust-src for nightly,
+    /// bpf-linker in .tools/, Debian packages.
+    Setup,
+    /// Build the agent with its XDP program.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Show sessiongate enforcing session timeouts on live traffic in throwaway
+    /// network namespaces.
+    Demo,
+    /// Run every check and test: formatting, clippy (host and eBPF), unit tests,
+    /// BPF_PROG_TEST_RUN tests and real-traffic tests.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (a test name filter, --nocapture, ...).
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup::setup(true),
+        Task::Build { release } => {
+            setup::setup(false)?;
+            build(release)
+        }
+        Task::Demo => {
+            setup::setup(false)?;
+            build(false)?;
+            demo::run()
+        }
+        Task::Test {
+            no_lint,
+            cargo_args,
+        } => {
+            setup::setup(false)?;
+            test(no_lint, &cargo_args)
+        }
+    }
+}
+
+/// `cargo` with `.tools/bin` (bpf-linker) on PATH.
+fn cargo() -> Command {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.env("PATH", setup::path_with_tools());
+    cmd.current_dir(setup::workspace());
+    cmd
+}
+
+fn run(mut cmd: Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "sessiongate"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(cmd)
+}
+
+fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
+    if !no_lint {
+        step("formatting");
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--", "--check"]);
+        run(fmt)?;
+
+        step("clippy (host crates)");
+        let mut clippy = cargo();
+        clippy.args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        run(clippy)?;
+
+        step("clippy (eBPF program)");
+        let mut clippy = Command::new("rustup");
+        clippy
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--package",
+                "agent-ebpf",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+            ])
+            .args(["--", "-D", "warnings"])
+            .env("PATH", setup::path_with_tools())
+            .env(
+                "CARGO_TARGET_DIR",
+                setup::workspace().join("target/ebpf-clippy"),
+            )
+            .current_dir(setup::workspace());
+        run(clippy)?;
+    }
+
+    step("tests (unit, BPF_PROG_TEST_RUN, real traffic)");
+    let mut test = cargo();
+    test.args(["test", "--workspace"])
+        .env("SESSIONGATE_REQUIRE_PRIVILEGED", "1")
+        .args(cargo_args);
+    run(test)?;
+    step("all tests passed");
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}

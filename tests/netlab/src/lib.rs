@@ -1,0 +1,308 @@
+//! A throwaway network for sessiongate's real-traffic tests, its demo and its
+//! benchmarks: three namespaces (client devices, the gateway running sessiongate, the
+//! application server), echo and DNS services on the server, and the agent as a child
+//! process. Everything is removed on drop, also when a test fails. Names carry the
+//! process id and a counter, so parallel tests and concurrent runs never collide.
+//!
+//! ```text
+//!  client ns                   gateway ns (sessiongate)              server ns
+//!  cli0 198.18.1.10-19   <->   gw-cli 198.18.1.1 | gw-srv 198.18.2.1  <->  srv0 198.18.2.2
+//!       2001:db8:1::10-19      (XDP attached)      2001:db8:2::1           2001:db8:2::2
+//!                                                               lo: 198.19.10.10     app
+//!                                                                   198.19.10.53     dns
+//!                                                                   198.19.20.10     open
+//!                                                                   2001:db8:10::10  app
+//!                                                                   2001:db8:20::10  open
+//! ```
+//! Only 198.18.0.0/15 and 2001:db8::/32 are used, inside namespaces made here.
+
+mod agent;
+pub mod dns;
+mod services;
+mod traffic;
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+pub use agent::{Agent, time_ago};
+pub use traffic::{echo_tcp, echo_udp, udp_works};
+
+use services::Services;
+
+/// The protected application, a DNS server inside its range, and a host under no policy.
+pub const APP: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 10, 10));
+pub const APP_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 10, 53));
+pub const OPEN: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 19, 20, 10));
+pub const APP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10));
+pub const OPEN6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x10));
+/// Every address the server answers on.
+pub const SERVER_ADDRESSES: [IpAddr; 5] = [APP, APP_DNS, OPEN, APP6, OPEN6];
+/// The gateway's interface towards the devices, where the program is attached.
+pub const GATEWAY_IFACE: &str = "gw-cli";
+
+/// Echo services on every server address (53 answers DNS instead).
+pub const TCP_PORTS: [u16; 5] = [22, 53, 80, 443, 8443];
+pub const UDP_PORTS: [u16; 3] = [53, 443, 4433];
+
+/// How long a connection attempt that should succeed may take, and how long to wait
+/// before calling one that should fail refused (a dropped SYN is never answered).
+pub const SHOULD_PASS: Duration = Duration::from_secs(3);
+pub const SHOULD_FAIL: Duration = Duration::from_millis(1500);
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The n-th device address (n < 10) on the client side.
+pub fn device(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10 + n))
+}
+
+pub fn device6(n: u8) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        1,
+        0,
+        0,
+        0,
+        0,
+        0x10 + u16::from(n),
+    ))
+}
+
+/// Whether this process may load XDP programs and create network namespaces. Without
+/// it a test is skipped, loudly; `cargo xtask test` sets SESSIONGATE_REQUIRE_PRIVILEGED=1
+/// so that a skip there is a failure instead of a silent pass.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("SESSIONGATE_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "{test} needs root (XDP, BPF maps, network namespaces), and SESSIONGATE_REQUIRE_PRIVILEGED=1 forbids skipping it"
+    );
+    eprintln!("skipping {test}: needs root (XDP, BPF maps, network namespaces)");
+    false
+}
+
+/// A named network namespace (`/run/netns/NAME`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> Self {
+        run_ok("ip", &["netns", "add", &name]);
+        Self { name }
+    }
+
+    /// `ip -n NAME ARGS...`, which must succeed.
+    pub fn ip(&self, args: &str) {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args.split_whitespace());
+        run_ok("ip", &all);
+    }
+
+    /// `ip netns exec NAME PROGRAM`, for the caller to complete.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread inside this namespace. Sockets it creates stay in the
+    /// namespace wherever they are used afterwards.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        thread::scope(|s| {
+            s.spawn(|| {
+                enter(&self.path());
+                f()
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    }
+
+    /// Runs `f` on a new, detached thread inside this namespace.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+        let path = self.path();
+        thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+fn enter(path: &Path) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: a valid namespace fd; affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns {}: {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run_ok(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Client, gateway and server namespaces with echo and DNS services running.
+pub struct Lab {
+    // Fields drop in order: services stop before their namespaces go.
+    _services: Services,
+    pub client: Netns,
+    pub gateway: Netns,
+    pub server: Netns,
+    pub dir: tempfile::TempDir,
+    /// The `sessiongate` binary agents run.
+    bin: PathBuf,
+}
+
+impl Lab {
+    /// Builds the topology; `bin` is the `sessiongate` binary to run agents with.
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        let id = format!(
+            "sgt-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = Netns::create(format!("{id}-cli"));
+        let gateway = Netns::create(format!("{id}-gw"));
+        let server = Netns::create(format!("{id}-srv"));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .expect("temp dir");
+        wire(&client, &gateway, &server);
+        let services = Services::start(&server);
+        Self {
+            _services: services,
+            client,
+            gateway,
+            server,
+            dir,
+            bin: bin.into(),
+        }
+    }
+
+    /// A complete agent config for this lab: `[agent]` (plus `agent_extra` lines) and
+    /// `[limits]` filled in, then `rest` (the caller's sections and policies) verbatim.
+    pub fn config(&self, agent_extra: &str, rest: &str) -> String {
+        format!(
+            "[agent]\ninterfaces = [\"{GATEWAY_IFACE}\"]\napi_socket = \"{}\"\nstate_dir = \"{}\"\n{agent_extra}\n\n[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n\n{rest}\n",
+            self.dir.path().join("api.sock").display(),
+            self.dir.path().join("state").display(),
+        )
+    }
+
+    /// Whether an XDP program is attached to the gateway's device-facing interface.
+    pub fn xdp_attached(&self) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.gateway.name,
+                "-d",
+                "link",
+                "show",
+                GATEWAY_IFACE,
+            ])
+            .output()
+            .expect("ip link show");
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    }
+}
+
+/// Veth pairs created directly inside the namespaces (no names in the root namespace
+/// for parallel labs to fight over), addresses, routes and forwarding.
+fn wire(client: &Netns, gateway: &Netns, server: &Netns) {
+    for (a, a_ns, b, b_ns) in [
+        ("cli0", client, GATEWAY_IFACE, gateway),
+        ("gw-srv", gateway, "srv0", server),
+    ] {
+        run_ok(
+            "ip",
+            &[
+                "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",
+                &b_ns.name,
+            ],
+        );
+    }
+    for ns in [client, gateway, server] {
+        ns.ip("link set lo up");
+    }
+    client.ip("link set cli0 up");
+    for n in 0..10 {
+        client.ip(&format!("addr add {}/24 dev cli0", device(n)));
+        client.ip(&format!("addr add {}/64 dev cli0 nodad", device6(n)));
+    }
+    client.ip("route add default via 198.18.1.1");
+    client.ip("-6 route add default via 2001:db8:1::1");
+
+    gateway.ip(&format!("link set {GATEWAY_IFACE} up"));
+    gateway.ip("link set gw-srv up");
+    gateway.ip(&format!("addr add 198.18.1.1/24 dev {GATEWAY_IFACE}"));
+    gateway.ip(&format!(
+        "addr add 2001:db8:1::1/64 dev {GATEWAY_IFACE} nodad"
+    ));
+    gateway.ip("addr add 198.18.2.1/24 dev gw-srv");
+    gateway.ip("addr add 2001:db8:2::1/64 dev gw-srv nodad");
+    gateway.ip("route add 198.19.0.0/16 via 198.18.2.2");
+    gateway.ip("-6 route add 2001:db8:10::/48 via 2001:db8:2::2");
+    gateway.ip("-6 route add 2001:db8:20::/48 via 2001:db8:2::2");
+    let sysctl = gateway
+        .command("sysctl")
+        .args([
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(sysctl.success(), "enabling forwarding failed");
+
+    server.ip("link set srv0 up");
+    server.ip("addr add 198.18.2.2/24 dev srv0");
+    server.ip("addr add 2001:db8:2::2/64 dev srv0 nodad");
+    for addr in SERVER_ADDRESSES {
+        match addr {
+            IpAddr::V4(_) => server.ip(&format!("addr add {addr}/32 dev lo")),
+            IpAddr::V6(_) => server.ip(&format!("addr add {addr}/128 dev lo nodad")),
+        }
+    }
+    server.ip("route add default via 198.18.2.1");
+    server.ip("-6 route add default via 2001:db8:2::1");
+}
