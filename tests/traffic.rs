@@ -535,3 +535,69 @@ fn api_misuse_gets_a_clear_error_and_changes_nothing() {
     agent.cli_ok(&["session", "login", &alice, "--user", ALICE, "--idp", "okta"]);
     assert!(lab.tcp_works(device(0), APP, 443));
 }
+
+#[test]
+fn sessions_survive_an_agent_restart() {
+    if !privileged("sessions_survive_an_agent_restart") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    let (fresh, old) = (device(0), device(1));
+    agent.login(fresh, ALICE, NOW);
+    agent.login(old, BOB, 2 * HOUR);
+    assert!(agent.stop().success(), "a clean stop on SIGTERM");
+    assert!(!lab.xdp_attached(), "stopping detaches the program");
+    assert!(agent.log_text().contains("stopped"));
+
+    let agent = lab.start_agent(&config);
+    assert!(lab.tcp_works(fresh, APP, 443), "the fresh session is back");
+    assert!(
+        lab.tcp_blocked(old, APP, 443),
+        "the old one is still too old"
+    );
+    let list = agent.cli_ok(&["session", "list"]);
+    assert!(list.contains(ALICE) && list.contains(BOB), "{list}");
+    // Bob stays bound to his device across the restart.
+    let out = agent.cli(&["session", "login", &old.to_string(), "--user", ALICE]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn port_and_protocol_narrowing_and_bypass_destinations() {
+    if !privileged("port_and_protocol_narrowing_and_bypass_destinations") {
+        return;
+    }
+    let lab = lab();
+    let policies = r#"
+[bypass]
+destinations = ["198.19.10.10/32"]
+
+[[policy]]
+name = "Wiki https"
+precedence = 1
+destinations = ["198.19.10.0/24"]
+protocol = "tcp"
+ports = [443, 8443]
+check_session = { enforce = true, duration = "1h" }
+"#;
+    let agent = lab.start_agent(&lab.config("", policies));
+    let expired = device(3);
+    agent.login(expired, ALICE, 2 * HOUR);
+    // 198.19.10.10 is a bypass destination (think: the identity provider).
+    assert!(
+        lab.tcp_works(expired, APP, 443),
+        "bypass destinations always pass"
+    );
+    assert!(agent.counter("passed_bypass") >= 1);
+    // Another address of the range: only TCP 443 and 8443 are session-checked.
+    assert!(lab.tcp_blocked(expired, APP_DNS, 443));
+    assert!(lab.tcp_blocked(expired, APP_DNS, 8443));
+    assert!(lab.tcp_works(expired, APP_DNS, 80), "other TCP ports pass");
+    assert!(
+        udp_works(&lab.udp_socket(expired), APP_DNS, 443),
+        "UDP to 443 is not covered by a tcp-only policy"
+    );
+    assert!(agent.counter("dropped_expired") >= 2);
+}

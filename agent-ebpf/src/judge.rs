@@ -174,7 +174,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
             _pad: 0,
         };
         // SAFETY: written only by the agent, replaced whole.
-        unsafe { SG_PORT_RULES.get(&key) }.copied()
+        unsafe { SG_PORT_RULES.get(key) }.copied()
     } else {
         None
     };
@@ -197,7 +197,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
             if let Some(key) = flow_key {
                 // A full table evicts its least recently used flow, which is then judged
                 // again as new; failure to insert means the same.
-                let _ = F::flows().insert(&key, &FlowState { last_seen_ns: now }, 0);
+                let _ = F::flows().insert(key, FlowState { last_seen_ns: now }, 0);
             }
         }
         _ if verdict.is_refusal() => report_refusal(&Refusal {

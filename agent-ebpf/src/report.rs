@@ -46,12 +46,12 @@ pub fn report_refusal(r: &Refusal) {
         _pad: [0; 3],
     };
     // SAFETY: an 8-byte value written whole by this program only.
-    let last = unsafe { SG_EVENT_LIMIT.get(&key) }.copied();
+    let last = unsafe { SG_EVENT_LIMIT.get(key) }.copied();
     if !event_due(r.now_ns, last) {
         count(counter::EVENTS_RATE_LIMITED);
         return;
     }
-    let _ = SG_EVENT_LIMIT.insert(&key, &r.now_ns, 0);
+    let _ = SG_EVENT_LIMIT.insert(key, r.now_ns, 0);
     let Some(mut entry) = SG_EVENTS.reserve::<RefusalEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;

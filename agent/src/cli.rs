@@ -31,9 +31,6 @@ const DEFAULT_SOCKET: &str = "/run/sessiongate/api.sock";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log format for `run`.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,6 +45,9 @@ pub enum Command {
     Run {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// One log line per event, as text or JSON.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate the config, print the compiled policy table and warn about likely mistakes.
     Check {
@@ -86,7 +86,9 @@ pub struct Target {
 pub enum SessionCommand {
     /// Record an authentication: starts the device's session, or resets its timer.
     Login {
+        /// The device's address.
         ip: IpAddr,
+        /// Who authenticated (for example an email address).
         #[arg(long)]
         user: String,
         /// The identity provider (a device re-authenticates only through the one it enrolled with).
@@ -97,7 +99,10 @@ pub enum SessionCommand {
         at: Option<String>,
     },
     /// End a device's session and its binding to a user.
-    Logout { ip: IpAddr },
+    Logout {
+        /// The device's address.
+        ip: IpAddr,
+    },
     /// List every session.
     List {
         #[arg(long)]
@@ -105,6 +110,7 @@ pub enum SessionCommand {
     },
     /// Show a session's age and which policies it currently satisfies.
     Show {
+        /// The device's address.
         ip: IpAddr,
         #[arg(long)]
         json: bool,

@@ -6,7 +6,11 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_format = match &cli.command {
+        Command::Run { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
     if let Command::Check { config } = &cli.command {
         return cli::check(config);
     }
@@ -17,7 +21,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match &cli.command {
-            Command::Run { config } => sessiongate::run::run(config).await,
+            Command::Run { config, .. } => sessiongate::run::run(config).await,
             Command::Session { target, command } => cli::session(target, command).await,
             Command::Stats { target, json } => cli::stats(target, *json).await,
             Command::Check { .. } => unreachable!("handled above"),
