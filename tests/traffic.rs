@@ -601,3 +601,23 @@ check_session = { enforce = true, duration = "1h" }
     );
     assert!(agent.counter("dropped_expired") >= 2);
 }
+
+#[test]
+fn generic_xdp_mode_enforces_the_same() {
+    if !privileged("generic_xdp_mode_enforces_the_same") {
+        return;
+    }
+    let lab = lab();
+    let agent = lab.start_agent(&lab.config("xdp_mode = \"generic\"", APP_POLICY));
+    let stats = agent.cli_ok(&["stats"]);
+    assert!(
+        stats.contains(&format!("{GATEWAY_IFACE} (generic)")),
+        "{stats}"
+    );
+    let (fresh, expired) = (device(0), device(1));
+    agent.login(fresh, ALICE, NOW);
+    agent.login(expired, BOB, 2 * HOUR);
+    assert!(lab.tcp_works(fresh, APP, 443));
+    assert!(lab.tcp_blocked(expired, APP, 443));
+    assert!(udp_works(&lab.udp_socket(fresh), APP, 4433));
+}

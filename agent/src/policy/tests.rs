@@ -8,6 +8,47 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use super::*;
 use crate::config::{GoDuration, Policy};
 
+/// The policy index the kernel's tables give a packet, computed from the compiled
+/// table the way the program does (longest prefix, then port rule, then default).
+fn kernel_lookup(table: &PolicyTable, dst: IpAddr, proto: Protocol, port: u16) -> u32 {
+    let Some((_, rule)) = table
+        .dest
+        .iter()
+        .filter(|(net, _)| net.contains(&dst))
+        .max_by_key(|(net, _)| net.prefix_len())
+    else {
+        return NO_POLICY;
+    };
+    let port_rule = (rule.port_table != 0)
+        .then(|| {
+            table.port_rules.iter().find(|(k, _)| {
+                k.port_table == rule.port_table && k.port == port && k.proto == proto.ip_proto()
+            })
+        })
+        .flatten()
+        .map(|(_, v)| *v);
+    agent_common::logic::policy_for(rule, proto.ip_proto(), port_rule)
+}
+
+/// The reference semantics: the first match over bypass destinations, then policies by
+/// precedence. `BYPASS_POLICY`, a policy index, or `NO_POLICY`.
+fn first_match(config: &Config, dst: IpAddr, proto: Protocol, port: u16) -> u32 {
+    if config.bypass.iter().any(|net| net.contains(&dst)) {
+        return BYPASS_POLICY;
+    }
+    config
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p.destinations.iter().any(|net| net.contains(&dst))
+                && p.matches_protocol(proto)
+                && p.matches_port(port)
+        })
+        .min_by_key(|(_, p)| p.precedence)
+        .map_or(NO_POLICY, |(i, _)| i as u32)
+}
+
 fn base_config() -> Config {
     Config::parse("[agent]\ninterfaces = [\"t0\"]\n", "test").unwrap()
 }
