@@ -43,6 +43,25 @@ const V6: Family = Family {
     open: OPEN6,
 };
 
+/// Two tests, IPv4 and IPv6, running one body that takes a `Family`.
+macro_rules! for_each_family {
+    ($body:ident: $v4:ident, $v6:ident) => {
+        #[test]
+        fn $v4() {
+            if privileged(stringify!($v4)) {
+                $body(V4);
+            }
+        }
+
+        #[test]
+        fn $v6() {
+            if privileged(stringify!($v6)) {
+                $body(V6);
+            }
+        }
+    };
+}
+
 fn lab() -> Lab {
     Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
 }
@@ -79,19 +98,7 @@ fn fresh_session_reaches_the_app(f: Family) {
     assert_eq!(agent.counter("dropped_expired"), 0);
 }
 
-#[test]
-fn fresh_session_reaches_the_protected_app_ipv4() {
-    if privileged("fresh_session_reaches_the_protected_app_ipv4") {
-        fresh_session_reaches_the_app(V4);
-    }
-}
-
-#[test]
-fn fresh_session_reaches_the_protected_app_ipv6() {
-    if privileged("fresh_session_reaches_the_protected_app_ipv6") {
-        fresh_session_reaches_the_app(V6);
-    }
-}
+for_each_family!(fresh_session_reaches_the_app: fresh_session_reaches_the_protected_app_ipv4, fresh_session_reaches_the_protected_app_ipv6);
 
 fn expired_session_cannot_open_new_flows(f: Family) {
     let lab = lab();
@@ -124,19 +131,7 @@ fn expired_session_cannot_open_new_flows(f: Family) {
     );
 }
 
-#[test]
-fn expired_session_cannot_open_new_flows_ipv4() {
-    if privileged("expired_session_cannot_open_new_flows_ipv4") {
-        expired_session_cannot_open_new_flows(V4);
-    }
-}
-
-#[test]
-fn expired_session_cannot_open_new_flows_ipv6() {
-    if privileged("expired_session_cannot_open_new_flows_ipv6") {
-        expired_session_cannot_open_new_flows(V6);
-    }
-}
+for_each_family!(expired_session_cannot_open_new_flows: expired_session_cannot_open_new_flows_ipv4, expired_session_cannot_open_new_flows_ipv6);
 
 #[test]
 fn expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range() {
@@ -214,19 +209,7 @@ fn established_flows_survive_expiry(f: Family) {
     assert!(agent.counter("dropped_expired") >= 2);
 }
 
-#[test]
-fn established_flows_survive_expiry_ipv4() {
-    if privileged("established_flows_survive_expiry_ipv4") {
-        established_flows_survive_expiry(V4);
-    }
-}
-
-#[test]
-fn established_flows_survive_expiry_ipv6() {
-    if privileged("established_flows_survive_expiry_ipv6") {
-        established_flows_survive_expiry(V6);
-    }
-}
+for_each_family!(established_flows_survive_expiry: established_flows_survive_expiry_ipv4, established_flows_survive_expiry_ipv6);
 
 #[test]
 fn a_new_login_restores_new_connections_at_once() {

@@ -90,36 +90,10 @@ pub fn run() -> anyhow::Result<()> {
     ));
 
     n.step("Alice authenticates now, Bob authenticated 1h29m55s ago");
-    cli(
-        &n,
-        &agent,
-        &[
-            "session",
-            "login",
-            &alice.to_string(),
-            "--user",
-            ALICE,
-            "--idp",
-            "okta",
-        ],
-    );
+    login(&n, &agent, alice, ALICE, "okta", None);
     let bob_at = netlab::time_ago(BOB_AGE);
     let bob_logged_in = Instant::now();
-    cli(
-        &n,
-        &agent,
-        &[
-            "session",
-            "login",
-            &bob.to_string(),
-            "--user",
-            BOB,
-            "--idp",
-            "okta",
-            "--at",
-            &bob_at,
-        ],
-    );
+    login(&n, &agent, bob, BOB, "okta", Some(&bob_at));
 
     n.step("Both reach the wiki while their sessions are young enough");
     n.expect(
@@ -196,19 +170,7 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     n.step("Bob re-authenticates with the IdP he enrolled with: his timer resets to zero");
-    cli(
-        &n,
-        &agent,
-        &[
-            "session",
-            "login",
-            &bob.to_string(),
-            "--user",
-            BOB,
-            "--idp",
-            "okta",
-        ],
-    );
+    login(&n, &agent, bob, BOB, "okta", None);
     n.expect(
         "bob -> wiki https, a new connection",
         lab.tcp_works(bob, APP, 443),
@@ -256,6 +218,16 @@ pub fn run() -> anyhow::Result<()> {
         "\nsessiongate refused exactly the new connections of the expired session, and nothing else."
     );
     Ok(())
+}
+
+/// `sessiongate session login`, shown as it runs.
+fn login(n: &Narrator, agent: &Agent, device: IpAddr, user: &str, idp: &str, at: Option<&str>) {
+    let device = device.to_string();
+    let mut args = vec!["session", "login", &device, "--user", user, "--idp", idp];
+    if let Some(at) = at {
+        args.extend(["--at", at]);
+    }
+    cli(n, agent, &args);
 }
 
 /// Runs a CLI command and prints its output, indented.
