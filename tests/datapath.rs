@@ -3,27 +3,30 @@
 //! one packet at a time with no interface at all. Every test checks the XDP action and
 //! that exactly the expected verdict counter moved.
 
-mod support;
-
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
-use agent_common::{maps::Session, verdict::Verdict, verdict::counter};
+use agent_common::{
+    addr::Ip4,
+    hashing::bucket,
+    maps::Session,
+    verdict::{Verdict, counter},
+};
 use aya::{
     maps::{MapData, RingBuf},
     programs::{TestRun, TestRunOptions},
 };
+use netlab::{packets::*, privileged};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sessiongate::{
     clock::boot_now_ns,
     config::{Config, Limits},
-    datapath::Datapath,
+    datapath::{Datapath, Geometry},
     events::{RawRefusal, decode},
     policy,
 };
-use support::{packets::*, privileged};
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -90,12 +93,17 @@ struct Harness {
 
 impl Harness {
     fn new(agent_extra: &str) -> Self {
+        Self::sized(agent_extra, 1024, 1024)
+    }
+
+    /// With room for `sessions` sessions and `flows` flows per family.
+    fn sized(agent_extra: &str, sessions: u32, flows: u32) -> Self {
         let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{POLICIES}");
         let config = Config::parse(&text, "datapath-test").expect("valid config");
         let table = policy::compile(&config).expect("compiles");
         let limits = Limits {
-            max_sessions: 1024,
-            max_flows: 1024,
+            max_sessions: sessions,
+            max_flows: flows,
             max_policy_cidrs: 1024,
             max_port_rules: 1024,
         };
@@ -463,7 +471,8 @@ fn udp_flows_admitted_while_valid_survive_expiry_until_idle() {
         &Packet::udp(device6, app6, 6002, 443),
         Verdict::DroppedExpired,
     );
-    assert_eq!(h.dp.maps.flow_count(), (1, 1));
+    // The IPv4 flow went idle; the IPv6 one is active.
+    assert_eq!(h.dp.maps.flow_count(boot_now_ns() as u64), (0, 1));
 }
 
 #[test]
@@ -774,4 +783,87 @@ fn refusals_send_one_event_per_device_and_policy_per_second() {
         Verdict::DroppedExpired,
     );
     assert_eq!(h.events().len(), 1);
+}
+
+#[test]
+fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
+    if !privileged("sessions_beyond_the_session_table_are_found_in_the_hash_map") {
+        return;
+    }
+    // Eight devices that all hash to one bucket of the session table: four fit in
+    // its slots, the other four live in the hash map only.
+    let mut h = Harness::sized("", 64, 1024);
+    let app = ip("198.19.10.5");
+    let mask = Geometry::of(&Limits {
+        max_sessions: 64,
+        max_flows: 1024,
+        max_policy_cidrs: 1024,
+        max_port_rules: 1024,
+    })
+    .session_buckets
+        - 1;
+    let same_bucket = |ip: &Ipv4Addr| bucket(Ip4::from(*ip).fold(), mask) == 0;
+    let devices: Vec<(IpAddr, bool)> = (0..u32::MAX)
+        .map(|i| Ipv4Addr::from(0xc612_1000 + i))
+        .filter(same_bucket)
+        .take(8)
+        .enumerate()
+        .map(|(i, ip)| (IpAddr::V4(ip), i % 2 == 0))
+        .collect();
+    for (device, fresh) in &devices {
+        h.login(*device, if *fresh { Duration::ZERO } else { 2 * HOUR });
+    }
+    for (device, fresh) in &devices {
+        let packet = Packet::syn(*device, app, 443);
+        if *fresh {
+            passes(&h, &packet, Verdict::AdmittedNewFlow);
+        } else {
+            drops(&h, &packet, Verdict::DroppedExpired);
+        }
+    }
+    // Logging a device out removes it from wherever it lives.
+    for (device, _) in &devices {
+        h.dp.maps.remove_session(*device).unwrap();
+        drops(
+            &h,
+            &Packet::syn(*device, app, 443),
+            Verdict::DroppedUnknownDevice,
+        );
+    }
+}
+
+#[test]
+fn a_full_flow_table_gives_up_its_least_recently_seen_flows() {
+    if !privileged("a_full_flow_table_gives_up_its_least_recently_seen_flows") {
+        return;
+    }
+    // 8 flows allowed: 4 buckets of 4 slots.
+    let mut h = Harness::sized("", 1024, 8);
+    let (device, app) = (v4(30), ip("198.19.10.5"));
+    h.login(device, Duration::ZERO);
+    let flows: Vec<Packet> = (0..64u16)
+        .map(|i| Packet::udp(device, app, 7000 + i, 443))
+        .collect();
+    for flow in &flows {
+        passes(&h, flow, Verdict::AdmittedNewFlow);
+    }
+    // Once the session expires, only the flows still tracked keep passing: the
+    // table holds at most 16 of the 64, and the most recent flow of each bucket is
+    // always among them.
+    h.login(device, 2 * HOUR);
+    let mut tracked = 0;
+    for flow in &flows {
+        let (action, verdict) = h.run(&flow.bytes());
+        match verdict {
+            Verdict::PassedEstablished => {
+                assert_eq!(action, XDP_PASS);
+                tracked += 1;
+            }
+            Verdict::DroppedExpired => assert_eq!(action, XDP_DROP),
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+    assert!((4..=16).contains(&tracked), "{tracked} flows still tracked");
+    let last = flows.last().unwrap();
+    passes(&h, last, Verdict::PassedEstablished);
 }

@@ -3,7 +3,7 @@
 
 use crate::{
     maps::{
-        BYPASS_POLICY, DestRule, IPPROTO_TCP, NO_POLICY, POLICY_ENFORCE, PolicyParams, Session,
+        BYPASS_POLICY, DestRule, IPPROTO_TCP, NO_POLICY, POLICY_ENFORCE, PolicyParams,
         UNKNOWN_DEVICE_ALLOW,
     },
     verdict::Verdict,
@@ -90,23 +90,22 @@ pub const fn policy_enforces(policy: &PolicyParams) -> bool {
     policy.flags & POLICY_ENFORCE != 0
 }
 
-/// The verdict for a new flow matched by `policy`, from the device's session (if any).
+/// The verdict for a new flow matched by `policy`, from the time the device last
+/// authenticated (`None`: it has no session).
 #[inline(always)]
 pub const fn judge_new_flow(
     policy: &PolicyParams,
-    session: Option<&Session>,
+    authenticated_at_ns: Option<i64>,
     unknown_device: u32,
     now_ns: u64,
 ) -> Verdict {
     if !policy_enforces(policy) {
         return Verdict::PassedUnlimited;
     }
-    match session {
+    match authenticated_at_ns {
         None if unknown_device == UNKNOWN_DEVICE_ALLOW => Verdict::AdmittedUnknownDevice,
         None => Verdict::DroppedUnknownDevice,
-        Some(s) if session_valid(now_ns, s.authenticated_at_ns, policy.duration_ns) => {
-            Verdict::AdmittedNewFlow
-        }
+        Some(at) if session_valid(now_ns, at, policy.duration_ns) => Verdict::AdmittedNewFlow,
         Some(_) => Verdict::DroppedExpired,
     }
 }
@@ -200,21 +199,17 @@ mod tests {
     #[test]
     fn new_flows_are_judged_by_session_age_and_unknown_device_setting() {
         let now = 10 * H;
-        let fresh = Session {
-            authenticated_at_ns: (now - H) as i64,
-        };
-        let old = Session {
-            authenticated_at_ns: (now - 3 * H) as i64,
-        };
+        let fresh = (now - H) as i64;
+        let old = (now - 3 * H) as i64;
         let p = enforcing(2 * H);
         let allow = UNKNOWN_DEVICE_ALLOW;
         let enforce = UNKNOWN_DEVICE_ENFORCE;
         assert_eq!(
-            judge_new_flow(&p, Some(&fresh), enforce, now),
+            judge_new_flow(&p, Some(fresh), enforce, now),
             Verdict::AdmittedNewFlow
         );
         assert_eq!(
-            judge_new_flow(&p, Some(&old), allow, now),
+            judge_new_flow(&p, Some(old), allow, now),
             Verdict::DroppedExpired
         );
         assert_eq!(
@@ -227,7 +222,7 @@ mod tests {
         );
         let unlimited = PolicyParams::default();
         assert_eq!(
-            judge_new_flow(&unlimited, Some(&old), enforce, now),
+            judge_new_flow(&unlimited, Some(old), enforce, now),
             Verdict::PassedUnlimited
         );
         assert_eq!(

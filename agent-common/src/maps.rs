@@ -2,11 +2,13 @@
 //! explicit, zeroed padding (bytemuck's derives refuse hidden padding at compile time)
 //! and a size assertion, so the kernel and the agent can never disagree on a layout.
 //!
-//! Addresses are stored in network byte order as raw bytes; ports and every other
+//! Addresses are `Ip4`/`Ip6`: their bytes in network order; ports and every other
 //! integer are host order. Times are `bpf_ktime_get_boot_ns` nanoseconds (CLOCK_BOOTTIME),
 //! which a wall-clock step does not move.
 
 use bytemuck::{Pod, Zeroable};
+
+use crate::addr::{Ip4, Ip6};
 
 /// Map names, as the agent looks them up in the object file.
 pub mod names {
@@ -17,6 +19,11 @@ pub mod names {
     pub const POLICIES: &str = "SG_POLICIES";
     pub const SESSIONS_V4: &str = "SG_SESSIONS_V4";
     pub const SESSIONS_V6: &str = "SG_SESSIONS_V6";
+    pub const SESSION_TABLE_V4: &str = "SG_SESSION_TABLE_V4";
+    pub const SESSION_TABLE_V6: &str = "SG_SESSION_TABLE_V6";
+    pub const DEST_CACHE_V4: &str = "SG_DEST_CACHE_V4";
+    pub const DEST_CACHE_V6: &str = "SG_DEST_CACHE_V6";
+    pub const CLOCK: &str = "SG_CLOCK";
     pub const FLOWS_V4: &str = "SG_FLOWS_V4";
     pub const FLOWS_V6: &str = "SG_FLOWS_V6";
     pub const COUNTERS: &str = "SG_COUNTERS";
@@ -45,11 +52,18 @@ pub struct Settings {
     pub udp_idle_ns: u64,
     /// `UNKNOWN_DEVICE_ENFORCE` or `UNKNOWN_DEVICE_ALLOW`.
     pub unknown_device: u32,
-    pub _pad: u32,
+    /// Destination-cache entries of another generation are stale; the agent bumps it
+    /// whenever it rewrites the policy tables. Never 0 (the value of empty entries).
+    pub policy_generation: u32,
+    /// Index masks of the array-backed tables: their entry counts minus one.
+    pub session_bucket_mask: u32,
+    pub flow_bucket_mask: u32,
+    pub dest_cache_mask: u32,
+    pub event_slot_mask: u32,
     /// Bitmap of DNS destination ports: bit `p % 64` of word `p / 64` is set for port `p`.
     pub dns_ports: [u64; 1024],
 }
-const _: () = assert!(size_of::<Settings>() == 16 + 8192);
+const _: () = assert!(size_of::<Settings>() == 32 + 8192);
 
 pub const UNKNOWN_DEVICE_ENFORCE: u32 = 0;
 pub const UNKNOWN_DEVICE_ALLOW: u32 = 1;
@@ -66,7 +80,7 @@ impl Settings {
 }
 
 /// Value of `SG_DEST_V4` / `SG_DEST_V6`: LPM_TRIE keyed by destination prefix
-/// (`aya` LPM key: prefix length, then address bytes), written by the agent from the
+/// (prefix length, then the address: `Ip4` / `Ip6`), written by the agent from the
 /// compiled policy table (see the agent's `policy` module).
 ///
 /// For every address whose longest matching prefix is this one, it holds the answer of
@@ -122,9 +136,10 @@ pub const POLICY_ENFORCE: u32 = 1;
 /// `PolicyParams::on_expired`: drop the packet. Codes are stable.
 pub const ACTION_DROP: u32 = 1;
 
-/// Value of `SG_SESSIONS_V4` (HASH, key: IPv4 address bytes) and `SG_SESSIONS_V6`
-/// (HASH, key: IPv6 address bytes), written by the agent on login and logout. The
-/// session of a device, found by its source address.
+/// Value of `SG_SESSIONS_V4` (HASH, key: `Ip4`) and `SG_SESSIONS_V6` (HASH, key:
+/// `Ip6`), written by the agent on login and logout: the
+/// authoritative session of every device, found by its source address. The program
+/// reads it only when the session table below does not answer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Session {
@@ -134,13 +149,92 @@ pub struct Session {
 }
 const _: () = assert!(size_of::<Session>() == 8);
 
-/// Key of `SG_FLOWS_V4`: LRU_HASH, value `FlowState`, written by the program when it
-/// admits a new UDP flow. The flow's 5-tuple, client to server.
+/// Entries per bucket of the session and flow tables.
+pub const WAYS: usize = 4;
+
+/// An entry of `SG_SESSION_TABLE_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionSlotV4 {
+    pub addr: Ip4,
+    /// `hashing::check(addr.fold(), authenticated_at_ns)` truncated; 0 when empty.
+    pub check: u32,
+    pub authenticated_at_ns: i64,
+}
+
+/// `SG_SESSION_TABLE_V4`: ARRAY of buckets, `session_bucket_mask + 1` entries, written
+/// by the agent together with `SG_SESSIONS_V4`. A copy of most sessions where the
+/// program finds them with one array lookup: a device lives in bucket
+/// `hashing::bucket(addr.fold())`, in any of its `WAYS` slots. Devices whose bucket
+/// is full are only in the hash map. Login writes the hash map first and the table
+/// second, logout the other way round, so a reader always finds the session in one
+/// of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionBucketV4 {
+    pub slots: [SessionSlotV4; WAYS],
+}
+const _: () = assert!(size_of::<SessionBucketV4>() == 64);
+
+/// An entry of `SG_SESSION_TABLE_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionSlotV6 {
+    pub addr: Ip6,
+    pub authenticated_at_ns: i64,
+    /// `hashing::check(addr.fold(), authenticated_at_ns)`; 0 when empty.
+    pub check: u64,
+}
+
+/// `SG_SESSION_TABLE_V6`: as `SG_SESSION_TABLE_V4`, for IPv6 devices.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SessionBucketV6 {
+    pub slots: [SessionSlotV6; WAYS],
+}
+const _: () = assert!(size_of::<SessionBucketV6>() == 128);
+
+/// `SG_DEST_CACHE_V4`: ARRAY, `dest_cache_mask + 1` entries, written by the program.
+/// The policy a (destination, port, protocol) resolved to through `SG_DEST_V4` and
+/// `SG_PORT_RULES`, cached direct-mapped at `hashing::bucket(fold_dest(..))` so that
+/// repeated new flows to the same application skip the longest-prefix match. An entry
+/// from another `policy_generation` is stale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DestCacheV4 {
+    pub daddr: Ip4,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub generation: u32,
+    /// Policy index, `NO_POLICY` or `BYPASS_POLICY`.
+    pub policy: u32,
+    /// `hashing::check(fold_dest(..), generation << 32 | policy)`.
+    pub check: u64,
+}
+const _: () = assert!(size_of::<DestCacheV4>() == 24);
+
+/// `SG_DEST_CACHE_V6`: as `SG_DEST_CACHE_V4`, for IPv6 destinations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DestCacheV6 {
+    pub daddr: Ip6,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub generation: u32,
+    pub policy: u32,
+    pub _pad2: u32,
+    pub check: u64,
+}
+const _: () = assert!(size_of::<DestCacheV6>() == 40);
+
+/// A flow's 5-tuple, client to server: the key of `FlowSlotV4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKeyV4 {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+    pub saddr: Ip4,
+    pub daddr: Ip4,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -148,12 +242,12 @@ pub struct FlowKeyV4 {
 }
 const _: () = assert!(size_of::<FlowKeyV4>() == 16);
 
-/// Key of `SG_FLOWS_V6`: LRU_HASH, value `FlowState`; as `FlowKeyV4` for IPv6.
+/// The key of `FlowSlotV6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKeyV6 {
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub saddr: Ip6,
+    pub daddr: Ip6,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -161,29 +255,70 @@ pub struct FlowKeyV6 {
 }
 const _: () = assert!(size_of::<FlowKeyV6>() == 40);
 
-/// Value of `SG_FLOWS_V4` / `SG_FLOWS_V6`.
+/// An entry of `SG_FLOWS_V4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct FlowState {
-    /// Boot-clock time the flow last sent a packet, refreshed at most once a second.
+pub struct FlowSlotV4 {
+    pub key: FlowKeyV4,
+    /// Boot-clock time the flow last sent a packet, refreshed at most once a second
+    /// (one aligned 8-byte store, so it is never torn).
     pub last_seen_ns: u64,
+    /// `hashing::check(fold of key, 0)`; 0 when empty.
+    pub check: u64,
 }
-const _: () = assert!(size_of::<FlowState>() == 8);
 
-/// Key of `SG_EVENT_LIMIT`: LRU_HASH, value `u64` boot-clock time of the last event,
-/// written by the program. Limits refusal events to one per device and policy per second.
+/// `SG_FLOWS_V4`: ARRAY of buckets, `flow_bucket_mask + 1` entries, written by the
+/// program when it admits a new UDP flow. A flow lives in bucket
+/// `hashing::bucket(fold_flow(..))`; a new flow takes a free or idle slot of its
+/// bucket, else the least recently seen one (a per-bucket LRU).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct EventLimitKey {
-    /// Device address; IPv4 in the first four bytes, the rest zero.
-    pub addr: [u8; 16],
-    /// Policy index, or `NO_POLICY`.
-    pub policy: u32,
-    /// 4 or 6.
-    pub family: u8,
-    pub _pad: [u8; 3],
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowBucketV4 {
+    pub slots: [FlowSlotV4; WAYS],
 }
-const _: () = assert!(size_of::<EventLimitKey>() == 24);
+const _: () = assert!(size_of::<FlowBucketV4>() == 128);
+
+/// An entry of `SG_FLOWS_V6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowSlotV6 {
+    pub key: FlowKeyV6,
+    pub last_seen_ns: u64,
+    pub check: u64,
+}
+
+/// `SG_FLOWS_V6`: as `SG_FLOWS_V4`, for IPv6 flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowBucketV6 {
+    pub slots: [FlowSlotV6; WAYS],
+}
+const _: () = assert!(size_of::<FlowBucketV6>() == 224);
+
+/// `SG_EVENT_LIMIT`: ARRAY, `event_slot_mask + 1` entries, written by the program.
+/// When a (device, policy) pair last sent a refusal event, direct-mapped at
+/// `hashing::bucket(fold_event(..))`: at most one event per pair per second. Two pairs
+/// sharing a slot may each report more often; that needs thousands of refused devices
+/// at once, when the ring buffer's own bound takes over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EventLimitSlot {
+    /// `hashing::check(fold_event(..), 0)` of the pair.
+    pub check: u64,
+    pub last_event_ns: u64,
+}
+const _: () = assert!(size_of::<EventLimitSlot>() == 16);
+
+/// `SG_CLOCK`: PERCPU_ARRAY, one entry, written by the program. The boot clock read at
+/// most once per CPU per jiffy: `bpf_ktime_get_boot_ns` costs about 37 ns here, the
+/// jiffies counter about 3. Times are therefore up to one tick (1 to 10 ms) behind.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TickClock {
+    pub jiffies: u64,
+    pub boot_ns: u64,
+}
+const _: () = assert!(size_of::<TickClock>() == 16);
 
 /// A record of `SG_EVENTS` (RINGBUF), written by the program for a refused new flow.
 #[repr(C)]
@@ -206,9 +341,9 @@ pub struct RefusalEvent {
     pub sport: u16,
     pub _pad: [u8; 2],
     /// Device (source) address; IPv4 in the first four bytes.
-    pub src: [u8; 16],
+    pub src: Ip6,
     /// Destination address; IPv4 in the first four bytes.
-    pub dst: [u8; 16],
+    pub dst: Ip6,
 }
 const _: () = assert!(size_of::<RefusalEvent>() == 64);
 
@@ -228,8 +363,14 @@ mod user {
     unsafe impl aya::Pod for Session {}
     unsafe impl aya::Pod for FlowKeyV4 {}
     unsafe impl aya::Pod for FlowKeyV6 {}
-    unsafe impl aya::Pod for FlowState {}
-    unsafe impl aya::Pod for EventLimitKey {}
+    unsafe impl aya::Pod for SessionBucketV4 {}
+    unsafe impl aya::Pod for SessionBucketV6 {}
+    unsafe impl aya::Pod for DestCacheV4 {}
+    unsafe impl aya::Pod for DestCacheV6 {}
+    unsafe impl aya::Pod for FlowBucketV4 {}
+    unsafe impl aya::Pod for FlowBucketV6 {}
+    unsafe impl aya::Pod for EventLimitSlot {}
+    unsafe impl aya::Pod for TickClock {}
     unsafe impl aya::Pod for RefusalEvent {}
 }
 

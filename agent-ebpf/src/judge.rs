@@ -1,144 +1,32 @@
-//! The verdict for a parsed packet: DNS and established flows pass first, then the
-//! destination's policy decides whether the device's session is asked for at all.
-//! The decisions themselves are `agent_common::logic`, unit-tested on the host.
+//! The verdict for a parsed TCP SYN or UDP datagram: DNS passes first, tracked UDP
+//! flows next; then the destination's policy decides whether the device's session is
+//! asked for at all. The decisions themselves are `agent_common::logic` and
+//! `agent_common::tables`, unit-tested on the host.
 
 use agent_common::{
+    hashing::bucket,
     logic::{
-        flow_active, flow_needs_refresh, is_new_tcp_flow, judge_new_flow, policy_enforces,
-        policy_for, session_age_ns, verdict_without_policy,
+        flow_active, flow_needs_refresh, judge_new_flow, policy_enforces, policy_for,
+        session_age_ns, verdict_without_policy,
     },
-    maps::{
-        DestRule, FlowKeyV4, FlowKeyV6, FlowState, IPPROTO_TCP, NO_SESSION_AGE, PortRuleKey,
-        Session,
-    },
+    maps::{IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings},
+    tables::{DestEntry, FlowSlot, find_flow, find_session, flow_slot_for_new},
     verdict::Verdict,
-};
-use aya_ebpf::{
-    helpers::bpf_ktime_get_boot_ns,
-    maps::{LruHashMap, lpm_trie::Key},
 };
 
 use crate::{
-    maps::{
-        SG_DEST_V4, SG_DEST_V6, SG_FLOWS_V4, SG_FLOWS_V6, SG_POLICIES, SG_PORT_RULES,
-        SG_SESSIONS_V4, SG_SESSIONS_V6, SG_SETTINGS,
-    },
+    clock::now_ns,
+    family::Family,
+    maps::{SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
     parse::L4,
-    report::{Refusal, report_refusal},
+    report::{Refusal, count_policy_drop, event_allowed, send_event},
 };
 
-/// What differs between IPv4 and IPv6: the address type and the maps keyed by it.
-pub trait Family {
-    type Addr: Copy;
-    type FlowKey: 'static;
-    const FAMILY: u8;
-    fn dest_rule(dst: &Self::Addr) -> Option<&'static DestRule>;
-    fn session(src: &Self::Addr) -> Option<&'static Session>;
-    fn flows() -> &'static LruHashMap<Self::FlowKey, FlowState>;
-    fn flow_key(src: &Self::Addr, dst: &Self::Addr, l4: &L4) -> Self::FlowKey;
-    /// The address in the 16-byte form events use.
-    fn wide(addr: &Self::Addr) -> [u8; 16];
-}
-
-pub struct V4;
-pub struct V6;
-
-impl Family for V4 {
-    type Addr = [u8; 4];
-    type FlowKey = FlowKeyV4;
-    const FAMILY: u8 = 4;
-
-    #[inline(always)]
-    fn dest_rule(dst: &[u8; 4]) -> Option<&'static DestRule> {
-        SG_DEST_V4.get(Key::new(32, *dst))
-    }
-
-    #[inline(always)]
-    fn session(src: &[u8; 4]) -> Option<&'static Session> {
-        // SAFETY: sessions are not preallocated, so a concurrently replaced element stays
-        // valid until the RCU grace period after this program returns.
-        unsafe { SG_SESSIONS_V4.get(src) }
-    }
-
-    #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKeyV4, FlowState> {
-        &SG_FLOWS_V4
-    }
-
-    #[inline(always)]
-    fn flow_key(src: &[u8; 4], dst: &[u8; 4], l4: &L4) -> FlowKeyV4 {
-        FlowKeyV4 {
-            saddr: *src,
-            daddr: *dst,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: l4.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    #[inline(always)]
-    fn wide(addr: &[u8; 4]) -> [u8; 16] {
-        let mut w = [0u8; 16];
-        w[..4].copy_from_slice(addr);
-        w
-    }
-}
-
-impl Family for V6 {
-    type Addr = [u8; 16];
-    type FlowKey = FlowKeyV6;
-    const FAMILY: u8 = 6;
-
-    #[inline(always)]
-    fn dest_rule(dst: &[u8; 16]) -> Option<&'static DestRule> {
-        SG_DEST_V6.get(Key::new(128, *dst))
-    }
-
-    #[inline(always)]
-    fn session(src: &[u8; 16]) -> Option<&'static Session> {
-        // SAFETY: as for IPv4.
-        unsafe { SG_SESSIONS_V6.get(src) }
-    }
-
-    #[inline(always)]
-    fn flows() -> &'static LruHashMap<FlowKeyV6, FlowState> {
-        &SG_FLOWS_V6
-    }
-
-    #[inline(always)]
-    fn flow_key(src: &[u8; 16], dst: &[u8; 16], l4: &L4) -> FlowKeyV6 {
-        FlowKeyV6 {
-            saddr: *src,
-            daddr: *dst,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: l4.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    #[inline(always)]
-    fn wide(addr: &[u8; 16]) -> [u8; 16] {
-        *addr
-    }
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_boot_ns() }
-}
-
-/// The verdict for one TCP or UDP packet from `src` to `dst`.
+/// The verdict for a TCP SYN or a UDP datagram from `src` to `dst` (parsing already
+/// passed every other TCP segment as established).
 #[inline(always)]
 pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
     let is_tcp = l4.proto == IPPROTO_TCP;
-    // Every TCP segment but a bare SYN belongs to a connection already admitted (or
-    // already refused at its SYN): the cheapest path, with no map lookup.
-    if is_tcp && !is_new_tcp_flow(l4.tcp_flags) {
-        return Verdict::PassedEstablished;
-    }
     let Some(settings) = SG_SETTINGS.get(0) else {
         return Verdict::PassedMalformed;
     };
@@ -146,39 +34,29 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
         return Verdict::PassedDns;
     }
 
-    let mut flow_key = None;
+    // A UDP packet of a tracked flow passes; otherwise remember where a new one goes.
+    let mut new_flow = None;
     if !is_tcp {
         let key = F::flow_key(src, dst, l4);
-        if let Some(state) = F::flows().get_ptr_mut(&key) {
+        let folded = F::FlowSlot::fold(&key);
+        if let Some(bucket_ptr) = F::flow_bucket(bucket(folded, settings.flow_bucket_mask)) {
+            // SAFETY: a live array element; concurrent writers are detected by checks.
+            let slots = unsafe { &mut *bucket_ptr };
             let now = now_ns();
-            // SAFETY: a live LRU element; a racing refresh writes the same kind of value.
-            let last_seen = unsafe { (*state).last_seen_ns };
-            if flow_active(now, last_seen, settings.udp_idle_ns) {
-                if flow_needs_refresh(now, last_seen) {
-                    unsafe { (*state).last_seen_ns = now };
+            if let Some(slot) = find_flow(slots, &key, folded) {
+                let last_seen = slot.last_seen_ns();
+                if flow_active(now, last_seen, settings.udp_idle_ns) {
+                    if flow_needs_refresh(now, last_seen) {
+                        slot.set_last_seen_ns(now);
+                    }
+                    return Verdict::PassedEstablished;
                 }
-                return Verdict::PassedEstablished;
             }
+            new_flow = Some((slots, key, folded, now));
         }
-        flow_key = Some(key);
     }
 
-    let Some(rule) = F::dest_rule(dst) else {
-        return Verdict::PassedNoPolicy;
-    };
-    let port_rule = if rule.port_table != 0 {
-        let key = PortRuleKey {
-            port_table: rule.port_table,
-            port: l4.dport,
-            proto: l4.proto,
-            _pad: 0,
-        };
-        // SAFETY: written only by the agent, replaced whole.
-        unsafe { SG_PORT_RULES.get(key) }.copied()
-    } else {
-        None
-    };
-    let policy_index = policy_for(rule, l4.proto, port_rule);
+    let policy_index = policy_of::<F>(dst, l4, settings);
     if let Some(verdict) = verdict_without_policy(policy_index) {
         return verdict;
     }
@@ -189,31 +67,96 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
         return Verdict::PassedUnlimited;
     }
 
-    let now = now_ns();
-    let session = F::session(src);
-    let verdict = judge_new_flow(policy, session, settings.unknown_device, now);
+    let now = match &new_flow {
+        Some((_, _, _, now)) => *now,
+        None => now_ns(),
+    };
+    let folded_src = F::fold(src);
+    let authenticated_at = session_of::<F>(src, folded_src, settings);
+    let verdict = judge_new_flow(policy, authenticated_at, settings.unknown_device, now);
     match verdict {
         Verdict::AdmittedNewFlow | Verdict::AdmittedUnknownDevice => {
-            if let Some(key) = flow_key {
-                // A full table evicts its least recently used flow, which is then judged
-                // again as new; failure to insert means the same.
-                let _ = F::flows().insert(key, FlowState { last_seen_ns: now }, 0);
+            if let Some((slots, key, folded, now)) = new_flow {
+                // A full bucket gives up its least recently seen flow, which is then
+                // judged again as new.
+                *flow_slot_for_new(slots, now, settings.udp_idle_ns) =
+                    F::FlowSlot::new(&key, folded, now);
             }
         }
-        _ if verdict.is_refusal() => report_refusal(&Refusal {
-            family: F::FAMILY,
-            src: F::wide(src),
-            dst: F::wide(dst),
-            l4: *l4,
-            policy: policy_index,
-            verdict,
-            session_age_ns: match session {
-                Some(s) => session_age_ns(now, s.authenticated_at_ns),
-                None => NO_SESSION_AGE,
-            },
-            now_ns: now,
-        }),
+        _ if verdict.is_refusal() => {
+            count_policy_drop(policy_index);
+            if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
+                send_event(&Refusal {
+                    family: F::FAMILY,
+                    src: F::wide(src),
+                    dst: F::wide(dst),
+                    l4: *l4,
+                    policy: policy_index,
+                    verdict,
+                    session_age_ns: match authenticated_at {
+                        Some(at) => session_age_ns(now, at),
+                        None => NO_SESSION_AGE,
+                    },
+                    now_ns: now,
+                });
+            }
+        }
         _ => {}
     }
     verdict
+}
+
+/// The first-match policy index for (destination, protocol, port): from the
+/// destination cache, else from the compiled table (longest-prefix match, then the
+/// port rules), which then fills the cache.
+#[inline(always)]
+fn policy_of<F: Family>(dst: &F::Addr, l4: &L4, settings: &Settings) -> u32 {
+    let generation = settings.policy_generation;
+    let folded = F::DestEntry::fold(dst, l4.dport, l4.proto);
+    let cached = F::dest_cache(bucket(folded, settings.dest_cache_mask));
+    if let Some(entry) = cached {
+        // SAFETY: a live array element; a torn entry fails its check.
+        if let Some(policy) =
+            unsafe { (*entry).policy_for(dst, l4.dport, l4.proto, generation, folded) }
+        {
+            return policy;
+        }
+    }
+    let policy = match F::dest_rule(dst) {
+        None => NO_POLICY,
+        Some(rule) => {
+            let port_rule = if rule.port_table != 0 {
+                let key = PortRuleKey {
+                    port_table: rule.port_table,
+                    port: l4.dport,
+                    proto: l4.proto,
+                    _pad: 0,
+                };
+                // SAFETY: not preallocated; replaced elements outlive this program run.
+                unsafe { SG_PORT_RULES.get(key) }.copied()
+            } else {
+                None
+            };
+            policy_for(rule, l4.proto, port_rule)
+        }
+    };
+    if let Some(entry) = cached {
+        // SAFETY: as above; a racing writer of the same slot is caught by the check.
+        unsafe {
+            *entry = F::DestEntry::new(dst, l4.dport, l4.proto, generation, policy, folded);
+        }
+    }
+    policy
+}
+
+/// When the device last authenticated: from the session table, else the
+/// authoritative session map.
+#[inline(always)]
+fn session_of<F: Family>(src: &F::Addr, folded: u64, settings: &Settings) -> Option<i64> {
+    if let Some(slots) = F::session_bucket(bucket(folded, settings.session_bucket_mask))
+        && let Some(at) = find_session(slots, src, folded)
+    {
+        return Some(at);
+    }
+    F::session(src).map(|s| s.authenticated_at_ns)
 }

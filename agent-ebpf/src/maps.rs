@@ -1,49 +1,66 @@
 //! The program's maps. Layouts, writers and meaning are documented on the types in
 //! `agent_common::maps`; sizes here are placeholders that the agent overrides at load
-//! time from the config's `[limits]`.
+//! time from the config's `[limits]`, and writes into `Settings` as index masks.
 
+use agent_common::addr::{Ip4, Ip6};
 use agent_common::maps::{
-    DestRule, EventLimitKey, FlowKeyV4, FlowKeyV6, FlowState, MAX_POLICIES, PolicyParams,
-    PortRuleKey, Session, Settings,
+    DestCacheV4, DestCacheV6, DestRule, EventLimitSlot, FlowBucketV4, FlowBucketV6, MAX_POLICIES,
+    PolicyParams, PortRuleKey, Session, SessionBucketV4, SessionBucketV6, Settings, TickClock,
 };
 use agent_common::verdict::counter;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 
 #[map]
 pub static SG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static SG_DEST_V4: LpmTrie<[u8; 4], DestRule> = LpmTrie::with_max_entries(1024, 0);
+pub static SG_CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-pub static SG_DEST_V6: LpmTrie<[u8; 16], DestRule> = LpmTrie::with_max_entries(1024, 0);
+pub static SG_DEST_V4: LpmTrie<Ip4, DestRule> = LpmTrie::with_max_entries(1024, 0);
 
 #[map]
-pub static SG_PORT_RULES: HashMap<PortRuleKey, u32> = HashMap::with_max_entries(1024, 0);
+pub static SG_DEST_V6: LpmTrie<Ip6, DestRule> = LpmTrie::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_DEST_CACHE_V4: Array<DestCacheV4> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_DEST_CACHE_V6: Array<DestCacheV6> = Array::with_max_entries(1024, 0);
+
+// Rewritten by the agent while the program reads it: without preallocation a replaced
+// element is freed after an RCU grace period, never recycled under a reader.
+#[map]
+pub static SG_PORT_RULES: HashMap<PortRuleKey, u32> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static SG_POLICIES: Array<PolicyParams> = Array::with_max_entries(MAX_POLICIES, 0);
 
-// Sessions are rewritten by the agent while the program reads them; without
-// preallocation a replaced element is freed after an RCU grace period, so a reader never
-// sees another device's session in a recycled element.
+// As for port rules: sessions are replaced while the program reads them.
 #[map]
-pub static SG_SESSIONS_V4: HashMap<[u8; 4], Session> =
+pub static SG_SESSIONS_V4: HashMap<Ip4, Session> =
     HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static SG_SESSIONS_V6: HashMap<[u8; 16], Session> =
+pub static SG_SESSIONS_V6: HashMap<Ip6, Session> =
     HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
 #[map]
-pub static SG_FLOWS_V4: LruHashMap<FlowKeyV4, FlowState> = LruHashMap::with_max_entries(1024, 0);
+pub static SG_SESSION_TABLE_V4: Array<SessionBucketV4> = Array::with_max_entries(1024, 0);
 
 #[map]
-pub static SG_FLOWS_V6: LruHashMap<FlowKeyV6, FlowState> = LruHashMap::with_max_entries(1024, 0);
+pub static SG_SESSION_TABLE_V6: Array<SessionBucketV6> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_FLOWS_V4: Array<FlowBucketV4> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_FLOWS_V6: Array<FlowBucketV6> = Array::with_max_entries(1024, 0);
 
 /// Packets per verdict code, and the event counters (`agent_common::verdict::counter`).
 #[map]
@@ -54,7 +71,7 @@ pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter
 pub static SG_POLICY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POLICIES, 0);
 
 #[map]
-pub static SG_EVENT_LIMIT: LruHashMap<EventLimitKey, u64> = LruHashMap::with_max_entries(1024, 0);
+pub static SG_EVENT_LIMIT: Array<EventLimitSlot> = Array::with_max_entries(1024, 0);
 
 #[map]
 pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);

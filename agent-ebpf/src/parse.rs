@@ -1,17 +1,33 @@
 //! Header parsing: Ethernet, up to two VLAN tags, IPv4 with options, IPv6 with its
 //! extension headers, then TCP or UDP. Anything it cannot or need not judge comes back
 //! as a passing verdict; it never fails in any other way.
+//!
+//! Fields are read with one load of their width (`packet::load_*`): the code LLVM
+//! generates for byte-array fields reads a byte at a time, and addresses would cost
+//! 4 to 16 loads each.
 
 use agent_common::{
+    addr::{Ip4, Ip6},
+    logic::is_new_tcp_flow,
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     verdict::Verdict,
 };
 use aya_ebpf::programs::XdpContext;
 
+use crate::packet::{load_u8, load_u16_be, load_u32, load_u64};
+
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const IPV4_MIN_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+const IPV6_FRAG_HLEN: usize = 8;
+const TCP_MIN_HLEN: usize = 20;
+const UDP_HLEN: usize = 8;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -23,133 +39,46 @@ const IPV6_MAX_EXT_HEADERS: usize = 6;
 /// verifier and is far beyond any sane header stack.
 const MAX_L4_OFFSET: usize = 1024;
 
-#[repr(C)]
-struct EthHdr {
-    dst: [u8; 6],
-    src: [u8; 6],
-    proto: [u8; 2],
-}
-
-#[repr(C)]
-struct VlanHdr {
-    tci: [u8; 2],
-    proto: [u8; 2],
-}
-
-#[repr(C)]
-struct Ipv4Hdr {
-    version_ihl: u8,
-    tos: u8,
-    total_len: [u8; 2],
-    id: [u8; 2],
-    frag_off: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-#[repr(C)]
-struct Ipv6Hdr {
-    version_class_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next_header: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-/// The first two bytes shared by hop-by-hop, routing and destination-options headers.
-#[repr(C)]
-struct Ipv6ExtHdr {
-    next_header: u8,
-    len_8_octets: u8,
-}
-
-#[repr(C)]
-struct Ipv6FragHdr {
-    next_header: u8,
-    reserved: u8,
-    offset_flags: [u8; 2],
-    id: [u8; 4],
-}
-
-#[repr(C)]
-struct TcpHdr {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    seq: [u8; 4],
-    ack: [u8; 4],
-    data_offset: u8,
-    flags: u8,
-    window: [u8; 2],
-    check: [u8; 2],
-    urgent: [u8; 2],
-}
-
-#[repr(C)]
-struct UdpHdr {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
-}
-
-/// The L4 facts the verdict needs; ports in host order.
+/// The L4 facts the verdict needs, of a TCP SYN or a UDP datagram; ports in host order.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
-    /// TCP flags byte; 0 for UDP.
-    pub tcp_flags: u8,
 }
 
 pub enum Packet {
-    V4 {
-        src: [u8; 4],
-        dst: [u8; 4],
-        l4: L4,
-    },
-    V6 {
-        src: [u8; 16],
-        dst: [u8; 16],
-        l4: L4,
-    },
+    V4 { src: Ip4, dst: Ip4, l4: L4 },
+    V6 { src: Ip6, dst: Ip6, l4: L4 },
 }
 
-/// A pointer to a `T` at `offset` in the packet, if the packet holds all of it.
+/// The address of `len` bytes at `offset` in the packet, if the packet holds them all.
 #[inline(always)]
-fn header<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+fn bytes_at(ctx: &XdpContext, offset: usize, len: usize) -> Option<usize> {
     let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
+    if start + offset + len > ctx.data_end() {
         return None;
     }
-    Some((start + offset) as *const T)
-}
-
-#[inline(always)]
-const fn be16(b: [u8; 2]) -> u16 {
-    u16::from_be_bytes(b)
+    Some(start + offset)
 }
 
 /// Parses a packet down to its L4 header, or says why it passes unjudged.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
-    let eth: *const EthHdr = header(ctx, 0).ok_or(Verdict::PassedMalformed)?;
-    let mut proto = be16(unsafe { (*eth).proto });
-    let mut offset = size_of::<EthHdr>();
+    let eth = bytes_at(ctx, 0, ETH_HLEN).ok_or(Verdict::PassedMalformed)?;
+    // SAFETY (all loads below): each address was checked by `bytes_at` to have its
+    // bytes inside the packet.
+    let mut proto = unsafe { load_u16_be(eth + 12) };
+    let mut offset = ETH_HLEN;
     // Up to two tags (802.1ad outer, 802.1Q inner); a third leaves a VLAN ethertype,
     // which passes as another protocol.
     for _ in 0..2 {
         if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
             break;
         }
-        let vlan: *const VlanHdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-        proto = be16(unsafe { (*vlan).proto });
-        offset += size_of::<VlanHdr>();
+        let vlan = bytes_at(ctx, offset, VLAN_HLEN).ok_or(Verdict::PassedMalformed)?;
+        proto = unsafe { load_u16_be(vlan + 2) };
+        offset += VLAN_HLEN;
     }
     match proto {
         ETH_P_IPV4 => parse_ipv4(ctx, offset),
@@ -160,19 +89,17 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
-    let ip: *const Ipv4Hdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-    let (version_ihl, frag_off, total_len, proto, src, dst) = unsafe {
+    let ip = bytes_at(ctx, offset, IPV4_MIN_HLEN).ok_or(Verdict::PassedMalformed)?;
+    let (version_ihl, total_len, frag_off, proto) = unsafe {
         (
-            (*ip).version_ihl,
-            be16((*ip).frag_off),
-            be16((*ip).total_len) as usize,
-            (*ip).proto,
-            (*ip).src,
-            (*ip).dst,
+            load_u8(ip),
+            load_u16_be(ip + 2) as usize,
+            load_u16_be(ip + 6),
+            load_u8(ip + 9),
         )
     };
     let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() || total_len < header_len {
+    if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN || total_len < header_len {
         return Err(Verdict::PassedMalformed);
     }
     // A non-first fragment has no L4 header; the first fragment (offset 0) is judged.
@@ -180,42 +107,34 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
         return Err(Verdict::PassedFragment);
     }
     let l4 = parse_l4(ctx, offset + header_len, proto)?;
+    let (src, dst) = unsafe { (Ip4(load_u32(ip + 12)), Ip4(load_u32(ip + 16))) };
     Ok(Packet::V4 { src, dst, l4 })
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
-    let ip: *const Ipv6Hdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-    let (version, mut next, src, dst) = unsafe {
-        (
-            (*ip).version_class_flow[0] >> 4,
-            (*ip).next_header,
-            (*ip).src,
-            (*ip).dst,
-        )
-    };
+    let ip = bytes_at(ctx, offset, IPV6_HLEN).ok_or(Verdict::PassedMalformed)?;
+    let (version, mut next) = unsafe { (load_u8(ip) >> 4, load_u8(ip + 6)) };
     if version != 6 {
         return Err(Verdict::PassedMalformed);
     }
-    let mut offset = offset + size_of::<Ipv6Hdr>();
+    let mut offset = offset + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext: *const Ipv6ExtHdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-                let (n, len) = unsafe { ((*ext).next_header, (*ext).len_8_octets) };
+                let ext = bytes_at(ctx, offset, 2).ok_or(Verdict::PassedMalformed)?;
+                let (n, len) = unsafe { (load_u8(ext), load_u8(ext + 1)) };
                 next = n;
                 offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let frag: *const Ipv6FragHdr =
-                    header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-                let (n, offset_flags) =
-                    unsafe { ((*frag).next_header, be16((*frag).offset_flags)) };
+                let frag = bytes_at(ctx, offset, IPV6_FRAG_HLEN).ok_or(Verdict::PassedMalformed)?;
+                let (n, offset_flags) = unsafe { (load_u8(frag), load_u16_be(frag + 2)) };
                 if offset_flags & 0xfff8 != 0 {
                     return Err(Verdict::PassedFragment);
                 }
                 next = n;
-                offset += size_of::<Ipv6FragHdr>();
+                offset += IPV6_FRAG_HLEN;
             }
             _ => break,
         }
@@ -231,6 +150,12 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
         return Err(Verdict::PassedMalformed);
     }
     let l4 = parse_l4(ctx, offset, next)?;
+    let (src, dst) = unsafe {
+        (
+            Ip6([load_u64(ip + 8), load_u64(ip + 16)]),
+            Ip6([load_u64(ip + 24), load_u64(ip + 32)]),
+        )
+    };
     Ok(Packet::V6 { src, dst, l4 })
 }
 
@@ -241,33 +166,31 @@ fn parse_l4(ctx: &XdpContext, offset: usize, proto: u8) -> Result<L4, Verdict> {
     }
     match proto {
         IPPROTO_TCP => {
-            let tcp: *const TcpHdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-            let (sport, dport, data_offset, flags) = unsafe {
-                (
-                    be16((*tcp).sport),
-                    be16((*tcp).dport),
-                    (*tcp).data_offset >> 4,
-                    (*tcp).flags,
-                )
-            };
+            let tcp = bytes_at(ctx, offset, TCP_MIN_HLEN).ok_or(Verdict::PassedMalformed)?;
+            let (data_offset, tcp_flags) = unsafe { (load_u8(tcp + 12) >> 4, load_u8(tcp + 13)) };
             if data_offset < 5 {
                 return Err(Verdict::PassedMalformed);
             }
+            // Every segment but a bare SYN belongs to a connection already admitted (or
+            // refused at its SYN): decided here, before any address is even read, as
+            // the cheapest path of the program.
+            if !is_new_tcp_flow(tcp_flags) {
+                return Err(Verdict::PassedEstablished);
+            }
+            let (sport, dport) = unsafe { (load_u16_be(tcp), load_u16_be(tcp + 2)) };
             Ok(L4 {
                 proto,
                 sport,
                 dport,
-                tcp_flags: flags,
             })
         }
         IPPROTO_UDP => {
-            let udp: *const UdpHdr = header(ctx, offset).ok_or(Verdict::PassedMalformed)?;
-            let (sport, dport) = unsafe { (be16((*udp).sport), be16((*udp).dport)) };
+            let udp = bytes_at(ctx, offset, UDP_HLEN).ok_or(Verdict::PassedMalformed)?;
+            let (sport, dport) = unsafe { (load_u16_be(udp), load_u16_be(udp + 2)) };
             Ok(L4 {
                 proto,
                 sport,
                 dport,
-                tcp_flags: 0,
             })
         }
         _ => Err(Verdict::PassedOtherProtocol),

@@ -1,8 +1,10 @@
 //! Counting verdicts and reporting refusals to the agent.
 
 use agent_common::{
+    addr::Ip6,
+    hashing::{bucket, check, fold_event},
     logic::event_due,
-    maps::{EventLimitKey, RefusalEvent},
+    maps::{RefusalEvent, Settings},
     verdict::{Verdict, counter},
 };
 
@@ -22,8 +24,8 @@ pub fn count(slot: u32) {
 /// A refused new flow, as the agent will see it.
 pub struct Refusal {
     pub family: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Ip6,
+    pub dst: Ip6,
     pub l4: L4,
     pub policy: u32,
     pub verdict: Verdict,
@@ -31,27 +33,49 @@ pub struct Refusal {
     pub now_ns: u64,
 }
 
-/// Counts the drop against its policy and sends an event, at most one per device and
-/// policy per second so that a flood cannot swamp the ring buffer or the agent.
 #[inline(always)]
-pub fn report_refusal(r: &Refusal) {
-    if let Some(c) = SG_POLICY_DROPS.get_ptr_mut(r.policy) {
+pub fn count_policy_drop(policy: u32) {
+    if let Some(c) = SG_POLICY_DROPS.get_ptr_mut(policy) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
     }
-    let key = EventLimitKey {
-        addr: r.src,
-        policy: r.policy,
-        family: r.family,
-        _pad: [0; 3],
+}
+
+/// Whether a refusal of this device (`device_folded`: `Ip4::fold`/`Ip6::fold`) by this
+/// policy may send an event: at most one per pair per second, so a flood cannot swamp
+/// the ring buffer or the agent. Checked before the event is even built.
+#[inline(always)]
+pub fn event_allowed(
+    device_folded: u64,
+    policy: u32,
+    family: u8,
+    now_ns: u64,
+    settings: &Settings,
+) -> bool {
+    let folded = fold_event(device_folded, policy, family);
+    let pair = check(folded, 0);
+    let Some(slot) = SG_EVENT_LIMIT.get_ptr_mut(bucket(folded, settings.event_slot_mask)) else {
+        return true;
     };
-    // SAFETY: an 8-byte value written whole by this program only.
-    let last = unsafe { SG_EVENT_LIMIT.get(key) }.copied();
-    if !event_due(r.now_ns, last) {
-        count(counter::EVENTS_RATE_LIMITED);
-        return;
+    // SAFETY: a live array element; racing writers at worst let one extra event out.
+    unsafe {
+        let last = if (*slot).check == pair {
+            Some((*slot).last_event_ns)
+        } else {
+            None
+        };
+        if !event_due(now_ns, last) {
+            count(counter::EVENTS_RATE_LIMITED);
+            return false;
+        }
+        (*slot).check = pair;
+        (*slot).last_event_ns = now_ns;
     }
-    let _ = SG_EVENT_LIMIT.insert(key, r.now_ns, 0);
+    true
+}
+
+#[inline(always)]
+pub fn send_event(r: &Refusal) {
     let Some(mut entry) = SG_EVENTS.reserve::<RefusalEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;

@@ -186,7 +186,7 @@ impl Control {
         let maps = &datapath.maps;
         let counters = maps.counters()?;
         let drops = maps.policy_drops(self.config.policies.len())?;
-        let (v4, v6) = maps.flow_count();
+        let (v4, v6) = maps.flow_count(crate::clock::boot_now_ns() as u64);
         drop(datapath);
         Ok(Stats {
             verdicts: Verdict::ALL

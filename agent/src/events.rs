@@ -7,6 +7,7 @@ use std::{
 };
 
 use agent_common::{
+    addr::Ip6,
     maps::{IPPROTO_TCP, NO_SESSION_AGE, RefusalEvent},
     verdict::Verdict,
 };
@@ -52,11 +53,12 @@ pub struct RawRefusal {
 /// Decodes a record; `None` for a record of the wrong size or unknown verdict.
 pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
     let event: RefusalEvent = bytemuck::try_pod_read_unaligned(bytes).ok()?;
-    let addr = |raw: [u8; 16]| -> IpAddr {
+    let addr = |raw: Ip6| -> IpAddr {
+        let o = raw.octets();
         if event.family == 4 {
-            Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]).into()
+            Ipv4Addr::new(o[0], o[1], o[2], o[3]).into()
         } else {
-            Ipv6Addr::from(raw).into()
+            Ipv6Addr::from(o).into()
         }
     };
     Some(RawRefusal {
@@ -140,6 +142,8 @@ pub fn log(refusal: &Refusal) {
 
 #[cfg(test)]
 mod tests {
+    use agent_common::addr::Ip4;
+
     use super::*;
 
     #[test]
@@ -155,8 +159,8 @@ mod tests {
             sport: 50000,
             ..RefusalEvent::default()
         };
-        event.src[..4].copy_from_slice(&[198, 18, 1, 10]);
-        event.dst[..4].copy_from_slice(&[198, 19, 10, 10]);
+        event.src = Ip4::from_octets([198, 18, 1, 10]).wide();
+        event.dst = Ip4::from_octets([198, 19, 10, 10]).wide();
         let raw = decode(bytemuck::bytes_of(&event)).unwrap();
         assert_eq!(raw.device, "198.18.1.10".parse::<IpAddr>().unwrap());
         assert_eq!(raw.destination, "198.19.10.10".parse::<IpAddr>().unwrap());
@@ -168,7 +172,7 @@ mod tests {
 
         event.family = 6;
         event.proto = agent_common::maps::IPPROTO_UDP;
-        event.src = "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets();
+        event.src = "2001:db8::10".parse::<Ipv6Addr>().unwrap().into();
         event.session_age_ns = NO_SESSION_AGE;
         event.verdict = Verdict::DroppedUnknownDevice.code();
         let raw = decode(bytemuck::bytes_of(&event)).unwrap();

@@ -4,10 +4,15 @@
 use std::net::IpAddr;
 
 use agent_common::{
+    addr::{Ip4, Ip6},
+    hashing::bucket,
+    logic::flow_active,
     maps::{
-        DestRule, FlowKeyV4, FlowKeyV6, FlowState, PolicyParams, PortRuleKey, Session, Settings,
-        UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE, names,
+        DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, PolicyParams, PortRuleKey, Session,
+        SessionBucketV4, SessionBucketV6, Settings, UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE,
+        WAYS, names,
     },
+    tables::{FlowSlot, SessionSlot},
     verdict::counter,
 };
 use aya::{
@@ -17,7 +22,7 @@ use aya::{
 use bytemuck::Zeroable;
 use ipnet::IpNet;
 
-use super::DatapathError;
+use super::{DatapathError, Geometry};
 use crate::{
     config::{Config, Limits, UnknownDevice},
     policy::PolicyTable,
@@ -25,17 +30,22 @@ use crate::{
 
 pub struct Maps {
     settings: Array<MapData, Settings>,
-    dest_v4: LpmTrie<MapData, [u8; 4], DestRule>,
-    dest_v6: LpmTrie<MapData, [u8; 16], DestRule>,
+    dest_v4: LpmTrie<MapData, Ip4, DestRule>,
+    dest_v6: LpmTrie<MapData, Ip6, DestRule>,
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     policies: Array<MapData, PolicyParams>,
-    sessions_v4: HashMap<MapData, [u8; 4], Session>,
-    sessions_v6: HashMap<MapData, [u8; 16], Session>,
-    flows_v4: HashMap<MapData, FlowKeyV4, FlowState>,
-    flows_v6: HashMap<MapData, FlowKeyV6, FlowState>,
+    sessions_v4: HashMap<MapData, Ip4, Session>,
+    sessions_v6: HashMap<MapData, Ip6, Session>,
+    session_table_v4: Array<MapData, SessionBucketV4>,
+    session_table_v6: Array<MapData, SessionBucketV6>,
+    flows_v4: Array<MapData, FlowBucketV4>,
+    flows_v6: Array<MapData, FlowBucketV6>,
     counters: PerCpuArray<MapData, u64>,
     policy_drops: PerCpuArray<MapData, u64>,
     max_sessions: u32,
+    geometry: Geometry,
+    /// What `SG_SETTINGS` holds now.
+    current: Settings,
 }
 
 /// Counter values summed over CPUs, indexed by slot (`agent_common::verdict`).
@@ -67,11 +77,15 @@ impl Maps {
             policies: typed(ebpf, names::POLICIES)?,
             sessions_v4: typed(ebpf, names::SESSIONS_V4)?,
             sessions_v6: typed(ebpf, names::SESSIONS_V6)?,
+            session_table_v4: typed(ebpf, names::SESSION_TABLE_V4)?,
+            session_table_v6: typed(ebpf, names::SESSION_TABLE_V6)?,
             flows_v4: typed(ebpf, names::FLOWS_V4)?,
             flows_v6: typed(ebpf, names::FLOWS_V6)?,
             counters: typed(ebpf, names::COUNTERS)?,
             policy_drops: typed(ebpf, names::POLICY_DROPS)?,
             max_sessions: limits.max_sessions,
+            geometry: Geometry::of(limits),
+            current: Settings::zeroed(),
         })
     }
 
@@ -82,20 +96,27 @@ impl Maps {
         typed(ebpf, names::EVENTS)
     }
 
-    /// Writes `SG_SETTINGS` from the config.
+    /// Writes `SG_SETTINGS` from the config (keeping the policy generation).
     pub fn write_settings(&mut self, config: &Config) -> Result<(), DatapathError> {
-        let mut settings = Settings::zeroed();
-        settings.udp_idle_ns = config.agent.udp_idle_timeout.as_nanos_u64();
-        settings.unknown_device = match config.agent.unknown_device {
-            UnknownDevice::Enforce => UNKNOWN_DEVICE_ENFORCE,
-            UnknownDevice::Allow => UNKNOWN_DEVICE_ALLOW,
-        };
-        for &port in &config.dns.ports {
-            settings.set_dns_port(port);
-        }
+        let mut next = settings(config);
+        next.policy_generation = self.current.policy_generation.max(1);
+        self.write_raw_settings(next)
+    }
+
+    /// `SG_SETTINGS` as written last.
+    pub fn current_settings(&self) -> Settings {
+        self.current
+    }
+
+    /// Writes `SG_SETTINGS` as given (benchmarks set values no config can); the table
+    /// geometry is always the loaded one.
+    pub fn write_raw_settings(&mut self, mut settings: Settings) -> Result<(), DatapathError> {
+        self.geometry.apply(&mut settings);
         self.settings
             .set(0, settings, 0)
-            .map_err(map_err(names::SETTINGS))
+            .map_err(map_err(names::SETTINGS))?;
+        self.current = settings;
+        Ok(())
     }
 
     /// Writes a compiled policy table into empty policy maps.
@@ -115,7 +136,7 @@ impl Maps {
                 IpNet::V4(n) => self
                     .dest_v4
                     .insert(
-                        &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                        &Key::new(u32::from(n.prefix_len()), n.network().into()),
                         rule,
                         0,
                     )
@@ -123,7 +144,7 @@ impl Maps {
                 IpNet::V6(n) => self
                     .dest_v6
                     .insert(
-                        &Key::new(u32::from(n.prefix_len()), n.network().octets()),
+                        &Key::new(u32::from(n.prefix_len()), n.network().into()),
                         rule,
                         0,
                     )
@@ -133,11 +154,12 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes (or replaces) a device's session.
+    /// Writes (or replaces) a device's session: the authoritative hash map first, then
+    /// its copy in the session table, so a reader always finds one of them.
     pub fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
         let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.insert(a.octets(), session, 0),
-            IpAddr::V6(a) => self.sessions_v6.insert(a.octets(), session, 0),
+            IpAddr::V4(a) => self.sessions_v4.insert(Ip4::from(a), session, 0),
+            IpAddr::V6(a) => self.sessions_v6.insert(Ip6::from(a), session, 0),
         };
         result.map_err(|source| match &source {
             MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
@@ -150,14 +172,17 @@ impl Maps {
                 map: session_map_name(ip),
                 source,
             },
-        })
+        })?;
+        self.update_session_table(ip, Some(session.authenticated_at_ns))
     }
 
-    /// Removes a device's session; absent is fine.
+    /// Removes a device's session (absent is fine): the table copy first, then the
+    /// hash map.
     pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.update_session_table(ip, None)?;
         let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.remove(&a.octets()),
-            IpAddr::V6(a) => self.sessions_v6.remove(&a.octets()),
+            IpAddr::V4(a) => self.sessions_v4.remove(&Ip4::from(a)),
+            IpAddr::V6(a) => self.sessions_v6.remove(&Ip6::from(a)),
         };
         match result {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
@@ -168,11 +193,46 @@ impl Maps {
         }
     }
 
+    /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session
+    /// table. A device whose bucket is full stays in the hash map only.
+    fn update_session_table(&mut self, ip: IpAddr, at: Option<i64>) -> Result<(), DatapathError> {
+        let mask = self.geometry.session_buckets - 1;
+        match ip {
+            IpAddr::V4(a) => {
+                let addr = Ip4::from(a);
+                let index = bucket(addr.fold(), mask);
+                let table = &mut self.session_table_v4;
+                let mut b = table
+                    .get(&index, 0)
+                    .map_err(map_err(names::SESSION_TABLE_V4))?;
+                if place_session(&mut b.slots, &addr, at) {
+                    table
+                        .set(index, b, 0)
+                        .map_err(map_err(names::SESSION_TABLE_V4))?;
+                }
+            }
+            IpAddr::V6(a) => {
+                let addr = Ip6::from(a);
+                let index = bucket(addr.fold(), mask);
+                let table = &mut self.session_table_v6;
+                let mut b = table
+                    .get(&index, 0)
+                    .map_err(map_err(names::SESSION_TABLE_V6))?;
+                if place_session(&mut b.slots, &addr, at) {
+                    table
+                        .set(index, b, 0)
+                        .map_err(map_err(names::SESSION_TABLE_V6))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel's session for a device, if any.
     pub fn session(&self, ip: IpAddr) -> Result<Option<Session>, DatapathError> {
         let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.get(&a.octets(), 0),
-            IpAddr::V6(a) => self.sessions_v6.get(&a.octets(), 0),
+            IpAddr::V4(a) => self.sessions_v4.get(&Ip4::from(a), 0),
+            IpAddr::V6(a) => self.sessions_v6.get(&Ip6::from(a), 0),
         };
         match result {
             Ok(s) => Ok(Some(s)),
@@ -198,10 +258,92 @@ impl Maps {
             .collect()
     }
 
-    /// Tracked UDP flows (IPv4, IPv6). Walks the tables: for status, not hot paths.
-    pub fn flow_count(&self) -> (usize, usize) {
-        (self.flows_v4.keys().count(), self.flows_v6.keys().count())
+    /// Adds tracked IPv4 UDP flows as the program would have admitted them at
+    /// `last_seen_ns` (benchmarks fill the table with this). Flows whose bucket is
+    /// full are left out, as the program would have evicted them.
+    pub fn track_flows_v4(
+        &mut self,
+        flows: impl IntoIterator<Item = FlowKeyV4>,
+        last_seen_ns: u64,
+    ) -> Result<(), DatapathError> {
+        let mask = self.geometry.flow_buckets - 1;
+        let mut buckets: std::collections::HashMap<u32, FlowBucketV4> =
+            std::collections::HashMap::new();
+        for key in flows {
+            let folded = <agent_common::maps::FlowSlotV4 as FlowSlot>::fold(&key);
+            let b = buckets.entry(bucket(folded, mask)).or_default();
+            if let Some(free) = b.slots.iter_mut().find(|s| s.check == 0) {
+                *free = FlowSlot::new(&key, folded, last_seen_ns);
+            }
+        }
+        for (index, b) in buckets {
+            self.flows_v4
+                .set(index, b, 0)
+                .map_err(map_err(names::FLOWS_V4))?;
+        }
+        Ok(())
     }
+
+    /// Tracked UDP flows (IPv4, IPv6) still active at boot-clock `now_ns`. Walks the
+    /// tables: for status, not hot paths.
+    pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
+        let idle = self.current.udp_idle_ns;
+        let v4 = self
+            .flows_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|b| active_flows(&b.slots, now_ns, idle))
+            .sum();
+        let v6 = self
+            .flows_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|b| active_flows(&b.slots, now_ns, idle))
+            .sum();
+        (v4, v6)
+    }
+}
+
+fn active_flows<S: FlowSlot>(slots: &[S], now_ns: u64, idle_ns: u64) -> usize {
+    slots
+        .iter()
+        .filter(|s| s.check() != 0 && flow_active(now_ns, s.last_seen_ns(), idle_ns))
+        .count()
+}
+
+/// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;
+/// returns whether the bucket changed. A new device takes a free slot if there is one.
+fn place_session<S: SessionSlot + Default>(
+    slots: &mut [S; WAYS],
+    addr: &S::Addr,
+    at: Option<i64>,
+) -> bool {
+    let own = slots.iter().position(|s| s.is_valid() && s.addr() == addr);
+    match (at, own) {
+        (Some(at), Some(i)) => slots[i] = S::new(addr, at),
+        (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {
+            Some(free) => slots[free] = S::new(addr, at),
+            None => return false,
+        },
+        (None, Some(i)) => slots[i] = S::default(),
+        (None, None) => return false,
+    }
+    true
+}
+
+/// `SG_SETTINGS` for a config.
+pub fn settings(config: &Config) -> Settings {
+    let mut settings = Settings::zeroed();
+    settings.udp_idle_ns = config.agent.udp_idle_timeout.as_nanos_u64();
+    settings.unknown_device = match config.agent.unknown_device {
+        UnknownDevice::Enforce => UNKNOWN_DEVICE_ENFORCE,
+        UnknownDevice::Allow => UNKNOWN_DEVICE_ALLOW,
+    };
+    for &port in &config.dns.ports {
+        settings.set_dns_port(port);
+    }
+    Geometry::of(&config.limits).apply(&mut settings);
+    settings
 }
 
 fn sum(map: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64, MapError> {

@@ -3,7 +3,10 @@
 
 mod maps;
 
-use agent_common::maps::names;
+use agent_common::{
+    hashing::buckets_for,
+    maps::{Settings, WAYS, names},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
@@ -12,14 +15,46 @@ use aya::{
 use thiserror::Error;
 
 use crate::config::{Limits, XdpMode};
-pub use maps::{Counters, Maps};
+pub use maps::{Counters, Maps, settings};
 
 /// The program object, built by `build.rs`; empty when built with `AYA_BUILD_SKIP`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sessiongate"));
 /// The XDP entry point's name in the object.
 const PROGRAM_NAME: &str = "sessiongate";
-/// Entries of the refusal-event rate limiter (device x policy pairs).
-const EVENT_LIMIT_ENTRIES: u32 = 65_536;
+/// A program in the same object that only passes: the benchmarks' floor.
+const FLOOR_PROGRAM_NAME: &str = "xdp_pass";
+/// Entries of the destination caches and of the refusal-event rate limiter: both are
+/// direct-mapped, so collisions only cost a slower lookup or an extra event.
+const DEST_CACHE_ENTRIES: u32 = 1 << 16;
+const EVENT_LIMIT_ENTRIES: u32 = 1 << 16;
+
+/// Entry counts of the array-backed tables, from the configured limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub session_buckets: u32,
+    pub flow_buckets: u32,
+    pub dest_cache: u32,
+    pub event_slots: u32,
+}
+
+impl Geometry {
+    pub fn of(limits: &Limits) -> Self {
+        Self {
+            session_buckets: buckets_for(limits.max_sessions, WAYS as u32),
+            flow_buckets: buckets_for(limits.max_flows, WAYS as u32),
+            dest_cache: DEST_CACHE_ENTRIES,
+            event_slots: EVENT_LIMIT_ENTRIES,
+        }
+    }
+
+    /// Writes the index masks the program uses.
+    pub fn apply(&self, settings: &mut Settings) {
+        settings.session_bucket_mask = self.session_buckets - 1;
+        settings.flow_bucket_mask = self.flow_buckets - 1;
+        settings.dest_cache_mask = self.dest_cache - 1;
+        settings.event_slot_mask = self.event_slots - 1;
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum DatapathError {
@@ -79,16 +114,21 @@ impl Datapath {
         if PROGRAM.is_empty() {
             return Err(DatapathError::NotBuilt);
         }
+        let geometry = Geometry::of(limits);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(names::SESSIONS_V4, limits.max_sessions)
             .map_max_entries(names::SESSIONS_V6, limits.max_sessions)
-            .map_max_entries(names::FLOWS_V4, limits.max_flows)
-            .map_max_entries(names::FLOWS_V6, limits.max_flows)
+            .map_max_entries(names::SESSION_TABLE_V4, geometry.session_buckets)
+            .map_max_entries(names::SESSION_TABLE_V6, geometry.session_buckets)
+            .map_max_entries(names::FLOWS_V4, geometry.flow_buckets)
+            .map_max_entries(names::FLOWS_V6, geometry.flow_buckets)
             .map_max_entries(names::DEST_V4, limits.max_policy_cidrs)
             .map_max_entries(names::DEST_V6, limits.max_policy_cidrs)
+            .map_max_entries(names::DEST_CACHE_V4, geometry.dest_cache)
+            .map_max_entries(names::DEST_CACHE_V6, geometry.dest_cache)
             .map_max_entries(names::PORT_RULES, limits.max_port_rules)
-            .map_max_entries(names::EVENT_LIMIT, EVENT_LIMIT_ENTRIES);
+            .map_max_entries(names::EVENT_LIMIT, geometry.event_slots);
         let mut ebpf = loader
             .load(PROGRAM)
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -115,6 +155,21 @@ impl Datapath {
             .expect("the object defines the program")
             .try_into()
             .expect("it is an XDP program")
+    }
+
+    /// The object's do-nothing program, loaded on first use: the reference the
+    /// benchmarks measure the real one against.
+    pub fn floor_program(&mut self) -> Result<&Xdp, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(FLOOR_PROGRAM_NAME)
+            .expect("the object defines the floor program")
+            .try_into()
+            .map_err(DatapathError::Program)?;
+        if program.fd().is_err() {
+            program.load().map_err(DatapathError::Program)?;
+        }
+        Ok(program)
     }
 
     fn program_mut(&mut self) -> &mut Xdp {

@@ -18,6 +18,7 @@
 
 mod agent;
 pub mod dns;
+pub mod packets;
 mod services;
 mod traffic;
 

@@ -1,4 +1,4 @@
-//! Crafted packets for BPF_PROG_TEST_RUN: a small builder for well-formed Ethernet /
+//! Crafted packets for BPF_PROG_TEST_RUN and packet generators: a small builder for well-formed Ethernet /
 //! VLAN / IPv4 / IPv6 (with extension headers) / TCP / UDP frames, whose bytes the
 //! tests then cut or corrupt to make malformed ones. Checksums are left zero: the
 //! program never reads them.

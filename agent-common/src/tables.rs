@@ -1,0 +1,356 @@
+//! Entries of the array-backed tables and the pure logic on them: building an entry
+//! with its check word, recognising a valid one, and choosing the slot a new flow
+//! takes. The program runs these on map memory; the agent on its copies.
+
+use crate::{
+    addr::{Ip4, Ip6},
+    hashing::{check, fold_dest, fold_flow},
+    logic::flow_active,
+    maps::{
+        DestCacheV4, DestCacheV6, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, SessionSlotV4,
+        SessionSlotV6, WAYS,
+    },
+};
+
+/// A session-table entry of either family.
+pub trait SessionSlot: Copy {
+    type Addr: Copy + PartialEq;
+    fn fold(addr: &Self::Addr) -> u64;
+    fn new(addr: &Self::Addr, authenticated_at_ns: i64) -> Self;
+    fn addr(&self) -> &Self::Addr;
+    /// The authentication time, if this valid entry is `addr`'s.
+    fn session_of(&self, addr: &Self::Addr, folded: u64) -> Option<i64>;
+    fn is_valid(&self) -> bool;
+}
+
+impl SessionSlot for SessionSlotV4 {
+    type Addr = Ip4;
+
+    #[inline(always)]
+    fn fold(addr: &Ip4) -> u64 {
+        addr.fold()
+    }
+
+    fn new(addr: &Ip4, authenticated_at_ns: i64) -> Self {
+        Self {
+            addr: *addr,
+            check: check(addr.fold(), authenticated_at_ns as u64) as u32,
+            authenticated_at_ns,
+        }
+    }
+
+    fn addr(&self) -> &Ip4 {
+        &self.addr
+    }
+
+    #[inline(always)]
+    fn session_of(&self, addr: &Ip4, folded: u64) -> Option<i64> {
+        let at = self.authenticated_at_ns;
+        (self.addr == *addr && self.check == check(folded, at as u64) as u32).then_some(at)
+    }
+
+    fn is_valid(&self) -> bool {
+        self.session_of(&self.addr, self.addr.fold()).is_some()
+    }
+}
+
+impl SessionSlot for SessionSlotV6 {
+    type Addr = Ip6;
+
+    #[inline(always)]
+    fn fold(addr: &Ip6) -> u64 {
+        addr.fold()
+    }
+
+    fn new(addr: &Ip6, authenticated_at_ns: i64) -> Self {
+        Self {
+            addr: *addr,
+            authenticated_at_ns,
+            check: check(addr.fold(), authenticated_at_ns as u64),
+        }
+    }
+
+    fn addr(&self) -> &Ip6 {
+        &self.addr
+    }
+
+    #[inline(always)]
+    fn session_of(&self, addr: &Ip6, folded: u64) -> Option<i64> {
+        let at = self.authenticated_at_ns;
+        (self.addr == *addr && self.check == check(folded, at as u64)).then_some(at)
+    }
+
+    fn is_valid(&self) -> bool {
+        self.session_of(&self.addr, self.addr.fold()).is_some()
+    }
+}
+
+/// The session of `addr` in its bucket, if there.
+#[inline(always)]
+pub fn find_session<S: SessionSlot>(
+    bucket: &[S; WAYS],
+    addr: &S::Addr,
+    folded: u64,
+) -> Option<i64> {
+    for slot in bucket {
+        if let Some(at) = slot.session_of(addr, folded) {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// A flow-table entry of either family.
+pub trait FlowSlot: Copy {
+    type Key: Copy + PartialEq;
+    fn fold(key: &Self::Key) -> u64;
+    fn new(key: &Self::Key, folded: u64, last_seen_ns: u64) -> Self;
+    fn key(&self) -> &Self::Key;
+    fn check(&self) -> u64;
+    fn last_seen_ns(&self) -> u64;
+    fn set_last_seen_ns(&mut self, ns: u64);
+}
+
+macro_rules! flow_slot {
+    ($slot:ty, $key:ty) => {
+        impl FlowSlot for $slot {
+            type Key = $key;
+
+            #[inline(always)]
+            fn fold(key: &$key) -> u64 {
+                fold_flow(
+                    key.saddr.fold(),
+                    key.daddr.fold(),
+                    key.sport,
+                    key.dport,
+                    key.proto,
+                )
+            }
+
+            #[inline(always)]
+            fn new(key: &$key, folded: u64, last_seen_ns: u64) -> Self {
+                Self {
+                    key: *key,
+                    last_seen_ns,
+                    check: check(folded, 0),
+                }
+            }
+
+            #[inline(always)]
+            fn key(&self) -> &$key {
+                &self.key
+            }
+
+            #[inline(always)]
+            fn check(&self) -> u64 {
+                self.check
+            }
+
+            #[inline(always)]
+            fn last_seen_ns(&self) -> u64 {
+                self.last_seen_ns
+            }
+
+            #[inline(always)]
+            fn set_last_seen_ns(&mut self, ns: u64) {
+                self.last_seen_ns = ns;
+            }
+        }
+    };
+}
+
+flow_slot!(FlowSlotV4, FlowKeyV4);
+flow_slot!(FlowSlotV6, FlowKeyV6);
+
+/// The slot holding `key` in its bucket, if any.
+#[inline(always)]
+pub fn find_flow<'a, S: FlowSlot>(
+    bucket: &'a mut [S; WAYS],
+    key: &S::Key,
+    folded: u64,
+) -> Option<&'a mut S> {
+    let expected = check(folded, 0);
+    bucket
+        .iter_mut()
+        .find(|slot| slot.check() == expected && slot.key() == key)
+}
+
+/// The slot a new flow takes: an empty or idle one, else the least recently seen.
+#[inline(always)]
+pub fn flow_slot_for_new<S: FlowSlot>(bucket: &mut [S; WAYS], now_ns: u64, idle_ns: u64) -> &mut S {
+    let mut oldest = 0;
+    let mut oldest_seen = u64::MAX;
+    for (i, slot) in bucket.iter().enumerate() {
+        let last = slot.last_seen_ns();
+        if slot.check() == 0 || !flow_active(now_ns, last, idle_ns) {
+            oldest = i;
+            break;
+        }
+        if last < oldest_seen {
+            oldest = i;
+            oldest_seen = last;
+        }
+    }
+    // Clamped so that the compiler sees the index in bounds: no panic path in BPF.
+    &mut bucket[oldest.min(WAYS - 1)]
+}
+
+/// A destination-cache entry of either family.
+pub trait DestEntry: Copy {
+    type Addr: Copy + PartialEq;
+    fn fold(daddr: &Self::Addr, dport: u16, proto: u8) -> u64;
+    fn new(
+        daddr: &Self::Addr,
+        dport: u16,
+        proto: u8,
+        generation: u32,
+        policy: u32,
+        folded: u64,
+    ) -> Self;
+    /// The cached policy, if this valid entry of `generation` is for the triple.
+    fn policy_for(
+        &self,
+        daddr: &Self::Addr,
+        dport: u16,
+        proto: u8,
+        generation: u32,
+        folded: u64,
+    ) -> Option<u32>;
+}
+
+macro_rules! dest_entry {
+    ($entry:ty, $addr:ty, { $($pad:ident),* }) => {
+        impl DestEntry for $entry {
+            type Addr = $addr;
+
+            #[inline(always)]
+            fn fold(daddr: &$addr, dport: u16, proto: u8) -> u64 {
+                fold_dest(daddr.fold(), dport, proto)
+            }
+
+            #[inline(always)]
+            fn new(daddr: &$addr, dport: u16, proto: u8, generation: u32, policy: u32, folded: u64) -> Self {
+                Self {
+                    daddr: *daddr,
+                    dport,
+                    proto,
+                    generation,
+                    policy,
+                    check: check(folded, (generation as u64) << 32 | policy as u64),
+                    $($pad: Default::default(),)*
+                }
+            }
+
+            #[inline(always)]
+            fn policy_for(&self, daddr: &$addr, dport: u16, proto: u8, generation: u32, folded: u64) -> Option<u32> {
+                let valid = self.generation == generation
+                    && self.dport == dport
+                    && self.proto == proto
+                    && self.daddr == *daddr
+                    && self.check == check(folded, (generation as u64) << 32 | self.policy as u64);
+                valid.then_some(self.policy)
+            }
+        }
+    };
+}
+
+dest_entry!(DestCacheV4, Ip4, { _pad });
+dest_entry!(DestCacheV6, Ip6, { _pad, _pad2 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::bucket;
+
+    #[test]
+    fn session_slots_answer_only_for_their_device_and_reject_torn_entries() {
+        let addr = Ip4::from_octets([198, 18, 0, 7]);
+        let folded = addr.fold();
+        let slot = SessionSlotV4::new(&addr, 42);
+        assert_eq!(slot.session_of(&addr, folded), Some(42));
+        let other = Ip4::from_octets([198, 18, 0, 8]);
+        assert_eq!(slot.session_of(&other, other.fold()), None);
+        let mut torn = slot;
+        torn.authenticated_at_ns = 43; // a new time under the old check
+        assert_eq!(torn.session_of(&addr, folded), None);
+        assert!(
+            !SessionSlotV4::default().is_valid(),
+            "empty slots are invalid"
+        );
+
+        let addr6 = Ip6::from_octets([0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+        let mut bucket = [SessionSlotV6::default(); WAYS];
+        bucket[2] = SessionSlotV6::new(&addr6, -5);
+        assert_eq!(find_session(&bucket, &addr6, addr6.fold()), Some(-5));
+        bucket[2].addr.0[1] ^= 1 << 56; // torn address
+        assert_eq!(find_session(&bucket, &addr6, addr6.fold()), None);
+    }
+
+    fn key(sport: u16) -> FlowKeyV4 {
+        FlowKeyV4 {
+            saddr: Ip4::from_octets([198, 18, 0, 7]),
+            daddr: Ip4::from_octets([198, 19, 10, 10]),
+            sport,
+            dport: 443,
+            proto: 17,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn flows_are_found_and_new_ones_take_free_idle_or_oldest_slots() {
+        let idle = 100;
+        let mut bucket = [FlowSlotV4::default(); WAYS];
+        let index = |b: &mut [FlowSlotV4; WAYS], now| {
+            let chosen: *const FlowSlotV4 = flow_slot_for_new(b, now, idle);
+            b.iter().position(|s| std::ptr::eq(s, chosen)).unwrap()
+        };
+        assert_eq!(index(&mut bucket, 1000), 0, "an empty slot");
+        for (i, seen) in [(0, 950), (1, 990), (2, 960), (3, 999)] {
+            let k = key(i as u16);
+            bucket[i] = FlowSlotV4::new(&k, FlowSlotV4::fold(&k), seen);
+        }
+        let k2 = key(2);
+        let found = find_flow(&mut bucket, &k2, FlowSlotV4::fold(&k2)).map(|s| s.last_seen_ns);
+        assert_eq!(found, Some(960));
+        let k9 = key(9);
+        assert!(find_flow(&mut bucket, &k9, FlowSlotV4::fold(&k9)).is_none());
+        assert_eq!(index(&mut bucket, 1000), 0, "all active: the oldest");
+        assert_eq!(index(&mut bucket, 1055), 0, "slot 0 went idle");
+        bucket[0].last_seen_ns = 1040;
+        assert_eq!(index(&mut bucket, 1061), 2, "slot 2 idle first");
+        // A torn key fails its check.
+        bucket[1].key.sport = 77;
+        let k77 = key(77);
+        assert!(find_flow(&mut bucket, &k77, FlowSlotV4::fold(&k77)).is_none());
+    }
+
+    #[test]
+    fn dest_entries_are_per_triple_and_generation() {
+        let d = Ip4::from_octets([198, 19, 10, 10]);
+        let folded = DestCacheV4::fold(&d, 443, 6);
+        let e = DestCacheV4::new(&d, 443, 6, 7, 3, folded);
+        assert_eq!(e.policy_for(&d, 443, 6, 7, folded), Some(3));
+        assert_eq!(
+            e.policy_for(&d, 443, 6, 8, folded),
+            None,
+            "stale generation"
+        );
+        assert_eq!(
+            e.policy_for(&d, 80, 6, 7, DestCacheV4::fold(&d, 80, 6)),
+            None
+        );
+        let zero = Ip4::default();
+        assert_eq!(
+            DestCacheV4::default().policy_for(&zero, 0, 0, 0, DestCacheV4::fold(&zero, 0, 0)),
+            None
+        );
+        let d6 = Ip6::from_octets([0x20, 1, 0xd, 0xb8, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+        let f6 = DestCacheV6::fold(&d6, 53, 17);
+        let mut e6 = DestCacheV6::new(&d6, 53, 17, 1, u32::MAX, f6);
+        assert_eq!(e6.policy_for(&d6, 53, 17, 1, f6), Some(u32::MAX));
+        e6.policy = 0; // torn
+        assert_eq!(e6.policy_for(&d6, 53, 17, 1, f6), None);
+        let _ = bucket(f6, 1023);
+    }
+}

@@ -1,0 +1,382 @@
+//! Per-packet cost of the XDP program, through BPF_PROG_TEST_RUN: the kernel runs the
+//! loaded program on one packet `repeat` times and reports the mean time per run. Each
+//! path is measured against the do-nothing program (the method's floor) interleaved in
+//! the same run, and against xdp-filter on the same packet.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Instant,
+};
+
+use agent_common::{
+    maps::{FlowKeyV4, IPPROTO_UDP, Session},
+    verdict::Verdict,
+};
+use anyhow::{Context as _, ensure};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use netlab::packets::{ETH_8021Q, Packet, TCP_ACK};
+use serde::Serialize;
+use sessiongate::{
+    clock::boot_now_ns,
+    config::{Config, Limits},
+    datapath::{Datapath, settings},
+    policy,
+};
+
+use crate::{
+    scenario::{self, APP, APP6, EXPIRED_AGE_SECS, RESOLVER, UNPROTECTED},
+    stats::Sample,
+    xdp_filter::XdpFilter,
+};
+
+/// A table size the paths are measured at.
+#[derive(Clone, Debug, Serialize)]
+pub struct Size {
+    pub label: String,
+    pub sessions: usize,
+    pub cidrs: usize,
+    pub flows: usize,
+}
+
+pub fn sizes(quick: bool) -> Vec<Size> {
+    let size = |sessions: usize, cidrs: usize, flows: usize| Size {
+        label: format!("{} sessions, {} CIDRs", human(sessions), human(cidrs)),
+        sessions,
+        cidrs,
+        flows,
+    };
+    if quick {
+        return vec![size(1_000, 10, 1_000)];
+    }
+    vec![
+        size(1_000, 10, 1_000),
+        size(1_000, 10_000, 1_000),
+        size(1_000_000, 10, 1_000_000),
+        size(1_000_000, 10_000, 1_000_000),
+    ]
+}
+
+pub fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+/// One packet path through the program.
+struct PathCase {
+    name: &'static str,
+    packet: Vec<u8>,
+    /// The verdict the packet must get: checked before timing, so a benchmark never
+    /// measures a different path than it names.
+    verdict: Verdict,
+    /// A new UDP flow on every run: the flow table's idle timeout is set to zero so the
+    /// flow admitted by one run is judged again, as new, by the next.
+    renew_flow: bool,
+    /// Counts towards the "new-flow paths" target.
+    new_flow: bool,
+}
+
+const TRACKED_SPORT: u16 = 40_000;
+const NEW_SPORT: u16 = 40_001;
+const APP_UDP_PORT: u16 = 4433;
+
+fn paths() -> Vec<PathCase> {
+    let fresh = IpAddr::V4(scenario::FRESH_DEVICE);
+    let expired = IpAddr::V4(scenario::EXPIRED_DEVICE);
+    let fresh6 = IpAddr::V6(scenario::FRESH_DEVICE6);
+    let expired6 = IpAddr::V6(scenario::EXPIRED_DEVICE6);
+    let (app, app6) = (IpAddr::V4(APP), IpAddr::V6(APP6));
+    let case = |name, packet: Packet, verdict, renew_flow, new_flow| PathCase {
+        name,
+        packet: packet.bytes(),
+        verdict,
+        renew_flow,
+        new_flow,
+    };
+    let vlan = |p: Packet| p.vlan(ETH_8021Q);
+    vec![
+        case(
+            "TCP established",
+            Packet::tcp(fresh, app, 443, TCP_ACK),
+            Verdict::PassedEstablished,
+            false,
+            false,
+        ),
+        case(
+            "TCP SYN, valid session",
+            Packet::syn(fresh, app, 443),
+            Verdict::AdmittedNewFlow,
+            false,
+            true,
+        ),
+        case(
+            "TCP SYN, expired (refused)",
+            Packet::syn(expired, app, 443),
+            Verdict::DroppedExpired,
+            false,
+            true,
+        ),
+        case(
+            "UDP, tracked flow",
+            Packet::udp(fresh, app, TRACKED_SPORT, APP_UDP_PORT),
+            Verdict::PassedEstablished,
+            false,
+            false,
+        ),
+        case(
+            "UDP, new flow",
+            Packet::udp(fresh, app, NEW_SPORT, APP_UDP_PORT),
+            Verdict::AdmittedNewFlow,
+            true,
+            true,
+        ),
+        case(
+            "DNS (UDP 53)",
+            Packet::udp(expired, IpAddr::V4(RESOLVER), 5353, 53),
+            Verdict::PassedDns,
+            false,
+            false,
+        ),
+        case(
+            "no policy (TCP SYN)",
+            Packet::syn(fresh, IpAddr::V4(UNPROTECTED), 443),
+            Verdict::PassedNoPolicy,
+            false,
+            false,
+        ),
+        case(
+            "IPv6 TCP SYN, valid",
+            Packet::syn(fresh6, app6, 443),
+            Verdict::AdmittedNewFlow,
+            false,
+            true,
+        ),
+        case(
+            "IPv6 TCP SYN, expired",
+            Packet::syn(expired6, app6, 443),
+            Verdict::DroppedExpired,
+            false,
+            true,
+        ),
+        case(
+            "IPv6 UDP, new flow",
+            Packet::udp(fresh6, app6, NEW_SPORT, APP_UDP_PORT),
+            Verdict::AdmittedNewFlow,
+            true,
+            true,
+        ),
+        case(
+            "VLAN TCP SYN, valid",
+            vlan(Packet::syn(fresh, app, 443)),
+            Verdict::AdmittedNewFlow,
+            false,
+            true,
+        ),
+        case(
+            "VLAN TCP SYN, expired",
+            vlan(Packet::syn(expired, app, 443)),
+            Verdict::DroppedExpired,
+            false,
+            true,
+        ),
+        case(
+            "VLAN UDP, new flow",
+            vlan(Packet::udp(fresh, app, NEW_SPORT, APP_UDP_PORT)),
+            Verdict::AdmittedNewFlow,
+            true,
+            true,
+        ),
+    ]
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PathResult {
+    pub path: String,
+    pub size: String,
+    pub new_flow: bool,
+    /// ns per packet.
+    pub sessiongate: Sample,
+    pub floor: Sample,
+    /// sessiongate / floor, each run's pair measured back to back, so that drift of
+    /// the shared machine cancels out.
+    pub ratio: Sample,
+    pub xdp_filter: Option<Sample>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgRunReport {
+    pub repeat: u32,
+    pub runs: usize,
+    pub sizes: Vec<Size>,
+    pub results: Vec<PathResult>,
+    /// Seconds to fill each size's tables (sessions, flows, policies), for the record.
+    pub fill_seconds: Vec<(String, f64)>,
+}
+
+pub fn run(quick: bool, xdp_filter: Option<&XdpFilter>) -> anyhow::Result<ProgRunReport> {
+    let (repeat, runs) = if quick { (10_000, 3) } else { (1_000_000, 9) };
+    let mut report = ProgRunReport {
+        repeat,
+        runs,
+        sizes: sizes(quick),
+        results: Vec::new(),
+        fill_seconds: Vec::new(),
+    };
+    for size in report.sizes.clone() {
+        eprintln!("bench: per-packet cost at {}", size.label);
+        let started = Instant::now();
+        let mut bench = Loaded::new(&size)?;
+        report
+            .fill_seconds
+            .push((size.label.clone(), started.elapsed().as_secs_f64()));
+        for path in paths() {
+            bench.check_verdict(&path)?;
+            let mut ours = Vec::with_capacity(runs);
+            let mut floor = Vec::with_capacity(runs);
+            let mut ratio = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let f = bench.floor(&path.packet, repeat)?;
+                let o = bench.measure(&path, repeat)?;
+                floor.push(f);
+                ours.push(o);
+                ratio.push(o / f);
+            }
+            let xdp_filter = match xdp_filter {
+                Some(xf) => Some(Sample::of(
+                    &(0..runs)
+                        .map(|_| time(xf.program(), &path.packet, repeat))
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                )),
+                None => None,
+            };
+            report.results.push(PathResult {
+                path: path.name.to_string(),
+                size: size.label.clone(),
+                new_flow: path.new_flow,
+                sessiongate: Sample::of(&ours),
+                floor: Sample::of(&floor),
+                ratio: Sample::of(&ratio),
+                xdp_filter,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// The program loaded with one size's tables.
+struct Loaded {
+    dp: Datapath,
+    config: Config,
+}
+
+impl Loaded {
+    fn new(size: &Size) -> anyhow::Result<Self> {
+        let text = format!(
+            "[agent]\ninterfaces = [\"bench0\"]\n{}",
+            scenario::policies(size.cidrs, 7)
+        );
+        let config = Config::parse(&text, "bench").context("benchmark config")?;
+        let table = policy::compile(&config)?;
+        let limits = Limits {
+            max_sessions: (size.sessions as u32).max(1024) + 1024,
+            max_flows: (size.flows as u32).max(1024) + 1024,
+            max_policy_cidrs: 16_384,
+            max_port_rules: 65_536,
+        };
+        let mut dp = Datapath::load(&limits)?;
+        dp.maps.write_settings(&config)?;
+        dp.maps.write_policies(&table)?;
+        let now = boot_now_ns();
+        for device in scenario::devices(size.sessions) {
+            dp.maps.set_session(
+                device,
+                Session {
+                    authenticated_at_ns: now,
+                },
+            )?;
+        }
+        let expired = now - (EXPIRED_AGE_SECS * 1_000_000_000) as i64;
+        for (device, at) in [
+            (IpAddr::V4(scenario::FRESH_DEVICE), now),
+            (IpAddr::V6(scenario::FRESH_DEVICE6), now),
+            (IpAddr::V4(scenario::EXPIRED_DEVICE), expired),
+            (IpAddr::V6(scenario::EXPIRED_DEVICE6), expired),
+        ] {
+            dp.maps.set_session(
+                device,
+                Session {
+                    authenticated_at_ns: at,
+                },
+            )?;
+        }
+        dp.maps.track_flows_v4(flows(size.flows), now as u64)?;
+        Ok(Self { dp, config })
+    }
+
+    fn check_verdict(&mut self, path: &PathCase) -> anyhow::Result<()> {
+        self.set_renewal(path.renew_flow)?;
+        let before = self.dp.maps.counters()?;
+        time(self.dp.program(), &path.packet, 1)?;
+        let after = self.dp.maps.counters()?;
+        let slot = path.verdict.code() as usize;
+        ensure!(
+            after[slot] == before[slot] + 1,
+            "benchmark path {:?} did not get verdict {:?}",
+            path.name,
+            path.verdict
+        );
+        Ok(())
+    }
+
+    fn set_renewal(&mut self, renew: bool) -> anyhow::Result<()> {
+        let mut s = settings(&self.config);
+        if renew {
+            s.udp_idle_ns = 0;
+        }
+        self.dp.maps.write_raw_settings(s)?;
+        Ok(())
+    }
+
+    fn measure(&mut self, path: &PathCase, repeat: u32) -> anyhow::Result<f64> {
+        self.set_renewal(path.renew_flow)?;
+        time(self.dp.program(), &path.packet, repeat)
+    }
+
+    fn floor(&mut self, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+        time(self.dp.floor_program()?, packet, repeat)
+    }
+}
+
+/// `n` tracked flows from the device population to the app, plus the one the
+/// "tracked flow" path sends.
+fn flows(n: usize) -> impl Iterator<Item = FlowKeyV4> {
+    let key = |saddr: Ipv4Addr, sport: u16| FlowKeyV4 {
+        saddr: saddr.into(),
+        daddr: APP.into(),
+        sport,
+        dport: APP_UDP_PORT,
+        proto: IPPROTO_UDP,
+        _pad: [0; 3],
+    };
+    let tracked = key(scenario::FRESH_DEVICE, TRACKED_SPORT);
+    (0..n.saturating_sub(1))
+        .map(move |i| {
+            let device = Ipv4Addr::from(0xc612_0000u32 + (i as u32 % (1 << 17)));
+            key(device, 1024 + (i / (1 << 17)) as u16)
+        })
+        .chain(std::iter::once(tracked))
+}
+
+/// Mean ns per run of `program` on `packet`, over `repeat` runs in the kernel.
+pub fn time(program: &Xdp, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok(result.duration.as_nanos() as f64)
+}
