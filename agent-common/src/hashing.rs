@@ -17,7 +17,10 @@ const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
 /// The bucket (or slot) index of a folded key in a table of `mask + 1` entries.
 #[inline(always)]
 pub const fn bucket(folded: u64, mask: u32) -> u32 {
-    ((folded.wrapping_mul(K1) >> 32) as u32) & mask
+    // The product's bits 32 and up depend only on the key's bits below them, and the
+    // folds put ports and policies in the top bits: fold the high half in first.
+    let x = folded ^ (folded >> 32);
+    ((x.wrapping_mul(K1) >> 32) as u32) & mask
 }
 
 /// The check word of an entry: a mix of its folded key and its other fields.
@@ -76,6 +79,27 @@ mod tests {
             counts.iter().all(|&c| c <= 8),
             "max {:?}",
             counts.iter().max()
+        );
+    }
+
+    #[test]
+    fn ports_and_policies_in_the_top_bits_choose_buckets_too() {
+        // One device's flows to one server from consecutive source ports, and its
+        // refusals by different policies: keys that differ only in their top bits.
+        let (device, server) = (0x0d01_12c6, 0x050a_13c6);
+        let mut flows: [u32; 16] = core::array::from_fn(|i| {
+            bucket(fold_flow(device, server, 40000 + i as u16, 443, 17), 511)
+        });
+        flows.sort_unstable();
+        let mut distinct = flows.to_vec();
+        distinct.dedup();
+        assert!(distinct.len() >= 12, "16 flows in buckets {flows:?}");
+        let mut slots: [u32; 16] =
+            core::array::from_fn(|p| bucket(fold_event(device, p as u32, 4), 0xffff));
+        slots.sort_unstable();
+        assert!(
+            slots.windows(2).all(|w| w[0] != w[1]),
+            "event slots {slots:?}"
         );
     }
 

@@ -1,0 +1,123 @@
+//! Random frames checked one by one against the reference model (`reference`), with
+//! unknown devices refused and allowed.
+
+use agent_common::verdict::{Verdict, counter};
+use netlab::{packets::PROTO_TCP, privileged};
+use rand::{SeedableRng, rngs::StdRng};
+use sessiongate::config::UnknownDevice;
+
+use crate::{harness::*, random, random::Pools, reference::Model};
+
+/// Frames per fuzz run: enough that every verdict comes up dozens of times.
+const RANDOM_FRAMES: usize = 6000;
+
+/// Runs random frames (`random::frame`) and checks each against the reference model:
+/// the same verdict, XDP_DROP exactly for its refusals (so never XDP_ABORTED, and no
+/// drop of anything but a new TCP or UDP flow to a session-checked destination), and
+/// any refusal event naming the refused flow.
+fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64) {
+    // Flow table room far beyond the flows admitted, so that none is evicted: the
+    // model keeps every one.
+    let mut h = Harness::sized(agent_extra, 1024, 1 << 16);
+    let ages = DEVICES.iter().filter_map(|&(d, age)| age.map(|a| (d, a)));
+    let ages = ages.flat_map(|(d, a)| [(v4(d), a), (v6(d), a)]);
+    let mut model = Model::new(&h.config, ages);
+    let pools = Pools {
+        devices4: DEVICES.iter().map(|&(d, _)| v4(d)).collect(),
+        devices6: DEVICES.iter().map(|&(d, _)| v6(d)).collect(),
+        destinations4: [
+            "198.19.10.5",
+            "198.19.30.7",
+            "198.19.40.1",
+            "198.19.61.5",
+            "198.19.62.5",
+            "198.19.200.1",
+            "198.19.99.1",
+            "198.18.200.1",
+        ]
+        .map(ip)
+        .to_vec(),
+        destinations6: [
+            "2001:db8:10::5",
+            "2001:db8:61::5",
+            "2001:db8:99::1",
+            "2001:db8:77::1",
+        ]
+        .map(ip)
+        .to_vec(),
+        ports: vec![53, 22, 80, 443, 3389, 3478, 4433, 5060],
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut seen = [0u64; Verdict::ALL.len()];
+    let mut events = 0;
+    for _ in 0..RANDOM_FRAMES {
+        let frame = random::frame(&mut rng, &pools);
+        let verdict = model.verdict(&frame);
+        let action = if verdict.is_refusal() {
+            XDP_DROP
+        } else {
+            XDP_PASS
+        };
+        let got = h.run(&frame);
+        assert_ne!(got.0, XDP_ABORTED, "aborted on {frame:02x?}");
+        assert_eq!(got, (action, verdict), "frame {frame:02x?}");
+        seen[verdict.code() as usize] += 1;
+        // Events are rate-limited, so a refusal may have none; but an event only ever
+        // comes from this frame's refusal.
+        for e in h.events() {
+            let (flow, policy) = model.last_refusal.expect("an event without a refusal");
+            let protocol = if flow.proto == PROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            };
+            assert_eq!(
+                (e.device, e.destination, e.port, e.protocol, e.policy),
+                (flow.src, flow.dst, flow.dport, protocol, policy)
+            );
+            assert_eq!(e.verdict, verdict);
+            events += 1;
+        }
+    }
+
+    assert_eq!(h.policy_drops(), model.policy_drops);
+    let refusals = seen[Verdict::DroppedExpired.code() as usize]
+        + seen[Verdict::DroppedUnknownDevice.code() as usize];
+    assert_eq!(h.counter(counter::EVENTS_SENT), events);
+    assert_eq!(h.counter(counter::EVENTS_LOST), 0);
+    assert_eq!(
+        events + h.counter(counter::EVENTS_RATE_LIMITED),
+        refusals,
+        "every refusal is reported or counted as rate-limited"
+    );
+    // The frames reach every verdict the config allows, many times over.
+    let impossible = if h.config.agent.unknown_device == UnknownDevice::Allow {
+        Verdict::DroppedUnknownDevice
+    } else {
+        Verdict::AdmittedUnknownDevice
+    };
+    for v in Verdict::ALL {
+        let n = seen[v.code() as usize];
+        if v == impossible {
+            assert_eq!(n, 0, "{v:?}");
+        } else {
+            assert!(n >= 20, "{v:?} came up {n} times: {seen:?}");
+        }
+    }
+}
+
+#[test]
+fn random_frames_get_the_reference_verdicts_and_are_never_aborted() {
+    if !privileged("random_frames_get_the_reference_verdicts_and_are_never_aborted") {
+        return;
+    }
+    random_frames_match_the_reference_model("", 0x5e55_1061);
+}
+
+#[test]
+fn random_frames_get_the_reference_verdicts_with_unknown_devices_allowed() {
+    if !privileged("random_frames_get_the_reference_verdicts_with_unknown_devices_allowed") {
+        return;
+    }
+    random_frames_match_the_reference_model("unknown_device = \"allow\"", 0xa110_0b1d);
+}

@@ -1,0 +1,227 @@
+//! The loaded program with its maps filled from a config, the addresses the tests use,
+//! and running one packet while watching which verdict counter moves.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use agent_common::{maps::Session, verdict::Verdict};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{TestRun, TestRunOptions},
+};
+use netlab::packets::Packet;
+use sessiongate::{
+    clock::boot_now_ns,
+    config::{Config, Limits},
+    datapath::Datapath,
+    events::{RawRefusal, decode},
+    policy,
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+
+pub const HOUR: Duration = Duration::from_secs(3600);
+
+/// Policies over 198.19.0.0/16 and 2001:db8::/32, overlapping on purpose: narrower
+/// prefixes inside wider ones with better and worse precedence, protocol- and
+/// port-narrowed policies inside ones for every protocol and port.
+pub const POLICIES: &str = r#"
+[bypass]
+destinations = ["198.19.99.1/32", "2001:db8:99::1/128"]
+
+[[policy]]
+name = "App"
+precedence = 10
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "1h" }
+
+[[policy]]
+name = "Open app"
+precedence = 20
+destinations = ["198.19.30.0/24"]
+
+[[policy]]
+name = "Web"
+precedence = 5
+destinations = ["198.19.40.0/24"]
+protocol = "tcp"
+ports = [443]
+check_session = { enforce = true, duration = "1h" }
+
+[[policy]]
+name = "Baseline"
+precedence = 50
+destinations = ["198.19.0.0/16"]
+check_session = { enforce = true, duration = "168h" }
+
+[[policy]]
+name = "Admin ports"
+precedence = 1
+destinations = ["198.19.60.0/22"]
+protocol = "tcp"
+ports = [22, 3389]
+
+[[policy]]
+name = "Lab"
+precedence = 30
+destinations = ["198.19.61.0/24", "2001:db8:61::/48"]
+check_session = { enforce = true, duration = "1h" }
+
+[[policy]]
+name = "Voice"
+precedence = 7
+destinations = ["198.19.40.0/24"]
+protocol = "udp"
+ports = [3478, 5060]
+check_session = { enforce = true, duration = "30m" }
+"#;
+/// Policy indices: positions in `POLICIES`.
+pub const APP_POLICY: u32 = 0;
+pub const WEB_POLICY: u32 = 2;
+pub const BASELINE_POLICY: u32 = 3;
+pub const LAB_POLICY: u32 = 5;
+pub const VOICE_POLICY: u32 = 6;
+pub const POLICY_COUNT: usize = 7;
+
+/// Devices: authenticated now, 2 hours ago, 200 hours ago, and never.
+pub const FRESH: u8 = 10;
+pub const EXPIRED: u8 = 11;
+pub const ANCIENT: u8 = 12;
+pub const UNKNOWN: u8 = 13;
+/// Each device with its session age, `None` for no session.
+pub const DEVICES: [(u8, Option<Duration>); 4] = [
+    (FRESH, Some(Duration::ZERO)),
+    (EXPIRED, Some(Duration::from_secs(2 * 3600))),
+    (ANCIENT, Some(Duration::from_secs(200 * 3600))),
+    (UNKNOWN, None),
+];
+
+/// A device's IPv4 address.
+pub fn v4(d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 18, 1, d))
+}
+
+/// A device's IPv6 address.
+pub fn v6(d: u8) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(d)))
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+pub struct Harness {
+    pub dp: Datapath,
+    pub config: Config,
+    events: RingBuf<MapData>,
+}
+
+impl Harness {
+    pub fn new(agent_extra: &str) -> Self {
+        Self::sized(agent_extra, 1024, 1024)
+    }
+
+    /// With room for `sessions` sessions and `flows` flows per family.
+    pub fn sized(agent_extra: &str, sessions: u32, flows: u32) -> Self {
+        let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{POLICIES}");
+        let config = Config::parse(&text, "datapath-test").expect("valid config");
+        let table = policy::compile(&config).expect("compiles");
+        let limits = Limits {
+            max_sessions: sessions,
+            max_flows: flows,
+            max_policy_cidrs: 1024,
+            max_port_rules: 1024,
+        };
+        let mut dp = Datapath::load(&limits).expect("the kernel accepts the program");
+        dp.maps.write_settings(&config).unwrap();
+        dp.maps.write_policies(&table).unwrap();
+        let events = dp.take_events().unwrap();
+        let mut h = Self { dp, config, events };
+        for (device, age) in DEVICES {
+            if let Some(age) = age {
+                h.login(v4(device), age);
+                h.login(v6(device), age);
+            }
+        }
+        h
+    }
+
+    /// Gives a device a session authenticated `age` ago.
+    pub fn login(&mut self, device: IpAddr, age: Duration) {
+        let authenticated_at_ns = boot_now_ns() - age.as_nanos() as i64;
+        self.dp
+            .maps
+            .set_session(
+                device,
+                Session {
+                    authenticated_at_ns,
+                },
+            )
+            .unwrap();
+    }
+
+    /// The XDP action for one packet.
+    pub fn action(&self, packet: &[u8]) -> u32 {
+        let result = self
+            .dp
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        result.return_value
+    }
+
+    /// Runs a packet; returns the XDP action and the one verdict counter that moved.
+    pub fn run(&self, packet: &[u8]) -> (u32, Verdict) {
+        let before = self.dp.maps.counters().unwrap();
+        let action = self.action(packet);
+        let after = self.dp.maps.counters().unwrap();
+        let moved: Vec<(Verdict, u64)> = Verdict::ALL
+            .iter()
+            .map(|v| (*v, after[v.code() as usize] - before[v.code() as usize]))
+            .filter(|(_, d)| *d != 0)
+            .collect();
+        assert!(
+            moved.len() == 1 && moved[0].1 == 1,
+            "exactly one verdict per packet, got {moved:?} for {packet:02x?}"
+        );
+        (action, moved[0].0)
+    }
+
+    /// Asserts the action and verdict of a packet.
+    pub fn expect(&self, packet: &Packet, action: u32, verdict: Verdict) {
+        assert_eq!(self.run(&packet.bytes()), (action, verdict), "{packet:?}");
+    }
+
+    pub fn counter(&self, slot: u32) -> u64 {
+        self.dp.maps.counters().unwrap()[slot as usize]
+    }
+
+    pub fn policy_drops(&self) -> Vec<u64> {
+        self.dp.maps.policy_drops(POLICY_COUNT).unwrap()
+    }
+
+    /// Every refusal event waiting in the ring buffer.
+    pub fn events(&mut self) -> Vec<RawRefusal> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            out.push(decode(&item).expect("a well-formed event"));
+        }
+        out
+    }
+}
+
+pub fn passes(h: &Harness, p: &Packet, v: Verdict) {
+    h.expect(p, XDP_PASS, v);
+}
+
+pub fn drops(h: &Harness, p: &Packet, v: Verdict) {
+    h.expect(p, XDP_DROP, v);
+}

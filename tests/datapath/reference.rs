@@ -1,0 +1,249 @@
+//! An independent model of the program's decisions, for the random-packet tests: the
+//! parsing rules the program documents (`agent-ebpf/src/parse.rs`), restated over a
+//! byte slice, and first-match-by-precedence evaluated straight over the config's
+//! policy list rather than over the compiled tables the program reads.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use agent_common::{
+    maps::{IPPROTO_TCP, IPPROTO_UDP},
+    verdict::Verdict,
+};
+use sessiongate::config::{Config, Protocol, UnknownDevice};
+
+const ETH_LEN: usize = 14;
+const VLAN_LEN: usize = 4;
+const MAX_VLAN_TAGS: usize = 2;
+const IPV4_MIN_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+/// Extension headers the program follows before calling a chain bogus.
+const MAX_EXT_HEADERS: usize = 6;
+/// The program parses no header that starts further into the frame than this.
+const MAX_L4_OFFSET: usize = 1024;
+
+const HOP_BY_HOP: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DEST_OPTS: u8 = 60;
+
+/// A TCP SYN or UDP datagram: what the program judges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+/// The flow a frame opens, or the verdict it passes with unjudged.
+pub fn parse(frame: &[u8]) -> Result<Flow, Verdict> {
+    let mut ethertype = u16_at(frame, 12);
+    let mut offset = ETH_LEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        if frame.len() < offset + VLAN_LEN {
+            return Err(Verdict::PassedMalformed);
+        }
+        ethertype = u16_at(frame, offset + 2);
+        offset += VLAN_LEN;
+    }
+    match ethertype {
+        0x0800 => ipv4(frame, offset),
+        0x86dd => ipv6(frame, offset),
+        _ => Err(Verdict::PassedOtherProtocol),
+    }
+}
+
+fn ipv4(frame: &[u8], at: usize) -> Result<Flow, Verdict> {
+    let ip = frame
+        .get(at..at + IPV4_MIN_LEN)
+        .ok_or(Verdict::PassedMalformed)?;
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16_at(ip, 2));
+    if ip[0] >> 4 != 4 || header_len < IPV4_MIN_LEN || total_len < header_len {
+        return Err(Verdict::PassedMalformed);
+    }
+    if u16_at(ip, 6) & 0x1fff != 0 {
+        return Err(Verdict::PassedFragment);
+    }
+    let addr = |i: usize| IpAddr::V4(Ipv4Addr::new(ip[i], ip[i + 1], ip[i + 2], ip[i + 3]));
+    l4(frame, at + header_len, ip[9], addr(12), addr(16))
+}
+
+fn ipv6(frame: &[u8], at: usize) -> Result<Flow, Verdict> {
+    let ip = frame
+        .get(at..at + IPV6_LEN)
+        .ok_or(Verdict::PassedMalformed)?;
+    if ip[0] >> 4 != 6 {
+        return Err(Verdict::PassedMalformed);
+    }
+    let mut next = ip[6];
+    let mut offset = at + IPV6_LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            HOP_BY_HOP | ROUTING | DEST_OPTS => {
+                let ext = frame
+                    .get(offset..offset + 2)
+                    .ok_or(Verdict::PassedMalformed)?;
+                next = ext[0];
+                offset += (usize::from(ext[1]) + 1) * 8;
+            }
+            FRAGMENT => {
+                let frag = frame
+                    .get(offset..offset + 8)
+                    .ok_or(Verdict::PassedMalformed)?;
+                if u16_at(frag, 2) >> 3 != 0 {
+                    return Err(Verdict::PassedFragment);
+                }
+                next = frag[0];
+                offset += 8;
+            }
+            _ => break,
+        }
+        if offset > MAX_L4_OFFSET {
+            return Err(Verdict::PassedMalformed);
+        }
+    }
+    if matches!(next, HOP_BY_HOP | ROUTING | DEST_OPTS | FRAGMENT) {
+        return Err(Verdict::PassedMalformed);
+    }
+    let addr = |i: usize| {
+        let octets: [u8; 16] = ip[i..i + 16].try_into().unwrap();
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    l4(frame, offset, next, addr(8), addr(24))
+}
+
+/// The L4 header is read from the frame wherever the IP header says it starts; like
+/// the program, the model does not hold it to the IP length fields.
+fn l4(frame: &[u8], at: usize, proto: u8, src: IpAddr, dst: IpAddr) -> Result<Flow, Verdict> {
+    if at > MAX_L4_OFFSET {
+        return Err(Verdict::PassedMalformed);
+    }
+    let header = |len: usize| frame.get(at..at + len).ok_or(Verdict::PassedMalformed);
+    let flow = |h: &[u8]| Flow {
+        src,
+        dst,
+        proto,
+        sport: u16_at(h, 0),
+        dport: u16_at(h, 2),
+    };
+    match proto {
+        IPPROTO_TCP => {
+            let tcp = header(20)?;
+            if tcp[12] >> 4 < 5 {
+                return Err(Verdict::PassedMalformed);
+            }
+            // Only SYN without ACK opens a connection.
+            if tcp[13] & 0x12 != 0x02 {
+                return Err(Verdict::PassedEstablished);
+            }
+            Ok(flow(tcp))
+        }
+        IPPROTO_UDP => Ok(flow(header(8)?)),
+        _ => Err(Verdict::PassedOtherProtocol),
+    }
+}
+
+/// What first-match-by-precedence finds for a flow.
+enum Match {
+    Bypass,
+    Policy(usize),
+    Nothing,
+}
+
+/// The program's state as the model sees it: sessions, and the UDP flows it admitted.
+pub struct Model {
+    config: Config,
+    /// Session age per device. The tests keep ages far from every policy's duration,
+    /// so the seconds a test runs for do not change a verdict.
+    ages: HashMap<IpAddr, Duration>,
+    tracked: HashSet<Flow>,
+    /// Refusals per policy index, as `SG_POLICY_DROPS` should count them.
+    pub policy_drops: Vec<u64>,
+    /// The policy that refused the last judged flow, if it was refused.
+    pub last_refusal: Option<(Flow, u32)>,
+}
+
+impl Model {
+    pub fn new(config: &Config, ages: impl IntoIterator<Item = (IpAddr, Duration)>) -> Self {
+        Self {
+            config: config.clone(),
+            ages: ages.into_iter().collect(),
+            tracked: HashSet::new(),
+            policy_drops: vec![0; config.policies.len()],
+            last_refusal: None,
+        }
+    }
+
+    /// The verdict for one frame, updating the tracked flows as the program would.
+    pub fn verdict(&mut self, frame: &[u8]) -> Verdict {
+        self.last_refusal = None;
+        let flow = match parse(frame) {
+            Ok(flow) => flow,
+            Err(verdict) => return verdict,
+        };
+        if self.config.dns.ports.contains(&flow.dport) {
+            return Verdict::PassedDns;
+        }
+        if flow.proto == IPPROTO_UDP && self.tracked.contains(&flow) {
+            return Verdict::PassedEstablished;
+        }
+        let index = match self.first_match(&flow) {
+            Match::Bypass => return Verdict::PassedBypass,
+            Match::Nothing => return Verdict::PassedNoPolicy,
+            Match::Policy(index) => index,
+        };
+        let Some(duration) = self.config.policies[index].duration() else {
+            return Verdict::PassedUnlimited;
+        };
+        let verdict = match self.ages.get(&flow.src) {
+            None if self.config.agent.unknown_device == UnknownDevice::Allow => {
+                Verdict::AdmittedUnknownDevice
+            }
+            None => Verdict::DroppedUnknownDevice,
+            Some(age) if *age <= duration.0 => Verdict::AdmittedNewFlow,
+            Some(_) => Verdict::DroppedExpired,
+        };
+        if verdict.is_refusal() {
+            self.policy_drops[index] += 1;
+            self.last_refusal = Some((flow, index as u32));
+        } else if flow.proto == IPPROTO_UDP {
+            self.tracked.insert(flow);
+        }
+        verdict
+    }
+
+    fn first_match(&self, flow: &Flow) -> Match {
+        if self.config.bypass.iter().any(|net| net.contains(&flow.dst)) {
+            return Match::Bypass;
+        }
+        let proto = if flow.proto == IPPROTO_TCP {
+            Protocol::Tcp
+        } else {
+            Protocol::Udp
+        };
+        let mut order: Vec<usize> = (0..self.config.policies.len()).collect();
+        order.sort_by_key(|&i| self.config.policies[i].precedence);
+        order
+            .into_iter()
+            .find(|&i| {
+                let p = &self.config.policies[i];
+                p.destinations.iter().any(|net| net.contains(&flow.dst))
+                    && p.matches_protocol(proto)
+                    && p.matches_port(flow.dport)
+            })
+            .map_or(Match::Nothing, Match::Policy)
+    }
+}
