@@ -37,13 +37,6 @@ pub fn sessiongate(ctx: XdpContext) -> u32 {
     }
 }
 
-/// The floor of BPF_PROG_TEST_RUN measurements: a program that only passes, run by
-/// the benchmarks as the reference. The agent never loads or attaches it.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {

@@ -74,7 +74,9 @@ pub fn event_allowed(
     true
 }
 
-#[inline(always)]
+// Out of line: it runs at most once per device and policy per second, and inlined it
+// would crowd the registers of the refused path it hangs off.
+#[inline(never)]
 pub fn send_event(r: &Refusal) {
     let Some(mut entry) = SG_EVENTS.reserve::<RefusalEvent>(0) else {
         count(counter::EVENTS_LOST);

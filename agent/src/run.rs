@@ -49,11 +49,11 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Sessions are in place before the first packet is judged, so a restart never
     // refuses a device that has a valid session.
     let clock = ClockPair::now();
-    for record in store.iter() {
-        datapath
-            .maps
-            .set_session(record.ip, record.kernel_value(&clock, store.boot_id()))?;
-    }
+    let sessions: Vec<_> = store
+        .iter()
+        .map(|r| (r.ip, r.kernel_value(&clock, store.boot_id())))
+        .collect();
+    datapath.maps.load_sessions(&sessions)?;
     let mut interfaces = Vec::new();
     for name in &config.agent.interfaces {
         let mode = datapath.attach(name, config.agent.xdp_mode)?;

@@ -1,13 +1,27 @@
 //! `cargo xtask bench`: measures sessiongate against the limit of the method and
 //! against its peers, and writes a report with charts under `target/bench/`.
+//!
+//! - per-packet cost of the XDP program through BPF_PROG_TEST_RUN (`progrun`), against
+//!   a do-nothing program and xdp-filter;
+//! - end to end with a packet generator, against nftables and no filtering (`flood`);
+//! - control-plane speed and memory (`control`).
+//!
+//! Needs root, and measures best on an otherwise idle machine.
 
+mod cmd;
+mod control;
+mod flood;
+mod programs;
 mod progrun;
+mod report;
 mod scenario;
 mod stats;
+mod svg;
 mod xdp_filter;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -19,43 +33,69 @@ struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// The `sessiongate` binary the end-to-end and control-plane parts run [default:
+    /// the one next to this binary].
+    #[arg(long)]
+    agent: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let agent = match args.agent {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no binary directory")?
+            .join("sessiongate"),
+    };
+    anyhow::ensure!(
+        agent.is_file(),
+        "no sessiongate binary at {}; build it first (cargo xtask bench does)",
+        agent.display()
+    );
+    let machine = report::Machine::describe();
     pin_to_cpu(0);
+    let mut programs = programs::BenchPrograms::load()?;
     let xdp_filter = match xdp_filter::XdpFilter::load() {
         Ok(xf) => Some(xf),
         Err(e) => {
-            eprintln!("bench: xdp-filter reference unavailable: {e:#}");
+            eprintln!("bench: the xdp-filter reference is unavailable: {e:#}");
             None
         }
     };
-    let report = progrun::run(args.quick, xdp_filter.as_ref())?;
-    for r in &report.results {
-        println!(
-            "{:<28} {:<26} {:>7.1} ns  floor {:>5.1} ns  x{:.2} ({:.2}-{:.2})  xdp-filter {}",
-            r.path,
-            r.size,
-            r.sessiongate.median,
-            r.floor.median,
-            r.ratio.median,
-            r.ratio.min,
-            r.ratio.max,
-            r.xdp_filter
-                .map_or("-".into(), |s| format!("{:.1} ns", s.median))
-        );
-    }
-    let _ = args.out;
+    let per_packet = progrun::run(args.quick, &programs, xdp_filter.as_ref())?;
+    drop(xdp_filter);
+    let end_to_end = flood::run(args.quick, &mut programs, &agent)?;
+    let control = control::run(args.quick, &agent)?;
+    let report = report::Report {
+        quick: args.quick,
+        machine,
+        per_packet,
+        end_to_end,
+        control,
+    };
+    let command = if args.quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    let summary = report.write(&args.out, command)?;
+    println!("{summary}");
+    println!("report: {}", args.out.join("report.md").display());
     Ok(())
 }
 
-/// Keeps the measuring thread on one CPU: BPF_PROG_TEST_RUN runs where it is called.
+/// Keeps the calling thread on one CPU: BPF_PROG_TEST_RUN runs where it is called.
 fn pin_to_cpu(cpu: usize) {
+    pin_to_cpu_pid(0, cpu);
+}
+
+/// Keeps a thread (0: the calling one) on one CPU.
+fn pin_to_cpu_pid(pid: i32, cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
     }
 }

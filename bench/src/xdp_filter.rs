@@ -4,9 +4,11 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use aya::programs::Xdp;
 use aya_obj::programs::XdpAttachType;
+
+use crate::cmd::output;
 
 /// xdp-filter loaded on a throwaway interface; removed on drop.
 pub struct XdpFilter {
@@ -14,24 +16,10 @@ pub struct XdpFilter {
     program: Xdp,
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 impl XdpFilter {
     pub fn load() -> anyhow::Result<Self> {
         let namespace = format!("sgb-{}-xdpfilter", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &namespace]))?;
+        output(Command::new("ip").args(["netns", "add", &namespace]))?;
         let filter = Self::setup(&namespace);
         if filter.is_err() {
             let _ = Command::new("ip")
@@ -45,7 +33,7 @@ impl XdpFilter {
         let ip = |args: &str| {
             let mut all = vec!["-n", namespace];
             all.extend(args.split_whitespace());
-            run(Command::new("ip").args(all))
+            output(Command::new("ip").args(all))
         };
         ip("link add xf0 type veth peer name xf1")?;
         ip("link set xf0 up")?;
@@ -56,7 +44,7 @@ impl XdpFilter {
             xdp-filter port 22 && xdp-filter port 3389 && \
             xdp-filter ip 198.18.99.1 && xdp-filter ip 2001:db8:99::1 && \
             xdp-filter ether 02:00:00:00:99:01";
-        run(Command::new("ip").args(["netns", "exec", namespace, "sh", "-c", script]))
+        output(Command::new("ip").args(["netns", "exec", namespace, "sh", "-c", script]))
             .context("loading xdp-filter (Debian package xdp-tools)")?;
         let links: serde_json::Value =
             serde_json::from_str(&ip("-j -d link show xf0")?).context("ip -j link")?;
@@ -64,7 +52,7 @@ impl XdpFilter {
             .as_u64()
             .context("xdp-filter attached no program")?;
         let pin = format!("/sys/fs/bpf/sgb-{}-xdpfilter", std::process::id());
-        run(Command::new("bpftool").args(["prog", "pin", "id", &id.to_string(), &pin]))?;
+        output(Command::new("bpftool").args(["prog", "pin", "id", &id.to_string(), &pin]))?;
         let program = Xdp::from_pin(&pin, XdpAttachType::Interface);
         let _ = std::fs::remove_file(&pin);
         Ok(Self {

@@ -22,7 +22,11 @@ use aya::{
 use bytemuck::Zeroable;
 use ipnet::IpNet;
 
-use super::{DatapathError, Geometry};
+use std::os::fd::AsFd;
+
+use aya::maps::IterableMap;
+
+use super::{DatapathError, Geometry, batch};
 use crate::{
     config::{Config, Limits, UnknownDevice},
     policy::PolicyTable,
@@ -191,6 +195,67 @@ impl Maps {
                 source,
             }),
         }
+    }
+
+    /// Loads many sessions into empty session maps at once (start-up, benchmarks):
+    /// batched writes of the hash maps, then of every session-table bucket they fill.
+    pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+        let mask = self.geometry.session_buckets - 1;
+        let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
+        let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
+        let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
+        for (ip, session) in sessions {
+            let at = Some(session.authenticated_at_ns);
+            match ip {
+                IpAddr::V4(a) => {
+                    let addr = Ip4::from(*a);
+                    keys4.push(addr);
+                    values4.push(*session);
+                    let b = buckets4.entry(bucket(addr.fold(), mask)).or_default();
+                    place_session(&mut b.slots, &addr, at);
+                }
+                IpAddr::V6(a) => {
+                    let addr = Ip6::from(*a);
+                    keys6.push(addr);
+                    values6.push(*session);
+                    let b = buckets6.entry(bucket(addr.fold(), mask)).or_default();
+                    place_session(&mut b.slots, &addr, at);
+                }
+            }
+        }
+        let full = |family: &'static str, limit: u32| {
+            move |e: std::io::Error| match e.raw_os_error() {
+                Some(libc::E2BIG) => DatapathError::SessionsFull { family, limit },
+                _ => DatapathError::Batch {
+                    map: if family == "IPv4" {
+                        names::SESSIONS_V4
+                    } else {
+                        names::SESSIONS_V6
+                    },
+                    source: e,
+                },
+            }
+        };
+        let limit = self.max_sessions;
+        batch::update(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
+            .map_err(full("IPv4", limit))?;
+        batch::update(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
+            .map_err(full("IPv6", limit))?;
+        let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
+        batch::update(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
+            |source| DatapathError::Batch {
+                map: names::SESSION_TABLE_V4,
+                source,
+            },
+        )?;
+        let (index6, bucket6): (Vec<u32>, Vec<SessionBucketV6>) = buckets6.into_iter().unzip();
+        batch::update(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
+            |source| DatapathError::Batch {
+                map: names::SESSION_TABLE_V6,
+                source,
+            },
+        )?;
+        Ok(())
     }
 
     /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session

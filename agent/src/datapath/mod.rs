@@ -1,6 +1,7 @@
 //! The kernel side as the agent sees it: loading the XDP program with the configured
 //! map sizes, attaching it to interfaces, and the typed maps (`maps`).
 
+mod batch;
 mod maps;
 
 use agent_common::{
@@ -21,8 +22,6 @@ pub use maps::{Counters, Maps, settings};
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sessiongate"));
 /// The XDP entry point's name in the object.
 const PROGRAM_NAME: &str = "sessiongate";
-/// A program in the same object that only passes: the benchmarks' floor.
-const FLOOR_PROGRAM_NAME: &str = "xdp_pass";
 /// Entries of the destination caches and of the refusal-event rate limiter: both are
 /// direct-mapped, so collisions only cost a slower lookup or an extra event.
 const DEST_CACHE_ENTRIES: u32 = 1 << 16;
@@ -78,6 +77,11 @@ pub enum DatapathError {
     Map {
         map: &'static str,
         source: aya::maps::MapError,
+    },
+    #[error("map {map}: batched update failed: {source}")]
+    Batch {
+        map: &'static str,
+        source: std::io::Error,
     },
     #[error("the {family} session map is full ({limit} devices); raise [limits] max_sessions")]
     SessionsFull { family: &'static str, limit: u32 },
@@ -155,21 +159,6 @@ impl Datapath {
             .expect("the object defines the program")
             .try_into()
             .expect("it is an XDP program")
-    }
-
-    /// The object's do-nothing program, loaded on first use: the reference the
-    /// benchmarks measure the real one against.
-    pub fn floor_program(&mut self) -> Result<&Xdp, DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(FLOOR_PROGRAM_NAME)
-            .expect("the object defines the floor program")
-            .try_into()
-            .map_err(DatapathError::Program)?;
-        if program.fd().is_err() {
-            program.load().map_err(DatapathError::Program)?;
-        }
-        Ok(program)
     }
 
     fn program_mut(&mut self) -> &mut Xdp {

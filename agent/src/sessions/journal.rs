@@ -1,7 +1,7 @@
 //! Durable session state: an append-only journal of logins and logouts
 //! (`state_dir/sessions.jsonl`, one JSON object per line), so a login costs one short
-//! append whatever the number of sessions. It is rewritten compactly at start-up and
-//! whenever dead lines outnumber live sessions.
+//! append whatever the number of sessions. It is rewritten compactly when dead lines
+//! pile up, and at start-up when it has any (or a last line torn by a crash).
 
 use std::{
     collections::BTreeMap,
@@ -48,16 +48,26 @@ impl Journal {
             .map_err(io(state_dir))?;
         let path = state_dir.join(FILE_NAME);
         let mut sessions = BTreeMap::new();
-        let mut lines = 0;
+        let mut replayed = Replayed {
+            lines: 0,
+            torn_tail: false,
+        };
         match File::open(&path) {
-            Ok(file) => lines = replay(&path, file, &mut sessions)?,
+            Ok(file) => replayed = replay(&path, file, &mut sessions)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
         }
         let file = open_append(&path).map_err(io(&path))?;
-        let mut journal = Self { path, file, lines };
-        // Start from a clean file: drops dead lines and any torn last line.
-        journal.compact(sessions.values())?;
+        let mut journal = Self {
+            path,
+            file,
+            lines: replayed.lines,
+        };
+        // A torn last line must go before anything is appended; dead lines are
+        // dropped too while at it.
+        if replayed.torn_tail || replayed.lines > sessions.len() {
+            journal.compact(sessions.values())?;
+        }
         Ok((journal, sessions))
     }
 
@@ -131,18 +141,28 @@ fn open_append(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Applies every line of the journal; returns the number of lines. A last line cut
-/// short by a crash is ignored; any other bad line is an error naming it.
+/// What replaying a journal found.
+struct Replayed {
+    lines: usize,
+    /// The last line was cut short by a crash (and ignored).
+    torn_tail: bool,
+}
+
+/// Applies every line of the journal, streaming. A last line cut short by a crash is
+/// ignored; any other bad line is an error naming it.
 fn replay(
     path: &Path,
     file: File,
     sessions: &mut BTreeMap<IpAddr, SessionRecord>,
-) -> Result<usize, SessionError> {
-    let mut lines: Vec<String> = Vec::new();
-    let mut reader = BufReader::new(file);
-    let mut complete_last = true;
+) -> Result<Replayed, SessionError> {
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = String::new();
+    let mut replayed = Replayed {
+        lines: 0,
+        torn_tail: false,
+    };
     loop {
-        let mut line = String::new();
+        line.clear();
         let n = reader
             .read_line(&mut line)
             .map_err(|source| SessionError::Io {
@@ -150,34 +170,31 @@ fn replay(
                 source,
             })?;
         if n == 0 {
-            break;
+            return Ok(replayed);
         }
-        complete_last = line.ends_with('\n');
-        lines.push(line);
-    }
-    let total = lines.len();
-    for (i, line) in lines.iter().enumerate() {
+        replayed.lines += 1;
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Entry>(line) {
+        match serde_json::from_str::<Entry>(&line) {
             Ok(Entry::Login(record)) => {
                 sessions.insert(record.ip, record);
             }
             Ok(Entry::Logout { ip }) => {
                 sessions.remove(&ip);
             }
-            Err(_) if i + 1 == total && !complete_last => {
-                tracing::warn!(path = %path.display(), line = i + 1, "ignoring a session journal line cut short by a crash");
+            // Only the last line can lack its newline.
+            Err(_) if !line.ends_with('\n') => {
+                tracing::warn!(path = %path.display(), line = replayed.lines, "ignoring a session journal line cut short by a crash");
+                replayed.torn_tail = true;
             }
             Err(e) => {
                 return Err(SessionError::Corrupt {
                     path: path.to_path_buf(),
-                    line: i + 1,
+                    line: replayed.lines,
                     message: e.to_string(),
                 });
             }
         }
     }
-    Ok(total)
 }

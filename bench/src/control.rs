@@ -1,0 +1,279 @@
+//! The control plane: how fast sessions and policies reach the kernel, how soon a login
+//! is enforced, and what a large deployment costs in memory.
+
+use std::{
+    fs,
+    io::{BufWriter, Write as _},
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use agent_common::maps::Session;
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use sessiongate::{
+    clock::{ClockPair, boot_id, boot_now_ns},
+    config::{Config, Limits},
+    datapath::Datapath,
+    policy,
+};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::{scenario, stats::Sample};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ControlReport {
+    pub sessions: usize,
+    /// Seconds to write `sessions` sessions into the kernel maps (batched).
+    pub session_load: Sample,
+    /// Seconds from starting the agent with `sessions` sessions in its journal to its
+    /// API answering with the program attached.
+    pub agent_start: f64,
+    /// Milliseconds from a login request to the first SYN the kernel admits.
+    pub login_to_admitted: Sample,
+    pub cidrs: usize,
+    /// Seconds to parse, validate and compile a config of `cidrs` CIDRs.
+    pub policy_compile: Sample,
+    /// Seconds to write the compiled tables into the kernel.
+    pub policy_write: Sample,
+    /// Kernel memory of the agent's maps (fdinfo memlock), bytes, and the agent's RSS,
+    /// with `sessions` sessions loaded and room for as many flows.
+    pub map_bytes: u64,
+    pub rss_bytes: u64,
+}
+
+pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
+    let sessions = if quick { 10_000 } else { 1_000_000 };
+    let cidrs = if quick { 1_000 } else { 10_000 };
+    let runs = if quick { 2 } else { 5 };
+    eprintln!("bench: control plane");
+    let session_load = Sample::of(&repeat(runs, || session_load(sessions))?);
+    let (compile, write): (Vec<f64>, Vec<f64>) =
+        repeat(runs, || policy_load(cidrs))?.into_iter().unzip();
+    let (agent_start, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
+    let login_to_admitted = Sample::of(&login_latencies(agent, if quick { 3 } else { 15 })?);
+    Ok(ControlReport {
+        sessions,
+        session_load,
+        agent_start,
+        login_to_admitted,
+        cidrs,
+        policy_compile: Sample::of(&compile),
+        policy_write: Sample::of(&write),
+        map_bytes,
+        rss_bytes,
+    })
+}
+
+fn repeat<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Vec<T>> {
+    (0..runs).map(|_| f()).collect()
+}
+
+fn limits(sessions: usize) -> Limits {
+    Limits {
+        max_sessions: sessions as u32 + 1024,
+        max_flows: sessions as u32 + 1024,
+        max_policy_cidrs: 16_384,
+        max_port_rules: 65_536,
+    }
+}
+
+/// Seconds to load `n` sessions into freshly loaded maps.
+fn session_load(n: usize) -> anyhow::Result<f64> {
+    let mut dp = Datapath::load(&limits(n))?;
+    let session = Session {
+        authenticated_at_ns: boot_now_ns(),
+    };
+    let all: Vec<_> = scenario::devices(n).map(|d| (d, session)).collect();
+    let started = Instant::now();
+    dp.maps.load_sessions(&all)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Seconds to compile a config of `cidrs` CIDRs, and to write its tables.
+fn policy_load(cidrs: usize) -> anyhow::Result<(f64, f64)> {
+    let text = format!(
+        "[agent]\ninterfaces = [\"bench0\"]\n{}",
+        scenario::policies(cidrs, 11)
+    );
+    let started = Instant::now();
+    let config = Config::parse(&text, "bench")?;
+    let table = policy::compile(&config)?;
+    let compiled = started.elapsed().as_secs_f64();
+    let mut dp = Datapath::load(&limits(1024))?;
+    dp.maps.write_settings(&config)?;
+    let started = Instant::now();
+    dp.maps.write_policies(&table)?;
+    Ok((compiled, started.elapsed().as_secs_f64()))
+}
+
+/// Starts the agent with `n` sessions in its journal; returns the seconds until it
+/// answers, the kernel memory of its maps and its RSS.
+fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, u64, u64)> {
+    let lab = netlab::Lab::new(agent);
+    let state = lab.dir.path().join("state");
+    fs::create_dir_all(&state)?;
+    write_journal(&state.join("sessions.jsonl"), n)?;
+    let limits = format!(
+        "[limits]\nmax_sessions = {}\nmax_flows = {}\n",
+        n + 1024,
+        n + 1024
+    );
+    let config = lab
+        .config("", "")
+        .replace("[limits]\nmax_sessions = 4096\nmax_flows = 4096\n", &limits);
+    let started = Instant::now();
+    let agent = lab.start_agent(&config);
+    let startup = started.elapsed().as_secs_f64();
+    let map_bytes = map_memory(agent.pid())?;
+    let rss_bytes = rss(agent.pid())?;
+    drop(agent);
+    Ok((startup, map_bytes, rss_bytes))
+}
+
+/// A session journal as the agent writes it, with `n` devices authenticated now.
+fn write_journal(path: &Path, n: usize) -> anyhow::Result<()> {
+    let clock = ClockPair::now();
+    let at = clock
+        .wall
+        .format(&time::format_description::well_known::Rfc3339)?;
+    let boot = boot_id();
+    let mut out = BufWriter::new(fs::File::create(path)?);
+    for device in scenario::devices(n) {
+        writeln!(
+            out,
+            r#"{{"op":"login","ip":"{device}","user":"bench@example.com","idp":"default","authenticated_at":"{at}","boot_id":"{boot}","authenticated_at_boot_ns":{}}}"#,
+            clock.boot_ns
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Kernel memory of the BPF maps a process holds, from /proc/PID/fdinfo.
+fn map_memory(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))?.filter_map(Result::ok) {
+        let info = fs::read_to_string(entry.path()).unwrap_or_default();
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// Milliseconds from a login request to the first SYN the kernel admits, `runs`
+/// times: a device whose session expired sends a new SYN every 100 µs; the login goes
+/// to the API; the first of those SYNs to be answered marks enforcement.
+fn login_latencies(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+    let lab = netlab::Lab::new(agent);
+    let policy = r#"
+[[policy]]
+name = "App"
+precedence = 1
+destinations = ["198.19.10.0/24"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+    let agent = lab.start_agent(&lab.config("", policy));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = sessiongate::api::client::ApiClient::new(&agent.socket);
+    let mut latencies = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let device = netlab::device((run % 10) as u8);
+        let expired = netlab::time_ago(Duration::from_secs(7200));
+        let login = |at: Option<String>| {
+            let body = serde_json::json!({
+                "ip": device.to_string(), "user": format!("user{run}@example.com"), "at": at,
+            });
+            runtime.block_on(client.call(hyper::Method::POST, "/v1/sessions", Some(body)))
+        };
+        login(Some(expired))?;
+        // Neighbour entries on both sides first, so the measurement is the agent's.
+        if !lab.tcp_works(device, netlab::OPEN, 443) {
+            bail!("{device} cannot reach the unprotected host");
+        }
+        let latency = lab
+            .client
+            .run(|| probe_until_admitted(device, || Ok(login(None)?)))?;
+        latencies.push(latency.as_secs_f64() * 1e3);
+        runtime.block_on(client.call(
+            hyper::Method::DELETE,
+            &format!("/v1/sessions/{device}"),
+            None,
+        ))?;
+    }
+    Ok(latencies)
+}
+
+/// Sends a SYN from `device` every 100 µs, runs `login` after the first few, and
+/// returns the time from the start of `login` to the sending of the first SYN that was
+/// answered (SYNs sent before the login are ignored).
+fn probe_until_admitted<T>(
+    device: IpAddr,
+    login: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<Duration> {
+    let target = SocketAddr::new(netlab::APP, 443);
+    let mut pending: Vec<(Socket, Instant)> = Vec::new();
+    let mut login = Some(login);
+    let mut login_started = None;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::new(device, 0).into())?;
+        let sent = Instant::now();
+        match socket.connect(&target.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e.into()),
+        }
+        pending.push((socket, sent));
+        if pending.len() == 20
+            && let Some(login) = login.take()
+        {
+            login_started = Some(Instant::now());
+            login()?;
+        }
+        if let Some(started) = login_started {
+            for (socket, sent) in &pending {
+                if *sent >= started && connected(socket) {
+                    return Ok(sent.duration_since(started));
+                }
+            }
+        }
+        // Unanswered SYNs are retransmitted after a second; close them long before.
+        pending.retain(|(_, sent)| sent.elapsed() < Duration::from_millis(500));
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    bail!("no SYN from {device} was admitted within 5 s of the login")
+}
+
+fn connected(socket: &Socket) -> bool {
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) } == 1;
+    ready && matches!(socket.take_error(), Ok(None))
+}

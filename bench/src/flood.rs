@@ -1,0 +1,438 @@
+//! End to end: a packet generator floods the gateway namespace, which forwards between
+//! client and server, and the gateway's CPU time per packet is compared between
+//! sessiongate, an expert nftables ruleset doing the same job, and no filtering.
+//!
+//! The generator is `xdp_generate` run with BPF_PROG_TEST_RUN in live-frames mode on
+//! the client's veth: frames arrive at the gateway as a NIC would deliver them, with an
+//! XDP hook. Without sessiongate the hook only passes (the do-nothing program), so the
+//! kernel builds socket buffers for the stack as a driver would. The gateway's NAPI
+//! work runs in a kernel thread pinned to CPU 1 and the generator on CPU 0, so CPU 1's
+//! busy time is the gateway's cost.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode};
+use netlab::{APP, GATEWAY_IFACE, Lab, packets::Packet};
+use serde::Serialize;
+
+use crate::{
+    cmd::output,
+    programs::{BenchPrograms, GenConfig},
+};
+
+/// Devices whose sessions are older than the policy allows, and devices with fresh
+/// sessions; both outside the lab's own client addresses.
+const EXPIRED_POOL: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
+const FRESH_POOL: Ipv4Addr = Ipv4Addr::new(198, 18, 20, 0);
+const POOL_SIZE: u32 = 1024;
+const POOLS: &str = "198.18.16.0/20";
+/// A server port nothing listens on: admitted traffic costs the server one reply,
+/// which a blackhole route then drops, so no reply traffic loads the gateway.
+const SINK_PORT: u16 = 5001;
+const GATEWAY_CPU: usize = 1;
+const GENERATOR_CPU: usize = 0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Setup {
+    NoFiltering,
+    Nftables,
+    Sessiongate,
+}
+
+impl Setup {
+    pub const ALL: [Self; 3] = [Self::NoFiltering, Self::Nftables, Self::Sessiongate];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoFiltering => "no filtering",
+            Self::Nftables => "nftables",
+            Self::Sessiongate => "sessiongate",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Traffic {
+    ExpiredSyns,
+    AdmittedUdp,
+    ValidSyns,
+}
+
+impl Traffic {
+    pub const ALL: [Self; 3] = [Self::ExpiredSyns, Self::AdmittedUdp, Self::ValidSyns];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ExpiredSyns => "SYNs from expired devices",
+            Self::AdmittedUdp => "packets of admitted UDP flows",
+            Self::ValidSyns => "SYNs from valid devices",
+        }
+    }
+
+    fn packet(self) -> Packet {
+        let app = APP;
+        match self {
+            Self::ExpiredSyns => Packet::syn(IpAddr::V4(EXPIRED_POOL), app, SINK_PORT),
+            Self::ValidSyns => Packet::syn(IpAddr::V4(FRESH_POOL), app, SINK_PORT),
+            Self::AdmittedUdp => Packet::udp(IpAddr::V4(FRESH_POOL), app, 40_000, SINK_PORT),
+        }
+    }
+
+    fn generator(self) -> GenConfig {
+        let (pool, sport_base, sport_count) = match self {
+            Self::ExpiredSyns => (EXPIRED_POOL, 1024, 60_000),
+            Self::ValidSyns => (FRESH_POOL, 1024, 60_000),
+            // A fixed set of flows: 1024 devices x 4 source ports.
+            Self::AdmittedUdp => (FRESH_POOL, 40_000, 4),
+        };
+        GenConfig {
+            src_base: u32::from(pool),
+            src_count: POOL_SIZE,
+            sport_base,
+            sport_count,
+            _pad: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FloodResult {
+    pub traffic: Traffic,
+    pub setup: Setup,
+    /// Frames the gateway took in during the measurement.
+    pub handled: u64,
+    pub seconds: f64,
+    /// The gateway CPU's busy time over the measurement.
+    pub busy_seconds: f64,
+}
+
+impl FloodResult {
+    pub fn pps(&self) -> f64 {
+        self.handled as f64 / self.seconds
+    }
+
+    /// Gateway CPU time per packet, ns.
+    pub fn cpu_ns_per_packet(&self) -> f64 {
+        self.busy_seconds * 1e9 / self.handled.max(1) as f64
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FloodReport {
+    pub seconds: f64,
+    pub results: Vec<FloodResult>,
+}
+
+pub fn run(
+    quick: bool,
+    programs: &mut BenchPrograms,
+    agent: &std::path::Path,
+) -> anyhow::Result<FloodReport> {
+    let seconds = if quick { 0.3 } else { 3.0 };
+    let lab = Lab::new(agent);
+    lab.gateway
+        .ip(&format!("route add {POOLS} dev {GATEWAY_IFACE}"));
+    lab.server.ip(&format!("route add blackhole {POOLS}"));
+    let mut results = Vec::new();
+    for setup in Setup::ALL {
+        eprintln!("bench: end to end, {}", setup.name());
+        let gateway = Gateway::prepare(&lab, setup, programs)?;
+        for traffic in Traffic::ALL {
+            results.push(gateway.flood(&lab, programs, traffic, seconds)?);
+        }
+        gateway.finish(&lab, programs)?;
+    }
+    Ok(FloodReport { seconds, results })
+}
+
+/// The gateway set up for one comparison.
+struct Gateway {
+    setup: Setup,
+    agent: Option<netlab::Agent>,
+}
+
+impl Gateway {
+    fn prepare(lab: &Lab, setup: Setup, programs: &mut BenchPrograms) -> anyhow::Result<Self> {
+        let agent = match setup {
+            Setup::Sessiongate => {
+                let agent = lab.start_agent(&lab.config("", POLICY));
+                login_pools(&agent)?;
+                Some(agent)
+            }
+            Setup::Nftables => {
+                attach_pass(lab, programs)?;
+                load_nftables(lab)?;
+                None
+            }
+            Setup::NoFiltering => {
+                attach_pass(lab, programs)?;
+                None
+            }
+        };
+        pin_napi_thread(lab)?;
+        Ok(Self { setup, agent })
+    }
+
+    fn finish(self, lab: &Lab, programs: &mut BenchPrograms) -> anyhow::Result<()> {
+        match self.setup {
+            Setup::Sessiongate => drop(self.agent),
+            Setup::Nftables => {
+                output(lab.gateway.command("nft").args(["flush", "ruleset"]))?;
+                detach_pass(programs)?;
+            }
+            Setup::NoFiltering => detach_pass(programs)?,
+        }
+        Ok(())
+    }
+
+    fn flood(
+        &self,
+        lab: &Lab,
+        programs: &mut BenchPrograms,
+        traffic: Traffic,
+        seconds: f64,
+    ) -> anyhow::Result<FloodResult> {
+        let packet = frame(lab, traffic)?;
+        let ifindex = ifindex(lab, "cli0")?;
+        let generator = programs.generator(traffic.generator())?;
+        // Warm up: admits the UDP flows, fills caches and conntrack.
+        generate(lab, generator, &packet, ifindex, 0.1 + seconds / 5.0)?;
+        thread::sleep(Duration::from_millis(100));
+        let before = (rx_packets(lab)?, cpu_busy_ticks(GATEWAY_CPU)?);
+        let started = Instant::now();
+        generate(lab, generator, &packet, ifindex, seconds)?;
+        // Let the gateway drain its queue before reading the counters.
+        thread::sleep(Duration::from_millis(50));
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = (rx_packets(lab)?, cpu_busy_ticks(GATEWAY_CPU)?);
+        let ticks_per_second = clock_ticks_per_second();
+        Ok(FloodResult {
+            traffic,
+            setup: self.setup,
+            handled: after.0 - before.0,
+            seconds: elapsed,
+            busy_seconds: (after.1 - before.1) as f64 / ticks_per_second,
+        })
+    }
+}
+
+/// One session-checked application; the pools log in below.
+const POLICY: &str = r#"
+[[policy]]
+name = "App"
+precedence = 1
+destinations = ["198.19.10.0/24"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
+fn pool(base: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> {
+    (0..POOL_SIZE).map(move |i| Ipv4Addr::from(u32::from(base) + i))
+}
+
+/// Logs the pools in through the API (one request each, without a process per login).
+fn login_pools(agent: &netlab::Agent) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = sessiongate::api::client::ApiClient::new(&agent.socket);
+    runtime.block_on(async {
+        for (base, age) in [
+            (EXPIRED_POOL, Duration::from_secs(7200)),
+            (FRESH_POOL, Duration::ZERO),
+        ] {
+            let at = netlab::time_ago(age);
+            for device in pool(base) {
+                let body = serde_json::json!({
+                    "ip": device.to_string(), "user": "bench@example.com", "at": at,
+                });
+                client
+                    .call(hyper::Method::POST, "/v1/sessions", Some(body))
+                    .await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The nftables equivalent, as an expert would write it: an interval set of the
+/// application's CIDRs, a set of devices whose sessions are valid for it with each
+/// element timing out when its session does, refused SYNs dropped before connection
+/// tracking, and everything else judged after `ct state established,related accept`.
+fn nft_ruleset() -> String {
+    let mut valid = String::new();
+    for (i, device) in pool(FRESH_POOL).enumerate() {
+        let _ = write!(
+            valid,
+            "{}{device} timeout 3599s",
+            if i > 0 { ", " } else { "" }
+        );
+    }
+    format!(
+        r#"table inet sessiongate {{
+    set protected {{ type ipv4_addr; flags interval; elements = {{ 198.19.10.0/24 }} }}
+    set valid_app {{ type ipv4_addr; flags timeout; elements = {{ {valid} }} }}
+
+    # New TCP connections are judged before connection tracking: a refused SYN costs
+    # no conntrack entry.
+    chain early {{
+        type filter hook prerouting priority raw; policy accept;
+        tcp flags & (fin | syn | rst | ack) == syn tcp dport != 53 ip daddr @protected ip saddr != @valid_app drop
+    }}
+
+    chain stateful {{
+        type filter hook prerouting priority -150; policy accept;
+        ct state established,related accept
+        meta l4proto {{ tcp, udp }} th dport 53 accept
+        ip daddr @protected ip saddr != @valid_app drop
+    }}
+}}
+"#
+    )
+}
+
+fn load_nftables(lab: &Lab) -> anyhow::Result<()> {
+    let path = lab.dir.path().join("ruleset.nft");
+    fs::write(&path, nft_ruleset())?;
+    output(lab.gateway.command("nft").arg("-f").arg(&path))
+        .context("loading the nftables ruleset (Debian package nftables)")?;
+    Ok(())
+}
+
+/// The do-nothing XDP program on the gateway's device side: frames then take the path
+/// a NIC driver's would, into socket buffers for the stack.
+fn attach_pass(lab: &Lab, programs: &mut BenchPrograms) -> anyhow::Result<()> {
+    lab.gateway
+        .run(|| programs.attach_floor(GATEWAY_IFACE, XdpMode::Driver))
+        .context("attaching the do-nothing program")
+}
+
+fn detach_pass(programs: &mut BenchPrograms) -> anyhow::Result<()> {
+    programs.detach_floor()
+}
+
+/// Turns on threaded NAPI for the gateway's device-side veth and pins its thread to
+/// the gateway CPU.
+fn pin_napi_thread(lab: &Lab) -> anyhow::Result<()> {
+    output(lab.gateway.command("sh").args([
+        "-c",
+        &format!("echo 1 > /sys/class/net/{GATEWAY_IFACE}/threaded"),
+    ]))
+    .context("enabling threaded NAPI")?;
+    let prefix = format!("napi/{GATEWAY_IFACE}-");
+    let mut pinned = 0;
+    for entry in fs::read_dir("/proc")?.filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        // Every lab names its device alike; the benchmark runs one lab at a time.
+        if comm.trim().starts_with(&prefix) {
+            crate::pin_to_cpu_pid(pid, GATEWAY_CPU);
+            pinned += 1;
+        }
+    }
+    if pinned == 0 {
+        bail!("no NAPI thread for {GATEWAY_IFACE}");
+    }
+    Ok(())
+}
+
+/// The traffic's frame, addressed from the client's veth to the gateway's.
+fn frame(lab: &Lab, traffic: Traffic) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = traffic.packet().bytes();
+    let dst = mac(&lab.gateway, GATEWAY_IFACE)?;
+    let src = mac(&lab.client, "cli0")?;
+    bytes[..6].copy_from_slice(&dst);
+    bytes[6..12].copy_from_slice(&src);
+    Ok(bytes)
+}
+
+fn link_json(ns: &netlab::Netns, dev: &str) -> anyhow::Result<serde_json::Value> {
+    let out = output(Command::new("ip").args(["-n", &ns.name, "-j", "-s", "link", "show", dev]))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn mac(ns: &netlab::Netns, dev: &str) -> anyhow::Result<[u8; 6]> {
+    let json = link_json(ns, dev)?;
+    let text = json[0]["address"].as_str().context("no MAC address")?;
+    let mut mac = [0u8; 6];
+    for (i, part) in text.split(':').enumerate().take(6) {
+        mac[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(mac)
+}
+
+fn ifindex(lab: &Lab, dev: &str) -> anyhow::Result<u32> {
+    let json = link_json(&lab.client, dev)?;
+    Ok(json[0]["ifindex"].as_u64().context("no ifindex")? as u32)
+}
+
+/// Frames the gateway's device-side veth took in.
+fn rx_packets(lab: &Lab) -> anyhow::Result<u64> {
+    let json = link_json(&lab.gateway, GATEWAY_IFACE)?;
+    json[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .context("no rx packet count")
+}
+
+/// Sends frames from the client's veth for `seconds`, from CPU 0.
+fn generate(
+    lab: &Lab,
+    generator: &Xdp,
+    packet: &[u8],
+    ifindex: u32,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data_end to be the frame's length and no
+    // metadata.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    lab.client.run(|| {
+        crate::pin_to_cpu(GENERATOR_CPU);
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        while Instant::now() < deadline {
+            generator
+                .test_run(TestRunOptions {
+                    data_in: Some(packet),
+                    ctx_in: Some(&ctx),
+                    repeat: 100_000,
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..Default::default()
+                })
+                .context("generating frames (BPF_PROG_TEST_RUN live frames)")?;
+        }
+        Ok(())
+    })
+}
+
+/// Busy clock ticks (USER_HZ) of one CPU so far, from /proc/stat.
+fn cpu_busy_ticks(cpu: usize) -> anyhow::Result<u64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&format!("cpu{cpu} ")))
+        .with_context(|| format!("no cpu{cpu} in /proc/stat"))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: busy is all but idle, iowait.
+    let total: u64 = fields.iter().take(8).sum();
+    Ok(total - fields.get(3).copied().unwrap_or(0) - fields.get(4).copied().unwrap_or(0))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
