@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::{
     cmd::output,
     programs::{BenchPrograms, GenConfig},
+    stats::Sample,
 };
 
 /// Devices whose sessions are older than the policy allows, and devices with fresh
@@ -107,6 +108,13 @@ impl Traffic {
 pub struct FloodResult {
     pub traffic: Traffic,
     pub setup: Setup,
+    /// One measurement per round, each in a fresh lab.
+    pub rounds: Vec<Round>,
+}
+
+/// One measurement of one traffic through one setup.
+#[derive(Clone, Debug, Serialize)]
+pub struct Round {
     /// Frames the gateway took in during the measurement.
     pub handled: u64,
     pub seconds: f64,
@@ -114,20 +122,52 @@ pub struct FloodResult {
     pub busy_seconds: f64,
 }
 
-impl FloodResult {
-    pub fn pps(&self) -> f64 {
+impl Round {
+    fn pps(&self) -> f64 {
         self.handled as f64 / self.seconds
     }
 
-    /// Gateway CPU time per packet, ns.
-    pub fn cpu_ns_per_packet(&self) -> f64 {
+    fn cpu_ns_per_packet(&self) -> f64 {
         self.busy_seconds * 1e9 / self.handled.max(1) as f64
+    }
+}
+
+impl FloodResult {
+    /// Packets per second handled, median over the rounds.
+    pub fn pps(&self) -> f64 {
+        Sample::of(&self.rounds.iter().map(Round::pps).collect::<Vec<_>>()).median
+    }
+
+    /// Gateway CPU time per packet in ns, median over the rounds.
+    pub fn cpu_ns_per_packet(&self) -> f64 {
+        Sample::of(
+            &self
+                .rounds
+                .iter()
+                .map(Round::cpu_ns_per_packet)
+                .collect::<Vec<_>>(),
+        )
+        .median
+    }
+
+    /// The spread of `cpu_ns_per_packet` over the rounds.
+    pub fn cpu_range(&self) -> (f64, f64) {
+        let s = Sample::of(
+            &self
+                .rounds
+                .iter()
+                .map(Round::cpu_ns_per_packet)
+                .collect::<Vec<_>>(),
+        );
+        (s.min, s.max)
     }
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FloodReport {
+    /// Seconds each measurement lasts.
     pub seconds: f64,
+    pub rounds: usize,
     pub results: Vec<FloodResult>,
 }
 
@@ -136,21 +176,45 @@ pub fn run(
     programs: &mut BenchPrograms,
     agent: &std::path::Path,
 ) -> anyhow::Result<FloodReport> {
-    let seconds = if quick { 0.3 } else { 3.0 };
-    let lab = Lab::new(agent);
-    lab.gateway
-        .ip(&format!("route add {POOLS} dev {GATEWAY_IFACE}"));
-    lab.server.ip(&format!("route add blackhole {POOLS}"));
-    let mut results = Vec::new();
-    for setup in Setup::ALL {
-        eprintln!("bench: end to end, {}", setup.name());
-        let gateway = Gateway::prepare(&lab, setup, programs)?;
-        for traffic in Traffic::ALL {
-            results.push(gateway.flood(&lab, programs, traffic, seconds)?);
+    let (seconds, rounds) = if quick { (0.3, 1) } else { (2.0, 5) };
+    let mut results: Vec<FloodResult> = Setup::ALL
+        .iter()
+        .flat_map(|&setup| {
+            Traffic::ALL.iter().map(move |&traffic| FloodResult {
+                traffic,
+                setup,
+                rounds: Vec::new(),
+            })
+        })
+        .collect();
+    for round in 0..rounds {
+        // A fresh lab each round (no connection-tracking state carried over), and the
+        // setups in a rotating order so that none always runs first.
+        let lab = Lab::new(agent);
+        lab.gateway
+            .ip(&format!("route add {POOLS} dev {GATEWAY_IFACE}"));
+        lab.server.ip(&format!("route add blackhole {POOLS}"));
+        for i in 0..Setup::ALL.len() {
+            let setup = Setup::ALL[(i + round) % Setup::ALL.len()];
+            eprintln!("bench: end to end, round {}, {}", round + 1, setup.name());
+            let gateway = Gateway::prepare(&lab, setup, programs)?;
+            for traffic in Traffic::ALL {
+                let measured = gateway.flood(&lab, programs, traffic, seconds)?;
+                results
+                    .iter_mut()
+                    .find(|r| r.setup == setup && r.traffic == traffic)
+                    .expect("every pair has a result")
+                    .rounds
+                    .push(measured);
+            }
+            gateway.finish(&lab, programs)?;
         }
-        gateway.finish(&lab, programs)?;
     }
-    Ok(FloodReport { seconds, results })
+    Ok(FloodReport {
+        seconds,
+        rounds,
+        results,
+    })
 }
 
 /// The gateway set up for one comparison.
@@ -199,7 +263,7 @@ impl Gateway {
         programs: &mut BenchPrograms,
         traffic: Traffic,
         seconds: f64,
-    ) -> anyhow::Result<FloodResult> {
+    ) -> anyhow::Result<Round> {
         let packet = frame(lab, traffic)?;
         let ifindex = ifindex(lab, "cli0")?;
         let generator = programs.generator(traffic.generator())?;
@@ -214,9 +278,7 @@ impl Gateway {
         let elapsed = started.elapsed().as_secs_f64();
         let after = (rx_packets(lab)?, cpu_busy_ticks(GATEWAY_CPU)?);
         let ticks_per_second = clock_ticks_per_second();
-        Ok(FloodResult {
-            traffic,
-            setup: self.setup,
+        Ok(Round {
             handled: after.0 - before.0,
             seconds: elapsed,
             busy_seconds: (after.1 - before.1) as f64 / ticks_per_second,
@@ -427,9 +489,10 @@ fn cpu_busy_ticks(cpu: usize) -> anyhow::Result<u64> {
         .skip(1)
         .filter_map(|f| f.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal ...: busy is all but idle, iowait.
-    let total: u64 = fields.iter().take(8).sum();
-    Ok(total - fields.get(3).copied().unwrap_or(0) - fields.get(4).copied().unwrap_or(0))
+    // user nice system idle iowait irq softirq steal ...: busy is the time this CPU ran
+    // anything, so all but idle, iowait and time the hypervisor stole.
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+    Ok(field(0) + field(1) + field(2) + field(5) + field(6))
 }
 
 fn clock_ticks_per_second() -> f64 {

@@ -24,6 +24,13 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    PerPacket,
+    EndToEnd,
+    Control,
+}
+
 #[derive(Parser)]
 #[command(about = "Benchmark sessiongate")]
 struct Args {
@@ -33,6 +40,9 @@ struct Args {
     /// Where the report goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Run only these parts (default: all); the report then leaves the others out.
+    #[arg(long, value_enum)]
+    part: Vec<Part>,
     /// The `sessiongate` binary the end-to-end and control-plane parts run [default:
     /// the one next to this binary].
     #[arg(long)]
@@ -63,10 +73,17 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    let per_packet = progrun::run(args.quick, &programs, xdp_filter.as_ref())?;
+    let wanted = |part| args.part.is_empty() || args.part.contains(&part);
+    let per_packet = wanted(Part::PerPacket)
+        .then(|| progrun::run(args.quick, &programs, xdp_filter.as_ref()))
+        .transpose()?;
     drop(xdp_filter);
-    let end_to_end = flood::run(args.quick, &mut programs, &agent)?;
-    let control = control::run(args.quick, &agent)?;
+    let end_to_end = wanted(Part::EndToEnd)
+        .then(|| flood::run(args.quick, &mut programs, &agent))
+        .transpose()?;
+    let control = wanted(Part::Control)
+        .then(|| control::run(args.quick, &agent))
+        .transpose()?;
     let report = report::Report {
         quick: args.quick,
         machine,

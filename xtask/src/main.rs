@@ -32,8 +32,18 @@ enum Task {
     /// Show sessiongate enforcing session timeouts on live traffic in throwaway
     /// network namespaces.
     Demo,
+    /// Measure per-packet cost, end-to-end throughput against nftables, control-plane
+    /// speed and memory; writes target/bench/report.md with charts.
+    Bench {
+        /// A short smoke run that checks the harness (what CI runs), not speed.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the benchmark binary (--part per-packet, ...).
+        #[arg(last = true)]
+        bench_args: Vec<String>,
+    },
     /// Run every check and test: formatting, clippy (host and eBPF), unit tests,
-    /// BPF_PROG_TEST_RUN tests and real-traffic tests.
+    /// BPF_PROG_TEST_RUN tests, real-traffic tests and a benchmark smoke run.
     Test {
         /// Skip fmt and clippy.
         #[arg(long)]
@@ -65,6 +75,10 @@ fn run_task(task: Task) -> anyhow::Result<()> {
             setup::setup(false)?;
             build(false)?;
             demo::run()
+        }
+        Task::Bench { quick, bench_args } => {
+            setup::setup(false)?;
+            bench(quick, &bench_args)
         }
         Task::Test {
             no_lint,
@@ -102,6 +116,28 @@ fn build(release: bool) -> anyhow::Result<()> {
         cmd.arg("--release");
     }
     run(cmd)
+}
+
+/// Builds the agent and the benchmark in release mode and runs the benchmark.
+fn bench(quick: bool, bench_args: &[String]) -> anyhow::Result<()> {
+    let mut build = cargo();
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "sessiongate",
+        "--package",
+        "sessiongate-bench",
+    ]);
+    run(build)?;
+    let target = setup::workspace().join("target");
+    let mut bench = Command::new(target.join("release/sessiongate-bench"));
+    bench
+        .arg("--out")
+        .arg(target.join("bench"))
+        .args(quick.then_some("--quick"))
+        .args(bench_args);
+    run(bench)
 }
 
 fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
@@ -152,6 +188,28 @@ fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
         .env("SESSIONGATE_REQUIRE_PRIVILEGED", "1")
         .args(cargo_args);
     run(test)?;
+
+    // Only when the whole suite runs: a filtered run is someone looking at one test.
+    if cargo_args.is_empty() {
+        step("benchmark smoke run (checks the harness, not speed)");
+        let mut build = cargo();
+        build.args([
+            "build",
+            "--package",
+            "sessiongate",
+            "--package",
+            "sessiongate-bench",
+        ]);
+        run(build)?;
+        let target = setup::workspace().join("target");
+        let mut smoke = Command::new(target.join("debug/sessiongate-bench"));
+        smoke
+            .args(["--quick", "--out"])
+            .arg(target.join("bench-smoke"))
+            .arg("--agent")
+            .arg(target.join("debug/sessiongate"));
+        run(smoke)?;
+    }
     step("all tests passed");
     Ok(())
 }

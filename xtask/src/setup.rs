@@ -16,8 +16,15 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// (program, Debian package providing it) needed by the tests and the demo.
-const PROGRAMS: [(&str, &str); 2] = [("ip", "iproute2"), ("sysctl", "procps")];
+/// (program, Debian package providing it) needed by the tests, the demo and the
+/// benchmark's references.
+const PROGRAMS: [(&str, &str); 5] = [
+    ("ip", "iproute2"),
+    ("sysctl", "procps"),
+    ("nft", "nftables"),
+    ("xdp-filter", "xdp-tools"),
+    ("bpftool", "bpftool"),
+];
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

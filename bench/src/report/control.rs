@@ -1,0 +1,93 @@
+//! The control-plane part of the report: its targets and table.
+
+use std::fmt::Write as _;
+
+use super::Target;
+use crate::control::ControlReport;
+
+pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
+    targets.push(Target {
+        name: format!("{} sessions loaded in under 3 s", c.sessions),
+        measured: format!("{:.2} s", c.session_load.median),
+        met: c.session_load.median < 3.0,
+    });
+    targets.push(Target {
+        name: "A login enforced (first SYN admitted) within 10 ms".into(),
+        measured: format!(
+            "{:.2} ms median, {:.2} ms worst",
+            c.login_to_admitted.median, c.login_to_admitted.max
+        ),
+        met: c.login_to_admitted.max < 10.0,
+    });
+    let reload = c.policy_compile.median + c.policy_write.median;
+    targets.push(Target {
+        name: format!(
+            "Policy tables of {} CIDRs compiled and written in under 0.5 s",
+            c.cidrs
+        ),
+        measured: format!("{reload:.3} s"),
+        met: reload < 0.5,
+    });
+}
+
+pub fn section(c: &ControlReport, md: &mut String) {
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    let _ = writeln!(
+        md,
+        "## Control plane and memory\n\n| measure | median | min-max |\n|---|---|---|"
+    );
+    let rows = [
+        (
+            format!("{} sessions into the kernel maps (batched)", c.sessions),
+            format!(
+                "{:.2} s ({:.0} sessions/s)",
+                c.session_load.median,
+                c.sessions as f64 / c.session_load.median
+            ),
+            format!("{:.2}-{:.2} s", c.session_load.min, c.session_load.max),
+        ),
+        (
+            format!(
+                "agent start with {} sessions in its journal, until its API answers",
+                c.sessions
+            ),
+            format!("{:.2} s", c.agent_start),
+            "-".into(),
+        ),
+        (
+            "login request to the first admitted SYN".into(),
+            format!("{:.2} ms", c.login_to_admitted.median),
+            format!(
+                "{:.2}-{:.2} ms",
+                c.login_to_admitted.min, c.login_to_admitted.max
+            ),
+        ),
+        (
+            format!("parse and compile {} policy CIDRs", c.cidrs),
+            format!("{:.3} s", c.policy_compile.median),
+            format!("{:.3}-{:.3} s", c.policy_compile.min, c.policy_compile.max),
+        ),
+        (
+            "write the compiled tables".into(),
+            format!("{:.3} s", c.policy_write.median),
+            format!("{:.3}-{:.3} s", c.policy_write.min, c.policy_write.max),
+        ),
+        (
+            format!(
+                "kernel map memory at {} sessions, room for as many flows",
+                c.sessions
+            ),
+            format!("{:.0} MiB", mib(c.map_bytes)),
+            "-".into(),
+        ),
+        (
+            "agent RSS, same".into(),
+            format!("{:.0} MiB", mib(c.rss_bytes)),
+            "-".into(),
+        ),
+    ];
+    for (measure, median, range) in rows {
+        let _ = writeln!(md, "| {measure} | {median} | {range} |");
+    }
+    md.push('\n');
+}

@@ -1,0 +1,149 @@
+//! The benchmark report: `report.md` with the targets, tables and method, charts as
+//! SVG, and every number in `report.json`, all under the output directory. Each part
+//! of the benchmark has a module with its targets, its section and its charts.
+
+mod control;
+mod end_to_end;
+mod per_packet;
+
+use std::{fmt::Write as _, fs, path::Path};
+
+use serde::Serialize;
+
+use crate::{control::ControlReport, flood::FloodReport, progrun::ProgRunReport, svg::Chart};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub virtualized: bool,
+    pub date: String,
+}
+
+impl Machine {
+    /// Call before pinning the process to a CPU: the core count is the process's.
+    pub fn describe() -> Self {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |text: &str, key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        };
+        Self {
+            cpu: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".into()),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: field(&meminfo, "MemTotal")
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0 / 1024.0),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            virtualized: cpuinfo.contains(" hypervisor"),
+            date: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything one run measured; parts not run are `None`.
+#[derive(Serialize)]
+pub struct Report {
+    pub quick: bool,
+    pub machine: Machine,
+    pub per_packet: Option<ProgRunReport>,
+    pub end_to_end: Option<FloodReport>,
+    pub control: Option<ControlReport>,
+}
+
+/// A target of the benchmark and whether this run met it.
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+impl Report {
+    pub fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        if let Some(p) = &self.per_packet {
+            per_packet::targets(p, &mut targets);
+        }
+        if let Some(e) = &self.end_to_end {
+            end_to_end::targets(e, &mut targets);
+        }
+        if let Some(c) = &self.control {
+            control::targets(c, &mut targets);
+        }
+        targets
+    }
+
+    /// Writes report.md, report.json and the charts; returns the targets table.
+    pub fn write(&self, dir: &Path, command: &str) -> anyhow::Result<String> {
+        fs::create_dir_all(dir)?;
+        fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        let mut charts: Vec<(String, Chart)> = Vec::new();
+        let mut sections = String::new();
+        if let Some(p) = &self.per_packet {
+            per_packet::section(p, &mut sections);
+            charts.extend(per_packet::charts(p));
+        }
+        if let Some(e) = &self.end_to_end {
+            end_to_end::section(e, &mut sections);
+            charts.extend(end_to_end::charts(e));
+        }
+        if let Some(c) = &self.control {
+            control::section(c, &mut sections);
+        }
+        for (file, chart) in &charts {
+            fs::write(dir.join(file), chart.render())?;
+        }
+        let summary = self.summary();
+        let m = &self.machine;
+        let mut md = String::new();
+        let _ = writeln!(md, "# sessiongate benchmark\n");
+        let _ = writeln!(
+            md,
+            "`{command}` on {} ({} cores{}, {:.0} GiB, Linux {}), {}.{}\n",
+            m.cpu,
+            m.cores,
+            if m.virtualized {
+                ", virtual machine"
+            } else {
+                ""
+            },
+            m.memory_gib,
+            m.kernel,
+            m.date,
+            if self.quick {
+                " **Quick run: small tables and short measurements check the harness; its figures are not the targets' measure.**"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(md, "## Targets\n\n{summary}\n{sections}## Charts\n");
+        for (file, chart) in &charts {
+            let _ = writeln!(md, "![{}]({file})\n", chart.title);
+        }
+        fs::write(dir.join("report.md"), md)?;
+        Ok(summary)
+    }
+
+    fn summary(&self) -> String {
+        let mut out = String::from("| target | measured | met |\n|---|---|---|\n");
+        for t in self.targets() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                t.name,
+                t.measured,
+                if t.met { "yes" } else { "**no**" }
+            );
+        }
+        out
+    }
+}

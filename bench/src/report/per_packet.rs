@@ -1,0 +1,134 @@
+//! The per-packet part of the report: targets, tables and charts.
+
+use std::fmt::Write as _;
+
+use super::Target;
+use crate::{progrun::ProgRunReport, svg::Chart};
+
+/// The size the per-packet targets are stated at.
+const LARGEST: &str = "1M sessions, 10k CIDRs";
+
+pub fn targets(p: &ProgRunReport, targets: &mut Vec<Target>) {
+    let at_scale: Vec<_> = p.results.iter().filter(|r| r.size == LARGEST).collect();
+    if let Some(established) = at_scale.iter().find(|r| r.path == "TCP established") {
+        targets.push(Target {
+            name: "Established TCP path <= 1.3 x the do-nothing program".into(),
+            measured: format!("{:.2} x", established.ratio.median),
+            met: established.ratio.median <= 1.3,
+        });
+    }
+    let new_flows: Vec<_> = at_scale.iter().filter(|r| r.new_flow).collect();
+    let Some(worst) = new_flows
+        .iter()
+        .max_by(|a, b| a.ratio.median.total_cmp(&b.ratio.median))
+    else {
+        return;
+    };
+    targets.push(Target {
+        name: format!("New-flow paths at {LARGEST} <= 2.5 x the do-nothing program"),
+        measured: format!("at most {:.2} x ({})", worst.ratio.median, worst.path),
+        met: worst.ratio.median <= 2.5,
+    });
+    let not_below: Vec<_> = new_flows
+        .iter()
+        .filter(|r| {
+            r.xdp_filter
+                .is_none_or(|x| r.sessiongate.median >= x.median)
+        })
+        .collect();
+    targets.push(Target {
+        name: "New-flow paths below xdp-filter with all its filters".into(),
+        measured: if not_below.is_empty() {
+            "every path".into()
+        } else {
+            format!("{} paths not", not_below.len())
+        },
+        met: not_below.is_empty(),
+    });
+}
+
+pub fn section(p: &ProgRunReport, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Per-packet cost (BPF_PROG_TEST_RUN)\n\nThe kernel runs each program on one packet {} times and reports the mean; each figure is the median of {} such measurements. The do-nothing program (the floor of the method) is measured back to back with sessiongate on the same packet, and the ratio is taken per pair so that drift of the shared machine cancels. xdp-filter (Debian's xdp-tools) runs with all its features on the same packets. Every path's verdict is checked before it is timed.\n",
+        p.repeat, p.runs
+    );
+    for size in &p.sizes {
+        let _ = writeln!(
+            md,
+            "### {} ({} tracked UDP flows)\n\n| path | sessiongate ns | floor ns | ratio (min-max) | xdp-filter ns |\n|---|---|---|---|---|",
+            size.label, size.flows
+        );
+        for r in p.results.iter().filter(|r| r.size == size.label) {
+            let _ = writeln!(
+                md,
+                "| {}{} | {:.0} | {:.0} | {:.2} ({:.2}-{:.2}) | {} |",
+                r.path,
+                if r.new_flow { " *" } else { "" },
+                r.sessiongate.median,
+                r.floor.median,
+                r.ratio.median,
+                r.ratio.min,
+                r.ratio.max,
+                r.xdp_filter
+                    .map_or("-".into(), |x| format!("{:.0}", x.median))
+            );
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "\\* new-flow paths.\n");
+}
+
+pub fn charts(p: &ProgRunReport) -> Vec<(String, Chart)> {
+    let largest = p.sizes.last().map(|s| s.label.clone()).unwrap_or_default();
+    let by_path = Chart {
+        title: format!("ns per packet, {largest}"),
+        unit: "ns".into(),
+        series: vec![
+            "sessiongate".into(),
+            "do-nothing floor".into(),
+            "xdp-filter (all filters)".into(),
+        ],
+        rows: p
+            .results
+            .iter()
+            .filter(|r| r.size == largest)
+            .map(|r| {
+                let values = vec![
+                    Some(r.sessiongate.median),
+                    Some(r.floor.median),
+                    r.xdp_filter.map(|x| x.median),
+                ];
+                (r.path.clone(), values)
+            })
+            .collect(),
+    };
+    let first = p.sizes.first().map(|s| s.label.clone()).unwrap_or_default();
+    let by_size = Chart {
+        title: "sessiongate ns per packet by table size".into(),
+        unit: "ns".into(),
+        series: p.sizes.iter().map(|s| s.label.clone()).collect(),
+        rows: p
+            .results
+            .iter()
+            .filter(|r| r.size == first)
+            .map(|row| {
+                let values = p
+                    .sizes
+                    .iter()
+                    .map(|s| {
+                        p.results
+                            .iter()
+                            .find(|r| r.size == s.label && r.path == row.path)
+                            .map(|r| r.sessiongate.median)
+                    })
+                    .collect();
+                (row.path.clone(), values)
+            })
+            .collect(),
+    };
+    vec![
+        ("per-packet.svg".into(), by_path),
+        ("per-packet-sizes.svg".into(), by_size),
+    ]
+}
