@@ -154,17 +154,11 @@ fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
         clippy.args(["--", "-D", "warnings"]);
         run(clippy)?;
 
-        step("clippy (eBPF program)");
+        step("clippy (eBPF programs)");
         let mut clippy = Command::new("rustup");
         clippy
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "clippy",
-                "--package",
-                "agent-ebpf",
-            ])
+            .args(["run", "nightly", "cargo", "clippy"])
+            .args(["--package", "agent-ebpf", "--package", "bench-ebpf"])
             .args([
                 "--target",
                 "bpfel-unknown-none",
