@@ -42,123 +42,86 @@ pub trait Family {
 pub struct V4;
 pub struct V6;
 
-impl Family for V4 {
-    type Addr = Ip4;
-    type SessionSlot = SessionSlotV4;
-    type FlowKey = FlowKeyV4;
-    type FlowSlot = FlowSlotV4;
-    type DestEntry = DestCacheV4;
-    const FAMILY: u8 = 4;
+/// The two families differ only in their types, maps and prefix length.
+macro_rules! family {
+    ($family:ident {
+        code: $code:literal, addr: $addr:ident, bits: $bits:literal, wide: $wide:expr,
+        dest: $dest:ident, dest_cache: $dest_cache:ident of $dest_entry:ident,
+        sessions: $sessions:ident, session_table: $session_table:ident of $session_slot:ident,
+        flows: $flows:ident of $flow_slot:ident keyed by $flow_key:ident $(,)?
+    }) => {
+        impl Family for $family {
+            type Addr = $addr;
+            type SessionSlot = $session_slot;
+            type FlowKey = $flow_key;
+            type FlowSlot = $flow_slot;
+            type DestEntry = $dest_entry;
+            const FAMILY: u8 = $code;
 
-    #[inline(always)]
-    fn fold(addr: &Ip4) -> u64 {
-        addr.fold()
-    }
+            #[inline(always)]
+            fn fold(addr: &$addr) -> u64 {
+                addr.fold()
+            }
 
-    #[inline(always)]
-    fn dest_rule(dst: &Ip4) -> Option<&'static DestRule> {
-        SG_DEST_V4.get(Key::new(32, *dst))
-    }
+            #[inline(always)]
+            fn dest_rule(dst: &$addr) -> Option<&'static DestRule> {
+                $dest.get(Key::new($bits, *dst))
+            }
 
-    #[inline(always)]
-    fn dest_cache(index: u32) -> Option<*mut DestCacheV4> {
-        SG_DEST_CACHE_V4.get_ptr_mut(index)
-    }
+            #[inline(always)]
+            fn dest_cache(index: u32) -> Option<*mut $dest_entry> {
+                $dest_cache.get_ptr_mut(index)
+            }
 
-    #[inline(always)]
-    fn session_bucket(index: u32) -> Option<&'static [SessionSlotV4; WAYS]> {
-        SG_SESSION_TABLE_V4.get(index).map(|b| &b.slots)
-    }
+            #[inline(always)]
+            fn session_bucket(index: u32) -> Option<&'static [$session_slot; WAYS]> {
+                $session_table.get(index).map(|b| &b.slots)
+            }
 
-    #[inline(always)]
-    fn session(src: &Ip4) -> Option<&'static Session> {
-        // SAFETY: not preallocated, so a concurrently replaced element stays valid until
-        // the RCU grace period after this program returns.
-        unsafe { SG_SESSIONS_V4.get(src) }
-    }
+            #[inline(always)]
+            fn session(src: &$addr) -> Option<&'static Session> {
+                // SAFETY: not preallocated, so a concurrently replaced element stays valid
+                // until the RCU grace period after this program returns.
+                unsafe { $sessions.get(src) }
+            }
 
-    #[inline(always)]
-    fn flow_bucket(index: u32) -> Option<*mut [FlowSlotV4; WAYS]> {
-        // SAFETY: a pointer into a live array element.
-        SG_FLOWS_V4
-            .get_ptr_mut(index)
-            .map(|b| unsafe { &raw mut (*b).slots })
-    }
+            #[inline(always)]
+            fn flow_bucket(index: u32) -> Option<*mut [$flow_slot; WAYS]> {
+                // SAFETY: a pointer into a live array element.
+                $flows
+                    .get_ptr_mut(index)
+                    .map(|b| unsafe { &raw mut (*b).slots })
+            }
 
-    #[inline(always)]
-    fn flow_key(src: &Ip4, dst: &Ip4, l4: &L4) -> FlowKeyV4 {
-        FlowKeyV4 {
-            saddr: *src,
-            daddr: *dst,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: l4.proto,
-            _pad: [0; 3],
+            #[inline(always)]
+            fn flow_key(src: &$addr, dst: &$addr, l4: &L4) -> $flow_key {
+                $flow_key {
+                    saddr: *src,
+                    daddr: *dst,
+                    sport: l4.sport,
+                    dport: l4.dport,
+                    proto: l4.proto,
+                    _pad: [0; 3],
+                }
+            }
+
+            #[inline(always)]
+            fn wide(addr: &$addr) -> Ip6 {
+                $wide(*addr)
+            }
         }
-    }
-
-    #[inline(always)]
-    fn wide(addr: &Ip4) -> Ip6 {
-        addr.wide()
-    }
+    };
 }
 
-impl Family for V6 {
-    type Addr = Ip6;
-    type SessionSlot = SessionSlotV6;
-    type FlowKey = FlowKeyV6;
-    type FlowSlot = FlowSlotV6;
-    type DestEntry = DestCacheV6;
-    const FAMILY: u8 = 6;
-
-    #[inline(always)]
-    fn fold(addr: &Ip6) -> u64 {
-        addr.fold()
-    }
-
-    #[inline(always)]
-    fn dest_rule(dst: &Ip6) -> Option<&'static DestRule> {
-        SG_DEST_V6.get(Key::new(128, *dst))
-    }
-
-    #[inline(always)]
-    fn dest_cache(index: u32) -> Option<*mut DestCacheV6> {
-        SG_DEST_CACHE_V6.get_ptr_mut(index)
-    }
-
-    #[inline(always)]
-    fn session_bucket(index: u32) -> Option<&'static [SessionSlotV6; WAYS]> {
-        SG_SESSION_TABLE_V6.get(index).map(|b| &b.slots)
-    }
-
-    #[inline(always)]
-    fn session(src: &Ip6) -> Option<&'static Session> {
-        // SAFETY: as for IPv4.
-        unsafe { SG_SESSIONS_V6.get(src) }
-    }
-
-    #[inline(always)]
-    fn flow_bucket(index: u32) -> Option<*mut [FlowSlotV6; WAYS]> {
-        // SAFETY: a pointer into a live array element.
-        SG_FLOWS_V6
-            .get_ptr_mut(index)
-            .map(|b| unsafe { &raw mut (*b).slots })
-    }
-
-    #[inline(always)]
-    fn flow_key(src: &Ip6, dst: &Ip6, l4: &L4) -> FlowKeyV6 {
-        FlowKeyV6 {
-            saddr: *src,
-            daddr: *dst,
-            sport: l4.sport,
-            dport: l4.dport,
-            proto: l4.proto,
-            _pad: [0; 3],
-        }
-    }
-
-    #[inline(always)]
-    fn wide(addr: &Ip6) -> Ip6 {
-        *addr
-    }
-}
+family!(V4 {
+    code: 4, addr: Ip4, bits: 32, wide: Ip4::wide,
+    dest: SG_DEST_V4, dest_cache: SG_DEST_CACHE_V4 of DestCacheV4,
+    sessions: SG_SESSIONS_V4, session_table: SG_SESSION_TABLE_V4 of SessionSlotV4,
+    flows: SG_FLOWS_V4 of FlowSlotV4 keyed by FlowKeyV4,
+});
+family!(V6 {
+    code: 6, addr: Ip6, bits: 128, wide: core::convert::identity,
+    dest: SG_DEST_V6, dest_cache: SG_DEST_CACHE_V6 of DestCacheV6,
+    sessions: SG_SESSIONS_V6, session_table: SG_SESSION_TABLE_V6 of SessionSlotV6,
+    flows: SG_FLOWS_V6 of FlowSlotV6 keyed by FlowKeyV6,
+});
