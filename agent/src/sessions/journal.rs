@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use super::{SessionError, SessionRecord};
 
 const FILE_NAME: &str = "sessions.jsonl";
+/// Everything the journal may leave in the state directory (compaction's temporary file too).
+pub(super) const FILES: [&str; 2] = [FILE_NAME, "sessions.jsonl.tmp"];
 /// Dead lines tolerated before a rewrite, beyond one per live session.
 const SLACK_LINES: usize = 1024;
 
@@ -25,6 +27,13 @@ const SLACK_LINES: usize = 1024;
 enum Entry {
     Login(SessionRecord),
     Logout { ip: IpAddr },
+}
+
+/// `Entry::Login` written from a borrowed record (bulk writes would clone otherwise).
+#[derive(Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum LoginRef<'a> {
+    Login(&'a SessionRecord),
 }
 
 pub(super) struct Journal {
@@ -72,11 +81,39 @@ impl Journal {
     }
 
     pub(super) fn append_login(&mut self, record: &SessionRecord) -> Result<(), SessionError> {
-        self.append(&Entry::Login(record.clone()))
+        self.append(&LoginRef::Login(record))
     }
 
     pub(super) fn append_logout(&mut self, ip: &IpAddr) -> Result<(), SessionError> {
         self.append(&Entry::Logout { ip: *ip })
+    }
+
+    /// Appends many logins through one buffer and makes them durable with one fsync.
+    /// On failure the file is cut back to where it was, so that no partial batch
+    /// replays as sessions the caller was told were not recorded.
+    pub(super) fn append_logins(&mut self, records: &[SessionRecord]) -> Result<(), SessionError> {
+        let io = |source| SessionError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let before = self.file.metadata().map_err(io)?.len();
+        let written = (|| {
+            let mut out = BufWriter::with_capacity(1 << 20, &self.file);
+            for record in records {
+                serde_json::to_writer(&mut out, &LoginRef::Login(record))?;
+                out.write_all(b"\n")?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?;
+            self.file.sync_data()
+        })();
+        if let Err(source) = written {
+            if let Err(e) = self.file.set_len(before) {
+                tracing::error!(path = %self.path.display(), error = %e, "could not cut a failed session import out of the journal");
+            }
+            return Err(io(source));
+        }
+        self.lines += records.len();
+        Ok(())
     }
 
     /// Whether dead lines have piled up enough to rewrite the file.
@@ -84,7 +121,7 @@ impl Journal {
         self.lines > 2 * live + SLACK_LINES
     }
 
-    fn append(&mut self, entry: &Entry) -> Result<(), SessionError> {
+    fn append(&mut self, entry: &impl Serialize) -> Result<(), SessionError> {
         let mut line = serde_json::to_vec(entry).expect("entries always serialize");
         line.push(b'\n');
         self.file
@@ -118,7 +155,7 @@ impl Journal {
                 .map_err(io)?;
             let mut out = BufWriter::new(file);
             for record in live {
-                serde_json::to_writer(&mut out, &Entry::Login(record.clone()))
+                serde_json::to_writer(&mut out, &LoginRef::Login(record))
                     .map_err(|e| io(e.into()))?;
                 out.write_all(b"\n").map_err(io)?;
                 count += 1;

@@ -7,10 +7,11 @@
 //! checks a request and returns what would change without changing anything, the
 //! caller writes the kernel map, then `commit_*` records it durably.
 
+pub mod import;
 mod journal;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -21,6 +22,7 @@ use thiserror::Error;
 use time::OffsetDateTime;
 
 use crate::clock::{ClockPair, boot_id};
+use import::{ImportRecord, LineError};
 use journal::Journal;
 
 /// The IdP recorded when a login names none.
@@ -169,25 +171,38 @@ impl SessionStore {
         req: &LoginRequest,
         clock: &ClockPair,
     ) -> Result<SessionRecord, SessionError> {
-        let user = checked_name("user", &req.user)?;
-        let idp = checked_name("idp", req.idp.as_deref().unwrap_or(DEFAULT_IDP))?;
-        if let Some(current) = self.sessions.get(&req.ip) {
+        let idp = req.idp.as_deref().unwrap_or(DEFAULT_IDP);
+        self.plan(req.ip, &req.user, idp, req.at, clock)
+    }
+
+    /// The login rules, for one login or one line of an import.
+    fn plan(
+        &self,
+        ip: IpAddr,
+        user: &str,
+        idp: &str,
+        at: Option<OffsetDateTime>,
+        clock: &ClockPair,
+    ) -> Result<SessionRecord, SessionError> {
+        let user = checked_name("user", user)?;
+        let idp = checked_name("idp", idp)?;
+        if let Some(current) = self.sessions.get(&ip) {
             if current.user != user {
                 return Err(SessionError::OtherUser {
-                    ip: req.ip,
+                    ip,
                     current: current.user.clone(),
                     requested: user,
                 });
             }
             if current.idp != idp {
                 return Err(SessionError::WrongIdp {
-                    ip: req.ip,
+                    ip,
                     enrolled: current.idp.clone(),
                     requested: idp,
                 });
             }
         }
-        let (authenticated_at, boot_ns) = match req.at {
+        let (authenticated_at, boot_ns) = match at {
             None => (clock.wall, clock.boot_ns),
             Some(at) if at > clock.wall + FUTURE_TOLERANCE => {
                 return Err(SessionError::InFuture {
@@ -199,13 +214,55 @@ impl SessionStore {
             Some(at) => (at, clock.boot_ns_of(at)),
         };
         Ok(SessionRecord {
-            ip: req.ip,
+            ip,
             user,
             idp,
             authenticated_at,
             boot_id: self.boot_id.clone(),
             authenticated_at_boot_ns: boot_ns,
         })
+    }
+
+    /// Checks every line of an import against the login rules and the current state:
+    /// the records it would write, and each refused line with its number. A device may
+    /// appear only once (`import::parse` already refuses files where it does not).
+    pub fn plan_import(
+        &self,
+        records: &[ImportRecord],
+        clock: &ClockPair,
+    ) -> (Vec<SessionRecord>, Vec<LineError>) {
+        let mut planned = Vec::with_capacity(records.len());
+        let mut errors = Vec::new();
+        let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(records.len());
+        for r in records {
+            if let Some(&first) = seen.get(&r.ip) {
+                errors.push(LineError::new(
+                    r.line,
+                    format_args!(
+                        "ip {} already appears on line {first} (one session per device)",
+                        r.ip
+                    ),
+                ));
+                continue;
+            }
+            seen.insert(r.ip, r.line);
+            match self.plan(r.ip, &r.user, &r.idp, Some(r.authenticated_at), clock) {
+                Ok(record) => planned.push(record),
+                Err(e) => errors.push(LineError::new(r.line, e)),
+            }
+        }
+        (planned, errors)
+    }
+
+    /// Records a planned import: one journal write and one fsync for all of it. On
+    /// error nothing is recorded.
+    pub fn commit_import(&mut self, records: Vec<SessionRecord>) -> Result<(), SessionError> {
+        self.journal.append_logins(&records)?;
+        for record in records {
+            self.sessions.insert(record.ip, record);
+        }
+        self.compact_if_needed();
+        Ok(())
     }
 
     /// Records a planned login; returns the session it replaced.
@@ -246,7 +303,17 @@ impl SessionStore {
     }
 }
 
+/// Files the session store keeps in `state_dir`.
+pub fn state_files(state_dir: &Path) -> Vec<PathBuf> {
+    journal::FILES.iter().map(|f| state_dir.join(f)).collect()
+}
+
 fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
+    check_name(field, value)?;
+    Ok(value.to_string())
+}
+
+fn check_name(field: &'static str, value: &str) -> Result<(), SessionError> {
     let invalid = |reason| SessionError::InvalidName {
         field,
         value: value.to_string(),
@@ -261,7 +328,7 @@ fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError
     if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(invalid("it contains spaces or control characters"));
     }
-    Ok(value.to_string())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,266 @@
+//! Bulk session import files: JSON lines (`{"ip", "user", "idp"?, "authenticated_at"}`
+//! per line) or CSV (`ip,user,idp,authenticated_at`, header optional, empty idp for the
+//! default). The first line that is not blank or a `#` comment decides the format.
+//! Parsing checks each line on its own (and that no device appears twice); whether a
+//! session may be recorded against the current state is `SessionStore::plan_import`'s
+//! job. Every problem is collected with its line number, so one run reports them all.
+
+use std::{
+    borrow::Cow,
+    collections::{HashMap, hash_map::Entry},
+    fmt,
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use super::{DEFAULT_IDP, check_name};
+
+const CSV_COLUMNS: [&str; 4] = ["ip", "user", "idp", "authenticated_at"];
+
+/// One session to import, from line `line` of the file (1-based).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRecord {
+    pub line: usize,
+    pub ip: IpAddr,
+    pub user: String,
+    pub idp: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub authenticated_at: OffsetDateTime,
+}
+
+/// A line that cannot be imported, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Error)]
+#[error("line {line}: {message}")]
+pub struct LineError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl LineError {
+    pub fn new(line: usize, message: impl fmt::Display) -> Self {
+        Self {
+            line,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The good lines of a file, and the bad ones; both in line order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedImport {
+    pub records: Vec<ImportRecord>,
+    pub errors: Vec<LineError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    JsonLines,
+    Csv,
+}
+
+/// A JSON line's fields, all optional so that a missing one gets our message.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLine<'a> {
+    #[serde(borrow)]
+    ip: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    idp: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    authenticated_at: Option<Cow<'a, str>>,
+}
+
+/// A line's fields as text, before checking.
+struct Fields<'a> {
+    ip: Cow<'a, str>,
+    user: Cow<'a, str>,
+    /// `None` for the default IdP.
+    idp: Option<Cow<'a, str>>,
+    authenticated_at: Cow<'a, str>,
+}
+
+/// Parses an import file, detecting its format.
+pub fn parse(text: &str) -> ParsedImport {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Sized up front: growing these for a million lines costs more than counting.
+    let lines = text.bytes().filter(|&b| b == b'\n').count() + 1;
+    let mut parsed = ParsedImport {
+        records: Vec::with_capacity(lines),
+        errors: Vec::new(),
+    };
+    let mut format = None;
+    let mut header_allowed = true;
+    // The line each device first appeared on.
+    let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(lines);
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let content = raw.trim();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let format = *format.get_or_insert(if content.starts_with('{') {
+            Format::JsonLines
+        } else {
+            Format::Csv
+        });
+        let fields = match format {
+            Format::JsonLines => json_fields(content),
+            Format::Csv if header_allowed && is_header(content) => {
+                header_allowed = false;
+                match check_header(content) {
+                    Ok(()) => continue,
+                    Err(message) => Err(message),
+                }
+            }
+            Format::Csv => csv_fields(content),
+        };
+        header_allowed = false;
+        match fields.and_then(|fields| check(line, fields, &mut seen)) {
+            Ok(record) => parsed.records.push(record),
+            Err(message) => parsed.errors.push(LineError { line, message }),
+        }
+    }
+    parsed
+}
+
+fn json_fields(content: &str) -> Result<Fields<'_>, String> {
+    let fields: JsonLine<'_> = serde_json::from_str(content).map_err(|e| {
+        // serde_json ends its messages with a position within the line; keep only the
+        // column, as the line number is the file's.
+        let message = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let what = message.strip_suffix(&suffix).unwrap_or(&message);
+        format!(
+            "not a JSON object with ip, user, idp, authenticated_at: {what} (column {})",
+            e.column()
+        )
+    })?;
+    let missing = |name: &str| format!("missing field {name:?}");
+    Ok(Fields {
+        ip: fields.ip.ok_or_else(|| missing("ip"))?,
+        user: fields.user.ok_or_else(|| missing("user"))?,
+        idp: fields.idp,
+        authenticated_at: fields
+            .authenticated_at
+            .ok_or_else(|| missing("authenticated_at"))?,
+    })
+}
+
+/// A CSV header names the first column instead of holding an address.
+fn is_header(content: &str) -> bool {
+    content
+        .split(',')
+        .next()
+        .is_some_and(|first| first.trim().eq_ignore_ascii_case("ip"))
+}
+
+fn check_header(content: &str) -> Result<(), String> {
+    let columns: Vec<&str> = content.split(',').map(str::trim).collect();
+    if columns.len() == CSV_COLUMNS.len()
+        && columns
+            .iter()
+            .zip(CSV_COLUMNS)
+            .all(|(got, want)| got.eq_ignore_ascii_case(want))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "header {content:?} should be {} (these columns, in this order)",
+            CSV_COLUMNS.join(",")
+        ))
+    }
+}
+
+fn csv_fields(content: &str) -> Result<Fields<'_>, String> {
+    if content.starts_with('{') {
+        return Err(
+            "a JSON object in a CSV file (the first line decides the format, and it was CSV)"
+                .into(),
+        );
+    }
+    if content.contains('"') {
+        return Err(
+            "CSV fields cannot be quoted; write them bare, or use JSON lines for a name with a comma"
+                .into(),
+        );
+    }
+    let mut split = content.split(',').map(str::trim);
+    let (Some(ip), Some(user), Some(idp), Some(authenticated_at), None) = (
+        split.next(),
+        split.next(),
+        split.next(),
+        split.next(),
+        split.next(),
+    ) else {
+        return Err(format!(
+            "expected 4 comma-separated fields ({}), found {}",
+            CSV_COLUMNS.join(","),
+            content.split(',').count()
+        ));
+    };
+    for (name, value) in [
+        ("ip", ip),
+        ("user", user),
+        ("authenticated_at", authenticated_at),
+    ] {
+        if value.is_empty() {
+            return Err(format!("missing field {name:?}"));
+        }
+    }
+    Ok(Fields {
+        ip: ip.into(),
+        user: user.into(),
+        idp: (!idp.is_empty()).then_some(idp.into()),
+        authenticated_at: authenticated_at.into(),
+    })
+}
+
+/// Checks one line's fields, whatever the format. A device counts as seen once its
+/// address parses, even if the line has other problems, so that a duplicate is
+/// reported in the same run.
+fn check(
+    line: usize,
+    fields: Fields<'_>,
+    seen: &mut HashMap<IpAddr, usize>,
+) -> Result<ImportRecord, String> {
+    let ip: IpAddr = fields
+        .ip
+        .parse()
+        .map_err(|_| format!("ip {:?} is not an IPv4 or IPv6 address", fields.ip))?;
+    match seen.entry(ip) {
+        Entry::Occupied(first) => {
+            return Err(format!(
+                "ip {ip} already appears on line {} (one session per device)",
+                first.get()
+            ));
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(line);
+        }
+    }
+    check_name("user", &fields.user).map_err(|e| e.to_string())?;
+    let idp = fields.idp.unwrap_or(Cow::Borrowed(DEFAULT_IDP));
+    check_name("idp", &idp).map_err(|e| e.to_string())?;
+    let authenticated_at =
+        OffsetDateTime::parse(&fields.authenticated_at, &Rfc3339).map_err(|_| {
+            format!(
+                "authenticated_at {:?} is not an RFC 3339 time like 2026-11-23T09:30:00Z",
+                fields.authenticated_at
+            )
+        })?;
+    Ok(ImportRecord {
+        line,
+        ip,
+        user: fields.user.into_owned(),
+        idp: idp.into_owned(),
+        authenticated_at,
+    })
+}
+
+#[cfg(test)]
+mod tests;

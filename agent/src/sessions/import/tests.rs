@@ -1,0 +1,198 @@
+use super::*;
+
+fn at(text: &str) -> OffsetDateTime {
+    OffsetDateTime::parse(text, &Rfc3339).unwrap()
+}
+
+fn messages(parsed: &ParsedImport) -> Vec<String> {
+    parsed.errors.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn json_lines_parse_with_comments_blank_lines_and_a_default_idp() {
+    let parsed = parse(
+        "# exported from the IdP\n\
+         {\"ip\":\"198.18.1.10\",\"user\":\"alice@example.com\",\"idp\":\"okta\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         \n\
+         {\"ip\": \"2001:db8::20\", \"user\": \"bob@example.com\", \"authenticated_at\": \"2026-11-23T10:30:00+01:00\"}\r\n\
+         {\"ip\":\"198.18.1.30\",\"user\":\"carol@example.com\",\"idp\":null,\"authenticated_at\":\"2026-11-23T09:30:00.5Z\"}\n",
+    );
+    assert_eq!(parsed.errors, [], "{:?}", messages(&parsed));
+    assert_eq!(
+        parsed.records,
+        [
+            ImportRecord {
+                line: 2,
+                ip: "198.18.1.10".parse().unwrap(),
+                user: "alice@example.com".into(),
+                idp: "okta".into(),
+                authenticated_at: at("2026-11-23T09:30:00Z"),
+            },
+            ImportRecord {
+                line: 4,
+                ip: "2001:db8::20".parse().unwrap(),
+                user: "bob@example.com".into(),
+                idp: DEFAULT_IDP.into(),
+                authenticated_at: at("2026-11-23T09:30:00Z"),
+            },
+            ImportRecord {
+                line: 5,
+                ip: "198.18.1.30".parse().unwrap(),
+                user: "carol@example.com".into(),
+                idp: DEFAULT_IDP.into(),
+                authenticated_at: at("2026-11-23T09:30:00.5Z"),
+            },
+        ]
+    );
+}
+
+#[test]
+fn csv_parses_with_or_without_a_header() {
+    let body = "198.18.1.10,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+                # a comment\n\
+                2001:db8::20, bob@example.com ,,2026-11-23T10:30:00+01:00\n";
+    let without = parse(body);
+    assert_eq!(without.errors, [], "{:?}", messages(&without));
+    assert_eq!(without.records.len(), 2);
+    assert_eq!(without.records[0].line, 1);
+    assert_eq!(without.records[0].idp, "okta");
+    assert_eq!(without.records[1].line, 3);
+    assert_eq!(without.records[1].user, "bob@example.com");
+    assert_eq!(without.records[1].idp, DEFAULT_IDP);
+    assert_eq!(
+        without.records[1].authenticated_at,
+        at("2026-11-23T09:30:00Z")
+    );
+
+    let with = parse(&format!(
+        "\n# sessions\nip,user,idp,authenticated_at\n{body}"
+    ));
+    assert_eq!(with.errors, [], "{:?}", messages(&with));
+    assert_eq!(
+        with.records.iter().map(|r| r.line).collect::<Vec<_>>(),
+        [4, 6]
+    );
+    assert_eq!(with.records[0].ip, without.records[0].ip);
+}
+
+#[test]
+fn every_bad_line_is_reported_with_its_number() {
+    let parsed = parse(
+        "ip,user,idp,authenticated_at\n\
+         198.18.1.10,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.300,bob@example.com,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.12,carol@example.com,okta\n\
+         198.18.1.13,,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.14,dave@example.com,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.15,erin@example.com,okta,yesterday\n\
+         198.18.1.16,frank@example.com,okta,2026-11-23 09:30\n\
+         198.18.1.17,\"grace@example.com\",okta,2026-11-23T09:30:00Z\n\
+         198.18.1.18,heidi@example.com,bad\u{7}idp,2026-11-23T09:30:00Z\n\
+         {\"ip\":\"198.18.1.19\"}\n",
+    );
+    assert_eq!(
+        messages(&parsed),
+        [
+            "line 3: ip \"198.18.1.300\" is not an IPv4 or IPv6 address",
+            "line 4: expected 4 comma-separated fields (ip,user,idp,authenticated_at), found 3",
+            "line 5: missing field \"user\"",
+            "line 7: authenticated_at \"yesterday\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
+            "line 8: authenticated_at \"2026-11-23 09:30\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
+            "line 9: CSV fields cannot be quoted; write them bare, or use JSON lines for a name with a comma",
+            "line 10: idp \"bad\\u{7}idp\" is invalid: it contains spaces or control characters",
+            "line 11: a JSON object in a CSV file (the first line decides the format, and it was CSV)",
+        ]
+    );
+    // The good lines still parse, for --skip-bad.
+    assert_eq!(
+        parsed.records.iter().map(|r| r.line).collect::<Vec<_>>(),
+        [2, 6]
+    );
+}
+
+#[test]
+fn bad_json_lines_are_reported_with_their_numbers() {
+    let parsed = parse(
+        "{\"ip\":\"198.18.1.10\",\"user\":\"alice@example.com\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         {\"ip\":\"198.18.1.11\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         {\"ip\":\"198.18.1.12\",\"user\":\"bob@example.com\"}\n\
+         {\"ip\":\"198.18.1.13\",\"user\":\"carol@example.com\",\"idP\":\"okta\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         {\"ip\":\"198.18.1.14\",\"user\":\"dave@example.com\",\"authenticated_at\":\n\
+         198.18.1.15,erin@example.com,okta,2026-11-23T09:30:00Z\n\
+         {\"ip\":42,\"user\":\"frank@example.com\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         {\"ip\":\"198.18.1.17\",\"user\":\"two words\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n",
+    );
+    let got = messages(&parsed);
+    assert_eq!(
+        parsed.errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+        [2, 3, 4, 5, 6, 7, 8],
+        "{got:#?}"
+    );
+    assert_eq!(got[0], "line 2: missing field \"user\"");
+    assert_eq!(got[1], "line 3: missing field \"authenticated_at\"");
+    assert!(got[2].contains("unknown field `idP`"), "{}", got[2]);
+    assert!(
+        got[3].starts_with("line 5: not a JSON object") && got[3].contains("column"),
+        "{}",
+        got[3]
+    );
+    assert!(!got[3].contains("line 1 column"), "{}", got[3]);
+    assert!(
+        got[4].starts_with("line 6: not a JSON object"),
+        "{}",
+        got[4]
+    );
+    assert!(got[5].contains("invalid type"), "{}", got[5]);
+    assert_eq!(
+        got[6],
+        "line 8: user \"two words\" is invalid: it contains spaces or control characters"
+    );
+    assert_eq!(parsed.records.len(), 1);
+}
+
+#[test]
+fn a_duplicate_ip_is_an_error_on_the_later_line() {
+    let parsed = parse(
+        "198.18.1.10,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.11,bob@example.com,okta,not-a-time\n\
+         198.18.1.10,alice@example.com,okta,2026-11-23T10:30:00Z\n\
+         198.18.1.11,bob@example.com,okta,2026-11-23T10:30:00Z\n",
+    );
+    assert_eq!(
+        messages(&parsed),
+        [
+            "line 2: authenticated_at \"not-a-time\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
+            "line 3: ip 198.18.1.10 already appears on line 1 (one session per device)",
+            // A device counts as seen even when its first line is bad.
+            "line 4: ip 198.18.1.11 already appears on line 2 (one session per device)",
+        ]
+    );
+    assert_eq!(parsed.records.len(), 1);
+    assert_eq!(
+        parsed.records[0].authenticated_at,
+        at("2026-11-23T09:30:00Z")
+    );
+}
+
+#[test]
+fn a_wrong_csv_header_is_refused_and_only_the_first_line_can_be_one() {
+    let parsed = parse(
+        "ip,user,authenticated_at\n\
+         198.18.1.10,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+         ip,user,idp,authenticated_at\n",
+    );
+    assert_eq!(
+        messages(&parsed),
+        [
+            "line 1: header \"ip,user,authenticated_at\" should be ip,user,idp,authenticated_at (these columns, in this order)",
+            "line 3: ip \"ip\" is not an IPv4 or IPv6 address",
+        ]
+    );
+    assert_eq!(parsed.records.len(), 1);
+}
+
+#[test]
+fn an_empty_file_has_nothing_and_no_errors() {
+    assert_eq!(parse(""), ParsedImport::default());
+    assert_eq!(parse("\n# nothing\n  \n"), ParsedImport::default());
+}
