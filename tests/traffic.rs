@@ -531,10 +531,18 @@ fn sessions_survive_an_agent_restart() {
     agent.login(fresh, ALICE, NOW);
     agent.login(old, BOB, 2 * HOUR);
     assert!(agent.stop().success(), "a clean stop on SIGTERM");
-    assert!(!lab.xdp_attached(), "stopping detaches the program");
+    assert!(
+        lab.xdp_attached(),
+        "enforcement outlives the agent: the pinned program stays attached"
+    );
+    assert!(
+        lab.tcp_blocked(old, APP, 443) && lab.tcp_works(fresh, APP, 443),
+        "and keeps judging with no agent running"
+    );
     assert!(agent.log_text().contains("stopped"));
 
     let agent = lab.start_agent(&config);
+    assert!(agent.log_text().contains("adopted the pinned datapath"));
     assert!(lab.tcp_works(fresh, APP, 443), "the fresh session is back");
     assert!(
         lab.tcp_blocked(old, APP, 443),

@@ -12,9 +12,11 @@ use crate::addr::{Ip4, Ip6};
 
 /// Map names, as the agent looks them up in the object file.
 pub mod names {
+    pub const GENERATION: &str = "SG_GENERATION";
     pub const SETTINGS: &str = "SG_SETTINGS";
-    pub const DEST_V4: &str = "SG_DEST_V4";
-    pub const DEST_V6: &str = "SG_DEST_V6";
+    /// The policy tables, one per set (see `SG_GENERATION`).
+    pub const DEST_V4: [&str; 2] = ["SG_DEST_V4_0", "SG_DEST_V4_1"];
+    pub const DEST_V6: [&str; 2] = ["SG_DEST_V6_0", "SG_DEST_V6_1"];
     pub const PORT_RULES: &str = "SG_PORT_RULES";
     pub const POLICIES: &str = "SG_POLICIES";
     pub const SESSIONS_V4: &str = "SG_SESSIONS_V4";
@@ -30,6 +32,31 @@ pub mod names {
     pub const POLICY_DROPS: &str = "SG_POLICY_DROPS";
     pub const EVENT_LIMIT: &str = "SG_EVENT_LIMIT";
     pub const EVENTS: &str = "SG_EVENTS";
+
+    /// Every map of the program: what the agent pins and adopts.
+    pub const ALL: [&str; 21] = [
+        GENERATION,
+        SETTINGS,
+        DEST_V4[0],
+        DEST_V4[1],
+        DEST_V6[0],
+        DEST_V6[1],
+        PORT_RULES,
+        POLICIES,
+        SESSIONS_V4,
+        SESSIONS_V6,
+        SESSION_TABLE_V4,
+        SESSION_TABLE_V6,
+        DEST_CACHE_V4,
+        DEST_CACHE_V6,
+        CLOCK,
+        FLOWS_V4,
+        FLOWS_V6,
+        COUNTERS,
+        POLICY_DROPS,
+        EVENT_LIMIT,
+        EVENTS,
+    ];
 }
 
 /// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values: no policy matches.
@@ -37,12 +64,26 @@ pub const NO_POLICY: u32 = u32::MAX;
 /// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values: a bypass destination matches.
 pub const BYPASS_POLICY: u32 = u32::MAX - 1;
 /// Most policies a config may hold; policy indices are below this.
-pub const MAX_POLICIES: u32 = 4096;
+pub const MAX_POLICIES: u32 = 16_384;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// `SG_SETTINGS`: ARRAY, one entry, written by the agent at start.
+/// Version of the maps' layout and meaning as a whole. Pins live in a directory named
+/// after it, so an agent never adopts maps it would misread. Bump it with any change
+/// to a map's key, value, type or meaning.
+pub const LAYOUT: u32 = 2;
+
+/// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
+/// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
+/// set `g & 1`. A reload writes the other set, then this one value, so every packet sees
+/// either the old configuration or the new one, never a mix. Never 0 once configured
+/// (destination-cache entries of generation 0 are empty ones).
+pub const fn config_set(generation: u32) -> u32 {
+    generation & 1
+}
+
+/// `SG_SETTINGS`: ARRAY, two entries (one per set), written by the agent.
 ///
 /// Everything the program needs from the config apart from policies and sessions.
 #[repr(C)]
@@ -52,9 +93,7 @@ pub struct Settings {
     pub udp_idle_ns: u64,
     /// `UNKNOWN_DEVICE_ENFORCE` or `UNKNOWN_DEVICE_ALLOW`.
     pub unknown_device: u32,
-    /// Destination-cache entries of another generation are stale; the agent bumps it
-    /// whenever it rewrites the policy tables. Never 0 (the value of empty entries).
-    pub policy_generation: u32,
+    pub _pad: u32,
     /// Index masks of the array-backed tables: their entry counts minus one.
     pub session_bucket_mask: u32,
     pub flow_bucket_mask: u32,
@@ -79,9 +118,9 @@ impl Settings {
     }
 }
 
-/// Value of `SG_DEST_V4` / `SG_DEST_V6`: LPM_TRIE keyed by destination prefix
-/// (prefix length, then the address: `Ip4` / `Ip6`), written by the agent from the
-/// compiled policy table (see the agent's `policy` module).
+/// Value of `SG_DEST_V4_{0,1}` / `SG_DEST_V6_{0,1}`: LPM_TRIE keyed by destination
+/// prefix (prefix length, then the address: `Ip4` / `Ip6`), written by the agent from
+/// the compiled policy table (see the agent's `policy` module), one map per set.
 ///
 /// For every address whose longest matching prefix is this one, it holds the answer of
 /// first-match-by-precedence over the policy list, per protocol, for every port the
@@ -100,7 +139,8 @@ pub struct DestRule {
 const _: () = assert!(size_of::<DestRule>() == 12);
 
 /// Key of `SG_PORT_RULES`: HASH, value `u32` policy index (or `NO_POLICY`/`BYPASS_POLICY`),
-/// written by the agent. Holds the first-match answer for ports that some policy of a
+/// written by the agent. Both sets share it: their port tables have distinct ids
+/// (`PORT_TABLE_SET_BIT`). Holds the first-match answer for ports that some policy of a
 /// destination rule names explicitly, where it differs from the rule's default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
@@ -115,8 +155,16 @@ pub struct PortRuleKey {
 }
 const _: () = assert!(size_of::<PortRuleKey>() == 8);
 
-/// Value of `SG_POLICIES`: ARRAY indexed by policy index (`MAX_POLICIES` entries),
-/// written by the agent. What a matching policy asks of a new flow.
+/// The bit that tells set 1's port-table ids from set 0's.
+pub const PORT_TABLE_SET_BIT: u32 = 1 << 31;
+
+/// The slot of a policy of a set in `SG_POLICIES` and `SG_POLICY_DROPS`.
+pub const fn policy_slot(set: u32, policy: u32) -> u32 {
+    set * MAX_POLICIES + policy
+}
+
+/// Value of `SG_POLICIES`: ARRAY of `2 * MAX_POLICIES` entries (`policy_slot`), written
+/// by the agent. What a matching policy asks of a new flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct PolicyParams {
@@ -198,7 +246,7 @@ const _: () = assert!(size_of::<SessionBucketV6>() == 128);
 /// The policy a (destination, port, protocol) resolved to through `SG_DEST_V4` and
 /// `SG_PORT_RULES`, cached direct-mapped at `hashing::bucket(fold_dest(..))` so that
 /// repeated new flows to the same application skip the longest-prefix match. An entry
-/// from another `policy_generation` is stale.
+/// from another generation (`SG_GENERATION`) is stale.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct DestCacheV4 {
@@ -328,7 +376,7 @@ pub struct RefusalEvent {
     pub at_ns: u64,
     /// Age of the device's session at that time; `i64::MIN` when it has none.
     pub session_age_ns: i64,
-    /// Policy index that refused the flow.
+    /// Policy index (in the config of `set`) that refused the flow.
     pub policy: u32,
     /// `Verdict` code (`DroppedExpired` or `DroppedUnknownDevice`).
     pub verdict: u32,
@@ -339,7 +387,9 @@ pub struct RefusalEvent {
     /// Destination and source ports, host order.
     pub dport: u16,
     pub sport: u16,
-    pub _pad: [u8; 2],
+    /// The configuration set whose policy index `policy` is.
+    pub set: u8,
+    pub _pad: u8,
     /// Device (source) address; IPv4 in the first four bytes.
     pub src: Ip6,
     /// Destination address; IPv4 in the first four bytes.

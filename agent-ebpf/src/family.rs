@@ -12,8 +12,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 
 use crate::{
     maps::{
-        SG_DEST_CACHE_V4, SG_DEST_CACHE_V6, SG_DEST_V4, SG_DEST_V6, SG_FLOWS_V4, SG_FLOWS_V6,
-        SG_SESSION_TABLE_V4, SG_SESSION_TABLE_V6, SG_SESSIONS_V4, SG_SESSIONS_V6,
+        SG_DEST_CACHE_V4, SG_DEST_CACHE_V6, SG_DEST_V4_0, SG_DEST_V4_1, SG_DEST_V6_0, SG_DEST_V6_1,
+        SG_FLOWS_V4, SG_FLOWS_V6, SG_SESSION_TABLE_V4, SG_SESSION_TABLE_V6, SG_SESSIONS_V4,
+        SG_SESSIONS_V6,
     },
     parse::L4,
 };
@@ -27,8 +28,8 @@ pub trait Family {
     const FAMILY: u8;
 
     fn fold(addr: &Self::Addr) -> u64;
-    /// The longest-prefix match of a destination in the compiled policy table.
-    fn dest_rule(dst: &Self::Addr) -> Option<&'static DestRule>;
+    /// The longest-prefix match of a destination in set `set`'s policy table.
+    fn dest_rule(set: u32, dst: &Self::Addr) -> Option<&'static DestRule>;
     fn dest_cache(index: u32) -> Option<*mut Self::DestEntry>;
     fn session_bucket(index: u32) -> Option<&'static [Self::SessionSlot; WAYS]>;
     /// The authoritative session map, for devices the session table does not hold.
@@ -46,7 +47,7 @@ pub struct V6;
 macro_rules! family {
     ($family:ident {
         code: $code:literal, addr: $addr:ident, bits: $bits:literal, wide: $wide:expr,
-        dest: $dest:ident, dest_cache: $dest_cache:ident of $dest_entry:ident,
+        dest: $dest0:ident / $dest1:ident, dest_cache: $dest_cache:ident of $dest_entry:ident,
         sessions: $sessions:ident, session_table: $session_table:ident of $session_slot:ident,
         flows: $flows:ident of $flow_slot:ident keyed by $flow_key:ident $(,)?
     }) => {
@@ -64,8 +65,13 @@ macro_rules! family {
             }
 
             #[inline(always)]
-            fn dest_rule(dst: &$addr) -> Option<&'static DestRule> {
-                $dest.get(Key::new($bits, *dst))
+            fn dest_rule(set: u32, dst: &$addr) -> Option<&'static DestRule> {
+                let key = Key::new($bits, *dst);
+                if set == 0 {
+                    $dest0.get(key)
+                } else {
+                    $dest1.get(key)
+                }
             }
 
             #[inline(always)]
@@ -115,13 +121,13 @@ macro_rules! family {
 
 family!(V4 {
     code: 4, addr: Ip4, bits: 32, wide: Ip4::wide,
-    dest: SG_DEST_V4, dest_cache: SG_DEST_CACHE_V4 of DestCacheV4,
+    dest: SG_DEST_V4_0 / SG_DEST_V4_1, dest_cache: SG_DEST_CACHE_V4 of DestCacheV4,
     sessions: SG_SESSIONS_V4, session_table: SG_SESSION_TABLE_V4 of SessionSlotV4,
     flows: SG_FLOWS_V4 of FlowSlotV4 keyed by FlowKeyV4,
 });
 family!(V6 {
     code: 6, addr: Ip6, bits: 128, wide: core::convert::identity,
-    dest: SG_DEST_V6, dest_cache: SG_DEST_CACHE_V6 of DestCacheV6,
+    dest: SG_DEST_V6_0 / SG_DEST_V6_1, dest_cache: SG_DEST_CACHE_V6 of DestCacheV6,
     sessions: SG_SESSIONS_V6, session_table: SG_SESSION_TABLE_V6 of SessionSlotV6,
     flows: SG_FLOWS_V6 of FlowSlotV6 keyed by FlowKeyV6,
 });

@@ -9,7 +9,9 @@ use agent_common::{
         flow_active, flow_needs_refresh, judge_new_flow, policy_enforces, policy_for,
         session_age_ns, verdict_without_policy,
     },
-    maps::{IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings},
+    maps::{
+        IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings, config_set, policy_slot,
+    },
     tables::{DestEntry, FlowSlot, find_flow, find_session, flow_slot_for_new},
     verdict::Verdict,
 };
@@ -17,7 +19,7 @@ use agent_common::{
 use crate::{
     clock::now_ns,
     family::Family,
-    maps::{SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
+    maps::{SG_GENERATION, SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
     parse::L4,
     report::{Refusal, count_policy_drop, event_allowed, send_event},
 };
@@ -27,8 +29,14 @@ use crate::{
 #[inline(always)]
 pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
     let is_tcp = l4.proto == IPPROTO_TCP;
-    let Some(settings) = SG_SETTINGS.get(0) else {
-        return Verdict::PassedMalformed;
+    // The configuration in force, read once: everything below uses this generation's
+    // settings and tables, so a reload never shows a packet a mix of two configs.
+    let Some(&generation) = SG_GENERATION.get(0) else {
+        return Verdict::PassedNoPolicy;
+    };
+    let set = config_set(generation);
+    let Some(settings) = SG_SETTINGS.get(set) else {
+        return Verdict::PassedNoPolicy;
     };
     if settings.is_dns_port(l4.dport) {
         return Verdict::PassedDns;
@@ -56,11 +64,11 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
         }
     }
 
-    let policy_index = policy_of::<F>(dst, l4, settings);
+    let policy_index = policy_of::<F>(dst, l4, generation, settings);
     if let Some(verdict) = verdict_without_policy(policy_index) {
         return verdict;
     }
-    let Some(policy) = SG_POLICIES.get(policy_index) else {
+    let Some(policy) = SG_POLICIES.get(policy_slot(set, policy_index)) else {
         return Verdict::PassedNoPolicy;
     };
     if !policy_enforces(policy) {
@@ -84,7 +92,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
             }
         }
         _ if verdict.is_refusal() => {
-            count_policy_drop(policy_index);
+            count_policy_drop(policy_slot(set, policy_index));
             if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
                 send_event(&Refusal {
                     family: F::FAMILY,
@@ -92,6 +100,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
                     dst: F::wide(dst),
                     l4: *l4,
                     policy: policy_index,
+                    set: set as u8,
                     verdict,
                     session_age_ns: match authenticated_at {
                         Some(at) => session_age_ns(now, at),
@@ -110,8 +119,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
 /// destination cache, else from the compiled table (longest-prefix match, then the
 /// port rules), which then fills the cache.
 #[inline(always)]
-fn policy_of<F: Family>(dst: &F::Addr, l4: &L4, settings: &Settings) -> u32 {
-    let generation = settings.policy_generation;
+fn policy_of<F: Family>(dst: &F::Addr, l4: &L4, generation: u32, settings: &Settings) -> u32 {
     let folded = F::DestEntry::fold(dst, l4.dport, l4.proto);
     let cached = F::dest_cache(bucket(folded, settings.dest_cache_mask));
     if let Some(entry) = cached {
@@ -122,7 +130,7 @@ fn policy_of<F: Family>(dst: &F::Addr, l4: &L4, settings: &Settings) -> u32 {
             return policy;
         }
     }
-    let policy = match F::dest_rule(dst) {
+    let policy = match F::dest_rule(config_set(generation), dst) {
         None => NO_POLICY,
         Some(rule) => {
             let port_rule = if rule.port_table != 0 {

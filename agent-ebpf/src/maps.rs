@@ -14,17 +14,29 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 
+/// The configuration generation in force; its low bit picks the set below.
 #[map]
-pub static SG_SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub static SG_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// One entry per set.
+#[map]
+pub static SG_SETTINGS: Array<Settings> = Array::with_max_entries(2, 0);
 
 #[map]
 pub static SG_CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
 
+// The policy tables of sets 0 and 1.
 #[map]
-pub static SG_DEST_V4: LpmTrie<Ip4, DestRule> = LpmTrie::with_max_entries(1024, 0);
+pub static SG_DEST_V4_0: LpmTrie<Ip4, DestRule> = LpmTrie::with_max_entries(1024, 0);
 
 #[map]
-pub static SG_DEST_V6: LpmTrie<Ip6, DestRule> = LpmTrie::with_max_entries(1024, 0);
+pub static SG_DEST_V4_1: LpmTrie<Ip4, DestRule> = LpmTrie::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_DEST_V6_0: LpmTrie<Ip6, DestRule> = LpmTrie::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_DEST_V6_1: LpmTrie<Ip6, DestRule> = LpmTrie::with_max_entries(1024, 0);
 
 #[map]
 pub static SG_DEST_CACHE_V4: Array<DestCacheV4> = Array::with_max_entries(1024, 0);
@@ -38,8 +50,9 @@ pub static SG_DEST_CACHE_V6: Array<DestCacheV6> = Array::with_max_entries(1024, 
 pub static SG_PORT_RULES: HashMap<PortRuleKey, u32> =
     HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
 
+/// Both sets' policies (`policy_slot`).
 #[map]
-pub static SG_POLICIES: Array<PolicyParams> = Array::with_max_entries(MAX_POLICIES, 0);
+pub static SG_POLICIES: Array<PolicyParams> = Array::with_max_entries(2 * MAX_POLICIES, 0);
 
 // As for port rules: sessions are replaced while the program reads them.
 #[map]
@@ -66,9 +79,9 @@ pub static SG_FLOWS_V6: Array<FlowBucketV6> = Array::with_max_entries(1024, 0);
 #[map]
 pub static SG_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
 
-/// Refused new flows per policy index.
+/// Refused new flows per policy of each set (`policy_slot`).
 #[map]
-pub static SG_POLICY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POLICIES, 0);
+pub static SG_POLICY_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_POLICIES, 0);
 
 #[map]
 pub static SG_EVENT_LIMIT: Array<EventLimitSlot> = Array::with_max_entries(1024, 0);

@@ -28,14 +28,16 @@ pub struct Refusal {
     pub dst: Ip6,
     pub l4: L4,
     pub policy: u32,
+    pub set: u8,
     pub verdict: Verdict,
     pub session_age_ns: i64,
     pub now_ns: u64,
 }
 
+/// Counts a refusal against its policy's `policy_slot`.
 #[inline(always)]
-pub fn count_policy_drop(policy: u32) {
-    if let Some(c) = SG_POLICY_DROPS.get_ptr_mut(policy) {
+pub fn count_policy_drop(slot: u32) {
+    if let Some(c) = SG_POLICY_DROPS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };
     }
@@ -91,7 +93,8 @@ pub fn send_event(r: &Refusal) {
         proto: r.l4.proto,
         dport: r.l4.dport,
         sport: r.l4.sport,
-        _pad: [0; 2],
+        set: r.set,
+        _pad: 0,
         src: r.src,
         dst: r.dst,
     });

@@ -13,9 +13,10 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    api::client::ApiClient,
+    api::client::{ApiClient, ClientError},
     config::Config,
-    control::{SessionDetail, SessionView, Stats},
+    control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
+    events::{self, Refusal},
     policy,
 };
 
@@ -41,13 +42,42 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate the config, attach the XDP program and enforce until SIGINT/SIGTERM.
+    /// Validate the config, adopt (or load) the pinned XDP datapath and enforce until
+    /// SIGINT/SIGTERM; SIGHUP reloads the config. Enforcement outlives the agent: the
+    /// next one adopts the pinned datapath without a gap.
     Run {
         #[arg(long, short, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// One log line per event, as text or JSON.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Swap a pinned datapath this agent cannot adopt (another map layout, other
+        /// [limits]) for a new one in one step.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Remove the pinned datapath (detaching the program), the session state and the
+    /// API socket. The agent must be stopped first.
+    Detach {
+        #[arg(long, short, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Keep the session journal in state_dir.
+        #[arg(long)]
+        keep_sessions: bool,
+    },
+    /// Make a running agent re-read its config and apply it atomically (as SIGHUP does);
+    /// an invalid config is rejected with every reason and the running policy stays.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Follow refused flows live.
+    Events {
+        #[command(flatten)]
+        target: Target,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate the config, print the compiled policy table and warn about likely mistakes.
     Check {
@@ -102,6 +132,14 @@ pub enum SessionCommand {
     Logout {
         /// The device's address.
         ip: IpAddr,
+    },
+    /// Load sessions in bulk from a file: JSON lines ({"ip", "user", "idp", "authenticated_at"})
+    /// or CSV (ip,user,idp,authenticated_at). A file with a bad line imports nothing.
+    Import {
+        file: PathBuf,
+        /// Import the good lines of a file with bad ones (which are reported).
+        #[arg(long)]
+        skip_bad: bool,
     },
     /// List every session.
     List {
@@ -181,6 +219,9 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
             )?;
             println!("{} logged out (was {})", view.ip, view.user);
         }
+        SessionCommand::Import { file, skip_bad } => {
+            import(&client, file, *skip_bad).await?;
+        }
         SessionCommand::List { json } => {
             let value = client.get("/v1/sessions").await?;
             if *json {
@@ -257,6 +298,155 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
     }
     for (name, drops) in &stats.policy_drops {
         println!("  policy {:<30} {drops} refused", format!("{name:?}"));
+    }
+    Ok(())
+}
+
+/// `sessiongate session import`: uploads the file with a progress bar; the agent
+/// validates every line and applies all of it (or, with `--skip-bad`, the good lines).
+async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Result<()> {
+    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bar = indicatif::ProgressBar::new(data.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {elapsed}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message("uploading");
+    let progress = bar.clone();
+    let path = format!("/v1/sessions/import?skip_bad={skip_bad}");
+    let pending = client.upload(&path, data.into(), move |sent| {
+        progress.set_position(sent);
+        if sent == progress.length().unwrap_or(0) {
+            progress.set_message("applying");
+        }
+    });
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let result = pending.await;
+    bar.finish_and_clear();
+    let print_errors = |errors: &Value| {
+        for e in errors.as_array().into_iter().flatten() {
+            eprintln!(
+                "{}:{}: {}",
+                file.display(),
+                e["line"],
+                e["message"].as_str().unwrap_or("?")
+            );
+        }
+    };
+    match result {
+        Ok(value) => {
+            let report: ImportReport = decode(value.clone())?;
+            print_errors(&value["errors"]);
+            println!(
+                "imported {} sessions from {} ({} new devices, {} reset){}",
+                report.imported,
+                file.display(),
+                report.new_devices,
+                report.reset_devices,
+                if report.skipped_lines > 0 {
+                    format!("; skipped {} bad lines", report.skipped_lines)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Err(ClientError::Api {
+            code,
+            message,
+            body,
+            ..
+        }) if code == "import_rejected" => {
+            print_errors(&body["errors"]);
+            let shown = body["errors"].as_array().map_or(0, Vec::len);
+            let total = body["error_count"].as_u64().unwrap_or(0) as usize;
+            if total > shown {
+                eprintln!("... and {} more", total - shown);
+            }
+            anyhow::bail!("{}: {message}", file.display())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `sessiongate reload`.
+pub async fn reload(target: &Target) -> anyhow::Result<()> {
+    let client = ApiClient::new(&target.socket()?);
+    match client.call(Method::POST, "/v1/reload", None).await {
+        Ok(value) => {
+            let done: Reloaded = decode(value)?;
+            println!(
+                "reloaded: generation {}, {} policies, {} prefixes",
+                done.generation, done.policies, done.prefixes
+            );
+            for w in &done.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(())
+        }
+        Err(ClientError::Api { code, message, .. }) if code == "reload_rejected" => {
+            anyhow::bail!("{message}")
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `sessiongate events`: one line per refusal until interrupted.
+pub async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
+    let client = ApiClient::new(&target.socket()?);
+    client
+        .stream_lines("/v1/events/stream", |line| {
+            if json {
+                println!("{line}");
+                return;
+            }
+            match serde_json::from_str::<Refusal>(line) {
+                Ok(r) => println!("{}", events::describe(&r)),
+                Err(_) => println!("{line}"),
+            }
+        })
+        .await?;
+    Ok(())
+}
+
+/// `sessiongate detach`.
+pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let agent = &config.agent;
+    if ApiClient::new(&agent.api_socket)
+        .get("/v1/health")
+        .await
+        .is_ok()
+    {
+        anyhow::bail!(
+            "an agent is running on {}; stop it first (systemctl stop sessiongate)",
+            agent.api_socket.display()
+        );
+    }
+    let removed = crate::datapath::remove_pins(&agent.pin_dir)?;
+    if removed.is_empty() {
+        println!("no pinned datapath under {}", agent.pin_dir.display());
+    }
+    for dir in removed {
+        println!("removed {} (the program is detached)", dir.display());
+    }
+    let mut gone = vec![agent.api_socket.clone()];
+    if !keep_sessions {
+        gone.extend(crate::sessions::state_files(&agent.state_dir));
+    }
+    for path in gone {
+        match std::fs::remove_file(&path) {
+            Ok(()) => println!("removed {}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot remove {}: {e}", path.display()),
+        }
+    }
+    if !keep_sessions {
+        // Only if nothing else lives there.
+        let _ = std::fs::remove_dir(&agent.state_dir);
     }
     Ok(())
 }

@@ -3,22 +3,37 @@
 //! record is rolled back in the kernel, and a refused request changes neither.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
-    sync::{Mutex, MutexGuard},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
-use agent_common::verdict::{Verdict, counter};
+use agent_common::{
+    maps::config_set,
+    verdict::{Verdict, counter},
+};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::sync::broadcast;
 
 use crate::{
     clock::ClockPair,
     config::Config,
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, settings},
     events::{self, History, RawRefusal, Refusal},
-    policy::PolicyTable,
-    sessions::{LoginRequest, SessionError, SessionRecord, SessionStore},
+    policy::{self, PolicyTable},
+    sessions::{
+        LoginRequest, SessionError, SessionRecord, SessionStore,
+        import::{self, LineError},
+    },
 };
+
+/// Line errors an import reply lists; the rest are counted.
+const IMPORT_ERRORS_SHOWN: usize = 100;
+
+/// Refusals buffered per live event-stream subscriber before it starts missing some.
+const EVENT_STREAM_BUFFER: usize = 1024;
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -28,16 +43,61 @@ pub enum ControlError {
     Datapath(#[from] DatapathError),
 }
 
-pub struct Control {
+/// The configuration in force and its compiled table.
+pub struct Active {
     pub config: Config,
     pub table: PolicyTable,
+    /// `SG_GENERATION` it was applied as.
+    pub generation: u32,
+}
+
+/// Reloads so far and how the last one went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Unix time of the last attempt, and its problems (empty when it succeeded).
+    pub last_at: Option<i64>,
+    pub last_ok: Option<bool>,
+    pub last_problems: Vec<String>,
+}
+
+/// What a successful reload did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reloaded {
+    pub generation: u32,
+    pub policies: usize,
+    pub prefixes: usize,
+    /// Changes that only a restart applies, and `check`'s warnings.
+    pub warnings: Vec<String>,
+}
+
+/// A reload that changed nothing, with every reason.
+#[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]
+#[error("reload rejected; the running policy stays:\n  {}", .problems.join("\n  "))]
+pub struct ReloadRejected {
+    pub problems: Vec<String>,
+}
+
+pub struct Control {
+    active: RwLock<Arc<Active>>,
+    /// The config file `reload` reads.
+    config_path: PathBuf,
     /// (interface, XDP mode) pairs the program is attached to.
-    pub interfaces: Vec<(String, String)>,
+    interfaces: RwLock<Vec<(String, String)>>,
     // Lock order: sessions, then datapath.
     sessions: Mutex<SessionStore>,
-    /// The loaded, attached program and its maps; dropping it detaches the program.
+    /// The program and its maps.
     datapath: Mutex<Datapath>,
     history: Mutex<History>,
+    /// Policy names of each configuration set, for refusal events that name a set.
+    set_policies: Mutex<[Vec<String>; 2]>,
+    /// Refused flows counted under configurations no longer in force, by policy name.
+    retired_drops: Mutex<BTreeMap<String, u64>>,
+    reloads: Mutex<ReloadStatus>,
+    live_events: broadcast::Sender<Refusal>,
+    notifier: Option<crate::notify::Notifier>,
+    started: std::time::Instant,
 }
 
 /// A session as the API shows it.
@@ -87,22 +147,217 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 impl Control {
+    /// `datapath` must hold `config` in force already (`Maps::apply`).
     pub fn new(
+        config_path: PathBuf,
         config: Config,
         table: PolicyTable,
         interfaces: Vec<(String, String)>,
         sessions: SessionStore,
         datapath: Datapath,
+        notifier: Option<crate::notify::Notifier>,
     ) -> Self {
+        let generation = datapath.maps.generation();
+        let mut set_policies: [Vec<String>; 2] = Default::default();
+        set_policies[config_set(generation) as usize] = policy_names(&config);
         Self {
-            config,
-            table,
-            interfaces,
+            active: RwLock::new(Arc::new(Active {
+                config,
+                table,
+                generation,
+            })),
+            config_path,
+            interfaces: RwLock::new(interfaces),
             sessions: Mutex::new(sessions),
             datapath: Mutex::new(datapath),
             history: Mutex::new(History::default()),
+            set_policies: Mutex::new(set_policies),
+            retired_drops: Mutex::new(BTreeMap::new()),
+            reloads: Mutex::new(ReloadStatus::default()),
+            live_events: broadcast::channel(EVENT_STREAM_BUFFER).0,
+            notifier,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// The configuration in force.
+    pub fn active(&self) -> Arc<Active> {
+        read(&self.active)
+    }
+
+    pub fn interfaces(&self) -> Vec<(String, String)> {
+        read(&self.interfaces)
+    }
+
+    pub fn reload_status(&self) -> ReloadStatus {
+        lock(&self.reloads).clone()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    pub fn notify_stats(&self) -> Option<crate::notify::NotifyStats> {
+        self.notifier.as_ref().map(crate::notify::Notifier::stats)
+    }
+
+    /// Live refusals, for `GET /v1/events/stream`.
+    pub fn subscribe(&self) -> broadcast::Receiver<Refusal> {
+        self.live_events.subscribe()
+    }
+
+    /// Reads the config file again and puts it in force atomically. A config with any
+    /// problem changes nothing and is rejected with every reason.
+    pub fn reload(&self) -> Result<Reloaded, ReloadRejected> {
+        let result = self.try_reload();
+        let mut status = lock(&self.reloads);
+        status.last_at = Some(unix_now());
+        match &result {
+            Ok(done) => {
+                status.succeeded += 1;
+                status.last_ok = Some(true);
+                status.last_problems.clear();
+                tracing::info!(
+                    generation = done.generation,
+                    policies = done.policies,
+                    prefixes = done.prefixes,
+                    "reloaded the config"
+                );
+                for warning in &done.warnings {
+                    tracing::warn!("{warning}");
+                }
+            }
+            Err(rejected) => {
+                status.failed += 1;
+                status.last_ok = Some(false);
+                status.last_problems = rejected.problems.clone();
+                tracing::error!(
+                    problems = %rejected.problems.join("; "),
+                    "reload rejected; the running policy stays"
+                );
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, ReloadRejected> {
+        let reject = |problems: Vec<String>| ReloadRejected { problems };
+        let config = Config::load(&self.config_path).map_err(|e| {
+            reject(match e {
+                crate::config::ConfigError::Invalid { problems, .. } => {
+                    problems.iter().map(ToString::to_string).collect()
+                }
+                other => vec![other.to_string()],
+            })
+        })?;
+        let table = policy::compile(&config).map_err(|e| reject(vec![e.to_string()]))?;
+        let old = self.active();
+        let mut problems = Vec::new();
+        if config.limits != old.config.limits {
+            problems.push(
+                "[limits] cannot change while running: the maps are sized by them; restart with --replace"
+                    .to_string(),
+            );
+        }
+        let missing: Vec<&str> = config
+            .agent
+            .interfaces
+            .iter()
+            .map(String::as_str)
+            .filter(|name| !crate::datapath::interface_exists(name))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!(
+                "[agent] interfaces: {} not found on this host",
+                missing.join(", ")
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(reject(problems));
+        }
+        let mut warnings: Vec<String> = policy::lint(&config, &table)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let (a, b) = (&old.config.agent, &config.agent);
+        for (field, changed) in [
+            ("api_socket", a.api_socket != b.api_socket),
+            ("state_dir", a.state_dir != b.state_dir),
+            ("pin_dir", a.pin_dir != b.pin_dir),
+            ("metrics_listen", a.metrics_listen != b.metrics_listen),
+            ("api_listen", a.api_listen != b.api_listen),
+            ("api_token_file", a.api_token_file != b.api_token_file),
+            ("notify_url", a.notify != b.notify),
+            ("xdp_mode", a.xdp_mode != b.xdp_mode),
+        ] {
+            if changed {
+                warnings.push(format!(
+                    "[agent] {field} changed: it takes effect at the next restart"
+                ));
+            }
+        }
+
+        let mut datapath = lock(&self.datapath);
+        let retired = datapath
+            .maps
+            .apply(settings(&config), &table)
+            .map_err(|e| reject(vec![format!("writing the policy maps failed: {e}")]))?;
+        let generation = datapath.maps.generation();
+        let set = config_set(generation) as usize;
+        {
+            let mut names = lock(&self.set_policies);
+            let mut totals = lock(&self.retired_drops);
+            for (index, n) in retired.into_iter().enumerate() {
+                if n > 0
+                    && let Some(name) = names[set].get(index)
+                {
+                    *totals.entry(name.clone()).or_default() += n;
+                }
+            }
+            names[set] = policy_names(&config);
+        }
+        // Interfaces added are attached, interfaces removed detached.
+        let mut interfaces = Vec::new();
+        for name in &config.agent.interfaces {
+            match datapath.attach(name, old.config.agent.xdp_mode) {
+                Ok(mode) => interfaces.push((name.clone(), mode.name().to_string())),
+                Err(e) => warnings.push(format!("interface {name}: {e}")),
+            }
+        }
+        if let Err(e) = datapath.detach_others(&config.agent.interfaces) {
+            warnings.push(format!("detaching removed interfaces: {e}"));
+        }
+        drop(datapath);
+        *self
+            .interfaces
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = interfaces;
+        let done = Reloaded {
+            generation,
+            policies: config.policies.len(),
+            prefixes: table.dest.len(),
+            warnings,
+        };
+        *self
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(Active {
+            config,
+            table,
+            generation,
+        });
+        Ok(done)
     }
 
     pub fn login(&self, req: &LoginRequest) -> Result<SessionView, ControlError> {
@@ -146,6 +401,72 @@ impl Control {
         Ok(view(&record, &clock, store.boot_id()))
     }
 
+    /// Imports sessions in bulk from a JSON-lines or CSV file's text (`sessions::import`).
+    /// A file with any bad line imports nothing, unless `skip_bad`, which imports the
+    /// good lines. The kernel gets one batched write; the journal one append.
+    pub fn import(&self, text: &str, skip_bad: bool) -> Result<ImportReport, ImportError> {
+        let parsed = import::parse(text);
+        let mut store = lock(&self.sessions);
+        let clock = ClockPair::now();
+        let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
+        let mut errors = parsed.errors;
+        errors.extend(plan_errors);
+        errors.sort_by_key(|e| e.line);
+        let error_count = errors.len();
+        errors.truncate(IMPORT_ERRORS_SHOWN);
+        if error_count > 0 && !skip_bad {
+            return Err(ImportError::Rejected {
+                error_count,
+                errors,
+            });
+        }
+        let boot_id = store.boot_id().to_string();
+        let previous: Vec<(IpAddr, Option<agent_common::maps::Session>)> = planned
+            .iter()
+            .map(|r| {
+                (
+                    r.ip,
+                    store
+                        .get(&r.ip)
+                        .map(|old| old.kernel_value(&clock, &boot_id)),
+                )
+            })
+            .collect();
+        let reset = previous.iter().filter(|(_, p)| p.is_some()).count();
+        let values: Vec<_> = planned
+            .iter()
+            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
+            .collect();
+        let mut datapath = lock(&self.datapath);
+        let rollback = |maps: &mut crate::datapath::Maps| {
+            for (ip, old) in &previous {
+                let restored = match old {
+                    Some(s) => maps.set_session(*ip, *s),
+                    None => maps.remove_session(*ip),
+                };
+                if let Err(e) = restored {
+                    tracing::error!(device = %ip, error = %e, "could not roll back an imported kernel session");
+                }
+            }
+        };
+        if let Err(e) = datapath.maps.load_sessions(&values) {
+            rollback(&mut datapath.maps);
+            return Err(ImportError::Control(e.into()));
+        }
+        let imported = planned.len();
+        if let Err(e) = store.commit_import(planned) {
+            rollback(&mut datapath.maps);
+            return Err(ImportError::Control(e.into()));
+        }
+        Ok(ImportReport {
+            imported,
+            new_devices: imported - reset,
+            reset_devices: reset,
+            skipped_lines: error_count,
+            errors,
+        })
+    }
+
     pub fn sessions(&self) -> Vec<SessionView> {
         let clock = ClockPair::now();
         let store = lock(&self.sessions);
@@ -161,7 +482,8 @@ impl Control {
         let clock = ClockPair::now();
         let session = view(record, &clock, store.boot_id());
         let age_ns = age_ns(record, &clock, store.boot_id());
-        let policies = self
+        let active = self.active();
+        let policies = active
             .config
             .policies
             .iter()
@@ -182,10 +504,11 @@ impl Control {
 
     pub fn stats(&self) -> Result<Stats, ControlError> {
         let sessions = lock(&self.sessions).len();
+        let active = self.active();
         let datapath = lock(&self.datapath);
         let maps = &datapath.maps;
         let counters = maps.counters()?;
-        let drops = maps.policy_drops(self.config.policies.len())?;
+        let drops = self.policy_drops_of(maps, &active)?;
         let (v4, v6) = maps.flow_count(crate::clock::boot_now_ns() as u64);
         drop(datapath);
         Ok(Stats {
@@ -197,37 +520,123 @@ impl Control {
                 .iter()
                 .map(|(slot, name)| (name.to_string(), counters[*slot as usize]))
                 .collect(),
-            policy_drops: self
-                .config
-                .policies
-                .iter()
-                .zip(drops)
-                .map(|(p, n)| (p.name.clone(), n))
-                .collect(),
+            policy_drops: drops,
             sessions,
             udp_flows: v4 + v6,
-            interfaces: self.interfaces.clone(),
+            interfaces: self.interfaces(),
         })
     }
 
-    /// Resolves, logs and records a refusal from the kernel.
+    /// Refused new flows per policy name since the agent started: the configuration
+    /// in force plus those retired by reloads.
+    fn policy_drops_of(
+        &self,
+        maps: &crate::datapath::Maps,
+        active: &Active,
+    ) -> Result<Vec<(String, u64)>, ControlError> {
+        let current = maps.policy_drops(active.config.policies.len())?;
+        let mut totals = lock(&self.retired_drops).clone();
+        for (p, n) in active.config.policies.iter().zip(current) {
+            *totals.entry(p.name.clone()).or_default() += n;
+        }
+        Ok(totals.into_iter().collect())
+    }
+
+    /// Everything `/metrics` shows, read in one go.
+    pub fn metrics(&self) -> Result<MetricsSnapshot, ControlError> {
+        let sessions = lock(&self.sessions).len();
+        let active = self.active();
+        let datapath = lock(&self.datapath);
+        let maps = &datapath.maps;
+        let counters = maps.counters()?;
+        let policy_drops = self.policy_drops_of(maps, &active)?;
+        let occupancy = maps.occupancy(crate::clock::boot_now_ns() as u64);
+        drop(datapath);
+        Ok(MetricsSnapshot {
+            verdicts: Verdict::ALL
+                .iter()
+                .map(|v| (v.name(), counters[v.code() as usize]))
+                .collect(),
+            events: counter::NAMED
+                .iter()
+                .map(|(slot, name)| (*name, counters[*slot as usize]))
+                .collect(),
+            policy_drops,
+            occupancy,
+            sessions,
+            policies: active.config.policies.len(),
+            generation: active.generation,
+            reloads: self.reload_status(),
+            notify: self.notify_stats(),
+            interfaces: self.interfaces(),
+        })
+    }
+
+    /// Resolves, logs, records and passes on a refusal from the kernel.
     pub fn record_refusal(&self, raw: &RawRefusal) {
         let user = lock(&self.sessions)
             .get(&raw.device)
             .map(|r| r.user.clone());
-        let policy = self
-            .config
-            .policies
+        let policy = lock(&self.set_policies)[raw.set as usize & 1]
             .get(raw.policy as usize)
-            .map_or_else(|| format!("#{}", raw.policy), |p| p.name.clone());
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", raw.policy));
         let refusal = raw.resolve(&ClockPair::now(), user, policy);
         events::log(&refusal);
+        if let Some(notifier) = &self.notifier {
+            notifier.refused(&refusal);
+        }
+        // No subscribers is the usual case, not an error.
+        let _ = self.live_events.send(refusal.clone());
         lock(&self.history).push(refusal);
     }
 
     pub fn recent_refusals(&self) -> Vec<Refusal> {
         lock(&self.history).snapshot()
     }
+}
+
+/// What an import did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub imported: usize,
+    /// Devices that had no session before, and devices whose session was reset.
+    pub new_devices: usize,
+    pub reset_devices: usize,
+    /// Bad lines left out (`skip_bad`), and the first of them.
+    pub skipped_lines: usize,
+    pub errors: Vec<LineError>,
+}
+
+#[derive(Debug, Error)]
+pub enum ImportError {
+    #[error("{error_count} bad line(s); nothing was imported (--skip-bad imports the good lines)")]
+    Rejected {
+        error_count: usize,
+        errors: Vec<LineError>,
+    },
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// `/metrics`' data; rendered by `api::metrics`.
+#[derive(Clone, Debug)]
+pub struct MetricsSnapshot {
+    pub verdicts: Vec<(&'static str, u64)>,
+    pub events: Vec<(&'static str, u64)>,
+    pub policy_drops: Vec<(String, u64)>,
+    /// (table, entries in use, capacity).
+    pub occupancy: Vec<(&'static str, usize, usize)>,
+    pub sessions: usize,
+    pub policies: usize,
+    pub generation: u32,
+    pub reloads: ReloadStatus,
+    pub notify: Option<crate::notify::NotifyStats>,
+    pub interfaces: Vec<(String, String)>,
+}
+
+fn policy_names(config: &Config) -> Vec<String> {
+    config.policies.iter().map(|p| p.name.clone()).collect()
 }
 
 /// A session's age by the kernel's clock.

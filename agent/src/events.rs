@@ -47,6 +47,8 @@ pub struct RawRefusal {
     pub port: u16,
     pub protocol: &'static str,
     pub policy: u32,
+    /// The configuration set `policy` indexes into.
+    pub set: u8,
     pub session_age_ns: Option<i64>,
 }
 
@@ -73,6 +75,7 @@ pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
             "udp"
         },
         policy: event.policy,
+        set: event.set,
         session_age_ns: (event.session_age_ns != NO_SESSION_AGE).then_some(event.session_age_ns),
     })
 }
@@ -123,12 +126,33 @@ impl History {
     }
 }
 
-/// Logs a refusal as one "re-authentication required" line.
-pub fn log(refusal: &Refusal) {
-    let destination = match refusal.destination {
+/// `198.19.10.10:443/tcp`, `[2001:db8::1]:443/tcp`.
+pub fn destination(refusal: &Refusal) -> String {
+    match refusal.destination {
         IpAddr::V4(a) => format!("{a}:{}/{}", refusal.port, refusal.protocol),
         IpAddr::V6(a) => format!("[{a}]:{}/{}", refusal.port, refusal.protocol),
-    };
+    }
+}
+
+/// One human-readable line, for `sessiongate events`.
+pub fn describe(r: &Refusal) -> String {
+    let at =
+        r.at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+    format!(
+        "{at} refused {} -> {} policy {:?}: {} (user {}, session age {})",
+        r.device,
+        destination(r),
+        r.policy,
+        r.reason,
+        r.user.as_deref().unwrap_or("-"),
+        r.session_age.as_deref().unwrap_or("-"),
+    )
+}
+
+/// Logs a refusal as one "re-authentication required" line.
+pub fn log(refusal: &Refusal) {
+    let destination = destination(refusal);
     tracing::warn!(
         user = refusal.user.as_deref().unwrap_or("(no session)"),
         device = %refusal.device,
@@ -199,6 +223,7 @@ mod tests {
             port: 1,
             protocol: "tcp",
             policy: 0,
+            set: 0,
             session_age_ns: Some(0),
         };
         for port in 0..(HISTORY as u16 + 10) {

@@ -1,5 +1,5 @@
 //! sessiongate's agent: configuration, policy compilation, the kernel datapath's maps,
-//! device sessions, the control API and the CLI.
+//! device sessions, the control API, re-authentication prompts and the CLI.
 
 pub mod api;
 pub mod cli;
@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod events;
+pub mod notify;
 pub mod policy;
 pub mod run;
 pub mod sessions;

@@ -21,7 +21,15 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = runtime.block_on(async {
         match &cli.command {
-            Command::Run { config, .. } => sessiongate::run::run(config).await,
+            Command::Run {
+                config, replace, ..
+            } => sessiongate::run::run(config, *replace).await,
+            Command::Detach {
+                config,
+                keep_sessions,
+            } => cli::detach(config, *keep_sessions).await,
+            Command::Reload { target } => cli::reload(target).await,
+            Command::Events { target, json } => cli::events(target, *json).await,
             Command::Session { target, command } => cli::session(target, command).await,
             Command::Stats { target, json } => cli::stats(target, *json).await,
             Command::Check { .. } => unreachable!("handled above"),

@@ -1,5 +1,7 @@
-//! `sessiongate run`: validate everything, fill the maps, attach, then serve the API and
-//! report refusals until SIGINT or SIGTERM.
+//! `sessiongate run`: validate everything, adopt (or load and pin) the datapath, bring
+//! its sessions and policy up to date, then serve the API and report refusals until
+//! SIGINT or SIGTERM. SIGHUP reloads the config. The datapath stays pinned and attached
+//! after the agent exits, so a restart or upgrade never opens a gap.
 
 use std::{path::Path, sync::Arc};
 
@@ -8,6 +10,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::SignalKind,
+    sync::watch,
 };
 
 use crate::{
@@ -15,12 +18,14 @@ use crate::{
     clock::ClockPair,
     config::Config,
     control::Control,
-    datapath::{Datapath, interface_exists},
-    events, policy,
+    datapath::{Datapath, Origin, interface_exists, settings},
+    events,
+    notify::{Notifier, NotifyConfig},
+    policy,
     sessions::SessionStore,
 };
 
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     // Everything that can be wrong with the config is found before the kernel is touched.
     let config = Config::load(config_path)?;
     let table = policy::compile(&config).with_context(|| format!("config {}", config.source))?;
@@ -41,52 +46,155 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             missing.join(", ")
         );
     }
+    let api_token = match &config.agent.api_token_file {
+        Some(path) if config.agent.api_listen.is_some() => Some(api::auth::read_token(path)?),
+        _ => None,
+    };
     let store = SessionStore::open(&config.agent.state_dir)?;
 
-    let mut datapath = Datapath::load(&config.limits)?;
-    datapath.maps.write_settings(&config)?;
-    datapath.maps.write_policies(&table)?;
-    // Sessions are in place before the first packet is judged, so a restart never
-    // refuses a device that has a valid session.
+    let pin_dir = config.agent.pin_dir.clone();
+    let (mut datapath, origin) = Datapath::open(&pin_dir, &config.limits, replace)?;
+    // Sessions are in place before the new policy is, and before a new datapath is
+    // attached, so no device with a valid session is ever refused.
     let clock = ClockPair::now();
     let sessions: Vec<_> = store
         .iter()
         .map(|r| (r.ip, r.kernel_value(&clock, store.boot_id())))
         .collect();
-    datapath.maps.load_sessions(&sessions)?;
+    match &origin {
+        Origin::Adopted => {
+            let removed = datapath.maps.sync_sessions(&sessions)?;
+            tracing::info!(
+                dir = %pin_dir.display(),
+                generation = datapath.maps.generation(),
+                sessions = sessions.len(),
+                removed,
+                "adopted the pinned datapath"
+            );
+        }
+        Origin::Loaded | Origin::Replacing(_) => datapath.maps.load_sessions(&sessions)?,
+    }
+    // Atomic: an adopted datapath keeps its previous policy until this one value flips.
+    datapath.maps.apply(settings(&config), &table)?;
     let mut interfaces = Vec::new();
     for name in &config.agent.interfaces {
         let mode = datapath.attach(name, config.agent.xdp_mode)?;
         tracing::info!(interface = %name, mode = mode.name(), "attached");
         interfaces.push((name.clone(), mode.name().to_string()));
     }
+    datapath.detach_others(&config.agent.interfaces)?;
+    if let Origin::Replacing(old) = &origin {
+        datapath.finish_replace(&pin_dir)?;
+        tracing::info!(replaced = ?old, "replaced the pinned datapath in one step");
+    }
     let ring = datapath.take_events().expect("taken once");
+
     let listener = api::server::bind(&config.agent.api_socket).with_context(|| {
         format!(
             "cannot listen on the API socket {}",
             config.agent.api_socket.display()
         )
     })?;
+    let tcp_listener = match config.agent.api_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on api_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match config.agent.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics_listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let notifier = config.agent.notify.as_ref().map(|n| {
+        Notifier::spawn(NotifyConfig::new(
+            n.url.clone(),
+            n.interval.0,
+            n.reauth_url.clone(),
+        ))
+    });
     let socket = config.agent.api_socket.clone();
     tracing::info!(
         policies = config.policies.len(),
         prefixes = table.dest.len(),
         sessions = store.len(),
         api_socket = %socket.display(),
+        api_listen = ?config.agent.api_listen,
+        metrics_listen = ?config.agent.metrics_listen,
+        pin_dir = %pin_dir.display(),
         "sessiongate running"
     );
-    let control = Arc::new(Control::new(config, table, interfaces, store, datapath));
+    let control = Arc::new(Control::new(
+        config_path.to_path_buf(),
+        config,
+        table,
+        interfaces,
+        store,
+        datapath,
+        notifier,
+    ));
 
-    let reporter = tokio::spawn(report_refusals(ring, Arc::clone(&control)));
-    let served = axum::serve(listener, api::server::router(Arc::clone(&control)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    reporter.abort();
-    let _ = reporter.await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(report_refusals(ring, Arc::clone(&control)));
+    tasks.spawn(reload_on_sighup(Arc::clone(&control)));
+    let unix = axum::serve(
+        listener,
+        api::server::router(Arc::clone(&control))
+            .into_make_service_with_connect_info::<api::server::Caller>(),
+    )
+    .with_graceful_shutdown(stopped());
+    let mut servers = vec![tokio::spawn(
+        async move { unix.await.context("API server") },
+    )];
+    if let (Some(listener), Some(token)) = (tcp_listener, api_token) {
+        let router = api::auth::require_token(api::server::router(Arc::clone(&control)), token);
+        let tcp = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<api::server::Caller>(),
+        )
+        .with_graceful_shutdown(stopped());
+        servers.push(tokio::spawn(
+            async move { tcp.await.context("TCP API server") },
+        ));
+    }
+    if let Some(listener) = metrics_listener {
+        let metrics = axum::serve(listener, api::metrics::router(Arc::clone(&control)))
+            .with_graceful_shutdown(stopped());
+        servers.push(tokio::spawn(async move {
+            metrics.await.context("metrics server")
+        }));
+    }
+
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    for server in servers {
+        match server.await {
+            Ok(Err(e)) if result.is_ok() => result = Err(e),
+            _ => {}
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&socket);
     drop(control);
-    served.context("API server")?;
-    tracing::info!("stopped; the program is detached");
+    result?;
+    tracing::info!(
+        pin_dir = %pin_dir.display(),
+        "stopped; enforcement continues with the pinned datapath (`sessiongate detach` removes it)"
+    );
     Ok(())
 }
 
@@ -98,6 +206,16 @@ async fn shutdown_signal() {
         _ = int.recv() => "SIGINT",
     };
     tracing::info!(signal = name, "stopping");
+}
+
+async fn reload_on_sighup(control: Arc<Control>) {
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        tracing::info!(signal = "SIGHUP", "reloading the config");
+        let control = Arc::clone(&control);
+        // The outcome is logged and kept for the API and metrics.
+        let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+    }
 }
 
 /// Drains the kernel's refusal events as they arrive.

@@ -16,7 +16,7 @@ use serde::Serialize;
 use sessiongate::{
     clock::{ClockPair, boot_id, boot_now_ns},
     config::{Config, Limits},
-    datapath::Datapath,
+    datapath::{Datapath, settings},
     policy,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -103,9 +103,8 @@ fn policy_load(cidrs: usize) -> anyhow::Result<(f64, f64)> {
     let table = policy::compile(&config)?;
     let compiled = started.elapsed().as_secs_f64();
     let mut dp = Datapath::load(&limits(1024))?;
-    dp.maps.write_settings(&config)?;
     let started = Instant::now();
-    dp.maps.write_policies(&table)?;
+    dp.maps.apply(settings(&config), &table)?;
     Ok((compiled, started.elapsed().as_secs_f64()))
 }
 

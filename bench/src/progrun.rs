@@ -296,8 +296,7 @@ impl Loaded {
             max_port_rules: 65_536,
         };
         let mut dp = Datapath::load(&limits)?;
-        dp.maps.write_settings(&config)?;
-        dp.maps.write_policies(&table)?;
+        dp.maps.apply(settings(&config), &table)?;
         let now = boot_now_ns();
         for device in scenario::devices(size.sessions) {
             dp.maps.set_session(

@@ -15,7 +15,7 @@ use netlab::packets::Packet;
 use sessiongate::{
     clock::boot_now_ns,
     config::{Config, Limits},
-    datapath::Datapath,
+    datapath::{Datapath, settings},
     events::{RawRefusal, decode},
     policy,
 };
@@ -137,8 +137,7 @@ impl Harness {
             max_port_rules: 1024,
         };
         let mut dp = Datapath::load(&limits).expect("the kernel accepts the program");
-        dp.maps.write_settings(&config).unwrap();
-        dp.maps.write_policies(&table).unwrap();
+        dp.maps.apply(settings(&config), &table).unwrap();
         let events = dp.take_events().unwrap();
         let mut h = Self { dp, config, events };
         for (device, age) in DEVICES {

@@ -23,6 +23,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// The whole error reply.
+        body: Value,
     },
     #[error("talking to the agent at {socket}: {message}")]
     Protocol { socket: PathBuf, message: String },
@@ -100,7 +102,111 @@ impl ApiClient {
             message: error["error"]
                 .as_str()
                 .map_or_else(|| format!("HTTP {status}: {text}"), str::to_string),
+            body: error,
         })
+    }
+
+    /// POSTs `data` in chunks, calling `sent` with the bytes sent so far, and returns the
+    /// decoded JSON reply (errors as `ClientError::Api`, with the reply in `body`).
+    pub async fn upload(
+        &self,
+        path: &str,
+        data: Bytes,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Value, ClientError> {
+        const CHUNK: usize = 1 << 20;
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        tokio::spawn(connection);
+        let total = data.len();
+        let chunks = futures_util::stream::iter((0..total.div_ceil(CHUNK)).map(move |i| {
+            let end = ((i + 1) * CHUNK).min(total);
+            sent(end as u64);
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(data.slice(i * CHUNK..end)))
+        }));
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("host", "sessiongate")
+            .header("content-type", "text/plain")
+            .header("content-length", total)
+            .body(http_body_util::StreamBody::new(chunks))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            code: value["code"].as_str().unwrap_or("error").to_string(),
+            message: value["error"]
+                .as_str()
+                .map_or_else(|| format!("HTTP {status}"), str::to_string),
+            body: value,
+        })
+    }
+
+    /// Follows a streaming endpoint, calling `each` per line, until the agent ends it.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header("host", "sessiongate")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.protocol(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(self.protocol(format!("HTTP {}", response.status())));
+        }
+        let mut body = response.into_body();
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.protocol(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                each(String::from_utf8_lossy(&line[..end]).trim_end());
+            }
+        }
+        Ok(())
     }
 
     fn protocol(&self, message: String) -> ClientError {

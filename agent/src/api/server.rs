@@ -7,12 +7,17 @@
 //! | POST   /v1/sessions      | login `{ip, user, idp?, at?}`                     |
 //! | GET    /v1/sessions/{ip} | a session and the policies it satisfies           |
 //! | DELETE /v1/sessions/{ip} | logout                                            |
+//! | POST   /v1/sessions/import | bulk import: the file as the body (`?skip_bad=true`) |
 //! | GET    /v1/stats         | verdict, event and per-policy counters            |
 //! | GET    /v1/events        | the latest refusals                               |
+//! | GET    /v1/events/stream | refusals as they happen, one JSON object per line |
 //! | GET    /v1/policies      | the compiled policy table, as `check` prints it   |
+//! | POST   /v1/reload        | re-read the config file and apply it atomically   |
+//! | GET    /v1/reload        | how the reloads went                              |
 //!
+//! The same API is served on `api_listen` (TCP) behind a bearer token (`auth`).
 //! Errors are `{"error": message, "code": code}` with a 4xx/5xx status, and change
-//! nothing.
+//! nothing. Every session change is logged with its caller (audit).
 
 use std::{
     net::IpAddr,
@@ -23,18 +28,26 @@ use std::{
 
 use axum::{
     Json, Router,
-    body::Bytes,
-    extract::{DefaultBodyLimit, Path as UrlPath, State},
-    http::StatusCode,
+    body::{Body, Bytes},
+    extract::{
+        ConnectInfo, DefaultBodyLimit, Path as UrlPath, State, connect_info::Connected,
+        rejection::BytesRejection,
+    },
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
+    serve::IncomingStream,
 };
 use serde::Deserialize;
 use serde_json::json;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::broadcast::error::RecvError,
+};
 
 use crate::{
-    control::{Control, ControlError},
+    control::{Control, ControlError, ImportError},
     datapath::DatapathError,
     policy,
     sessions::{LoginRequest, SessionError},
@@ -42,6 +55,8 @@ use crate::{
 
 /// Requests are tiny; anything bigger is a mistake or an attack.
 const MAX_BODY: usize = 16 * 1024;
+/// Bulk imports: room for a few million sessions.
+const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -51,6 +66,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
     fn bad_request(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
@@ -118,14 +141,53 @@ fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("{text:?} is not an IP address")))
 }
 
+/// Who is calling, for the audit log: the peer's uid and pid on the unix socket, its
+/// address on TCP.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+impl Connected<IncomingStream<'_, UnixListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => Self(match cred.pid() {
+                Some(pid) => format!("unix uid={} pid={pid}", cred.uid()),
+                None => format!("unix uid={}", cred.uid()),
+            }),
+            Err(_) => Self("unix (peer unknown)".into()),
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Self(format!("tcp {}", stream.remote_addr()))
+    }
+}
+
+/// A request body within `MAX_BODY`; anything else is a 400 that changes nothing.
+fn body_within_limit(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::bad_request(format!(
+            "request body too large or unreadable (at most {MAX_BODY} bytes): {e}"
+        )),
+        other => ApiError::bad_request(other.to_string()),
+    })
+}
+
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/sessions", get(list_sessions).post(login))
+        .route(
+            "/v1/sessions/import",
+            post(import_sessions).layer(DefaultBodyLimit::max(MAX_IMPORT_BODY)),
+        )
         .route("/v1/sessions/{ip}", get(show_session).delete(logout))
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(recent_events))
+        .route("/v1/events/stream", get(stream_events))
         .route("/v1/policies", get(policies))
+        .route("/v1/reload", get(reload_status).post(reload))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -140,11 +202,14 @@ pub fn router(control: Arc<Control>) -> Router {
 type Shared = State<Arc<Control>>;
 
 async fn health(State(control): Shared) -> Json<serde_json::Value> {
+    let active = control.active();
     Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "interfaces": control.interfaces,
-        "policies": control.config.policies.len(),
+        "pid": std::process::id(),
+        "interfaces": control.interfaces(),
+        "policies": active.config.policies.len(),
+        "generation": active.generation,
     }))
 }
 
@@ -152,7 +217,12 @@ async fn list_sessions(State(control): Shared) -> Response {
     Json(control.sessions()).into_response()
 }
 
-async fn login(State(control): Shared, body: Bytes) -> Result<Response, ApiError> {
+async fn login(
+    State(control): Shared,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_within_limit(body)?;
     let body: LoginBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid login request: {e}")))?;
     let ip = parse_ip(&body.ip)?;
@@ -173,8 +243,68 @@ async fn login(State(control): Shared, body: Bytes) -> Result<Response, ApiError
         idp: body.idp,
         at,
     };
-    let view = control.login(&request)?;
+    let view = control.login(&request).inspect_err(|e| {
+        tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %ip, outcome = %e, "session change refused");
+    })?;
+    tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = %view.user, idp = %view.idp, authenticated_at = %view.authenticated_at, "session changed");
     Ok(Json(view).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportQuery {
+    #[serde(default)]
+    skip_bad: bool,
+}
+
+/// `POST /v1/sessions/import[?skip_bad=true]`: the file's text as the body.
+async fn import_sessions(
+    State(control): Shared,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    query: Result<axum::extract::Query<ImportQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let skip_bad = query
+        .map_err(|e| ApiError::bad_request(e.body_text()))?
+        .skip_bad;
+    let body = body.map_err(|e| {
+        ApiError::bad_request(format!(
+            "import body too large or unreadable (at most {MAX_IMPORT_BODY} bytes): {e}"
+        ))
+    })?;
+    let text = String::from_utf8(body.to_vec())
+        .map_err(|e| ApiError::bad_request(format!("the import file is not UTF-8: {e}")))?;
+    let result = tokio::task::spawn_blocking(move || control.import(&text, skip_bad))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match result {
+        Ok(report) => {
+            tracing::info!(target: "audit", caller = %caller.0, action = "import", imported = report.imported, new_devices = report.new_devices, reset_devices = report.reset_devices, skipped_lines = report.skipped_lines, "sessions imported");
+            Ok(Json(report).into_response())
+        }
+        Err(ImportError::Rejected {
+            error_count,
+            errors,
+        }) => {
+            tracing::info!(target: "audit", caller = %caller.0, action = "import", bad_lines = error_count, "import refused; nothing changed");
+            let message = ImportError::Rejected {
+                error_count,
+                errors: Vec::new(),
+            }
+            .to_string();
+            Ok((
+                StatusCode::BAD_REQUEST,
+                Json(json!({
+                    "error": message,
+                    "code": "import_rejected",
+                    "error_count": error_count,
+                    "errors": errors,
+                })),
+            )
+                .into_response())
+        }
+        Err(ImportError::Control(e)) => Err(e.into()),
+    }
 }
 
 async fn show_session(
@@ -187,10 +317,15 @@ async fn show_session(
 
 async fn logout(
     State(control): Shared,
+    ConnectInfo(caller): ConnectInfo<Caller>,
     UrlPath(ip): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let ip = parse_ip(&ip)?;
-    Ok(Json(control.logout(ip)?).into_response())
+    let view = control.logout(ip).inspect_err(|e| {
+        tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, outcome = %e, "session change refused");
+    })?;
+    tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = %view.user, "session changed");
+    Ok(Json(view).into_response())
 }
 
 async fn stats(State(control): Shared) -> Result<Response, ApiError> {
@@ -202,11 +337,60 @@ async fn recent_events(State(control): Shared) -> Response {
 }
 
 async fn policies(State(control): Shared) -> String {
-    policy::describe(&control.config, &control.table)
+    let active = control.active();
+    policy::describe(&active.config, &active.table)
+}
+
+/// Refusals as they happen, as JSON lines, until the client goes away. A client too
+/// slow to keep up gets `{"lagged": n}` for the `n` refusals it missed.
+async fn stream_events(State(control): Shared) -> Response {
+    let receiver = control.subscribe();
+    let lines = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        let line = match receiver.recv().await {
+            Ok(refusal) => serde_json::to_string(&refusal).unwrap_or_default(),
+            Err(RecvError::Lagged(n)) => json!({ "lagged": n }).to_string(),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line + "\n")),
+            receiver,
+        ))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+async fn reload(
+    State(control): Shared,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+) -> Result<Response, ApiError> {
+    tracing::info!(target: "audit", caller = %caller.0, action = "reload", "reload requested");
+    let result = tokio::task::spawn_blocking(move || control.reload())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    match result {
+        Ok(done) => Ok(Json(done).into_response()),
+        Err(rejected) => Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({
+                "error": rejected.to_string(),
+                "code": "reload_rejected",
+                "problems": rejected.problems,
+            })),
+        )
+            .into_response()),
+    }
+}
+
+async fn reload_status(State(control): Shared) -> Response {
+    Json(control.reload_status()).into_response()
 }
 
 /// Binds the API socket with mode 0600, replacing a stale socket file.
-pub fn bind(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
+pub fn bind(socket: &Path) -> std::io::Result<UnixListener> {
     if let Some(dir) = socket.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -223,7 +407,7 @@ pub fn bind(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
     // Created with no access for group and others from the first instant.
     // SAFETY: umask has no memory-safety preconditions.
     let old = unsafe { libc::umask(0o177) };
-    let listener = tokio::net::UnixListener::bind(socket);
+    let listener = UnixListener::bind(socket);
     unsafe { libc::umask(old) };
     let listener = listener?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;

@@ -8,7 +8,7 @@ mod validate;
 
 use std::{
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -39,6 +39,25 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     pub state_dir: PathBuf,
     pub udp_idle_timeout: GoDuration,
+    /// The bpffs directory the datapath is pinned under.
+    pub pin_dir: PathBuf,
+    /// Where Prometheus metrics are served; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The TCP control API; off when `None`. Always with a token file.
+    pub api_listen: Option<SocketAddr>,
+    pub api_token_file: Option<PathBuf>,
+    /// Re-authentication prompts; off when `None`.
+    pub notify: Option<NotifySettings>,
+}
+
+/// Where and how often re-authentication prompts are sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotifySettings {
+    pub url: String,
+    /// At most one prompt per device and policy per interval.
+    pub interval: GoDuration,
+    /// Where users re-authenticate; passed on in each prompt.
+    pub reauth_url: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

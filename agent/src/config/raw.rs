@@ -29,6 +29,13 @@ pub struct RawAgent {
     pub api_socket: Option<String>,
     pub state_dir: Option<String>,
     pub udp_idle_timeout: Option<String>,
+    pub pin_dir: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub api_listen: Option<String>,
+    pub api_token_file: Option<String>,
+    pub notify_url: Option<String>,
+    pub notify_interval: Option<String>,
+    pub reauth_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,7 +3,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     str::FromStr,
 };
@@ -12,8 +12,8 @@ use agent_common::maps::MAX_POLICIES;
 use ipnet::IpNet;
 
 use super::{
-    AgentConfig, CheckSession, Config, DnsConfig, GoDuration, Limits, OnExpired, Policy, Problem,
-    Protocol, UnknownDevice, XdpMode,
+    AgentConfig, CheckSession, Config, DnsConfig, GoDuration, Limits, NotifySettings, OnExpired,
+    Policy, Problem, Protocol, UnknownDevice, XdpMode,
     raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy},
 };
 
@@ -126,6 +126,35 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
             default_idle
         }),
     };
+    let pin_dir = path(
+        raw.pin_dir,
+        "/sys/fs/bpf/sessiongate",
+        (PLACE, "pin_dir"),
+        problems,
+    );
+    if !pin_dir.is_absolute() {
+        problems.add(
+            PLACE,
+            "pin_dir",
+            "must be an absolute path on a bpf filesystem",
+        );
+    }
+    let metrics_listen = listen_address(raw.metrics_listen, (PLACE, "metrics_listen"), problems);
+    let api_listen = listen_address(raw.api_listen, (PLACE, "api_listen"), problems);
+    let api_token_file = raw.api_token_file.map(PathBuf::from);
+    if api_listen.is_some() && api_token_file.is_none() {
+        problems.add(
+            PLACE,
+            "api_token_file",
+            "api_listen needs a bearer token: name a file that holds it (mode 0600)",
+        );
+    }
+    let notify = notify(
+        raw.notify_url,
+        raw.notify_interval,
+        raw.reauth_url,
+        problems,
+    );
     AgentConfig {
         interfaces: raw.interfaces,
         xdp_mode,
@@ -133,6 +162,11 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         api_socket,
         state_dir,
         udp_idle_timeout,
+        pin_dir,
+        metrics_listen,
+        api_listen,
+        api_token_file,
+        notify,
     }
 }
 
@@ -364,6 +398,87 @@ fn check_session(
             enforce_without_duration: true,
         },
     }
+}
+
+fn listen_address(
+    value: Option<String>,
+    (place, field): (&str, &str),
+    problems: &mut Problems,
+) -> Option<SocketAddr> {
+    let text = value?;
+    match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.add(
+                place,
+                field,
+                format!(
+                    "{text:?} is not an address and port like \"127.0.0.1:9464\" or \"[::1]:9464\""
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn http_url(text: &str, (place, field): (&str, &str), problems: &mut Problems) -> bool {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"));
+    match rest {
+        Some(host)
+            if !host.is_empty()
+                && !host.starts_with('/')
+                && !text.contains(char::is_whitespace) =>
+        {
+            true
+        }
+        _ => {
+            problems.add(
+                place,
+                field,
+                format!("{text:?} is not an http:// or https:// URL"),
+            );
+            false
+        }
+    }
+}
+
+fn notify(
+    url: Option<String>,
+    interval: Option<String>,
+    reauth_url: Option<String>,
+    problems: &mut Problems,
+) -> Option<NotifySettings> {
+    const PLACE: &str = "[agent]";
+    let default = GoDuration(std::time::Duration::from_secs(300));
+    let interval = match &interval {
+        None => default,
+        Some(text) => match text.parse::<GoDuration>() {
+            Ok(d) if d.0.is_zero() => {
+                problems.add(PLACE, "notify_interval", "must be longer than 0s");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                problems.add(
+                    PLACE,
+                    "notify_interval",
+                    format!("invalid duration {text:?}: {e}"),
+                );
+                default
+            }
+        },
+    };
+    if let Some(url) = &reauth_url {
+        http_url(url, (PLACE, "reauth_url"), problems);
+    }
+    let url = url?;
+    http_url(&url, (PLACE, "notify_url"), problems).then_some(NotifySettings {
+        url,
+        interval,
+        reauth_url,
+    })
 }
 
 fn choice<T: Copy>(

@@ -3,28 +3,26 @@
 
 use std::net::IpAddr;
 
+use std::os::fd::AsFd;
+
 use agent_common::{
     addr::{Ip4, Ip6},
     hashing::bucket,
     logic::flow_active,
     maps::{
-        DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, PolicyParams, PortRuleKey, Session,
-        SessionBucketV4, SessionBucketV6, Settings, UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE,
-        WAYS, names,
+        DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, MAX_POLICIES, PORT_TABLE_SET_BIT,
+        PolicyParams, PortRuleKey, Session, SessionBucketV4, SessionBucketV6, Settings,
+        UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE, WAYS, config_set, names, policy_slot,
     },
     tables::{FlowSlot, SessionSlot},
     verdict::counter,
 };
-use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+use aya::maps::{
+    Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    RingBuf, lpm_trie::Key,
 };
 use bytemuck::Zeroable;
 use ipnet::IpNet;
-
-use std::os::fd::AsFd;
-
-use aya::maps::IterableMap;
 
 use super::{DatapathError, Geometry, batch};
 use crate::{
@@ -33,9 +31,10 @@ use crate::{
 };
 
 pub struct Maps {
+    generation_map: Array<MapData, u32>,
     settings: Array<MapData, Settings>,
-    dest_v4: LpmTrie<MapData, Ip4, DestRule>,
-    dest_v6: LpmTrie<MapData, Ip6, DestRule>,
+    dest_v4: [LpmTrie<MapData, Ip4, DestRule>; 2],
+    dest_v6: [LpmTrie<MapData, Ip6, DestRule>; 2],
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     policies: Array<MapData, PolicyParams>,
     sessions_v4: HashMap<MapData, Ip4, Session>,
@@ -46,113 +45,233 @@ pub struct Maps {
     flows_v6: Array<MapData, FlowBucketV6>,
     counters: PerCpuArray<MapData, u64>,
     policy_drops: PerCpuArray<MapData, u64>,
-    max_sessions: u32,
+    limits: Limits,
     geometry: Geometry,
-    /// What `SG_SETTINGS` holds now.
+    /// What `SG_GENERATION` holds now.
+    generation: u32,
+    /// The settings of the set in force.
     current: Settings,
+    /// Policies written to each set, when known (not for sets found pinned).
+    policy_counts: [Option<u32>; 2],
+    /// The session maps are known to be empty (a new datapath before its first load).
+    sessions_empty: bool,
 }
 
 /// Counter values summed over CPUs, indexed by slot (`agent_common::verdict`).
 pub type Counters = Vec<u64>;
 
-fn take(ebpf: &mut Ebpf, name: &'static str) -> Map {
-    ebpf.take_map(name)
-        .unwrap_or_else(|| panic!("the program object defines map {name}"))
-}
+/// Where the maps come from: a freshly loaded object, or pins of an earlier agent.
+pub(super) type MapSource<'a> = dyn FnMut(&'static str) -> Result<Map, DatapathError> + 'a;
 
 fn typed<T: TryFrom<Map, Error = MapError>>(
-    ebpf: &mut Ebpf,
+    source: &mut MapSource<'_>,
     name: &'static str,
 ) -> Result<T, DatapathError> {
-    T::try_from(take(ebpf, name)).map_err(|source| DatapathError::Map { map: name, source })
+    T::try_from(source(name)?).map_err(|source| DatapathError::Map { map: name, source })
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
+/// The generation after `g`; 0 is skipped (it marks empty destination-cache entries).
+const fn next_generation(g: u32) -> u32 {
+    match g.wrapping_add(1) {
+        0 => 1,
+        n => n,
+    }
+}
+
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf, limits: &Limits) -> Result<Self, DatapathError> {
+    pub(super) fn open(source: &mut MapSource<'_>, limits: &Limits) -> Result<Self, DatapathError> {
+        let generation_map: Array<MapData, u32> = typed(source, names::GENERATION)?;
+        let settings: Array<MapData, Settings> = typed(source, names::SETTINGS)?;
+        let generation = generation_map
+            .get(&0, 0)
+            .map_err(map_err(names::GENERATION))?;
+        let current = settings
+            .get(&config_set(generation), 0)
+            .map_err(map_err(names::SETTINGS))?;
         Ok(Self {
-            settings: typed(ebpf, names::SETTINGS)?,
-            dest_v4: typed(ebpf, names::DEST_V4)?,
-            dest_v6: typed(ebpf, names::DEST_V6)?,
-            port_rules: typed(ebpf, names::PORT_RULES)?,
-            policies: typed(ebpf, names::POLICIES)?,
-            sessions_v4: typed(ebpf, names::SESSIONS_V4)?,
-            sessions_v6: typed(ebpf, names::SESSIONS_V6)?,
-            session_table_v4: typed(ebpf, names::SESSION_TABLE_V4)?,
-            session_table_v6: typed(ebpf, names::SESSION_TABLE_V6)?,
-            flows_v4: typed(ebpf, names::FLOWS_V4)?,
-            flows_v6: typed(ebpf, names::FLOWS_V6)?,
-            counters: typed(ebpf, names::COUNTERS)?,
-            policy_drops: typed(ebpf, names::POLICY_DROPS)?,
-            max_sessions: limits.max_sessions,
+            generation_map,
+            settings,
+            dest_v4: [
+                typed(source, names::DEST_V4[0])?,
+                typed(source, names::DEST_V4[1])?,
+            ],
+            dest_v6: [
+                typed(source, names::DEST_V6[0])?,
+                typed(source, names::DEST_V6[1])?,
+            ],
+            port_rules: typed(source, names::PORT_RULES)?,
+            policies: typed(source, names::POLICIES)?,
+            sessions_v4: typed(source, names::SESSIONS_V4)?,
+            sessions_v6: typed(source, names::SESSIONS_V6)?,
+            session_table_v4: typed(source, names::SESSION_TABLE_V4)?,
+            session_table_v6: typed(source, names::SESSION_TABLE_V6)?,
+            flows_v4: typed(source, names::FLOWS_V4)?,
+            flows_v6: typed(source, names::FLOWS_V6)?,
+            counters: typed(source, names::COUNTERS)?,
+            policy_drops: typed(source, names::POLICY_DROPS)?,
+            limits: *limits,
             geometry: Geometry::of(limits),
-            current: Settings::zeroed(),
+            generation,
+            current,
+            policy_counts: [None, None],
+            // Generation 0: never configured, so never given sessions either.
+            sessions_empty: generation == 0,
         })
     }
 
-    pub(super) fn take_events(
-        &mut self,
-        ebpf: &mut Ebpf,
+    pub(super) fn open_events(
+        source: &mut MapSource<'_>,
     ) -> Result<RingBuf<MapData>, DatapathError> {
-        typed(ebpf, names::EVENTS)
+        typed(source, names::EVENTS)
     }
 
-    /// Writes `SG_SETTINGS` from the config (keeping the policy generation).
-    pub fn write_settings(&mut self, config: &Config) -> Result<(), DatapathError> {
-        let mut next = settings(config);
-        next.policy_generation = self.current.policy_generation.max(1);
-        self.write_raw_settings(next)
+    /// The configuration generation in force; 0 before the first `apply`.
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
-    /// `SG_SETTINGS` as written last.
+    /// `SG_SETTINGS` of the set in force.
     pub fn current_settings(&self) -> Settings {
         self.current
     }
 
-    /// Writes `SG_SETTINGS` as given (benchmarks set values no config can); the table
-    /// geometry is always the loaded one.
+    /// Overwrites the settings of the set in force as given (benchmarks set values no
+    /// config can); the table geometry is always the loaded one.
     pub fn write_raw_settings(&mut self, mut settings: Settings) -> Result<(), DatapathError> {
         self.geometry.apply(&mut settings);
         self.settings
-            .set(0, settings, 0)
+            .set(config_set(self.generation), settings, 0)
             .map_err(map_err(names::SETTINGS))?;
         self.current = settings;
         Ok(())
     }
 
-    /// Writes a compiled policy table into empty policy maps.
-    pub fn write_policies(&mut self, table: &PolicyTable) -> Result<(), DatapathError> {
+    /// Puts a configuration in force atomically: writes its settings and compiled
+    /// policy table into the set not in force, then switches `SG_GENERATION` to it, a
+    /// single value the program reads once per packet. Returns the refused-flow counts
+    /// the overwritten set had collected, by its policy index (the caller knows which
+    /// config that set held); they restart from zero.
+    pub fn apply(
+        &mut self,
+        mut settings: Settings,
+        table: &PolicyTable,
+    ) -> Result<Vec<u64>, DatapathError> {
+        let next = next_generation(self.generation);
+        let set = config_set(next);
+        let retired = self.retire_policy_drops(set)?;
+        self.clear_set(set)?;
+        self.write_set(set, table)?;
+        self.geometry.apply(&mut settings);
+        self.settings
+            .set(set, settings, 0)
+            .map_err(map_err(names::SETTINGS))?;
+        // The switch: from here on every new packet uses set `set`.
+        self.generation_map
+            .set(0, next, 0)
+            .map_err(map_err(names::GENERATION))?;
+        self.generation = next;
+        self.current = settings;
+        self.policy_counts[set as usize] = Some(table.params.len() as u32);
+        Ok(retired)
+    }
+
+    /// Reads and zeroes a set's per-policy drop counters.
+    fn retire_policy_drops(&mut self, set: u32) -> Result<Vec<u64>, DatapathError> {
+        let count = self.policy_counts[set as usize].unwrap_or(MAX_POLICIES);
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Batch {
+            map: names::POLICY_DROPS,
+            source,
+        })?;
+        let mut retired = Vec::with_capacity(count as usize);
+        for policy in 0..count {
+            let slot = policy_slot(set, policy);
+            let n = sum(&self.policy_drops, slot).map_err(map_err(names::POLICY_DROPS))?;
+            if n != 0 {
+                self.policy_drops
+                    .set(
+                        slot,
+                        PerCpuValues::try_from(vec![0u64; cpus]).expect("one per CPU"),
+                        0,
+                    )
+                    .map_err(map_err(names::POLICY_DROPS))?;
+            }
+            retired.push(n);
+        }
+        while retired.last() == Some(&0) {
+            retired.pop();
+        }
+        Ok(retired)
+    }
+
+    /// Empties a set's destination tables and port rules (its policies and settings
+    /// are simply overwritten).
+    fn clear_set(&mut self, set: u32) -> Result<(), DatapathError> {
+        let i = set as usize;
+        let keys4: Vec<_> = self.dest_v4[i].keys().filter_map(Result::ok).collect();
+        for key in keys4 {
+            ignore_missing(self.dest_v4[i].remove(&key)).map_err(map_err(names::DEST_V4[i]))?;
+        }
+        let keys6: Vec<_> = self.dest_v6[i].keys().filter_map(Result::ok).collect();
+        for key in keys6 {
+            ignore_missing(self.dest_v6[i].remove(&key)).map_err(map_err(names::DEST_V6[i]))?;
+        }
+        let rules: Vec<PortRuleKey> = self
+            .port_rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| port_table_set(k.port_table) == set)
+            .collect();
+        for key in rules {
+            ignore_missing(self.port_rules.remove(&key)).map_err(map_err(names::PORT_RULES))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a compiled policy table into a set's (empty) maps.
+    fn write_set(&mut self, set: u32, table: &PolicyTable) -> Result<(), DatapathError> {
+        let i = set as usize;
+        let port_table = |id: u32| match (id, set) {
+            (0, _) | (_, 0) => id,
+            _ => id | PORT_TABLE_SET_BIT,
+        };
         for (index, params) in table.params.iter().enumerate() {
             self.policies
-                .set(index as u32, params, 0)
+                .set(policy_slot(set, index as u32), params, 0)
                 .map_err(map_err(names::POLICIES))?;
         }
         for (key, policy) in &table.port_rules {
+            let key = PortRuleKey {
+                port_table: port_table(key.port_table),
+                ..*key
+            };
             self.port_rules
                 .insert(key, policy, 0)
                 .map_err(map_err(names::PORT_RULES))?;
         }
         for (net, rule) in &table.dest {
+            let rule = DestRule {
+                port_table: port_table(rule.port_table),
+                ..*rule
+            };
             match net {
-                IpNet::V4(n) => self
-                    .dest_v4
+                IpNet::V4(n) => self.dest_v4[i]
                     .insert(
                         &Key::new(u32::from(n.prefix_len()), n.network().into()),
                         rule,
                         0,
                     )
-                    .map_err(map_err(names::DEST_V4))?,
-                IpNet::V6(n) => self
-                    .dest_v6
+                    .map_err(map_err(names::DEST_V4[i]))?,
+                IpNet::V6(n) => self.dest_v6[i]
                     .insert(
                         &Key::new(u32::from(n.prefix_len()), n.network().into()),
                         rule,
                         0,
                     )
-                    .map_err(map_err(names::DEST_V6))?,
+                    .map_err(map_err(names::DEST_V6[i]))?,
             }
         }
         Ok(())
@@ -169,7 +288,7 @@ impl Maps {
             MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 DatapathError::SessionsFull {
                     family: if ip.is_ipv4() { "IPv4" } else { "IPv6" },
-                    limit: self.max_sessions,
+                    limit: self.limits.max_sessions,
                 }
             }
             _ => DatapathError::Map {
@@ -197,8 +316,9 @@ impl Maps {
         }
     }
 
-    /// Loads many sessions into empty session maps at once (start-up, benchmarks):
-    /// batched writes of the hash maps, then of every session-table bucket they fill.
+    /// Writes many sessions at once (start-up, bulk import, benchmarks): batched writes
+    /// of the hash maps, then of the session-table buckets they fall in. Buckets are
+    /// rebuilt from the sessions given plus the sessions already in them.
     pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
         let mask = self.geometry.session_buckets - 1;
         let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
@@ -211,14 +331,20 @@ impl Maps {
                     let addr = Ip4::from(*a);
                     keys4.push(addr);
                     values4.push(*session);
-                    let b = buckets4.entry(bucket(addr.fold(), mask)).or_default();
+                    let index = bucket(addr.fold(), mask);
+                    let b = buckets4.entry(index).or_insert_with(|| {
+                        existing(&self.session_table_v4, index, self.sessions_empty)
+                    });
                     place_session(&mut b.slots, &addr, at);
                 }
                 IpAddr::V6(a) => {
                     let addr = Ip6::from(*a);
                     keys6.push(addr);
                     values6.push(*session);
-                    let b = buckets6.entry(bucket(addr.fold(), mask)).or_default();
+                    let index = bucket(addr.fold(), mask);
+                    let b = buckets6.entry(index).or_insert_with(|| {
+                        existing(&self.session_table_v6, index, self.sessions_empty)
+                    });
                     place_session(&mut b.slots, &addr, at);
                 }
             }
@@ -236,7 +362,8 @@ impl Maps {
                 },
             }
         };
-        let limit = self.max_sessions;
+        self.sessions_empty = false;
+        let limit = self.limits.max_sessions;
         batch::update(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
             .map_err(full("IPv4", limit))?;
         batch::update(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
@@ -256,6 +383,27 @@ impl Maps {
             },
         )?;
         Ok(())
+    }
+
+    /// Makes the kernel's sessions equal to `sessions` (an adopted datapath, whose maps
+    /// may hold a change the journal never recorded): removes devices not listed, then
+    /// writes every listed one. Every device listed has a session throughout.
+    pub fn sync_sessions(
+        &mut self,
+        sessions: &[(IpAddr, Session)],
+    ) -> Result<usize, DatapathError> {
+        let listed: std::collections::HashSet<IpAddr> =
+            sessions.iter().map(|(ip, _)| *ip).collect();
+        let extra: Vec<IpAddr> = self
+            .session_devices()
+            .into_iter()
+            .filter(|ip| !listed.contains(ip))
+            .collect();
+        for ip in &extra {
+            self.remove_session(*ip)?;
+        }
+        self.load_sessions(sessions)?;
+        Ok(extra.len())
     }
 
     /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session
@@ -316,11 +464,67 @@ impl Maps {
             .collect()
     }
 
-    /// Refused new flows per policy index, for the first `count` policies.
+    /// Refused new flows per policy index of the configuration in force (since it was
+    /// applied), for its first `count` policies.
     pub fn policy_drops(&self, count: usize) -> Result<Vec<u64>, DatapathError> {
+        let set = config_set(self.generation);
         (0..count as u32)
-            .map(|i| sum(&self.policy_drops, i).map_err(map_err(names::POLICY_DROPS)))
+            .map(|i| {
+                sum(&self.policy_drops, policy_slot(set, i)).map_err(map_err(names::POLICY_DROPS))
+            })
             .collect()
+    }
+
+    /// Devices with a session in the kernel (both families). Walks the hash maps.
+    pub fn session_devices(&self) -> Vec<IpAddr> {
+        let v4 = self
+            .sessions_v4
+            .keys()
+            .filter_map(Result::ok)
+            .map(|a| IpAddr::V4(a.into()));
+        let v6 = self
+            .sessions_v6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|a| IpAddr::V6(a.into()));
+        v4.chain(v6).collect()
+    }
+
+    /// Entries in use and capacity of each sized table, for metrics: sessions and
+    /// policy prefixes are counted exactly; tracked flows by walking the flow tables.
+    pub fn occupancy(&self, now_ns: u64) -> Vec<(&'static str, usize, usize)> {
+        let set = config_set(self.generation) as usize;
+        let (flows4, flows6) = self.flow_count(now_ns);
+        let flow_capacity = self.geometry.flow_buckets as usize * WAYS;
+        vec![
+            (
+                "sessions_v4",
+                self.sessions_v4.keys().count(),
+                self.limits.max_sessions as usize,
+            ),
+            (
+                "sessions_v6",
+                self.sessions_v6.keys().count(),
+                self.limits.max_sessions as usize,
+            ),
+            (
+                "policy_prefixes_v4",
+                self.dest_v4[set].keys().count(),
+                self.limits.max_policy_cidrs as usize,
+            ),
+            (
+                "policy_prefixes_v6",
+                self.dest_v6[set].keys().count(),
+                self.limits.max_policy_cidrs as usize,
+            ),
+            (
+                "port_rules",
+                self.port_rules.keys().count(),
+                self.limits.max_port_rules as usize,
+            ),
+            ("udp_flows_v4", flows4, flow_capacity),
+            ("udp_flows_v6", flows6, flow_capacity),
+        ]
     }
 
     /// Adds tracked IPv4 UDP flows as the program would have admitted them at
@@ -369,6 +573,15 @@ impl Maps {
     }
 }
 
+/// A session-table bucket as the kernel holds it (empty when the table is known empty
+/// or unreadable: the hash map stays authoritative either way).
+fn existing<B: aya::Pod + Default>(table: &Array<MapData, B>, index: u32, empty: bool) -> B {
+    if empty {
+        return B::default();
+    }
+    table.get(&index, 0).unwrap_or_default()
+}
+
 fn active_flows<S: FlowSlot>(slots: &[S], now_ns: u64, idle_ns: u64) -> usize {
     slots
         .iter()
@@ -409,6 +622,18 @@ pub fn settings(config: &Config) -> Settings {
     }
     Geometry::of(&config.limits).apply(&mut settings);
     settings
+}
+
+/// The set a port-table id belongs to.
+const fn port_table_set(id: u32) -> u32 {
+    (id & PORT_TABLE_SET_BIT != 0) as u32
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
 }
 
 fn sum(map: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64, MapError> {

@@ -3,20 +3,29 @@
 
 mod batch;
 mod maps;
+pub mod pins;
+
+use std::path::{Path, PathBuf};
 
 use agent_common::{
     hashing::buckets_for,
-    maps::{Settings, WAYS, names},
+    maps::{LAYOUT, Settings, WAYS, names},
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
-    programs::{ProgramError, Xdp, xdp::XdpMode as AyaXdpMode},
+    maps::{Map, MapData, RingBuf},
+    programs::{
+        ProgramError, Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpMode as AyaXdpMode},
+    },
 };
+use aya_obj::programs::XdpAttachType;
 use thiserror::Error;
 
 use crate::config::{Limits, XdpMode};
 pub use maps::{Counters, Maps, settings};
+use pins::LayoutDir;
 
 /// The program object, built by `build.rs`; empty when built with `AYA_BUILD_SKIP`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sessiongate"));
@@ -83,6 +92,28 @@ pub enum DatapathError {
         map: &'static str,
         source: std::io::Error,
     },
+    #[error("pin directory {dir}: {source}")]
+    Pins {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir} holds a datapath this sessiongate cannot adopt (map layout {LAYOUT} expected); restart with --replace to swap it for this one in one step, or remove it with `sessiongate detach`"
+    )]
+    OtherLayout { dir: PathBuf },
+    #[error(
+        "the datapath pinned in {dir} was sized for other [limits] ({map}: {pinned} entries, this config needs {wanted}); restart with --replace to swap in a datapath of the new size (sessions are reloaded from the journal, tracked UDP flows start over)"
+    )]
+    Resized {
+        dir: PathBuf,
+        map: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
+    #[error(
+        "the datapath pinned in {dir} is incomplete ({what}); restart with --replace, or remove it with `sessiongate detach`"
+    )]
+    Incomplete { dir: PathBuf, what: String },
     #[error("the {family} session map is full ({limit} devices); raise [limits] max_sessions")]
     SessionsFull { family: &'static str, limit: u32 },
 }
@@ -103,74 +134,279 @@ impl AttachedMode {
     }
 }
 
-/// The loaded program and its maps. Dropping it detaches the program everywhere.
+/// The program: loaded from this build's object, or adopted from pins.
+enum Program {
+    Loaded(Box<Ebpf>),
+    Pinned(Box<Xdp>),
+}
+
+/// How `Datapath::open` came by the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Nothing was pinned: a new datapath, now pinned.
+    Loaded,
+    /// The pins of an earlier agent of this layout: maps, tracked flows and
+    /// attachments carry on.
+    Adopted,
+    /// `--replace`: a new datapath that takes over the attachments of these pin
+    /// directories when attached, which `finish_replace` then removes.
+    Replacing(Vec<PathBuf>),
+}
+
+/// The program and its maps. A private datapath (`load`) detaches when dropped; a
+/// pinned one (`open`) stays attached after the agent exits.
 pub struct Datapath {
-    ebpf: Ebpf,
+    program: Program,
     pub maps: Maps,
     events: Option<RingBuf<MapData>>,
     attached: Vec<(String, AttachedMode)>,
+    /// Where this datapath is pinned; `None` for a private one.
+    pins: Option<LayoutDir>,
+    /// Pin directories whose attachments `attach` takes over (`--replace`).
+    replacing: Vec<LayoutDir>,
+}
+
+/// Sizes of the maps whose size depends on the config.
+fn map_sizes(limits: &Limits) -> Vec<(&'static str, u32)> {
+    let geometry = Geometry::of(limits);
+    vec![
+        (names::SESSIONS_V4, limits.max_sessions),
+        (names::SESSIONS_V6, limits.max_sessions),
+        (names::SESSION_TABLE_V4, geometry.session_buckets),
+        (names::SESSION_TABLE_V6, geometry.session_buckets),
+        (names::FLOWS_V4, geometry.flow_buckets),
+        (names::FLOWS_V6, geometry.flow_buckets),
+        (names::DEST_V4[0], limits.max_policy_cidrs),
+        (names::DEST_V4[1], limits.max_policy_cidrs),
+        (names::DEST_V6[0], limits.max_policy_cidrs),
+        (names::DEST_V6[1], limits.max_policy_cidrs),
+        (names::DEST_CACHE_V4, geometry.dest_cache),
+        (names::DEST_CACHE_V6, geometry.dest_cache),
+        (names::PORT_RULES, limits.max_port_rules),
+        (names::EVENT_LIMIT, geometry.event_slots),
+    ]
+}
+
+/// Loads (and verifies) the object with map sizes from `limits`.
+fn load_object(limits: &Limits) -> Result<Ebpf, DatapathError> {
+    if PROGRAM.is_empty() {
+        return Err(DatapathError::NotBuilt);
+    }
+    let mut loader = EbpfLoader::new();
+    for (name, size) in map_sizes(limits) {
+        loader.map_max_entries(name, size);
+    }
+    let mut ebpf = loader
+        .load(PROGRAM)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .expect("the object defines the program")
+        .try_into()
+        .map_err(DatapathError::Program)?;
+    program.load().map_err(DatapathError::Program)?;
+    Ok(ebpf)
+}
+
+fn take_from(ebpf: &mut Ebpf) -> impl FnMut(&'static str) -> Result<Map, DatapathError> + '_ {
+    |name| {
+        Ok(ebpf
+            .take_map(name)
+            .unwrap_or_else(|| panic!("the program object defines map {name}")))
+    }
+}
+
+/// A pinned link's file name: the interface and the mode it was attached in. A colon,
+/// because interface names never hold one and bpffs reserves dots.
+fn link_name(interface: &str, mode: AttachedMode) -> String {
+    format!("{interface}:{}", mode.name())
+}
+
+fn parse_link_name(name: &str) -> Option<(String, AttachedMode)> {
+    let (interface, mode) = name.rsplit_once(':')?;
+    let mode = match mode {
+        "native" => AttachedMode::Native,
+        "generic" => AttachedMode::Generic,
+        _ => return None,
+    };
+    Some((interface.to_string(), mode))
 }
 
 impl Datapath {
-    /// Loads (and verifies) the program with map sizes from `limits`; nothing is
-    /// attached yet.
+    /// Loads (and verifies) a private datapath with map sizes from `limits`; nothing
+    /// is attached or pinned. Dropping it unloads it (tests, benchmarks).
     pub fn load(limits: &Limits) -> Result<Self, DatapathError> {
-        if PROGRAM.is_empty() {
-            return Err(DatapathError::NotBuilt);
+        Self::from_object(load_object(limits)?, limits, None)
+    }
+
+    /// Takes the maps out of a loaded object, pinning it first into `pins` if given.
+    fn from_object(
+        mut ebpf: Ebpf,
+        limits: &Limits,
+        pins: Option<&LayoutDir>,
+    ) -> Result<Self, DatapathError> {
+        if let Some(dir) = pins {
+            let pin_error = |e: String| DatapathError::Pins {
+                dir: dir.root.clone(),
+                source: std::io::Error::other(e),
+            };
+            dir.create().map_err(|e| pin_error(e.to_string()))?;
+            for (name, map) in ebpf.maps() {
+                if names::ALL.contains(&name) {
+                    map.pin(dir.map(name))
+                        .map_err(|e| pin_error(format!("map {name}: {e}")))?;
+                }
+            }
+            let program: &mut Xdp = ebpf
+                .program_mut(PROGRAM_NAME)
+                .expect("the object defines the program")
+                .try_into()
+                .map_err(DatapathError::Program)?;
+            program
+                .pin(dir.program())
+                .map_err(|e| pin_error(format!("program: {e}")))?;
         }
-        let geometry = Geometry::of(limits);
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::SESSIONS_V4, limits.max_sessions)
-            .map_max_entries(names::SESSIONS_V6, limits.max_sessions)
-            .map_max_entries(names::SESSION_TABLE_V4, geometry.session_buckets)
-            .map_max_entries(names::SESSION_TABLE_V6, geometry.session_buckets)
-            .map_max_entries(names::FLOWS_V4, geometry.flow_buckets)
-            .map_max_entries(names::FLOWS_V6, geometry.flow_buckets)
-            .map_max_entries(names::DEST_V4, limits.max_policy_cidrs)
-            .map_max_entries(names::DEST_V6, limits.max_policy_cidrs)
-            .map_max_entries(names::DEST_CACHE_V4, geometry.dest_cache)
-            .map_max_entries(names::DEST_CACHE_V6, geometry.dest_cache)
-            .map_max_entries(names::PORT_RULES, limits.max_port_rules)
-            .map_max_entries(names::EVENT_LIMIT, geometry.event_slots);
-        let mut ebpf = loader
-            .load(PROGRAM)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("the object defines the program")
-            .try_into()
-            .map_err(DatapathError::Program)?;
-        program.load().map_err(DatapathError::Program)?;
-        let mut maps = Maps::take(&mut ebpf, limits)?;
-        let events = maps.take_events(&mut ebpf)?;
+        let (maps, events) = {
+            let mut source = take_from(&mut ebpf);
+            let maps = Maps::open(&mut source, limits)?;
+            (maps, Maps::open_events(&mut source)?)
+        };
         Ok(Self {
-            ebpf,
+            program: Program::Loaded(Box::new(ebpf)),
             maps,
             events: Some(events),
             attached: Vec::new(),
+            pins: pins.cloned(),
+            replacing: Vec::new(),
+        })
+    }
+
+    /// The datapath pinned under `pin_dir`: adopted if this layout's pins are there
+    /// and sized for `limits`, else loaded and pinned. Pins of another layout or size
+    /// are refused unless `replace`, in which case a new datapath is loaded beside
+    /// them and takes over their attachments in `attach`.
+    pub fn open(
+        pin_dir: &Path,
+        limits: &Limits,
+        replace: bool,
+    ) -> Result<(Self, Origin), DatapathError> {
+        let pin_error = |source: std::io::Error| DatapathError::Pins {
+            dir: pin_dir.to_path_buf(),
+            source,
+        };
+        pins::ensure_bpffs(pin_dir).map_err(pin_error)?;
+        let current = LayoutDir::current(pin_dir);
+        let others = pins::other_layouts(pin_dir);
+        if !replace && let Some(other) = others.first() {
+            return Err(DatapathError::OtherLayout {
+                dir: other.root.clone(),
+            });
+        }
+        let mut replacing = others;
+        if current.exists() {
+            match Self::adopt(&current, limits) {
+                Ok(datapath) if replacing.is_empty() => return Ok((datapath, Origin::Adopted)),
+                Ok(_) => replacing.push(current.clone()),
+                Err(e) if !replace => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot adopt the pinned datapath; --replace swaps it for a new one");
+                    replacing.push(current.clone());
+                }
+            }
+        }
+        let target = if replacing.iter().any(|d| d.root == current.root) {
+            LayoutDir::staging(pin_dir)
+        } else {
+            current
+        };
+        target.remove().map_err(pin_error)?;
+        let mut datapath = Self::from_object(load_object(limits)?, limits, Some(&target))?;
+        datapath.replacing = replacing;
+        let origin = if datapath.replacing.is_empty() {
+            Origin::Loaded
+        } else {
+            Origin::Replacing(datapath.replacing.iter().map(|d| d.root.clone()).collect())
+        };
+        Ok((datapath, origin))
+    }
+
+    fn adopt(dir: &LayoutDir, limits: &Limits) -> Result<Self, DatapathError> {
+        let incomplete = |what: String| DatapathError::Incomplete {
+            dir: dir.root.clone(),
+            what,
+        };
+        let mut source = |name: &'static str| {
+            let data = MapData::from_pin(dir.map(name))
+                .map_err(|e| incomplete(format!("map {name}: {e}")))?;
+            Map::from_map_data(data).map_err(|e| incomplete(format!("map {name}: {e}")))
+        };
+        for (name, wanted) in map_sizes(limits) {
+            let data = MapData::from_pin(dir.map(name))
+                .map_err(|e| incomplete(format!("map {name}: {e}")))?;
+            let pinned = data
+                .info()
+                .map_err(|e| incomplete(format!("map {name}: {e}")))?
+                .max_entries();
+            if pinned != wanted {
+                return Err(DatapathError::Resized {
+                    dir: dir.root.clone(),
+                    map: name,
+                    pinned,
+                    wanted,
+                });
+            }
+        }
+        let maps = Maps::open(&mut source, limits)?;
+        let events = Maps::open_events(&mut source)?;
+        let program = Xdp::from_pin(dir.program(), XdpAttachType::Interface)
+            .map_err(|e| incomplete(format!("program: {e}")))?;
+        let attached = dir
+            .linked_interfaces()
+            .iter()
+            .filter_map(|name| parse_link_name(name))
+            .collect();
+        Ok(Self {
+            program: Program::Pinned(Box::new(program)),
+            maps,
+            events: Some(events),
+            attached,
+            pins: Some(dir.clone()),
+            replacing: Vec::new(),
         })
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN`.
     pub fn program(&self) -> &Xdp {
-        self.ebpf
-            .program(PROGRAM_NAME)
-            .expect("the object defines the program")
-            .try_into()
-            .expect("it is an XDP program")
+        match &self.program {
+            Program::Loaded(ebpf) => ebpf
+                .program(PROGRAM_NAME)
+                .expect("the object defines the program")
+                .try_into()
+                .expect("it is an XDP program"),
+            Program::Pinned(xdp) => xdp,
+        }
     }
 
     fn program_mut(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(PROGRAM_NAME)
-            .expect("the object defines the program")
-            .try_into()
-            .expect("it is an XDP program")
+        match &mut self.program {
+            Program::Loaded(ebpf) => ebpf
+                .program_mut(PROGRAM_NAME)
+                .expect("the object defines the program")
+                .try_into()
+                .expect("it is an XDP program"),
+            Program::Pinned(xdp) => xdp,
+        }
+    }
+
+    /// Where the datapath is pinned, if it is.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|d| d.root.as_path())
     }
 
     /// Attaches to `interface`. `Auto` tries native mode and falls back to generic,
-    /// with a warning, when the driver has no XDP support.
+    /// with a warning, when the driver has no XDP support. A pinned datapath that is
+    /// already attached there keeps that attachment; one replacing another swaps the
+    /// program of the old attachment in one step (`bpf_link_update`).
     pub fn attach(
         &mut self,
         interface: &str,
@@ -181,19 +417,30 @@ impl Datapath {
                 interface: interface.to_string(),
             });
         }
+        if let Some((_, m)) = self.attached.iter().find(|(i, _)| i == interface) {
+            return Ok(*m);
+        }
+        if let Some(m) = self.take_over(interface)? {
+            self.attached.push((interface.to_string(), m));
+            return Ok(m);
+        }
         let attach = |dp: &mut Self, m: AttachedMode| {
             let aya_mode = match m {
                 AttachedMode::Native => AyaXdpMode::Driver,
                 AttachedMode::Generic => AyaXdpMode::Skb,
             };
-            dp.program_mut()
-                .attach(interface, aya_mode)
-                .map(|_| m)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.to_string(),
-                    mode: m.name(),
-                    source,
-                })
+            let attach_error = |source| DatapathError::Attach {
+                interface: interface.to_string(),
+                mode: m.name(),
+                source,
+            };
+            let program = dp.program_mut();
+            let id = program.attach(interface, aya_mode).map_err(attach_error)?;
+            if let Some(dir) = dp.pins.clone() {
+                let link = dp.program_mut().take_link(id).map_err(attach_error)?;
+                dp.pin_link(&dir, interface, m, link)?;
+            }
+            Ok(m)
         };
         let attached = match mode {
             XdpMode::Native => attach(self, AttachedMode::Native)?,
@@ -214,6 +461,102 @@ impl Datapath {
         Ok(attached)
     }
 
+    fn pin_link(
+        &mut self,
+        dir: &LayoutDir,
+        interface: &str,
+        mode: AttachedMode,
+        link: XdpLink,
+    ) -> Result<(), DatapathError> {
+        let pin_error = |source: std::io::Error| DatapathError::Pins {
+            dir: dir.root.clone(),
+            source,
+        };
+        let link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
+        // Dropping the returned handle closes our fd; the pin keeps the attachment.
+        link.pin(dir.link(&link_name(interface, mode)))
+            .map_err(|e| pin_error(std::io::Error::other(e)))?;
+        Ok(())
+    }
+
+    /// Moves an attachment of a datapath being replaced to this program.
+    fn take_over(&mut self, interface: &str) -> Result<Option<AttachedMode>, DatapathError> {
+        let Some(dir) = self.pins.clone() else {
+            return Ok(None);
+        };
+        let found = self.replacing.iter().find_map(|old| {
+            old.linked_interfaces().into_iter().find_map(|name| {
+                let (i, m) = parse_link_name(&name)?;
+                (i == interface).then(|| (old.link(&name), m))
+            })
+        });
+        let Some((path, mode)) = found else {
+            return Ok(None);
+        };
+        let swap_error = |e: String| DatapathError::Attach {
+            interface: interface.to_string(),
+            mode: mode.name(),
+            source: ProgramError::IOError(std::io::Error::other(e)),
+        };
+        let old = PinnedLink::from_pin(&path).map_err(|e| swap_error(e.to_string()))?;
+        let link = XdpLink::try_from(FdLink::from(old)).map_err(|e| swap_error(e.to_string()))?;
+        let id = self
+            .program_mut()
+            .attach_to_link(link)
+            .map_err(|e| swap_error(e.to_string()))?;
+        let link = self
+            .program_mut()
+            .take_link(id)
+            .map_err(|e| swap_error(e.to_string()))?;
+        self.pin_link(&dir, interface, mode, link)?;
+        tracing::info!(interface, "swapped the program of the existing attachment");
+        Ok(Some(mode))
+    }
+
+    /// Detaches from interfaces not in `keep` (a pinned datapath adopted with a config
+    /// that no longer lists them).
+    pub fn detach_others(&mut self, keep: &[String]) -> Result<(), DatapathError> {
+        let Some(dir) = self.pins.clone() else {
+            return Ok(());
+        };
+        for name in dir.linked_interfaces() {
+            let Some((interface, _)) = parse_link_name(&name) else {
+                continue;
+            };
+            if !keep.contains(&interface) {
+                std::fs::remove_file(dir.link(&name)).map_err(|source| DatapathError::Pins {
+                    dir: dir.root.clone(),
+                    source,
+                })?;
+                self.attached.retain(|(i, _)| *i != interface);
+                tracing::info!(interface, "detached: no longer in the config");
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a `--replace`: removes the replaced pins (attachments they still hold on
+    /// interfaces this datapath did not take over go with them) and moves this
+    /// datapath's pins to the layout's directory.
+    pub fn finish_replace(&mut self, pin_dir: &Path) -> Result<(), DatapathError> {
+        let pin_error = |source: std::io::Error| DatapathError::Pins {
+            dir: pin_dir.to_path_buf(),
+            source,
+        };
+        for old in std::mem::take(&mut self.replacing) {
+            old.remove().map_err(pin_error)?;
+            tracing::info!(dir = %old.root.display(), "removed the replaced datapath");
+        }
+        let current = LayoutDir::current(pin_dir);
+        if let Some(dir) = &self.pins
+            && dir.root != current.root
+        {
+            std::fs::rename(&dir.root, &current.root).map_err(pin_error)?;
+            self.pins = Some(current);
+        }
+        Ok(())
+    }
+
     /// Interfaces the program is attached to, and how.
     pub fn attached(&self) -> &[(String, AttachedMode)] {
         &self.attached
@@ -223,6 +566,31 @@ impl Datapath {
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
     }
+}
+
+/// Removes every pinned datapath under `pin_dir`: their attachments end with their
+/// link pins. Returns the directories removed.
+pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let pin_error = |source: std::io::Error| DatapathError::Pins {
+        dir: pin_dir.to_path_buf(),
+        source,
+    };
+    let mut removed = Vec::new();
+    let mut dirs = pins::other_layouts(pin_dir);
+    dirs.push(LayoutDir::current(pin_dir));
+    for dir in dirs {
+        if dir.root.exists() {
+            dir.remove().map_err(pin_error)?;
+            removed.push(dir.root);
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Something else lives there too: leave the directory.
+        Err(_) => {}
+    }
+    Ok(removed)
 }
 
 pub fn interface_exists(name: &str) -> bool {

@@ -29,8 +29,20 @@ impl Lab {
         agent
     }
 
+    /// Starts `bin` (another build of the agent) on `config` and waits until it answers.
+    pub fn start_agent_from(&self, bin: &std::path::Path, config: &str, args: &[&str]) -> Agent {
+        let agent = self.spawn_agent_from(bin, config, args);
+        agent.wait_ready();
+        agent
+    }
+
     /// Starts the agent without waiting (for configs it should refuse).
     pub fn spawn_agent(&self, config: &str) -> Agent {
+        self.spawn_agent_from(&self.bin.clone(), config, &[])
+    }
+
+    /// Starts `bin` with `run --config CONFIG ARGS...` without waiting.
+    pub fn spawn_agent_from(&self, bin: &std::path::Path, config: &str, args: &[&str]) -> Agent {
         let path = self.dir.path().join("sessiongate.toml");
         std::fs::write(&path, config).expect("write config");
         let log_path = self.dir.path().join(format!(
@@ -40,9 +52,10 @@ impl Lab {
         let log = File::create(&log_path).expect("log file");
         let child = self
             .gateway
-            .command(&self.bin)
+            .command(bin)
             .args(["run", "--config"])
             .arg(&path)
+            .args(args)
             .env("SESSIONGATE_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -51,7 +64,7 @@ impl Lab {
             .expect("spawn sessiongate");
         Agent {
             child,
-            bin: self.bin.clone(),
+            bin: bin.to_path_buf(),
             socket: self.dir.path().join("api.sock"),
             log: log_path,
         }
@@ -146,6 +159,17 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would, then reaps it.
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (SIGHUP: reload).
+    pub fn send(&self, signal: i32) {
+        self.signal(signal);
     }
 
     /// SIGTERM, then waits for the agent to exit.

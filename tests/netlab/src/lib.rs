@@ -181,6 +181,27 @@ fn run_ok(program: &str, args: &[&str]) {
     );
 }
 
+/// A bpffs instance of the lab's own, where its agents pin the datapath: no pin of a
+/// test is ever seen by another. Unmounting it drops every pin (and the attachments
+/// they hold).
+pub struct BpfMount {
+    pub path: PathBuf,
+}
+
+impl BpfMount {
+    fn new(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).expect("bpffs mount point");
+        run_ok("mount", &["-t", "bpf", "bpf", &path.to_string_lossy()]);
+        Self { path }
+    }
+}
+
+impl Drop for BpfMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// Client, gateway and server namespaces with echo and DNS services running.
 pub struct Lab {
     // Fields drop in order: services stop before their namespaces go.
@@ -188,6 +209,7 @@ pub struct Lab {
     pub client: Netns,
     pub gateway: Netns,
     pub server: Netns,
+    pub bpf: BpfMount,
     pub dir: tempfile::TempDir,
     /// The `sessiongate` binary agents run.
     bin: PathBuf,
@@ -210,11 +232,13 @@ impl Lab {
             .expect("temp dir");
         wire(&client, &gateway, &server);
         let services = Services::start(&server);
+        let bpf = BpfMount::new(dir.path().join("bpf"));
         Self {
             _services: services,
             client,
             gateway,
             server,
+            bpf,
             dir,
             bin: bin.into(),
         }
@@ -224,10 +248,16 @@ impl Lab {
     /// `[limits]` filled in, then `rest` (the caller's sections and policies) verbatim.
     pub fn config(&self, agent_extra: &str, rest: &str) -> String {
         format!(
-            "[agent]\ninterfaces = [\"{GATEWAY_IFACE}\"]\napi_socket = \"{}\"\nstate_dir = \"{}\"\n{agent_extra}\n\n[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n\n{rest}\n",
+            "[agent]\ninterfaces = [\"{GATEWAY_IFACE}\"]\napi_socket = \"{}\"\nstate_dir = \"{}\"\npin_dir = \"{}\"\n{agent_extra}\n\n[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n\n{rest}\n",
             self.dir.path().join("api.sock").display(),
             self.dir.path().join("state").display(),
+            self.pin_dir().display(),
         )
+    }
+
+    /// Where this lab's agents pin the datapath.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpf.path.join("sessiongate")
     }
 
     /// Whether an XDP program is attached to the gateway's device-facing interface.

@@ -1,0 +1,78 @@
+//! The TCP API's bearer token: read from a file at start, required on every request,
+//! compared in constant time so that response timing reveals nothing about it.
+
+use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
+
+use anyhow::{Context as _, bail};
+use axum::{
+    Router,
+    extract::Request,
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use subtle::ConstantTimeEq;
+
+use super::server::ApiError;
+
+/// Shortest token accepted: anything shorter is guessable.
+const MIN_TOKEN_LEN: usize = 16;
+
+/// Reads the token: the file's content without surrounding whitespace. The file must
+/// not be readable by group or others.
+pub fn read_token(path: &Path) -> anyhow::Result<Arc<[u8]>> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("api_token_file {}", path.display()))?;
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "api_token_file {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("api_token_file {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_TOKEN_LEN || token.contains(char::is_whitespace) {
+        bail!(
+            "api_token_file {}: the token must be one word of at least {MIN_TOKEN_LEN} characters (for example `openssl rand -hex 32`)",
+            path.display()
+        );
+    }
+    Ok(token.as_bytes().into())
+}
+
+/// `router`, answering 401 to any request without `Authorization: Bearer <token>`
+/// before it reaches a handler.
+pub fn require_token(router: Router, token: Arc<[u8]>) -> Router {
+    router.layer(middleware::from_fn(move |request: Request, next: Next| {
+        let token = Arc::clone(&token);
+        async move {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            let ok = presented.is_some_and(|p| bool::from(p.ct_eq(&token)));
+            if ok {
+                next.run(request).await
+            } else {
+                tracing::warn!(path = %request.uri().path(), "API request without a valid bearer token refused");
+                unauthorized()
+            }
+        }
+    }))
+}
+
+fn unauthorized() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this endpoint needs `Authorization: Bearer <token>` with the token in the agent's api_token_file",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}

@@ -1,0 +1,195 @@
+//! Prometheus metrics on `metrics_listen` (`GET /metrics`), in the OpenMetrics text
+//! format that Prometheus scrapes. Everything is read fresh from the kernel's maps and
+//! the agent's state on each scrape: nothing is cached between scrapes.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
+    registry::Registry,
+};
+
+use crate::control::{Control, MetricsSnapshot};
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+pub fn router(control: Arc<Control>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(control)
+}
+
+async fn metrics(State(control): State<Arc<Control>>) -> Response {
+    let snapshot = match tokio::task::spawn_blocking(move || control.metrics()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+        }
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    match render(&snapshot) {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+fn counters(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: impl IntoIterator<Item = (String, u64)>,
+) {
+    let family = Family::<Labels, Counter>::default();
+    for (value, n) in values {
+        family.get_or_create(&vec![(label, value)]).inc_by(n);
+    }
+    registry.register(name, help, family);
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g = Gauge::<i64>::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+/// The exposition text of a snapshot.
+pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::default();
+    registry.register(
+        "sessiongate_build",
+        "Version of the agent and of its pinned map layout",
+        Info::new(vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("map_layout", agent_common::maps::LAYOUT.to_string()),
+        ]),
+    );
+    counters(
+        &mut registry,
+        "sessiongate_packets",
+        "Packets judged by the XDP program, by verdict",
+        "verdict",
+        s.verdicts.iter().map(|(v, n)| (v.to_string(), *n)),
+    );
+    counters(
+        &mut registry,
+        "sessiongate_refusal_events",
+        "Refusal events: sent to the agent, rate-limited in the kernel (one per device and policy per second), or lost because the ring buffer was full",
+        "outcome",
+        s.events
+            .iter()
+            .map(|(e, n)| (e.strip_prefix("events_").unwrap_or(e).to_string(), *n)),
+    );
+    counters(
+        &mut registry,
+        "sessiongate_policy_refused_flows",
+        "New flows refused, by policy, since the agent started",
+        "policy",
+        s.policy_drops.iter().cloned(),
+    );
+    let entries = Family::<Labels, Gauge>::default();
+    let capacity = Family::<Labels, Gauge>::default();
+    for (table, used, cap) in &s.occupancy {
+        entries
+            .get_or_create(&vec![("table", table.to_string())])
+            .set(*used as i64);
+        capacity
+            .get_or_create(&vec![("table", table.to_string())])
+            .set(*cap as i64);
+    }
+    registry.register(
+        "sessiongate_table_entries",
+        "Entries in use in the kernel's tables",
+        entries,
+    );
+    registry.register(
+        "sessiongate_table_capacity_entries",
+        "Capacity of the kernel's tables ([limits])",
+        capacity,
+    );
+    gauge(
+        &mut registry,
+        "sessiongate_sessions",
+        "Device sessions known to the agent",
+        s.sessions as i64,
+    );
+    gauge(
+        &mut registry,
+        "sessiongate_policies",
+        "Policies in the configuration in force",
+        s.policies as i64,
+    );
+    gauge(
+        &mut registry,
+        "sessiongate_config_generation",
+        "Generation of the configuration in force; it changes on every successful reload",
+        i64::from(s.generation),
+    );
+    counters(
+        &mut registry,
+        "sessiongate_reloads",
+        "Config reloads (SIGHUP or sessiongate reload), by result",
+        "result",
+        [
+            ("success".to_string(), s.reloads.succeeded),
+            ("failure".to_string(), s.reloads.failed),
+        ],
+    );
+    if let Some(ok) = s.reloads.last_ok {
+        gauge(
+            &mut registry,
+            "sessiongate_last_reload_success",
+            "1 if the last reload was applied, 0 if it was rejected",
+            i64::from(ok),
+        );
+    }
+    if let Some(at) = s.reloads.last_at {
+        gauge(
+            &mut registry,
+            "sessiongate_last_reload_timestamp_seconds",
+            "Unix time of the last reload attempt",
+            at,
+        );
+    }
+    if let Some(n) = &s.notify {
+        counters(
+            &mut registry,
+            "sessiongate_notifications",
+            "Re-authentication prompts to notify_url, by outcome",
+            "outcome",
+            [
+                ("sent".to_string(), n.sent),
+                ("failed".to_string(), n.failed),
+                ("dropped".to_string(), n.dropped),
+                ("suppressed".to_string(), n.suppressed),
+            ],
+        );
+    }
+    let attached = Family::<Labels, Gauge>::default();
+    for (interface, mode) in &s.interfaces {
+        attached
+            .get_or_create(&vec![
+                ("interface", interface.clone()),
+                ("mode", mode.clone()),
+            ])
+            .set(1);
+    }
+    registry.register(
+        "sessiongate_interface_attached",
+        "Interfaces the XDP program is attached to, and in which mode",
+        attached,
+    );
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}

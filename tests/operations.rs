@@ -1,0 +1,510 @@
+//! Operating the agent: Prometheus metrics, the live event stream, re-authentication
+//! prompts to a webhook, the token-protected TCP API, and bulk session import. Real
+//! agents in real namespaces; HTTP is spoken from inside the gateway namespace.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use netlab::*;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const NOW: Duration = Duration::ZERO;
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+
+const APP_POLICY: &str = r#"
+[[policy]]
+name = "App"
+precedence = 10
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
+fn lab() -> Lab {
+    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
+}
+
+/// One HTTP/1.1 exchange from inside the gateway namespace: (status, body).
+fn http(lab: &Lab, addr: &str, request: &str) -> (u16, String) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let request = request.to_string();
+    lab.gateway.run(move || {
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request.as_bytes()).expect("send");
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
+    })
+}
+
+fn get(path: &str, headers: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n")
+}
+
+fn post(path: &str, headers: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sample values of a scrape, by metric name and labels as written.
+fn scrape(lab: &Lab) -> prometheus_parse::Scrape {
+    let (status, body) = http(lab, "127.0.0.1:9464", &get("/metrics", ""));
+    assert_eq!(status, 200, "{body}");
+    // The body is chunked when large; the parser needs the text itself.
+    let text = dechunk(&body);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid Prometheus text")
+}
+
+/// Removes HTTP/1.1 chunked framing if present.
+fn dechunk(body: &str) -> String {
+    if body.starts_with('#') {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = &tail[n + 2..];
+    }
+    out
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {label:?}"))
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_move_with_traffic() {
+    if !privileged("metrics_are_prometheus_text_and_move_with_traffic") {
+        return;
+    }
+    let lab = lab();
+    let agent = lab.start_agent(&lab.config("metrics_listen = \"127.0.0.1:9464\"", APP_POLICY));
+    agent.login(device(0), ALICE, NOW);
+    agent.login(device(1), BOB, 2 * HOUR);
+    let before = scrape(&lab);
+    let refused = |s: &prometheus_parse::Scrape| {
+        value(
+            s,
+            "sessiongate_packets_total",
+            Some(("verdict", "dropped_expired")),
+        )
+    };
+    let admitted = |s: &prometheus_parse::Scrape| {
+        value(
+            s,
+            "sessiongate_packets_total",
+            Some(("verdict", "admitted_new_flow")),
+        )
+    };
+    for _ in 0..3 {
+        assert!(lab.tcp_works(device(0), APP, 443));
+    }
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    let after = scrape(&lab);
+    assert!(admitted(&after) >= admitted(&before) + 3.0);
+    assert!(refused(&after) >= refused(&before) + 1.0);
+    assert!(
+        value(
+            &after,
+            "sessiongate_policy_refused_flows_total",
+            Some(("policy", "App"))
+        ) >= 1.0
+    );
+    assert_eq!(value(&after, "sessiongate_sessions", None), 2.0);
+    assert_eq!(
+        value(
+            &after,
+            "sessiongate_table_entries",
+            Some(("table", "sessions_v4"))
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "sessiongate_table_capacity_entries",
+            Some(("table", "sessions_v4"))
+        ),
+        4096.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "sessiongate_refusal_events_total",
+            Some(("outcome", "lost"))
+        ),
+        0.0
+    );
+    assert_eq!(value(&after, "sessiongate_build_info", None), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "sessiongate_reloads_total",
+            Some(("result", "success"))
+        ),
+        0.0
+    );
+    // A reload shows up, and so does a failed one.
+    agent.cli_ok(&["reload"]);
+    let reloaded = scrape(&lab);
+    assert_eq!(
+        value(
+            &reloaded,
+            "sessiongate_reloads_total",
+            Some(("result", "success"))
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&reloaded, "sessiongate_last_reload_success", None),
+        1.0
+    );
+    // Every family's name follows the conventions.
+    for s in &reloaded.samples {
+        assert!(s.metric.starts_with("sessiongate_"), "{}", s.metric);
+    }
+}
+
+/// A webhook receiver inside the gateway namespace: every POST body it got.
+fn receiver(lab: &Lab, port: u16) -> Arc<Mutex<Vec<(Instant, String)>>> {
+    let listener = lab
+        .gateway
+        .run(move || TcpListener::bind(("127.0.0.1", port)))
+        .expect("bind receiver");
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&got);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let sink = Arc::clone(&sink);
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut length = 0usize;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_ok() {
+                    sink.lock()
+                        .unwrap()
+                        .push((Instant::now(), String::from_utf8_lossy(&body).into_owned()));
+                }
+                let _ = reader.get_mut().write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    got
+}
+
+/// Sends `count` UDP datagrams from `src` to distinct ports of `dst`: each one a new
+/// flow to judge.
+fn udp_flood(lab: &Lab, src: IpAddr, dst: IpAddr, count: u16) {
+    let socket: UdpSocket = lab.udp_socket(src);
+    for i in 0..count {
+        let _ = socket.send_to(b"flood", SocketAddr::new(dst, 10_000 + i % 50_000));
+    }
+}
+
+#[test]
+fn events_stream_live_and_prompts_are_sent_once_per_interval() {
+    if !privileged("events_stream_live_and_prompts_are_sent_once_per_interval") {
+        return;
+    }
+    let lab = lab();
+    let prompts = receiver(&lab, 8701);
+    let agent = lab.start_agent(&lab.config(
+        "notify_url = \"http://127.0.0.1:8701/prompt\"\nnotify_interval = \"2s\"\nreauth_url = \"https://198.18.0.1/reauth\"",
+        APP_POLICY,
+    ));
+    agent.login(device(1), BOB, 2 * HOUR);
+
+    // The event stream, as an operator would follow it.
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .args(["events", "--json", "--socket"])
+        .arg(&agent.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sessiongate events");
+    let (tx, rx) = mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    thread::sleep(Duration::from_millis(300)); // let it subscribe
+    let sent = Instant::now();
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    let (at, line) = rx.recv_timeout(Duration::from_secs(3)).expect("an event");
+    let latency = at.saturating_duration_since(sent);
+    assert!(latency < Duration::from_secs(1), "event after {latency:?}");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("JSON event");
+    assert_eq!(event["device"], "198.18.1.11");
+    assert_eq!(event["user"], BOB);
+    assert_eq!(event["policy"], "App");
+    assert_eq!(event["port"], 443);
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // A flood of refused new flows for 5 s: one prompt at first, then at most one per
+    // 2 s interval, never one per packet.
+    let started = Instant::now();
+    let mut packets = 0u64;
+    while started.elapsed() < Duration::from_secs(5) {
+        udp_flood(&lab, device(1), APP, 2000);
+        packets += 2000;
+    }
+    thread::sleep(Duration::from_millis(500));
+    let got = prompts.lock().unwrap().clone();
+    let refused = agent.counter("dropped_expired");
+    assert!(
+        refused > 5_000,
+        "a flood: {refused} refused of {packets} sent"
+    );
+    assert!(
+        (2..=4).contains(&got.len()),
+        "{} prompts for {refused} refused packets: {got:#?}",
+        got.len()
+    );
+    for pair in got.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(gap >= Duration::from_millis(1900), "prompts {gap:?} apart");
+    }
+    let prompt: serde_json::Value = serde_json::from_str(&got[0].1).expect("JSON prompt");
+    assert_eq!(prompt["user"], BOB);
+    assert_eq!(prompt["device"], "198.18.1.11");
+    assert_eq!(prompt["policy"], "App");
+    assert_eq!(prompt["reauth_url"], "https://198.18.0.1/reauth");
+    assert!(prompt["session_age"].as_str().unwrap().starts_with("2h"));
+    assert!(
+        prompt["destination"]
+            .as_str()
+            .unwrap()
+            .starts_with("198.19.10.10:")
+    );
+}
+
+#[test]
+fn tcp_api_needs_the_token_and_bad_requests_change_nothing() {
+    if !privileged("tcp_api_needs_the_token_and_bad_requests_change_nothing") {
+        return;
+    }
+    let lab = lab();
+    let token_file = lab.dir.path().join("api-token");
+    let token = "c2Vzc2lvbmdhdGUtdGVzdC10b2tlbi0xMjM0";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent = lab.start_agent(&lab.config(
+        &format!(
+            "api_listen = \"127.0.0.1:8700\"\napi_token_file = \"{}\"",
+            token_file.display()
+        ),
+        APP_POLICY,
+    ));
+    agent.login(device(1), BOB, 2 * HOUR);
+    let state = || agent.cli_ok(&["session", "list", "--json"]);
+    let before = state();
+    let api = "127.0.0.1:8700";
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let login = format!(r#"{{"ip": "198.18.1.11", "user": "{BOB}"}}"#);
+
+    for (what, request) in [
+        ("no token", post("/v1/sessions", "", &login)),
+        (
+            "wrong token",
+            post(
+                "/v1/sessions",
+                "Authorization: Bearer not-the-token\r\n",
+                &login,
+            ),
+        ),
+        (
+            "token without Bearer",
+            post(
+                "/v1/sessions",
+                &format!("Authorization: {token}\r\n"),
+                &login,
+            ),
+        ),
+        (
+            "no token, logout",
+            "DELETE /v1/sessions/198.18.1.11 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+                .to_string(),
+        ),
+        ("no token, read", get("/v1/sessions", "")),
+    ] {
+        let (status, body) = http(&lab, api, &request);
+        assert_eq!(status, 401, "{what}: {body}");
+    }
+    let huge = format!(
+        r#"{{"ip": "198.18.1.11", "user": "{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    for (what, body) in [
+        ("oversize", huge.as_str()),
+        ("not JSON", "ip=198.18.1.11"),
+        (
+            "unknown field",
+            r#"{"ip": "198.18.1.11", "user": "b", "admin": true}"#,
+        ),
+        ("bad address", r#"{"ip": "198.18.1.300", "user": "b"}"#),
+    ] {
+        let (status, reply) = http(&lab, api, &post("/v1/sessions", &bearer, body));
+        assert_eq!(status, 400, "{what}: {reply}");
+    }
+    assert_eq!(state(), before, "no refused request changed anything");
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+
+    // With the token, the same login works, and the audit log names the caller.
+    let (status, reply) = http(&lab, api, &post("/v1/sessions", &bearer, &login));
+    assert_eq!(status, 200, "{reply}");
+    assert!(lab.tcp_works(device(1), APP, 443));
+    let log = agent.log_text();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit")).collect();
+    assert!(
+        audit.iter().any(|l| l.contains("tcp 127.0.0.1")
+            && l.contains("198.18.1.11")
+            && l.contains("login")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("unix uid=0")),
+        "unix-socket changes are audited too: {audit:#?}"
+    );
+    // The unix socket stays root-only.
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_million_sessions_import_in_bulk() {
+    if !privileged("a_million_sessions_import_in_bulk") {
+        return;
+    }
+    let lab = lab();
+    let config = lab
+        .config("", APP_POLICY)
+        .replace("max_sessions = 4096", "max_sessions = 1100000");
+    let agent = lab.start_agent(&config);
+    let file = lab.dir.path().join("sessions.csv");
+    let fresh = time_ago(NOW);
+    let stale = time_ago(2 * HOUR);
+    let mut text = String::with_capacity(80 << 20);
+    text.push_str("ip,user,idp,authenticated_at\n");
+    text.push_str(&format!("198.18.1.10,{ALICE},okta,{fresh}\n"));
+    text.push_str(&format!("198.18.1.11,{BOB},okta,{stale}\n"));
+    for i in 0..999_998u32 {
+        text.push_str(&format!(
+            "2001:db8:100:{:x}::{:x},user{i}@example.com,okta,{fresh}\n",
+            i >> 16,
+            i & 0xffff
+        ));
+    }
+    // A bad line: nothing of the file is imported.
+    let bad = lab.dir.path().join("bad.csv");
+    std::fs::write(&bad, format!("{text}198.18.1.12,carol,okta,yesterday\n")).unwrap();
+    let out = agent.cli(&["session", "import", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1000002") && stderr.contains("yesterday"),
+        "{stderr}"
+    );
+    assert!(lab.tcp_blocked(device(0), APP, 443), "nothing was imported");
+    assert_eq!(sessions(&agent), 0);
+    // --skip-bad imports the good lines of a small file and names the bad one.
+    let small = lab.dir.path().join("small.jsonl");
+    std::fs::write(
+        &small,
+        format!(
+            "{{\"ip\": \"198.18.1.13\", \"user\": \"dave\", \"authenticated_at\": \"{fresh}\"}}\n{{\"ip\": \"198.18.1.14\", \"user\": \"erin\"}}\n"
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["session", "import", small.to_str().unwrap(), "--skip-bad"]);
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("imported 1 sessions") && stdout.contains("skipped 1"), "{stdout}");
+    assert!(stderr.contains(":2:") && stderr.contains("authenticated_at"), "{stderr}");
+    assert!(lab.tcp_works(device(3), APP, 443));
+    agent.cli_ok(&["session", "logout", "198.18.1.13"]);
+
+    std::fs::write(&file, &text).unwrap();
+    let started = Instant::now();
+    let out = agent.cli_ok(&["session", "import", file.to_str().unwrap()]);
+    let took = started.elapsed();
+    assert!(out.contains("imported 1000000 sessions"), "{out}");
+    eprintln!("imported 1,000,000 sessions in {took:?} (debug build)");
+    assert_eq!(sessions(&agent), 1_000_000);
+    assert!(
+        lab.tcp_works(device(0), APP, 443),
+        "a fresh imported session passes"
+    );
+    assert!(
+        lab.tcp_blocked(device(1), APP, 443),
+        "a stale one is refused"
+    );
+}
+
+fn sessions(agent: &Agent) -> u64 {
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).unwrap();
+    stats["sessions"].as_u64().unwrap()
+}

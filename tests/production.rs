@@ -1,0 +1,468 @@
+//! Running in production: restarts and upgrades with no enforcement gap, atomic reloads
+//! under traffic, replacing and detaching the pinned datapath. Real packets through a
+//! real gateway, with probes that keep checking verdicts while the agent is killed,
+//! restarted or reloaded.
+
+use std::{
+    net::{IpAddr, TcpStream, UdpSocket},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use netlab::*;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const NOW: Duration = Duration::ZERO;
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "bob@example.com";
+const CAROL: &str = "carol@example.com";
+
+/// The protected application: every protocol and port of 198.19.10.0/24.
+const APP_POLICY: &str = r#"
+[[policy]]
+name = "App"
+precedence = 10
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
+/// How long a probe waits for an answer that should come, and for one that must not.
+const PASS_WAIT: Duration = Duration::from_millis(1000);
+const FAIL_WAIT: Duration = Duration::from_millis(400);
+
+/// A verdict checked over and over while something happens to the agent.
+struct Probe<'a> {
+    name: &'static str,
+    check: Box<dyn Fn() -> bool + Sync + 'a>,
+}
+
+fn probe<'a>(name: &'static str, check: impl Fn() -> bool + Sync + 'a) -> Probe<'a> {
+    Probe {
+        name,
+        check: Box::new(check),
+    }
+}
+
+/// Runs every probe in a loop on its own thread while `during` runs; returns what
+/// `during` returned. Panics naming each probe that ever saw a wrong verdict, and if a
+/// probe ran fewer than `min_rounds` times (a probe that never ran proves nothing).
+fn under_traffic<R>(probes: &[Probe<'_>], min_rounds: usize, during: impl FnOnce() -> R) -> R {
+    let stop = AtomicBool::new(false);
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let rounds: Vec<AtomicUsize> = probes.iter().map(|_| AtomicUsize::new(0)).collect();
+    let started = Instant::now();
+    let result = thread::scope(|scope| {
+        for (probe, rounds) in probes.iter().zip(&rounds) {
+            let (stop, failures) = (&stop, &failures);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if !(probe.check)() {
+                        failures.lock().unwrap().push(format!(
+                            "{} failed at +{:?}",
+                            probe.name,
+                            started.elapsed()
+                        ));
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Stops the probes even when `during` panics, so a failure never hangs.
+        struct StopOnDrop<'s>(&'s AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        during()
+    });
+    let failures = failures.into_inner().unwrap();
+    assert!(failures.is_empty(), "wrong verdicts: {failures:#?}");
+    for (probe, rounds) in probes.iter().zip(&rounds) {
+        let n = rounds.load(Ordering::Relaxed);
+        assert!(
+            n >= min_rounds,
+            "probe {:?} ran only {n} times (wanted {min_rounds})",
+            probe.name
+        );
+    }
+    result
+}
+
+fn lab() -> Lab {
+    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
+}
+
+/// A TCP connection that must open and echo.
+fn opens(lab: &Lab, src: IpAddr, dst: IpAddr, port: u16) -> bool {
+    lab.tcp_connect(src, dst, port, PASS_WAIT)
+        .is_ok_and(|mut s| echo_tcp(&mut s, b"new").is_ok())
+}
+
+/// A TCP connection whose SYN must go unanswered.
+fn refused(lab: &Lab, src: IpAddr, dst: IpAddr, port: u16) -> bool {
+    matches!(
+        lab.tcp_connect(src, dst, port, FAIL_WAIT),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A new UDP flow that must get no echo.
+fn udp_refused(lab: &Lab, src: IpAddr, dst: IpAddr, port: u16) -> bool {
+    echo_udp(&lab.udp_socket(src), dst, port, b"new", FAIL_WAIT).is_err()
+}
+
+/// The traffic of the restart test: an established TCP stream and a tracked UDP flow
+/// that must keep flowing, and new flows that must keep getting the right verdict.
+struct RestartTraffic {
+    stream: Mutex<TcpStream>,
+    flow: Mutex<UdpSocket>,
+    fresh: IpAddr,
+    expired: IpAddr,
+    flow_device: IpAddr,
+}
+
+impl RestartTraffic {
+    /// Logs in three devices and opens the long-lived flows.
+    fn start(lab: &Lab, agent: &Agent) -> Self {
+        let (fresh, expired, flow_device) = (device(0), device(1), device(2));
+        agent.login(fresh, ALICE, NOW);
+        agent.login(expired, BOB, 2 * HOUR);
+        agent.login(flow_device, CAROL, NOW);
+        let stream = lab
+            .tcp_connect(fresh, APP, 22, SHOULD_PASS)
+            .expect("an SSH-like stream opens with a fresh session");
+        let flow = lab.udp_socket(flow_device);
+        assert!(udp_works(&flow, APP, 4433), "the UDP flow is admitted");
+        // Carol's session expires (an authentication two hours ago): her tracked flow
+        // goes on, new flows of hers are refused. Only the flow table lets it through.
+        agent.login(flow_device, CAROL, 2 * HOUR);
+        assert!(udp_refused(lab, flow_device, APP, 4433));
+        assert!(echo_udp(&flow, APP, 4433, b"tracked", PASS_WAIT).is_ok());
+        Self {
+            stream: Mutex::new(stream),
+            flow: Mutex::new(flow),
+            fresh,
+            expired,
+            flow_device,
+        }
+    }
+
+    fn probes<'a>(&'a self, lab: &'a Lab) -> Vec<Probe<'a>> {
+        vec![
+            probe("the established TCP stream echoes", move || {
+                echo_tcp(&mut self.stream.lock().unwrap(), b"stream").is_ok()
+            }),
+            probe(
+                "the tracked UDP flow of an expired device echoes",
+                move || echo_udp(&self.flow.lock().unwrap(), APP, 4433, b"flow", PASS_WAIT).is_ok(),
+            ),
+            probe("a fresh device opens new connections", move || {
+                opens(lab, self.fresh, APP, 443)
+            }),
+            probe(
+                "an expired device's new connections are refused",
+                move || refused(lab, self.expired, APP, 443),
+            ),
+            probe("an expired device's new UDP flows are refused", move || {
+                udp_refused(lab, self.flow_device, APP, 443)
+            }),
+        ]
+    }
+}
+
+#[test]
+fn kill_9_and_restarts_open_no_gap() {
+    if !privileged("kill_9_and_restarts_open_no_gap") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    let traffic = RestartTraffic::start(&lab, &agent);
+    let program_id = xdp_program_id(&lab);
+
+    // A crash: SIGKILL, a moment with no agent at all, then a new agent.
+    let mut agent = under_traffic(&traffic.probes(&lab), 3, || {
+        thread::sleep(Duration::from_millis(500));
+        agent.kill();
+        thread::sleep(Duration::from_millis(1500));
+        let agent = lab.start_agent(&config);
+        thread::sleep(Duration::from_millis(1500));
+        agent
+    });
+    assert!(
+        agent.log_text().contains("adopted the pinned datapath"),
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        xdp_program_id(&lab),
+        program_id,
+        "the same program stayed attached"
+    );
+    let sessions = agent.cli_ok(&["session", "list"]);
+    for user in [ALICE, BOB, CAROL] {
+        assert!(sessions.contains(user), "{user} lost: {sessions}");
+    }
+
+    // An upgrade: the agent is killed again and a new build of the same layout starts
+    // (a copy of the binary, from another path).
+    let new_build = lab.dir.path().join("sessiongate-new-build");
+    std::fs::copy(env!("CARGO_BIN_EXE_sessiongate"), &new_build).expect("copy the binary");
+    let agent = under_traffic(&traffic.probes(&lab), 3, || {
+        thread::sleep(Duration::from_millis(300));
+        agent.kill();
+        let agent = lab.start_agent_from(&new_build, &config, &[]);
+        thread::sleep(Duration::from_millis(1500));
+        agent
+    });
+    assert!(agent.log_text().contains("adopted the pinned datapath"));
+    let sessions = agent.cli_ok(&["session", "list"]);
+    for user in [ALICE, BOB, CAROL] {
+        assert!(sessions.contains(user), "{user} lost: {sessions}");
+    }
+    // The adopted datapath is fully under the new agent's control.
+    agent.login(traffic.expired, BOB, NOW);
+    assert!(lab.tcp_works(traffic.expired, APP, 443));
+}
+
+/// The id of the XDP program attached to the gateway's device-facing interface.
+fn xdp_program_id(lab: &Lab) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &lab.gateway.name,
+            "-d",
+            "-j",
+            "link",
+            "show",
+            GATEWAY_IFACE,
+        ])
+        .output()
+        .expect("ip link show");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    links[0]["xdp"]["prog"]["id"]
+        .as_u64()
+        .or_else(|| links[0]["xdp"]["attached"][0]["prog"]["id"].as_u64())
+        .unwrap_or_else(|| panic!("no XDP program attached: {links}"))
+}
+
+/// `count` filler policies on single hosts of 198.18.128.0/17 (never used by traffic),
+/// then the protected application, then `extra`.
+fn policies(count: usize, extra: &str) -> String {
+    let mut text = String::new();
+    for i in 0..count {
+        let host = 128 * 256 + i;
+        text.push_str(&format!(
+            "[[policy]]\nname = \"filler {i}\"\nprecedence = {}\ndestinations = [\"198.18.{}.{}/32\"]\ncheck_session = {{ enforce = true, duration = \"30m\" }}\n\n",
+            100 + i,
+            host / 256,
+            host % 256
+        ));
+    }
+    format!("{text}{APP_POLICY}\n{extra}")
+}
+
+/// The open host under a policy: only in some configs.
+const OPEN_POLICY: &str = r#"
+[[policy]]
+name = "Open host"
+precedence = 5
+destinations = ["198.19.20.10/32"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
+/// Large configs need room: 10,000 policies, one prefix each.
+fn sized(config: String) -> String {
+    config
+        .replace("max_policy_cidrs = 1024", "max_policy_cidrs = 16384")
+        .replace("max_port_rules = 1024", "max_port_rules = 16384")
+}
+
+#[test]
+fn reloads_swap_10_and_10000_policies_under_traffic() {
+    if !privileged("reloads_swap_10_and_10000_policies_under_traffic") {
+        return;
+    }
+    let lab = lab();
+    let small = sized(lab.config("", &policies(9, "")));
+    let large = sized(lab.config("", &policies(9_999, OPEN_POLICY)));
+    let mut agent = lab.start_agent(&small);
+    let (fresh, expired) = (device(0), device(1));
+    agent.login(fresh, ALICE, NOW);
+    agent.login(expired, BOB, 2 * HOUR);
+    assert!(opens(&lab, expired, OPEN, 443), "the open host is open");
+    let config_path = lab.dir.path().join("sessiongate.toml");
+
+    let probes = [
+        probe("a fresh device opens new connections", || {
+            opens(&lab, fresh, APP, 443)
+        }),
+        probe("an expired device is refused", || {
+            refused(&lab, expired, APP, 443)
+        }),
+    ];
+    under_traffic(&probes, 5, || {
+        for round in 0..2 {
+            std::fs::write(&config_path, &large).unwrap();
+            let out = agent.cli_ok(&["reload"]);
+            assert!(out.contains("10001 policies"), "{out}");
+            // The large config is in force: its extra policy refuses the open host.
+            assert!(refused(&lab, expired, OPEN, 443), "round {round}");
+            std::fs::write(&config_path, &small).unwrap();
+            // SIGHUP does the same as `sessiongate reload`.
+            let before = reloads(&agent);
+            agent.send(libc::SIGHUP);
+            wait_for(|| reloads(&agent) > before, "the SIGHUP reload");
+            assert!(opens(&lab, expired, OPEN, 443), "round {round}");
+        }
+    });
+    let stats = agent.cli_ok(&["stats", "--json"]);
+    assert!(stats.contains("\"App\""), "{stats}");
+
+    // An invalid config: rejected with every reason, the running policy stays.
+    let broken = small
+        .replace("duration = \"1h\"", "duration = \"1 hour\"")
+        .replace("precedence = 10\n", "precedence = -3\n");
+    std::fs::write(&config_path, broken).unwrap();
+    let out = agent.cli(&["reload"]);
+    assert!(!out.status.success(), "an invalid reload must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"1 hour\"") && stderr.contains("precedence"),
+        "every reason is named: {stderr}"
+    );
+    assert!(stderr.contains("the running policy stays"), "{stderr}");
+    assert!(opens(&lab, fresh, APP, 443) && refused(&lab, expired, APP, 443));
+    let status: serde_json::Value =
+        serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).expect("stats JSON");
+    assert!(status.is_object());
+    assert!(agent.log_text().contains("reload rejected"));
+    agent.stop();
+}
+
+/// Successful reloads so far, from the agent's log.
+fn reloads(agent: &Agent) -> usize {
+    agent.log_text().matches("reloaded the config").count()
+}
+
+fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
+    if !privileged("pins_of_another_layout_are_refused_and_replace_swaps_in_one_step") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    let traffic = RestartTraffic::start(&lab, &agent);
+    assert!(agent.stop().success());
+    // Make the pins look like an older layout's.
+    let pins = lab.pin_dir();
+    let current = std::fs::read_dir(&pins)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("layout-")
+        })
+        .expect("a layout directory");
+    std::fs::rename(&current, pins.join("layout-1")).expect("rename on bpffs");
+    let old_id = xdp_program_id(&lab);
+
+    let mut refused_agent = lab.spawn_agent(&config);
+    let status = refused_agent.wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    let log = refused_agent.log_text();
+    assert!(
+        log.contains("layout-1") && log.contains("--replace"),
+        "a clear message: {log}"
+    );
+    assert_eq!(xdp_program_id(&lab), old_id, "a refusal changes nothing");
+
+    // A new datapath starts UDP flow tracking over (the old layout's flow table is not
+    // readable by this one): every other verdict holds through the swap.
+    let probes: Vec<Probe<'_>> = traffic
+        .probes(&lab)
+        .into_iter()
+        .filter(|p| !p.name.contains("tracked UDP flow"))
+        .collect();
+    let agent = under_traffic(&probes, 3, || {
+        let agent = lab.start_agent_from(
+            std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
+            &config,
+            &["--replace"],
+        );
+        thread::sleep(Duration::from_millis(1000));
+        agent
+    });
+    assert_ne!(xdp_program_id(&lab), old_id, "the new program is attached");
+    assert!(!pins.join("layout-1").exists(), "the old pins are gone");
+    assert!(agent.log_text().contains("replaced the pinned datapath"));
+    let sessions = agent.cli_ok(&["session", "list"]);
+    assert!(sessions.contains(ALICE) && sessions.contains(BOB));
+}
+
+#[test]
+fn detach_removes_the_program_pins_and_state() {
+    if !privileged("detach_removes_the_program_pins_and_state") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    agent.login(device(1), BOB, 2 * HOUR);
+    let config_path = lab.dir.path().join("sessiongate.toml");
+    let detach = |agent: &Agent| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .args(["detach", "--config"])
+            .arg(&config_path)
+            .output()
+            .map(|out| {
+                (
+                    out.status.success(),
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                        + &String::from_utf8_lossy(&out.stderr),
+                )
+            })
+            .unwrap_or_else(|e| panic!("detach: {e} (agent {})", agent.pid()))
+    };
+    let (ok, out) = detach(&agent);
+    assert!(!ok && out.contains("stop it first"), "{out}");
+    assert!(lab.xdp_attached());
+
+    assert!(agent.stop().success());
+    assert!(lab.xdp_attached(), "stopping leaves enforcement running");
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    let (ok, out) = detach(&agent);
+    assert!(ok, "{out}");
+    assert!(!lab.xdp_attached(), "detach removes the program");
+    assert!(
+        lab.tcp_works(device(1), APP, 443),
+        "nothing is enforced any more"
+    );
+    assert!(
+        std::fs::read_dir(lab.bpf.path.clone()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("sessiongate")),
+        "no pins left"
+    );
+    assert!(!lab.dir.path().join("state").join("sessions.jsonl").exists());
+}
