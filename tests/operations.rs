@@ -481,8 +481,14 @@ fn a_million_sessions_import_in_bulk() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(stdout.contains("imported 1 sessions") && stdout.contains("skipped 1"), "{stdout}");
-    assert!(stderr.contains(":2:") && stderr.contains("authenticated_at"), "{stderr}");
+    assert!(
+        stdout.contains("imported 1 sessions") && stdout.contains("skipped 1"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(":2:") && stderr.contains("authenticated_at"),
+        "{stderr}"
+    );
     assert!(lab.tcp_works(device(3), APP, 443));
     agent.cli_ok(&["session", "logout", "198.18.1.13"]);
 

@@ -85,6 +85,7 @@ fn under_traffic<R>(probes: &[Probe<'_>], min_rounds: usize, during: impl FnOnce
     assert!(failures.is_empty(), "wrong verdicts: {failures:#?}");
     for (probe, rounds) in probes.iter().zip(&rounds) {
         let n = rounds.load(Ordering::Relaxed);
+        eprintln!("probe {:?}: {n} checks, all right", probe.name);
         assert!(
             n >= min_rounds,
             "probe {:?} ran only {n} times (wanted {min_rounds})",
@@ -465,4 +466,60 @@ fn detach_removes_the_program_pins_and_state() {
         "no pins left"
     );
     assert!(!lab.dir.path().join("state").join("sessions.jsonl").exists());
+}
+
+/// The capabilities `deploy/sessiongate.service` grants, as `setpriv` names them.
+fn unit_capabilities() -> String {
+    let unit = include_str!("../deploy/sessiongate.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds the agent's capabilities");
+    let caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!caps.is_empty());
+    format!("-all,{}", caps.join(","))
+}
+
+#[test]
+fn the_systemd_units_capabilities_are_enough() {
+    if !privileged("the_systemd_units_capabilities_are_enough") {
+        return;
+    }
+    let lab = lab();
+    // The agent (and its CLI) with no capability beyond the unit's bounding set.
+    let wrapper = lab.dir.path().join("sessiongate-confined");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --bounding-set {} {} \"$@\"\n",
+            unit_capabilities(),
+            env!("CARGO_BIN_EXE_sessiongate")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent_from(&wrapper, &config, &[]);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+            .unwrap()
+            .contains("CapBnd:\t000000c000001000"),
+        "confined to CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF"
+    );
+    agent.login(device(0), ALICE, NOW);
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_works(device(0), APP, 443) && lab.tcp_blocked(device(1), APP, 443));
+    // Adopting the pins and reloading need nothing more.
+    agent.kill();
+    let agent = lab.start_agent_from(&wrapper, &config, &[]);
+    assert!(agent.log_text().contains("adopted the pinned datapath"));
+    agent.cli_ok(&["reload"]);
+    assert!(lab.tcp_works(device(0), APP, 443) && lab.tcp_blocked(device(1), APP, 443));
 }
