@@ -141,7 +141,16 @@ fn metrics_are_prometheus_text_and_move_with_traffic() {
         assert!(lab.tcp_works(device(0), APP, 443));
     }
     assert!(lab.tcp_blocked(device(1), APP, 443));
+    assert!(udp_works(&lab.udp_socket(device(0)), APP, 4433));
     let after = scrape(&lab);
+    assert!(
+        value(
+            &after,
+            "sessiongate_table_entries",
+            Some(("table", "udp_flows_v4"))
+        ) >= 1.0,
+        "the tracked UDP flow is counted"
+    );
     assert!(admitted(&after) >= admitted(&before) + 3.0);
     assert!(refused(&after) >= refused(&before) + 1.0);
     assert!(

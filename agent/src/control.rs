@@ -544,13 +544,20 @@ impl Control {
 
     /// Everything `/metrics` shows, read in one go.
     pub fn metrics(&self) -> Result<MetricsSnapshot, ControlError> {
-        let sessions = lock(&self.sessions).len();
+        let (sessions, v4) = {
+            let store = lock(&self.sessions);
+            (store.len(), store.iter().filter(|r| r.ip.is_ipv4()).count())
+        };
         let active = self.active();
         let datapath = lock(&self.datapath);
         let maps = &datapath.maps;
         let counters = maps.counters()?;
         let policy_drops = self.policy_drops_of(maps, &active)?;
-        let occupancy = maps.occupancy(crate::clock::boot_now_ns() as u64);
+        let occupancy = maps.occupancy(
+            crate::clock::boot_now_ns() as u64,
+            (v4, sessions - v4),
+            &active.table,
+        );
         drop(datapath);
         Ok(MetricsSnapshot {
             verdicts: Verdict::ALL

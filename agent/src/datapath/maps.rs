@@ -490,37 +490,40 @@ impl Maps {
         v4.chain(v6).collect()
     }
 
-    /// Entries in use and capacity of each sized table, for metrics: sessions and
-    /// policy prefixes are counted exactly; tracked flows by walking the flow tables.
-    pub fn occupancy(&self, now_ns: u64) -> Vec<(&'static str, usize, usize)> {
-        let set = config_set(self.generation) as usize;
+    /// Entries in use and capacity of each sized table, for metrics. Sessions, prefixes
+    /// and port rules are what the agent wrote (`sessions` per family, `table`), which
+    /// the maps hold; tracked flows are counted in the kernel's tables.
+    pub fn occupancy(
+        &self,
+        now_ns: u64,
+        sessions: (usize, usize),
+        table: &PolicyTable,
+    ) -> Vec<(&'static str, usize, usize)> {
         let (flows4, flows6) = self.flow_count(now_ns);
         let flow_capacity = self.geometry.flow_buckets as usize * WAYS;
+        let prefixes4 = table
+            .dest
+            .iter()
+            .filter(|(n, _)| n.addr().is_ipv4())
+            .count();
+        let limits = &self.limits;
         vec![
-            (
-                "sessions_v4",
-                self.sessions_v4.keys().count(),
-                self.limits.max_sessions as usize,
-            ),
-            (
-                "sessions_v6",
-                self.sessions_v6.keys().count(),
-                self.limits.max_sessions as usize,
-            ),
+            ("sessions_v4", sessions.0, limits.max_sessions as usize),
+            ("sessions_v6", sessions.1, limits.max_sessions as usize),
             (
                 "policy_prefixes_v4",
-                self.dest_v4[set].keys().count(),
-                self.limits.max_policy_cidrs as usize,
+                prefixes4,
+                limits.max_policy_cidrs as usize,
             ),
             (
                 "policy_prefixes_v6",
-                self.dest_v6[set].keys().count(),
-                self.limits.max_policy_cidrs as usize,
+                table.dest.len() - prefixes4,
+                limits.max_policy_cidrs as usize,
             ),
             (
                 "port_rules",
-                self.port_rules.keys().count(),
-                self.limits.max_port_rules as usize,
+                table.port_rules.len(),
+                limits.max_port_rules as usize,
             ),
             ("udp_flows_v4", flows4, flow_capacity),
             ("udp_flows_v6", flows6, flow_capacity),
@@ -553,22 +556,27 @@ impl Maps {
         Ok(())
     }
 
-    /// Tracked UDP flows (IPv4, IPv6) still active at boot-clock `now_ns`. Walks the
-    /// tables: for status, not hot paths.
+    /// Tracked UDP flows (IPv4, IPv6) still active at boot-clock `now_ns`. Reads the
+    /// flow tables with batched lookups: cheap enough for every metrics scrape.
     pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
         let idle = self.current.udp_idle_ns;
-        let v4 = self
-            .flows_v4
-            .iter()
-            .filter_map(Result::ok)
-            .map(|b| active_flows(&b.slots, now_ns, idle))
-            .sum();
-        let v6 = self
-            .flows_v6
-            .iter()
-            .filter_map(Result::ok)
-            .map(|b| active_flows(&b.slots, now_ns, idle))
-            .sum();
+        let mut v4 = 0;
+        let read4 = batch::read_array(self.flows_v4.map().fd().as_fd(), |b: &[FlowBucketV4]| {
+            v4 += b
+                .iter()
+                .map(|b| active_flows(&b.slots, now_ns, idle))
+                .sum::<usize>();
+        });
+        let mut v6 = 0;
+        let read6 = batch::read_array(self.flows_v6.map().fd().as_fd(), |b: &[FlowBucketV6]| {
+            v6 += b
+                .iter()
+                .map(|b| active_flows(&b.slots, now_ns, idle))
+                .sum::<usize>();
+        });
+        if let Err(e) = read4.and(read6) {
+            tracing::warn!(error = %e, "cannot read the flow tables; flow counts are partial");
+        }
         (v4, v6)
     }
 }
