@@ -207,6 +207,10 @@ fn kill_9_and_restarts_open_no_gap() {
         program_id,
         "the same program stayed attached"
     );
+    assert!(
+        !agent.log_text().contains("attached again"),
+        "the pinned attachment was kept, not made anew"
+    );
     let sessions = agent.cli_ok(&["session", "list"]);
     for user in [ALICE, BOB, CAROL] {
         assert!(sessions.contains(user), "{user} lost: {sessions}");
@@ -522,4 +526,28 @@ fn the_systemd_units_capabilities_are_enough() {
     assert!(agent.log_text().contains("adopted the pinned datapath"));
     agent.cli_ok(&["reload"]);
     assert!(lab.tcp_works(device(0), APP, 443) && lab.tcp_blocked(device(1), APP, 443));
+}
+
+#[test]
+fn an_interface_recreated_while_the_agent_is_down_is_attached_again() {
+    if !privileged("an_interface_recreated_while_the_agent_is_down_is_attached_again") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(agent.stop().success());
+    lab.recreate_device_link();
+    assert!(!lab.xdp_attached(), "a new interface has no program");
+    let agent = lab.start_agent(&config);
+    assert!(
+        agent
+            .log_text()
+            .contains("the pinned attachment no longer holds"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(lab.xdp_attached());
+    assert!(lab.tcp_blocked(device(1), APP, 443), "enforcing again");
 }

@@ -360,11 +360,25 @@ impl Datapath {
         let events = Maps::open_events(&mut source)?;
         let program = Xdp::from_pin(dir.program(), XdpAttachType::Interface)
             .map_err(|e| incomplete(format!("program: {e}")))?;
-        let attached = dir
-            .linked_interfaces()
-            .iter()
-            .filter_map(|name| parse_link_name(name))
-            .collect();
+        let mut attached = Vec::new();
+        for name in dir.linked_interfaces() {
+            let Some((interface, mode)) = parse_link_name(&name) else {
+                continue;
+            };
+            // An interface deleted (or recreated) since leaves a link attached to
+            // nothing: drop it, so that `attach` attaches to the interface anew.
+            let live = pins::link_ifindex(&dir.link(&name))
+                .is_ok_and(|index| index != 0 && index == interface_index(&interface));
+            if live {
+                attached.push((interface, mode));
+            } else {
+                tracing::warn!(
+                    interface,
+                    "the pinned attachment no longer holds (the interface was removed or recreated); it is attached again"
+                );
+                let _ = std::fs::remove_file(dir.link(&name));
+            }
+        }
         Ok(Self {
             program: Program::Pinned(Box::new(program)),
             maps,
@@ -594,9 +608,14 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
 }
 
 pub fn interface_exists(name: &str) -> bool {
+    interface_index(name) != 0
+}
+
+/// The interface's index; 0 if there is none of that name.
+fn interface_index(name: &str) -> u32 {
     let Ok(c_name) = std::ffi::CString::new(name) else {
-        return false;
+        return 0;
     };
     // SAFETY: a NUL-terminated string.
-    unsafe { libc::if_nametoindex(c_name.as_ptr()) != 0 }
+    unsafe { libc::if_nametoindex(c_name.as_ptr()) }
 }

@@ -260,6 +260,13 @@ impl Lab {
         self.bpf.path.join("sessiongate")
     }
 
+    /// Deletes the device-facing veth pair and creates it again: the same names and
+    /// addresses, a new interface index (as when an operator recreates an interface).
+    pub fn recreate_device_link(&self) {
+        self.gateway.ip(&format!("link del {GATEWAY_IFACE}"));
+        wire_devices(&self.client, &self.gateway);
+    }
+
     /// Whether an XDP program is attached to the gateway's device-facing interface.
     pub fn xdp_attached(&self) -> bool {
         let out = Command::new("ip")
@@ -277,24 +284,26 @@ impl Lab {
     }
 }
 
-/// Veth pairs created directly inside the namespaces (no names in the root namespace
-/// for parallel labs to fight over), addresses, routes and forwarding.
-fn wire(client: &Netns, gateway: &Netns, server: &Netns) {
-    for (a, a_ns, b, b_ns) in [
-        ("cli0", client, GATEWAY_IFACE, gateway),
-        ("gw-srv", gateway, "srv0", server),
-    ] {
-        run_ok(
-            "ip",
-            &[
-                "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",
-                &b_ns.name,
-            ],
-        );
-    }
-    for ns in [client, gateway, server] {
-        ns.ip("link set lo up");
-    }
+/// The device-facing veth pair (client `cli0`, gateway `GATEWAY_IFACE`), its addresses
+/// and the client's routes.
+fn wire_devices(client: &Netns, gateway: &Netns) {
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "cli0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            GATEWAY_IFACE,
+            "netns",
+            &gateway.name,
+        ],
+    );
     client.ip("link set cli0 up");
     for n in 0..10 {
         client.ip(&format!("addr add {}/24 dev cli0", device(n)));
@@ -302,13 +311,38 @@ fn wire(client: &Netns, gateway: &Netns, server: &Netns) {
     }
     client.ip("route add default via 198.18.1.1");
     client.ip("-6 route add default via 2001:db8:1::1");
-
     gateway.ip(&format!("link set {GATEWAY_IFACE} up"));
-    gateway.ip("link set gw-srv up");
     gateway.ip(&format!("addr add 198.18.1.1/24 dev {GATEWAY_IFACE}"));
     gateway.ip(&format!(
         "addr add 2001:db8:1::1/64 dev {GATEWAY_IFACE} nodad"
     ));
+}
+
+/// Veth pairs created directly inside the namespaces (no names in the root namespace
+/// for parallel labs to fight over), addresses, routes and forwarding.
+fn wire(client: &Netns, gateway: &Netns, server: &Netns) {
+    run_ok(
+        "ip",
+        &[
+            "link",
+            "add",
+            "gw-srv",
+            "netns",
+            &gateway.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "srv0",
+            "netns",
+            &server.name,
+        ],
+    );
+    for ns in [client, gateway, server] {
+        ns.ip("link set lo up");
+    }
+    wire_devices(client, gateway);
+    gateway.ip("link set gw-srv up");
     gateway.ip("addr add 198.18.2.1/24 dev gw-srv");
     gateway.ip("addr add 2001:db8:2::1/64 dev gw-srv nodad");
     gateway.ip("route add 198.19.0.0/16 via 198.18.2.2");
