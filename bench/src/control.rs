@@ -42,6 +42,12 @@ pub struct ControlReport {
     /// with `sessions` sessions loaded and room for as many flows.
     pub map_bytes: u64,
     pub rss_bytes: u64,
+    /// Seconds for `sessiongate session import` of `sessions` sessions (a CSV file) into
+    /// a running agent, end to end through the CLI.
+    pub bulk_import: f64,
+    /// Seconds for `sessiongate reload` from a one-policy config to one of `cidrs`
+    /// CIDRs on a running agent, end to end through the CLI.
+    pub reload: Sample,
 }
 
 pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
@@ -54,6 +60,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         repeat(runs, || policy_load(cidrs))?.into_iter().unzip();
     let (agent_start, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
     let login_to_admitted = Sample::of(&login_latencies(agent, if quick { 3 } else { 15 })?);
+    let (bulk_import, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
     Ok(ControlReport {
         sessions,
         session_load,
@@ -64,7 +71,68 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         policy_write: Sample::of(&write),
         map_bytes,
         rss_bytes,
+        bulk_import,
+        reload: Sample::of(&reloads),
     })
+}
+
+/// Seconds to import `n` sessions through the CLI, and `runs` timings of reloading a
+/// config of `cidrs` CIDRs (after a one-policy config each time).
+fn import_and_reload(
+    n: usize,
+    cidrs: usize,
+    runs: usize,
+    agent: &Path,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let lab = netlab::Lab::new(agent);
+    let sized = |config: String| {
+        config.replace(
+            "[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n",
+            &format!(
+                "[limits]\nmax_sessions = {}\nmax_flows = 4096\nmax_policy_cidrs = 16384\nmax_port_rules = 65536\n",
+                n + 1024
+            ),
+        )
+    };
+    let small = sized(lab.config(
+        "",
+        "[[policy]]\nname = \"App\"\nprecedence = 1\ndestinations = [\"198.19.10.0/24\"]\ncheck_session = { enforce = true, duration = \"1h\" }\n",
+    ));
+    let large = sized(lab.config("", &scenario::policies(cidrs, 11)));
+    let agent = lab.start_agent(&small);
+
+    let file = lab.dir.path().join("sessions.csv");
+    let at = ClockPair::now()
+        .wall
+        .format(&time::format_description::well_known::Rfc3339)?;
+    let mut out = BufWriter::new(fs::File::create(&file)?);
+    writeln!(out, "ip,user,idp,authenticated_at")?;
+    for device in scenario::devices(n) {
+        writeln!(out, "{device},bench@example.com,default,{at}")?;
+    }
+    out.flush()?;
+    drop(out);
+    let started = Instant::now();
+    let imported = agent.cli(&["session", "import", &file.to_string_lossy()]);
+    let import = started.elapsed().as_secs_f64();
+    if !imported.status.success() {
+        bail!(
+            "session import failed: {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+    }
+
+    let config_path = lab.dir.path().join("sessiongate.toml");
+    let mut reloads = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        fs::write(&config_path, &small)?;
+        agent.cli_ok(&["reload"]);
+        fs::write(&config_path, &large)?;
+        let started = Instant::now();
+        agent.cli_ok(&["reload"]);
+        reloads.push(started.elapsed().as_secs_f64());
+    }
+    Ok((import, reloads))
 }
 
 fn repeat<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Vec<T>> {

@@ -247,7 +247,12 @@ impl Gateway {
 
     fn finish(self, lab: &Lab, programs: &mut BenchPrograms) -> anyhow::Result<()> {
         match self.setup {
-            Setup::Sessiongate => drop(self.agent),
+            // The pinned datapath outlives the agent: remove it for the next setup.
+            Setup::Sessiongate => {
+                if let Some(agent) = self.agent {
+                    agent.stop_and_detach();
+                }
+            }
             Setup::Nftables => {
                 output(lab.gateway.command("nft").args(["flush", "ruleset"]))?;
                 detach_pass(programs)?;

@@ -17,6 +17,8 @@ use crate::{COUNTER, Lab};
 pub struct Agent {
     child: Child,
     bin: PathBuf,
+    /// The config file it runs on.
+    pub config: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
 }
@@ -65,6 +67,7 @@ impl Lab {
         Agent {
             child,
             bin: bin.to_path_buf(),
+            config: path.clone(),
             socket: self.dir.path().join("api.sock"),
             log: log_path,
         }
@@ -159,6 +162,22 @@ impl Agent {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Stops the agent and removes its pinned datapath (`sessiongate detach`), so that
+    /// nothing of it stays attached.
+    pub fn stop_and_detach(mut self) {
+        self.stop();
+        let out = Command::new(&self.bin)
+            .args(["detach", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("run sessiongate detach");
+        assert!(
+            out.status.success(),
+            "sessiongate detach failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// SIGKILL, as a crash or the OOM killer would, then reaps it.
