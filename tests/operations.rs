@@ -271,10 +271,14 @@ fn events_stream_live_and_prompts_are_sent_once_per_interval() {
     }
     let lab = lab();
     let prompts = receiver(&lab, 8701);
-    let agent = lab.start_agent(&lab.config(
-        "notify_url = \"http://127.0.0.1:8701/prompt\"\nnotify_interval = \"2s\"\nreauth_url = \"https://198.18.0.1/reauth\"",
-        APP_POLICY,
-    ));
+    let agent = lab.start_agent_from(
+        std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
+        &lab.config(
+            "notify_url = \"http://127.0.0.1:8701/prompt\"\nnotify_interval = \"2s\"\nreauth_url = \"https://198.18.0.1/reauth\"",
+            APP_POLICY,
+        ),
+        &["--log-format", "json"],
+    );
     agent.login(device(1), BOB, 2 * HOUR);
 
     // The event stream, as an operator would follow it.
@@ -340,6 +344,21 @@ fn events_stream_live_and_prompts_are_sent_once_per_interval() {
             .as_str()
             .unwrap()
             .starts_with("198.19.10.10:")
+    );
+
+    // --log-format json: every log line is one JSON object; refusals carry their fields.
+    let log = agent.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "re-authentication required"
+                && l["device"] == "198.18.1.11"
+                && l["policy"] == "App"),
+        "{log}"
     );
 }
 
