@@ -32,7 +32,10 @@ check_session = { enforce = true, duration = "1h" }
 
 /// How long a probe waits for an answer that should come, and for one that must not.
 const PASS_WAIT: Duration = Duration::from_millis(1000);
-const FAIL_WAIT: Duration = Duration::from_millis(400);
+const FAIL_WAIT: Duration = Duration::from_millis(200);
+/// Threads per "must be refused" probe: each check waits `FAIL_WAIT` for nothing, so
+/// several in parallel sample the refusals densely enough to see a short gap.
+const REFUSAL_PROBES: usize = 6;
 
 /// A verdict checked over and over while something happens to the agent.
 struct Probe<'a> {
@@ -166,14 +169,20 @@ impl RestartTraffic {
             probe("a fresh device opens new connections", move || {
                 opens(lab, self.fresh, APP, 443)
             }),
-            probe(
-                "an expired device's new connections are refused",
-                move || refused(lab, self.expired, APP, 443),
-            ),
-            probe("an expired device's new UDP flows are refused", move || {
-                udp_refused(lab, self.flow_device, APP, 443)
-            }),
         ]
+        .into_iter()
+        .chain((0..REFUSAL_PROBES).flat_map(|_| {
+            [
+                probe(
+                    "an expired device's new connections are refused",
+                    move || refused(lab, self.expired, APP, 443),
+                ),
+                probe("an expired device's new UDP flows are refused", move || {
+                    udp_refused(lab, self.flow_device, APP, 443)
+                }),
+            ]
+        }))
+        .collect()
     }
 }
 
@@ -305,14 +314,14 @@ fn reloads_swap_10_and_10000_policies_under_traffic() {
     assert!(opens(&lab, expired, OPEN, 443), "the open host is open");
     let config_path = lab.dir.path().join("sessiongate.toml");
 
-    let probes = [
-        probe("a fresh device opens new connections", || {
-            opens(&lab, fresh, APP, 443)
-        }),
-        probe("an expired device is refused", || {
+    let mut probes = vec![probe("a fresh device opens new connections", || {
+        opens(&lab, fresh, APP, 443)
+    })];
+    for _ in 0..REFUSAL_PROBES {
+        probes.push(probe("an expired device is refused", || {
             refused(&lab, expired, APP, 443)
-        }),
-    ];
+        }));
+    }
     under_traffic(&probes, 5, || {
         for round in 0..2 {
             std::fs::write(&config_path, &large).unwrap();
