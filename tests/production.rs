@@ -384,8 +384,18 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     let mut agent = lab.start_agent(&config);
     let traffic = RestartTraffic::start(&lab, &agent);
     assert!(agent.stop().success());
-    // Make the pins look like an older layout's.
     let pins = lab.pin_dir();
+    // What an interrupted --replace leaves behind is named as such.
+    std::fs::create_dir(pins.join("layout-2-new")).expect("mkdir on bpffs");
+    let mut refused_agent = lab.spawn_agent(&config);
+    assert!(!refused_agent.wait_exit(Duration::from_secs(20)).success());
+    assert!(
+        refused_agent.log_text().contains("interrupted --replace"),
+        "{}",
+        refused_agent.log_text()
+    );
+    std::fs::remove_dir(pins.join("layout-2-new")).unwrap();
+    // Make the pins look like an older layout's.
     let current = std::fs::read_dir(&pins)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -102,6 +102,10 @@ pub enum DatapathError {
     )]
     OtherLayout { dir: PathBuf },
     #[error(
+        "{dir} was left by an interrupted --replace; run with --replace again to finish it, or remove everything with `sessiongate detach`"
+    )]
+    UnfinishedReplace { dir: PathBuf },
+    #[error(
         "the datapath pinned in {dir} was sized for other [limits] ({map}: {pinned} entries, this config needs {wanted}); restart with --replace to swap in a datapath of the new size (sessions are reloaded from the journal, tracked UDP flows start over)"
     )]
     Resized {
@@ -298,8 +302,11 @@ impl Datapath {
         let current = LayoutDir::current(pin_dir);
         let others = pins::other_layouts(pin_dir);
         if !replace && let Some(other) = others.first() {
-            return Err(DatapathError::OtherLayout {
-                dir: other.root.clone(),
+            let dir = other.root.clone();
+            return Err(if dir == LayoutDir::staging(pin_dir).root {
+                DatapathError::UnfinishedReplace { dir }
+            } else {
+                DatapathError::OtherLayout { dir }
             });
         }
         let mut replacing = others;
