@@ -25,6 +25,9 @@ on_expired = "drop"
 
 const ALICE: &str = "alice@example.com";
 const BOB: &str = "bob@example.com";
+const CAROL: &str = "carol@example.com";
+/// Carol authenticated this long ago: expired under 1h30m, valid under 3h.
+const CAROL_AGE: Duration = Duration::from_secs(2 * 3600);
 /// Bob authenticated this long ago: valid for a few more seconds under a 1h30m policy.
 const BOB_AGE: Duration = Duration::from_secs(90 * 60 - 5);
 
@@ -82,7 +85,8 @@ pub fn run() -> anyhow::Result<()> {
     for line in POLICY.trim().lines().filter(|l| !l.is_empty()) {
         n.say(&format!("  {line}"));
     }
-    let agent = lab.start_agent(&lab.config("", POLICY));
+    let config = lab.config("", POLICY);
+    let mut agent = lab.start_agent(&config);
     n.say(&format!(
         "agent running (pid {}), XDP attached: {}",
         agent.pid(),
@@ -199,12 +203,63 @@ pub fn run() -> anyhow::Result<()> {
     ]);
     n.say(String::from_utf8_lossy(&other_idp.stderr).trim());
 
+    n.step("The agent crashes (SIGKILL): enforcement goes on without it");
+    let carol = device(2);
+    login(
+        &n,
+        &agent,
+        carol,
+        CAROL,
+        "okta",
+        Some(&netlab::time_ago(CAROL_AGE)),
+    );
+    agent.kill();
+    n.say(&format!(
+        "agent killed; XDP still attached: {} (pinned under {})",
+        lab.xdp_attached(),
+        lab.pin_dir().display()
+    ));
+    n.expect(
+        "carol (authenticated 2h ago) -> wiki, with no agent running",
+        !lab.tcp_blocked(carol, APP, 443),
+        false,
+    );
+    n.expect(
+        "alice -> wiki, with no agent running",
+        lab.tcp_works(alice, APP, 443),
+        true,
+    );
+    let agent = lab.start_agent(&config);
+    if let Some(line) = agent
+        .log_text()
+        .lines()
+        .find(|l| l.contains("adopted the pinned datapath"))
+    {
+        n.say("a new agent starts and adopts the datapath:");
+        n.say(&format!("  {}", line.trim()));
+    }
+    let still = ssh.as_mut().is_ok_and(|s| echo_tcp(s, b"whoami\n").is_ok());
+    n.expect("bob's SSH-like session, through it all", still, true);
+
+    n.step("An edited config applies atomically: the wiki now accepts sessions up to 3h");
+    std::fs::write(
+        lab.dir.path().join("sessiongate.toml"),
+        config.replace("duration = \"1h30m0s\"", "duration = \"3h\""),
+    )?;
+    cli(&n, &agent, &["reload"]);
+    n.expect(
+        "carol (authenticated 2h ago) -> wiki https, a new connection",
+        lab.tcp_works(carol, APP, 443),
+        true,
+    );
+
     n.step("The datapath's counters");
     cli(&n, &agent, &["stats"]);
 
-    n.step("Cleaning up: stopping the agent (SIGTERM) and deleting the namespaces");
+    n.step("Cleaning up: stopping the agent, removing its pinned datapath and the namespaces");
     drop(ssh);
-    drop(agent);
+    agent.stop_and_detach();
+    n.say(&format!("XDP attached: {}", lab.xdp_attached()));
     drop(lab);
     n.say("done");
 
@@ -215,7 +270,7 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nsessiongate refused exactly the new connections of the expired session, and nothing else."
+        "\nsessiongate refused exactly the new connections of expired sessions, and nothing else, through a crash and a reload."
     );
     Ok(())
 }
