@@ -570,3 +570,42 @@ fn an_interface_recreated_while_the_agent_is_down_is_attached_again() {
     assert!(lab.xdp_attached());
     assert!(lab.tcp_blocked(device(1), APP, 443), "enforcing again");
 }
+
+#[test]
+fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
+    if !privileged("replace_after_a_limits_change_keeps_sessions_and_tracked_flows") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    let traffic = RestartTraffic::start(&lab, &agent);
+    assert!(agent.stop().success());
+    let old_id = xdp_program_id(&lab);
+    let bigger = config.replace("max_flows = 4096", "max_flows = 8192");
+
+    let mut refused_agent = lab.spawn_agent(&bigger);
+    assert!(!refused_agent.wait_exit(Duration::from_secs(20)).success());
+    let log = refused_agent.log_text();
+    assert!(
+        log.contains("sized for other [limits]") && log.contains("--replace"),
+        "{log}"
+    );
+
+    // Every probe, the tracked UDP flow of the expired device included.
+    let agent = under_traffic(&traffic.probes(&lab), 3, || {
+        let agent = lab.start_agent_from(
+            std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
+            &bigger,
+            &["--replace"],
+        );
+        thread::sleep(Duration::from_millis(1000));
+        agent
+    });
+    assert_ne!(xdp_program_id(&lab), old_id, "the new program is attached");
+    assert!(
+        agent.log_text().contains("copied the tracked UDP flows"),
+        "{}",
+        agent.log_text()
+    );
+}

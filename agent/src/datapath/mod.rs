@@ -106,7 +106,7 @@ pub enum DatapathError {
     )]
     UnfinishedReplace { dir: PathBuf },
     #[error(
-        "the datapath pinned in {dir} was sized for other [limits] ({map}: {pinned} entries, this config needs {wanted}); restart with --replace to swap in a datapath of the new size (sessions are reloaded from the journal, tracked UDP flows start over)"
+        "the datapath pinned in {dir} was sized for other [limits] ({map}: {pinned} entries, this config needs {wanted}); restart with --replace to swap in a datapath of the new size (sessions and tracked UDP flows are carried over)"
     )]
     Resized {
         dir: PathBuf,
@@ -321,7 +321,8 @@ impl Datapath {
                 }
             }
         }
-        let target = if replacing.iter().any(|d| d.root == current.root) {
+        let same_layout = replacing.iter().find(|d| d.root == current.root).cloned();
+        let target = if same_layout.is_some() {
             LayoutDir::staging(pin_dir)
         } else {
             current
@@ -329,6 +330,19 @@ impl Datapath {
         target.remove().map_err(pin_error)?;
         let mut datapath = Self::from_object(load_object(limits)?, limits, Some(&target))?;
         datapath.replacing = replacing;
+        // Pins of this layout (other [limits]) hold flows this build can read: carry
+        // them over, so tracked UDP flows survive the swap.
+        if let Some(old) = same_layout {
+            match datapath.copy_flows(&old) {
+                Ok(n) => tracing::info!(
+                    flows = n,
+                    "copied the tracked UDP flows of the replaced datapath"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot copy the replaced datapath's tracked UDP flows; they start over")
+                }
+            }
+        }
         let origin = if datapath.replacing.is_empty() {
             Origin::Loaded
         } else {
@@ -394,6 +408,22 @@ impl Datapath {
             pins: Some(dir.clone()),
             replacing: Vec::new(),
         })
+    }
+
+    /// Copies the tracked UDP flows of pinned datapath `old` (same layout) into ours.
+    fn copy_flows(&mut self, old: &LayoutDir) -> Result<usize, DatapathError> {
+        fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            old: &LayoutDir,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            let map = MapData::from_pin(old.map(name))
+                .and_then(Map::from_map_data)
+                .map_err(|source| DatapathError::Map { map: name, source })?;
+            T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+        }
+        let v4 = open(old, names::FLOWS_V4)?;
+        let v6 = open(old, names::FLOWS_V6)?;
+        self.maps.copy_flows_from(&v4, &v6)
     }
 
     /// The loaded program, for `BPF_PROG_TEST_RUN`.
