@@ -394,7 +394,17 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
         "{}",
         refused_agent.log_text()
     );
-    std::fs::remove_dir(pins.join("layout-2-new")).unwrap();
+    // Running --replace again finishes the job: the leftover is the new datapath's
+    // staging area, never something to replace.
+    let mut agent = lab.start_agent_from(
+        std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
+        &config,
+        &["--replace"],
+    );
+    assert!(lab.xdp_attached());
+    assert!(lab.tcp_blocked(traffic.expired, APP, 443) && opens(&lab, traffic.fresh, APP, 443));
+    assert!(!pins.join("layout-2-new").exists(), "the leftover is gone");
+    assert!(agent.stop().success());
     // Make the pins look like an older layout's.
     let current = std::fs::read_dir(&pins)
         .unwrap()
@@ -608,4 +618,48 @@ fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
         "{}",
         agent.log_text()
     );
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_is_refused() {
+    if !privileged("a_second_agent_on_the_same_state_is_refused") {
+        return;
+    }
+    let lab = lab();
+    let config = lab.config("", APP_POLICY);
+    let agent = lab.start_agent(&config);
+    agent.login(device(1), BOB, 2 * HOUR);
+    let mut second = lab.spawn_agent(&config);
+    assert!(!second.wait_exit(Duration::from_secs(20)).success());
+    let log = second.log_text();
+    assert!(
+        log.contains("another sessiongate agent") && log.contains(&agent.pid().to_string()),
+        "{log}"
+    );
+    // The first one goes on, untouched.
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    agent.cli_ok(&["reload"]);
+    agent.login(device(1), BOB, NOW);
+    assert!(lab.tcp_works(device(1), APP, 443));
+}
+
+#[test]
+fn reloads_fit_port_rules_of_both_configurations() {
+    if !privileged("reloads_fit_port_rules_of_both_configurations") {
+        return;
+    }
+    let lab = lab();
+    // 700 explicit ports: more than half of max_port_rules = 1024, and during a reload
+    // both configurations' rules are in the kernel.
+    let ports: Vec<String> = (10_000..10_700).map(|p| p.to_string()).collect();
+    let policy = format!(
+        "{APP_POLICY}\n[[policy]]\nname = \"Many ports\"\nprecedence = 5\ndestinations = [\"198.19.20.0/24\"]\nprotocol = \"tcp\"\nports = [{}]\ncheck_session = {{ enforce = true, duration = \"1h\" }}\n",
+        ports.join(", ")
+    );
+    let agent = lab.start_agent(&lab.config("", &policy));
+    for _ in 0..3 {
+        agent.cli_ok(&["reload"]);
+    }
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
 }

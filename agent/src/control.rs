@@ -338,17 +338,18 @@ impl Control {
         if let Err(e) = datapath.detach_others(&config.agent.interfaces) {
             warnings.push(format!("detaching removed interfaces: {e}"));
         }
-        drop(datapath);
-        *self
-            .interfaces
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = interfaces;
         let done = Reloaded {
             generation,
             policies: config.policies.len(),
             prefixes: table.dest.len(),
             warnings,
         };
+        // Published before the datapath is unlocked, so that concurrent reloads publish
+        // in the order they switched the kernel.
+        *self
+            .interfaces
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = interfaces;
         *self
             .active
             .write()
@@ -357,6 +358,7 @@ impl Control {
             table,
             generation,
         });
+        drop(datapath);
         Ok(done)
     }
 
@@ -504,8 +506,9 @@ impl Control {
 
     pub fn stats(&self) -> Result<Stats, ControlError> {
         let sessions = lock(&self.sessions).len();
-        let active = self.active();
         let datapath = lock(&self.datapath);
+        // Read under the datapath lock: a reload publishes it before unlocking.
+        let active = self.active();
         let maps = &datapath.maps;
         let counters = maps.counters()?;
         let drops = self.policy_drops_of(maps, &active)?;
@@ -539,6 +542,16 @@ impl Control {
         for (p, n) in active.config.policies.iter().zip(current) {
             *totals.entry(p.name.clone()).or_default() += n;
         }
+        // The set a reload left still holds its counts until the next reload retires
+        // them: without them the totals would dip between two reloads.
+        let left = 1 - config_set(maps.generation());
+        let left_names = lock(&self.set_policies)[left as usize].clone();
+        let previous = maps.set_policy_drops(left, left_names.len())?;
+        for (name, n) in left_names.into_iter().zip(previous) {
+            if n > 0 {
+                *totals.entry(name).or_default() += n;
+            }
+        }
         Ok(totals.into_iter().collect())
     }
 
@@ -548,8 +561,8 @@ impl Control {
             let store = lock(&self.sessions);
             (store.len(), store.iter().filter(|r| r.ip.is_ipv4()).count())
         };
-        let active = self.active();
         let datapath = lock(&self.datapath);
+        let active = self.active();
         let maps = &datapath.maps;
         let counters = maps.counters()?;
         let policy_drops = self.policy_drops_of(maps, &active)?;

@@ -50,6 +50,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         Some(path) if config.agent.api_listen.is_some() => Some(api::auth::read_token(path)?),
         _ => None,
     };
+    let _lock = lock_state_dir(&config.agent.state_dir)?;
     let store = SessionStore::open(&config.agent.state_dir)?;
 
     let pin_dir = config.agent.pin_dir.clone();
@@ -198,6 +199,35 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One agent per state directory (and so per pin directory and journal): a second
+/// one would fight the first over the kernel's configuration sets. The lock lasts as
+/// long as the returned file is open, which is until the process ends, however it ends.
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::{io::Write as _, os::fd::AsRawFd as _};
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create state_dir {}", state_dir.display()))?;
+    let path = state_dir.join(crate::sessions::LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another sessiongate agent (pid {}) is running with state_dir {}; stop it first",
+            holder.trim(),
+            state_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -239,12 +269,16 @@ async fn report_refusals(ring: RingBuf<MapData>, control: Arc<Control>) {
             }
         };
         let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match events::decode(&item) {
-                Some(raw) => control.record_refusal(&raw),
-                None => tracing::warn!(len = item.len(), "ignoring a malformed refusal event"),
+        // Recording takes the session lock, which an import holds for seconds: let the
+        // runtime move other tasks off this worker meanwhile.
+        tokio::task::block_in_place(|| {
+            while let Some(item) = ring.next() {
+                match events::decode(&item) {
+                    Some(raw) => control.record_refusal(&raw),
+                    None => tracing::warn!(len = item.len(), "ignoring a malformed refusal event"),
+                }
             }
-        }
+        });
         guard.clear_ready();
     }
 }

@@ -201,6 +201,15 @@ pub fn router(control: Arc<Control>) -> Router {
 
 type Shared = State<Arc<Control>>;
 
+/// Runs a `Control` call off the async workers: it takes locks that a bulk import or
+/// a reload holds for a while, and may write the journal.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 async fn health(State(control): Shared) -> Json<serde_json::Value> {
     let active = control.active();
     Json(json!({
@@ -214,7 +223,7 @@ async fn health(State(control): Shared) -> Json<serde_json::Value> {
 }
 
 async fn list_sessions(State(control): Shared) -> Response {
-    Json(control.sessions()).into_response()
+    Json(blocking(move || control.sessions()).await).into_response()
 }
 
 async fn login(
@@ -243,7 +252,7 @@ async fn login(
         idp: body.idp,
         at,
     };
-    let view = control.login(&request).inspect_err(|e| {
+    let view = blocking(move || control.login(&request)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %ip, outcome = %e, "session change refused");
     })?;
     tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = %view.user, idp = %view.idp, authenticated_at = %view.authenticated_at, "session changed");
@@ -312,7 +321,7 @@ async fn show_session(
     UrlPath(ip): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let ip = parse_ip(&ip)?;
-    Ok(Json(control.session(ip)?).into_response())
+    Ok(Json(blocking(move || control.session(ip)).await?).into_response())
 }
 
 async fn logout(
@@ -321,7 +330,7 @@ async fn logout(
     UrlPath(ip): UrlPath<String>,
 ) -> Result<Response, ApiError> {
     let ip = parse_ip(&ip)?;
-    let view = control.logout(ip).inspect_err(|e| {
+    let view = blocking(move || control.logout(ip)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, outcome = %e, "session change refused");
     })?;
     tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = %view.user, "session changed");
@@ -329,7 +338,7 @@ async fn logout(
 }
 
 async fn stats(State(control): Shared) -> Result<Response, ApiError> {
-    Ok(Json(control.stats()?).into_response())
+    Ok(Json(blocking(move || control.stats()).await?).into_response())
 }
 
 async fn recent_events(State(control): Shared) -> Response {

@@ -55,6 +55,8 @@ pub struct Maps {
     policy_counts: [Option<u32>; 2],
     /// The session maps are known to be empty (a new datapath before its first load).
     sessions_empty: bool,
+    /// When `SG_GENERATION` last changed (see `SWITCH_GRACE`).
+    switched_at: std::time::Instant,
 }
 
 /// Counter values summed over CPUs, indexed by slot (`agent_common::verdict`).
@@ -77,10 +79,16 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 /// The generation after `g`; 0 is skipped (it marks empty destination-cache entries).
 const fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
-        0 => 1,
+        // u32::MAX is odd: the next set is set 0, and 0 itself is reserved.
+        0 => 2,
         n => n,
     }
 }
+
+/// How long after a switch the set it left may be rewritten: far longer than any
+/// packet's run of the program, which reads the generation once and finishes with the
+/// set it read.
+const SWITCH_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Maps {
     pub(super) fn open(source: &mut MapSource<'_>, limits: &Limits) -> Result<Self, DatapathError> {
@@ -120,6 +128,8 @@ impl Maps {
             policy_counts: [None, None],
             // Generation 0: never configured, so never given sessions either.
             sessions_empty: generation == 0,
+            // Unknown for adopted pins: assume just now.
+            switched_at: std::time::Instant::now(),
         })
     }
 
@@ -160,6 +170,24 @@ impl Maps {
         mut settings: Settings,
         table: &PolicyTable,
     ) -> Result<Vec<u64>, DatapathError> {
+        // Another agent on the same pins would have moved the generation on: writing
+        // "our" inactive set would then overwrite the set in force.
+        let in_force = self
+            .generation_map
+            .get(&0, 0)
+            .map_err(map_err(names::GENERATION))?;
+        if in_force != self.generation {
+            return Err(DatapathError::Incomplete {
+                dir: std::path::PathBuf::from("(pinned maps)"),
+                what: format!(
+                    "the configuration generation is {in_force}, not {} as this agent left it: another agent is using these pins",
+                    self.generation
+                ),
+            });
+        }
+        if let Some(left) = SWITCH_GRACE.checked_sub(self.switched_at.elapsed()) {
+            std::thread::sleep(left);
+        }
         let next = next_generation(self.generation);
         let set = config_set(next);
         let retired = self.retire_policy_drops(set)?;
@@ -174,6 +202,7 @@ impl Maps {
             .set(0, next, 0)
             .map_err(map_err(names::GENERATION))?;
         self.generation = next;
+        self.switched_at = std::time::Instant::now();
         self.current = settings;
         self.policy_counts[set as usize] = Some(table.params.len() as u32);
         Ok(retired)
@@ -211,18 +240,26 @@ impl Maps {
     /// are simply overwritten).
     fn clear_set(&mut self, set: u32) -> Result<(), DatapathError> {
         let i = set as usize;
-        let keys4: Vec<_> = self.dest_v4[i].keys().filter_map(Result::ok).collect();
+        let keys4: Vec<_> = self.dest_v4[i]
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::DEST_V4[i]))?;
         for key in keys4 {
             ignore_missing(self.dest_v4[i].remove(&key)).map_err(map_err(names::DEST_V4[i]))?;
         }
-        let keys6: Vec<_> = self.dest_v6[i].keys().filter_map(Result::ok).collect();
+        let keys6: Vec<_> = self.dest_v6[i]
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::DEST_V6[i]))?;
         for key in keys6 {
             ignore_missing(self.dest_v6[i].remove(&key)).map_err(map_err(names::DEST_V6[i]))?;
         }
         let rules: Vec<PortRuleKey> = self
             .port_rules
             .keys()
-            .filter_map(Result::ok)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(names::PORT_RULES))?
+            .into_iter()
             .filter(|k| port_table_set(k.port_table) == set)
             .collect();
         for key in rules {
@@ -317,7 +354,7 @@ impl Maps {
     }
 
     /// Writes many sessions at once (start-up, bulk import, benchmarks): batched writes
-    /// of the hash maps, then of the session-table buckets they fall in. Buckets are
+    /// of the session-table buckets they fall in, then of the hash maps. Buckets are
     /// rebuilt from the sessions given plus the sessions already in them.
     pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
         let mask = self.geometry.session_buckets - 1;
@@ -363,11 +400,8 @@ impl Maps {
             }
         };
         self.sessions_empty = false;
-        let limit = self.limits.max_sessions;
-        batch::update(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
-            .map_err(full("IPv4", limit))?;
-        batch::update(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
-            .map_err(full("IPv6", limit))?;
+        // The session table first: the program looks there before the hash map, so a
+        // renewed device's old (perhaps expired) copy must not outlive the batch.
         let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
         batch::update(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
             |source| DatapathError::Batch {
@@ -382,6 +416,11 @@ impl Maps {
                 source,
             },
         )?;
+        let limit = self.limits.max_sessions;
+        batch::update(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
+            .map_err(full("IPv4", limit))?;
+        batch::update(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
+            .map_err(full("IPv6", limit))?;
         Ok(())
     }
 
@@ -395,7 +434,7 @@ impl Maps {
         let listed: std::collections::HashSet<IpAddr> =
             sessions.iter().map(|(ip, _)| *ip).collect();
         let extra: Vec<IpAddr> = self
-            .session_devices()
+            .session_devices()?
             .into_iter()
             .filter(|ip| !listed.contains(ip))
             .collect();
@@ -467,7 +506,12 @@ impl Maps {
     /// Refused new flows per policy index of the configuration in force (since it was
     /// applied), for its first `count` policies.
     pub fn policy_drops(&self, count: usize) -> Result<Vec<u64>, DatapathError> {
-        let set = config_set(self.generation);
+        self.set_policy_drops(config_set(self.generation), count)
+    }
+
+    /// Refused new flows per policy index of configuration set `set`, for its first
+    /// `count` policies.
+    pub fn set_policy_drops(&self, set: u32, count: usize) -> Result<Vec<u64>, DatapathError> {
         (0..count as u32)
             .map(|i| {
                 sum(&self.policy_drops, policy_slot(set, i)).map_err(map_err(names::POLICY_DROPS))
@@ -476,18 +520,22 @@ impl Maps {
     }
 
     /// Devices with a session in the kernel (both families). Walks the hash maps.
-    pub fn session_devices(&self) -> Vec<IpAddr> {
-        let v4 = self
+    pub fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        let v4: Vec<Ip4> = self
             .sessions_v4
             .keys()
-            .filter_map(Result::ok)
-            .map(|a| IpAddr::V4(a.into()));
-        let v6 = self
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SESSIONS_V4))?;
+        let v6: Vec<Ip6> = self
             .sessions_v6
             .keys()
-            .filter_map(Result::ok)
-            .map(|a| IpAddr::V6(a.into()));
-        v4.chain(v6).collect()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SESSIONS_V6))?;
+        Ok(v4
+            .into_iter()
+            .map(|a| IpAddr::V4(a.into()))
+            .chain(v6.into_iter().map(|a| IpAddr::V6(a.into())))
+            .collect())
     }
 
     /// Entries in use and capacity of each sized table, for metrics. Sessions, prefixes

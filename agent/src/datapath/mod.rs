@@ -186,7 +186,8 @@ fn map_sizes(limits: &Limits) -> Vec<(&'static str, u32)> {
         (names::DEST_V6[1], limits.max_policy_cidrs),
         (names::DEST_CACHE_V4, geometry.dest_cache),
         (names::DEST_CACHE_V6, geometry.dest_cache),
-        (names::PORT_RULES, limits.max_port_rules),
+        // Both configuration sets' rules live in this one map.
+        (names::PORT_RULES, 2 * limits.max_port_rules),
         (names::EVENT_LIMIT, geometry.event_slots),
     ]
 }
@@ -327,6 +328,9 @@ impl Datapath {
         } else {
             current
         };
+        // An interrupted --replace left the staging directory: it is where the new
+        // datapath goes, never one of the datapaths it replaces.
+        replacing.retain(|d| d.root != target.root);
         target.remove().map_err(pin_error)?;
         let mut datapath = Self::from_object(load_object(limits)?, limits, Some(&target))?;
         datapath.replacing = replacing;
@@ -388,8 +392,11 @@ impl Datapath {
             };
             // An interface deleted (or recreated) since leaves a link attached to
             // nothing: drop it, so that `attach` attaches to the interface anew.
-            let live = pins::link_ifindex(&dir.link(&name))
-                .is_ok_and(|index| index != 0 && index == interface_index(&interface));
+            // A link whose state cannot be read is kept: dropping a live one would
+            // open a gap.
+            let live = pins::link_ifindex(&dir.link(&name)).map_or(true, |index| {
+                index != 0 && index == interface_index(&interface)
+            });
             if live {
                 attached.push((interface, mode));
             } else {
@@ -544,6 +551,16 @@ impl Datapath {
         let Some((path, mode)) = found else {
             return Ok(None);
         };
+        // A link whose interface was removed or recreated cannot take a new program:
+        // drop it and attach anew.
+        if pins::link_ifindex(&path).is_ok_and(|index| index != interface_index(interface)) {
+            tracing::warn!(
+                interface,
+                "the replaced attachment no longer holds; attaching anew"
+            );
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
         let swap_error = |e: String| DatapathError::Attach {
             interface: interface.to_string(),
             mode: mode.name(),

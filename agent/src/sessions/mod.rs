@@ -303,9 +303,16 @@ impl SessionStore {
     }
 }
 
-/// Files the session store keeps in `state_dir`.
+/// The running agent's lock in `state_dir`, holding its pid.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// Files the agent keeps in `state_dir`.
 pub fn state_files(state_dir: &Path) -> Vec<PathBuf> {
-    journal::FILES.iter().map(|f| state_dir.join(f)).collect()
+    journal::FILES
+        .iter()
+        .chain([&LOCK_FILE])
+        .map(|f| state_dir.join(f))
+        .collect()
 }
 
 fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
