@@ -505,6 +505,12 @@ impl Control {
     }
 
     pub fn stats(&self) -> Result<Stats, ControlError> {
+        Ok(self.snapshot()?.stats)
+    }
+
+    /// The counters under one datapath lock, with the configuration they belong to and
+    /// the tracked flows per family.
+    fn snapshot(&self) -> Result<Snapshot, ControlError> {
         let sessions = lock(&self.sessions).len();
         let datapath = lock(&self.datapath);
         // Read under the datapath lock: a reload publishes it before unlocking.
@@ -512,9 +518,9 @@ impl Control {
         let maps = &datapath.maps;
         let counters = maps.counters()?;
         let drops = self.policy_drops_of(maps, &active)?;
-        let (v4, v6) = maps.flow_count(crate::clock::boot_now_ns() as u64);
+        let flows = maps.flow_count(crate::clock::boot_now_ns() as u64);
         drop(datapath);
-        Ok(Stats {
+        let stats = Stats {
             verdicts: Verdict::ALL
                 .iter()
                 .map(|v| (v.name().to_string(), counters[v.code() as usize]))
@@ -525,8 +531,13 @@ impl Control {
                 .collect(),
             policy_drops: drops,
             sessions,
-            udp_flows: v4 + v6,
+            udp_flows: flows.0 + flows.1,
             interfaces: self.interfaces(),
+        };
+        Ok(Snapshot {
+            stats,
+            active,
+            flows,
         })
     }
 
@@ -557,38 +568,26 @@ impl Control {
 
     /// Everything `/metrics` shows, read in one go.
     pub fn metrics(&self) -> Result<MetricsSnapshot, ControlError> {
-        let (sessions, v4) = {
-            let store = lock(&self.sessions);
-            (store.len(), store.iter().filter(|r| r.ip.is_ipv4()).count())
-        };
-        let datapath = lock(&self.datapath);
-        let active = self.active();
-        let maps = &datapath.maps;
-        let counters = maps.counters()?;
-        let policy_drops = self.policy_drops_of(maps, &active)?;
-        let occupancy = maps.occupancy(
-            crate::clock::boot_now_ns() as u64,
-            (v4, sessions - v4),
-            &active.table,
-        );
-        drop(datapath);
+        let Snapshot {
+            stats,
+            active,
+            flows,
+        } = self.snapshot()?;
+        let sessions_v4 = lock(&self.sessions)
+            .iter()
+            .filter(|r| r.ip.is_ipv4())
+            .count();
+        let sessions = (sessions_v4, stats.sessions.saturating_sub(sessions_v4));
+        let occupancy = lock(&self.datapath)
+            .maps
+            .occupancy(flows, sessions, &active.table);
         Ok(MetricsSnapshot {
-            verdicts: Verdict::ALL
-                .iter()
-                .map(|v| (v.name(), counters[v.code() as usize]))
-                .collect(),
-            events: counter::NAMED
-                .iter()
-                .map(|(slot, name)| (*name, counters[*slot as usize]))
-                .collect(),
-            policy_drops,
+            stats,
             occupancy,
-            sessions,
             policies: active.config.policies.len(),
             generation: active.generation,
             reloads: self.reload_status(),
             notify: self.notify_stats(),
-            interfaces: self.interfaces(),
         })
     }
 
@@ -639,20 +638,25 @@ pub enum ImportError {
     Control(#[from] ControlError),
 }
 
+/// Counters read together (`Control::snapshot`).
+struct Snapshot {
+    stats: Stats,
+    active: Arc<Active>,
+    /// Tracked UDP flows (IPv4, IPv6).
+    flows: (usize, usize),
+}
+
 /// `/metrics`' data; rendered by `api::metrics`.
 #[derive(Clone, Debug)]
 pub struct MetricsSnapshot {
-    pub verdicts: Vec<(&'static str, u64)>,
-    pub events: Vec<(&'static str, u64)>,
-    pub policy_drops: Vec<(String, u64)>,
+    /// What `sessiongate stats` shows.
+    pub stats: Stats,
     /// (table, entries in use, capacity).
     pub occupancy: Vec<(&'static str, usize, usize)>,
-    pub sessions: usize,
     pub policies: usize,
     pub generation: u32,
     pub reloads: ReloadStatus,
     pub notify: Option<crate::notify::NotifyStats>,
-    pub interfaces: Vec<(String, String)>,
 }
 
 fn policy_names(config: &Config) -> Vec<String> {

@@ -79,14 +79,15 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         "sessiongate_packets",
         "Packets judged by the XDP program, by verdict",
         "verdict",
-        s.verdicts.iter().map(|(v, n)| (v.to_string(), *n)),
+        s.stats.verdicts.iter().cloned(),
     );
     counters(
         &mut registry,
         "sessiongate_refusal_events",
         "Refusal events: sent to the agent, rate-limited in the kernel (one per device and policy per second), or lost because the ring buffer was full",
         "outcome",
-        s.events
+        s.stats
+            .events
             .iter()
             .map(|(e, n)| (e.strip_prefix("events_").unwrap_or(e).to_string(), *n)),
     );
@@ -95,7 +96,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         "sessiongate_policy_refused_flows",
         "New flows refused, by policy, since the agent started",
         "policy",
-        s.policy_drops.iter().cloned(),
+        s.stats.policy_drops.iter().cloned(),
     );
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
@@ -121,7 +122,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         &mut registry,
         "sessiongate_sessions",
         "Device sessions known to the agent",
-        s.sessions as i64,
+        s.stats.sessions as i64,
     );
     gauge(
         &mut registry,
@@ -176,7 +177,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         );
     }
     let attached = Family::<Labels, Gauge>::default();
-    for (interface, mode) in &s.interfaces {
+    for (interface, mode) in &s.stats.interfaces {
         attached
             .get_or_create(&vec![
                 ("interface", interface.clone()),

@@ -24,7 +24,7 @@ use aya::maps::{
 use bytemuck::Zeroable;
 use ipnet::IpNet;
 
-use super::{DatapathError, Geometry, batch};
+use super::{DatapathError, Geometry, sys};
 use crate::{
     config::{Config, Limits, UnknownDevice},
     policy::PolicyTable,
@@ -403,23 +403,23 @@ impl Maps {
         // The session table first: the program looks there before the hash map, so a
         // renewed device's old (perhaps expired) copy must not outlive the batch.
         let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
-        batch::update(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
+        sys::update_batch(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
             |source| DatapathError::Batch {
                 map: names::SESSION_TABLE_V4,
                 source,
             },
         )?;
         let (index6, bucket6): (Vec<u32>, Vec<SessionBucketV6>) = buckets6.into_iter().unzip();
-        batch::update(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
+        sys::update_batch(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
             |source| DatapathError::Batch {
                 map: names::SESSION_TABLE_V6,
                 source,
             },
         )?;
         let limit = self.limits.max_sessions;
-        batch::update(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
+        sys::update_batch(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
             .map_err(full("IPv4", limit))?;
-        batch::update(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
+        sys::update_batch(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
             .map_err(full("IPv6", limit))?;
         Ok(())
     }
@@ -538,16 +538,14 @@ impl Maps {
             .collect())
     }
 
-    /// Entries in use and capacity of each sized table, for metrics. Sessions, prefixes
-    /// and port rules are what the agent wrote (`sessions` per family, `table`), which
-    /// the maps hold; tracked flows are counted in the kernel's tables.
+    /// Entries in use and capacity of each sized table, for metrics, from the counts of
+    /// tracked flows (`flow_count`) and sessions per family, and the table in force.
     pub fn occupancy(
         &self,
-        now_ns: u64,
+        (flows4, flows6): (usize, usize),
         sessions: (usize, usize),
         table: &PolicyTable,
     ) -> Vec<(&'static str, usize, usize)> {
-        let (flows4, flows6) = self.flow_count(now_ns);
         let flow_capacity = self.geometry.flow_buckets as usize * WAYS;
         let prefixes4 = table
             .dest
@@ -616,14 +614,14 @@ impl Maps {
         let mask = self.geometry.flow_buckets - 1;
         let read_error = |map| move |source| DatapathError::Batch { map, source };
         let mut buckets4: std::collections::HashMap<u32, FlowBucketV4> = Default::default();
-        batch::read_array(flows_v4.map().fd().as_fd(), |chunk: &[FlowBucketV4]| {
+        sys::read_array(flows_v4.map().fd().as_fd(), |chunk: &[FlowBucketV4]| {
             for slot in chunk.iter().flat_map(|b| b.slots) {
                 rehash(&mut buckets4, slot, mask, |b| &mut b.slots);
             }
         })
         .map_err(read_error(names::FLOWS_V4))?;
         let mut buckets6: std::collections::HashMap<u32, FlowBucketV6> = Default::default();
-        batch::read_array(flows_v6.map().fd().as_fd(), |chunk: &[FlowBucketV6]| {
+        sys::read_array(flows_v6.map().fd().as_fd(), |chunk: &[FlowBucketV6]| {
             for slot in chunk.iter().flat_map(|b| b.slots) {
                 rehash(&mut buckets6, slot, mask, |b| &mut b.slots);
             }
@@ -638,10 +636,10 @@ impl Maps {
                 .map(|b| b.slots.iter().filter(|s| s.check != 0).count())
                 .sum::<usize>();
         let (index4, values4): (Vec<u32>, Vec<FlowBucketV4>) = buckets4.into_iter().unzip();
-        batch::update(self.flows_v4.map().fd().as_fd(), &index4, &values4)
+        sys::update_batch(self.flows_v4.map().fd().as_fd(), &index4, &values4)
             .map_err(read_error(names::FLOWS_V4))?;
         let (index6, values6): (Vec<u32>, Vec<FlowBucketV6>) = buckets6.into_iter().unzip();
-        batch::update(self.flows_v6.map().fd().as_fd(), &index6, &values6)
+        sys::update_batch(self.flows_v6.map().fd().as_fd(), &index6, &values6)
             .map_err(read_error(names::FLOWS_V6))?;
         Ok(copied)
     }
@@ -651,14 +649,14 @@ impl Maps {
     pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
         let idle = self.current.udp_idle_ns;
         let mut v4 = 0;
-        let read4 = batch::read_array(self.flows_v4.map().fd().as_fd(), |b: &[FlowBucketV4]| {
+        let read4 = sys::read_array(self.flows_v4.map().fd().as_fd(), |b: &[FlowBucketV4]| {
             v4 += b
                 .iter()
                 .map(|b| active_flows(&b.slots, now_ns, idle))
                 .sum::<usize>();
         });
         let mut v6 = 0;
-        let read6 = batch::read_array(self.flows_v6.map().fd().as_fd(), |b: &[FlowBucketV6]| {
+        let read6 = sys::read_array(self.flows_v6.map().fd().as_fd(), |b: &[FlowBucketV6]| {
             v6 += b
                 .iter()
                 .map(|b| active_flows(&b.slots, now_ns, idle))

@@ -1,9 +1,9 @@
 //! The kernel side as the agent sees it: loading the XDP program with the configured
 //! map sizes, attaching it to interfaces, and the typed maps (`maps`).
 
-mod batch;
 mod maps;
 pub mod pins;
+mod sys;
 
 use std::path::{Path, PathBuf};
 
@@ -192,6 +192,14 @@ fn map_sizes(limits: &Limits) -> Vec<(&'static str, u32)> {
     ]
 }
 
+/// A map pinned in `dir`.
+fn open_pinned(dir: &LayoutDir, name: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(dir.map(name)).map_err(|e| DatapathError::Incomplete {
+        dir: dir.root.clone(),
+        what: format!("map {name}: {e}"),
+    })
+}
+
 /// Loads (and verifies) the object with map sizes from `limits`.
 fn load_object(limits: &Limits) -> Result<Ebpf, DatapathError> {
     if PROGRAM.is_empty() {
@@ -360,14 +368,10 @@ impl Datapath {
             dir: dir.root.clone(),
             what,
         };
-        let mut source = |name: &'static str| {
-            let data = MapData::from_pin(dir.map(name))
-                .map_err(|e| incomplete(format!("map {name}: {e}")))?;
-            Map::from_map_data(data).map_err(|e| incomplete(format!("map {name}: {e}")))
-        };
+        // The sized maps are opened first, to check their sizes, then handed on.
+        let mut opened = std::collections::HashMap::new();
         for (name, wanted) in map_sizes(limits) {
-            let data = MapData::from_pin(dir.map(name))
-                .map_err(|e| incomplete(format!("map {name}: {e}")))?;
+            let data = open_pinned(dir, name)?;
             let pinned = data
                 .info()
                 .map_err(|e| incomplete(format!("map {name}: {e}")))?
@@ -380,7 +384,15 @@ impl Datapath {
                     wanted,
                 });
             }
+            opened.insert(name, data);
         }
+        let mut source = |name: &'static str| {
+            let data = match opened.remove(name) {
+                Some(data) => data,
+                None => open_pinned(dir, name)?,
+            };
+            Map::from_map_data(data).map_err(|e| incomplete(format!("map {name}: {e}")))
+        };
         let maps = Maps::open(&mut source, limits)?;
         let events = Maps::open_events(&mut source)?;
         let program = Xdp::from_pin(dir.program(), XdpAttachType::Interface)
@@ -394,7 +406,7 @@ impl Datapath {
             // nothing: drop it, so that `attach` attaches to the interface anew.
             // A link whose state cannot be read is kept: dropping a live one would
             // open a gap.
-            let live = pins::link_ifindex(&dir.link(&name)).map_or(true, |index| {
+            let live = sys::link_ifindex(&dir.link(&name)).map_or(true, |index| {
                 index != 0 && index == interface_index(&interface)
             });
             if live {
@@ -423,10 +435,9 @@ impl Datapath {
             old: &LayoutDir,
             name: &'static str,
         ) -> Result<T, DatapathError> {
-            let map = MapData::from_pin(old.map(name))
-                .and_then(Map::from_map_data)
-                .map_err(|source| DatapathError::Map { map: name, source })?;
-            T::try_from(map).map_err(|source| DatapathError::Map { map: name, source })
+            Map::from_map_data(open_pinned(old, name)?)
+                .and_then(T::try_from)
+                .map_err(|source| DatapathError::Map { map: name, source })
         }
         let v4 = open(old, names::FLOWS_V4)?;
         let v6 = open(old, names::FLOWS_V6)?;
@@ -553,7 +564,7 @@ impl Datapath {
         };
         // A link whose interface was removed or recreated cannot take a new program:
         // drop it and attach anew.
-        if pins::link_ifindex(&path).is_ok_and(|index| index != interface_index(interface)) {
+        if sys::link_ifindex(&path).is_ok_and(|index| index != interface_index(interface)) {
             tracing::warn!(
                 interface,
                 "the replaced attachment no longer holds; attaching anew"

@@ -12,10 +12,7 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::{
-        fd::{AsRawFd, FromRawFd},
-        unix::ffi::OsStrExt,
-    },
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
@@ -143,73 +140,6 @@ pub fn ensure_bpffs(pin_dir: &Path) -> io::Result<()> {
         )));
     }
     Ok(())
-}
-
-/// The interface index a pinned XDP link is attached to: 0 once its interface is gone
-/// (deleted, or recreated under the same name with a new index).
-pub fn link_ifindex(path: &Path) -> io::Result<u32> {
-    /// `enum bpf_cmd`.
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    /// `struct bpf_link_info`: type, id, prog_id, then a union (8-byte aligned) whose
-    /// `xdp.ifindex` comes first.
-    const XDP_IFINDEX_OFFSET: usize = 16;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-        path_fd: i32,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // Zeroed as a whole: the kernel refuses an attr whose bytes past the last field
-    // (here, the struct's tail padding) are not zero.
-    // SAFETY: all-zero is a valid ObjGet.
-    let mut get: ObjGet = unsafe { std::mem::zeroed() };
-    get.pathname = c_path.as_ptr() as u64;
-    // SAFETY: a valid attr for BPF_OBJ_GET pointing at a NUL-terminated path.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us; it is closed on drop.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let mut info = [0u8; 64];
-    let mut attr = InfoByFd {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: `info` is a writable buffer of `info_len` bytes, alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            size_of::<InfoByFd>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let bytes: [u8; 4] = info[XDP_IFINDEX_OFFSET..XDP_IFINDEX_OFFSET + 4]
-        .try_into()
-        .expect("four bytes");
-    Ok(u32::from_ne_bytes(bytes))
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -1,14 +1,22 @@
-//! `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_LOOKUP_BATCH`, which aya 0.14 does not offer: one
-//! syscall writes or reads thousands of elements where per-element calls cost one each.
-//! Loading a million sessions at start-up, and counting tracked flows for every metrics
-//! scrape, are the cases they exist for.
+//! The bpf(2) commands aya 0.14 does not offer. `BPF_MAP_UPDATE_BATCH` and
+//! `BPF_MAP_LOOKUP_BATCH`: one syscall writes or reads thousands of elements where
+//! per-element calls cost one each (loading a million sessions at start-up, counting
+//! tracked flows for every metrics scrape). `BPF_OBJ_GET` and `BPF_OBJ_GET_INFO_BY_FD` on
+//! a pinned link: which interface it is attached to.
 
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
 };
 
-/// `enum bpf_cmd`: BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH.
+/// `enum bpf_cmd`.
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Elements per syscall: large enough to amortise it, small enough to keep the kernel's
@@ -29,8 +37,24 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// bpf(2) with `attr` as the command's member of `union bpf_attr`: the syscall's result,
+/// or the error it set.
+///
+/// # Safety
+/// `attr` must be a valid attr for `cmd`: every pointer in it valid for the kernel to
+/// read or write as the command does, and every byte past its last field zero.
+unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller's contract; `attr` is alive for the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Writes `keys[i] -> values[i]` for every `i` (BPF_ANY).
-pub fn update<K: aya::Pod, V: aya::Pod>(
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     map: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
@@ -46,17 +70,7 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
         };
         // SAFETY: `attr` points at `count` keys and values of the map's sizes (the
         // caller's typed map guarantees the sizes), alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        unsafe { bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }?;
     }
     Ok(())
 }
@@ -84,25 +98,59 @@ pub fn read_array<V: aya::Pod + Default>(
         // SAFETY: the buffers hold `count` keys (u32, an array's key) and values of the
         // map's value size (the caller's typed map guarantees it); `next` is the u32
         // batch cursor an array map uses. All alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>(),
-            )
+        let done = match unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(_) => false,
+            // The end of the map; `count` says how many elements came with it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
         };
-        let done = rc < 0;
-        if done {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
-        }
         each(&values[..attr.count as usize]);
         if done {
             return Ok(());
         }
         first = false;
     }
+}
+
+/// The interface index a pinned XDP link is attached to: 0 once its interface is gone
+/// (deleted, or recreated under the same name with a new index).
+pub fn link_ifindex(path: &Path) -> io::Result<u32> {
+    /// `struct bpf_link_info`: type, id, prog_id, then a union (8-byte aligned) whose
+    /// `xdp.ifindex` comes first.
+    const XDP_IFINDEX_OFFSET: usize = 16;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // Zeroed as a whole: the kernel refuses an attr whose bytes past the last field
+    // (here, the struct's tail padding) are not zero.
+    // SAFETY: all-zero is a valid ObjGet.
+    let mut get: ObjGet = unsafe { std::mem::zeroed() };
+    get.pathname = c_path.as_ptr() as u64;
+    // SAFETY: a zeroed attr for BPF_OBJ_GET pointing at a NUL-terminated path.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
+    // SAFETY: the kernel just returned this fd to us; it is closed on drop.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u8; 64];
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `info` is a writable buffer of `info_len` bytes, alive for the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    let bytes: [u8; 4] = info[XDP_IFINDEX_OFFSET..XDP_IFINDEX_OFFSET + 4]
+        .try_into()
+        .expect("four bytes");
+    Ok(u32::from_ne_bytes(bytes))
 }
