@@ -96,22 +96,8 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
             config.agent.api_socket.display()
         )
     })?;
-    let tcp_listener = match config.agent.api_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on api_listen {addr}"))?,
-        ),
-        None => None,
-    };
-    let metrics_listener = match config.agent.metrics_listen {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on metrics_listen {addr}"))?,
-        ),
-        None => None,
-    };
+    let tcp_listener = bind_tcp(config.agent.api_listen, "api_listen").await?;
+    let metrics_listener = bind_tcp(config.agent.metrics_listen, "metrics_listen").await?;
     let notifier = config.agent.notify.as_ref().map(|n| {
         Notifier::spawn(NotifyConfig::new(
             n.url.clone(),
@@ -197,6 +183,20 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         "stopped; enforcement continues with the pinned datapath (`sessiongate detach` removes it)"
     );
     Ok(())
+}
+
+/// The optional TCP listener configured as `field`.
+async fn bind_tcp(
+    addr: Option<std::net::SocketAddr>,
+    field: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {field} {addr}"))?;
+    Ok(Some(listener))
 }
 
 /// One agent per state directory (and so per pin directory and journal): a second
