@@ -14,19 +14,6 @@ use std::{
 
 use netlab::*;
 
-const HOUR: Duration = Duration::from_secs(3600);
-const NOW: Duration = Duration::ZERO;
-const ALICE: &str = "alice@example.com";
-const BOB: &str = "bob@example.com";
-
-const APP_POLICY: &str = r#"
-[[policy]]
-name = "App"
-precedence = 10
-destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
-check_session = { enforce = true, duration = "1h" }
-"#;
-
 fn lab() -> Lab {
     Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
 }
@@ -271,9 +258,7 @@ fn events_stream_live_and_prompts_are_sent_once_per_interval() {
     }
     let lab = lab();
     let prompts = receiver(&lab, 8701);
-    let agent = lab.start_agent_from(
-        std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
-        &lab.config(
+    let agent = lab.start_agent_with(&lab.config(
             "notify_url = \"http://127.0.0.1:8701/prompt\"\nnotify_interval = \"2s\"\nreauth_url = \"https://198.18.0.1/reauth\"",
             APP_POLICY,
         ),

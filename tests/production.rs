@@ -15,21 +15,6 @@ use std::{
 
 use netlab::*;
 
-const HOUR: Duration = Duration::from_secs(3600);
-const NOW: Duration = Duration::ZERO;
-const ALICE: &str = "alice@example.com";
-const BOB: &str = "bob@example.com";
-const CAROL: &str = "carol@example.com";
-
-/// The protected application: every protocol and port of 198.19.10.0/24.
-const APP_POLICY: &str = r#"
-[[policy]]
-name = "App"
-precedence = 10
-destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
-check_session = { enforce = true, duration = "1h" }
-"#;
-
 /// How long a probe waits for an answer that should come, and for one that must not.
 const PASS_WAIT: Duration = Duration::from_millis(1000);
 const FAIL_WAIT: Duration = Duration::from_millis(200);
@@ -387,20 +372,11 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     let pins = lab.pin_dir();
     // What an interrupted --replace leaves behind is named as such.
     std::fs::create_dir(pins.join("layout-2-new")).expect("mkdir on bpffs");
-    let mut refused_agent = lab.spawn_agent(&config);
-    assert!(!refused_agent.wait_exit(Duration::from_secs(20)).success());
-    assert!(
-        refused_agent.log_text().contains("interrupted --replace"),
-        "{}",
-        refused_agent.log_text()
-    );
+    let log = lab.refused_start(&config);
+    assert!(log.contains("interrupted --replace"), "{log}");
     // Running --replace again finishes the job: the leftover is the new datapath's
     // staging area, never something to replace.
-    let mut agent = lab.start_agent_from(
-        std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
-        &config,
-        &["--replace"],
-    );
+    let mut agent = lab.start_agent_with(&config, &["--replace"]);
     assert!(lab.xdp_attached());
     assert!(lab.tcp_blocked(traffic.expired, APP, 443) && opens(&lab, traffic.fresh, APP, 443));
     assert!(!pins.join("layout-2-new").exists(), "the leftover is gone");
@@ -419,10 +395,7 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     std::fs::rename(&current, pins.join("layout-1")).expect("rename on bpffs");
     let old_id = xdp_program_id(&lab);
 
-    let mut refused_agent = lab.spawn_agent(&config);
-    let status = refused_agent.wait_exit(Duration::from_secs(20));
-    assert!(!status.success());
-    let log = refused_agent.log_text();
+    let log = lab.refused_start(&config);
     assert!(
         log.contains("layout-1") && log.contains("--replace"),
         "a clear message: {log}"
@@ -437,11 +410,7 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
         .filter(|p| !p.name.contains("tracked UDP flow"))
         .collect();
     let agent = under_traffic(&probes, 3, || {
-        let agent = lab.start_agent_from(
-            std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
-            &config,
-            &["--replace"],
-        );
+        let agent = lab.start_agent_with(&config, &["--replace"]);
         thread::sleep(Duration::from_millis(1000));
         agent
     });
@@ -594,9 +563,7 @@ fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
     let old_id = xdp_program_id(&lab);
     let bigger = config.replace("max_flows = 4096", "max_flows = 8192");
 
-    let mut refused_agent = lab.spawn_agent(&bigger);
-    assert!(!refused_agent.wait_exit(Duration::from_secs(20)).success());
-    let log = refused_agent.log_text();
+    let log = lab.refused_start(&bigger);
     assert!(
         log.contains("sized for other [limits]") && log.contains("--replace"),
         "{log}"
@@ -604,11 +571,7 @@ fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
 
     // Every probe, the tracked UDP flow of the expired device included.
     let agent = under_traffic(&traffic.probes(&lab), 3, || {
-        let agent = lab.start_agent_from(
-            std::path::Path::new(env!("CARGO_BIN_EXE_sessiongate")),
-            &bigger,
-            &["--replace"],
-        );
+        let agent = lab.start_agent_with(&bigger, &["--replace"]);
         thread::sleep(Duration::from_millis(1000));
         agent
     });
@@ -629,9 +592,7 @@ fn a_second_agent_on_the_same_state_is_refused() {
     let config = lab.config("", APP_POLICY);
     let agent = lab.start_agent(&config);
     agent.login(device(1), BOB, 2 * HOUR);
-    let mut second = lab.spawn_agent(&config);
-    assert!(!second.wait_exit(Duration::from_secs(20)).success());
-    let log = second.log_text();
+    let log = lab.refused_start(&config);
     assert!(
         log.contains("another sessiongate agent") && log.contains(&agent.pid().to_string()),
         "{log}"

@@ -10,20 +10,6 @@ use std::{
 
 use netlab::*;
 
-const HOUR: Duration = Duration::from_secs(3600);
-const NOW: Duration = Duration::ZERO;
-const ALICE: &str = "alice@example.com";
-const BOB: &str = "bob@example.com";
-
-/// One session-checked application, IPv4 and IPv6, all protocols and ports.
-const APP_POLICY: &str = r#"
-[[policy]]
-name = "App"
-precedence = 10
-destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
-check_session = { enforce = true, duration = "1h" }
-"#;
-
 /// The addresses one test body uses, so IPv4 and IPv6 share the body.
 #[derive(Clone, Copy)]
 struct Family {
@@ -361,10 +347,7 @@ fn an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing() {
     }
     let lab = lab();
     let bad_duration = APP_POLICY.replace("\"1h\"", "\"90 minutes\"");
-    let mut agent = lab.spawn_agent(&lab.config("", &bad_duration));
-    let status = agent.wait_exit(Duration::from_secs(10));
-    assert!(!status.success());
-    let log = agent.log_text();
+    let log = lab.refused_start(&lab.config("", &bad_duration));
     for needle in [
         "policy \"App\" (#1)",
         "check_session.duration",
@@ -381,9 +364,7 @@ fn an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing() {
         &format!("[\"{GATEWAY_IFACE}\"]"),
         &format!("[\"{GATEWAY_IFACE}\", \"nosuch0\"]"),
     );
-    let mut agent = lab.spawn_agent(&config);
-    assert!(!agent.wait_exit(Duration::from_secs(10)).success());
-    let log = agent.log_text();
+    let log = lab.refused_start(&config);
     assert!(
         log.contains("nosuch0") && log.contains("nothing was attached"),
         "{log}"

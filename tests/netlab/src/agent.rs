@@ -38,9 +38,28 @@ impl Lab {
         agent
     }
 
+    /// Starts the agent with extra `run` arguments (`--replace`, `--log-format json`)
+    /// and waits until it answers.
+    pub fn start_agent_with(&self, config: &str, args: &[&str]) -> Agent {
+        self.start_agent_from(&self.bin.clone(), config, args)
+    }
+
     /// Starts the agent without waiting (for configs it should refuse).
     pub fn spawn_agent(&self, config: &str) -> Agent {
         self.spawn_agent_from(&self.bin.clone(), config, &[])
+    }
+
+    /// Starts the agent on `config`, which it must refuse: waits for it to exit with a
+    /// failure and returns its log.
+    pub fn refused_start(&self, config: &str) -> String {
+        let mut agent = self.spawn_agent(config);
+        let status = agent.wait_exit(Duration::from_secs(20));
+        let log = agent.log_text();
+        assert!(
+            !status.success(),
+            "the agent should have refused to start: {log}"
+        );
+        log
     }
 
     /// Starts `bin` with `run --config CONFIG ARGS...` without waiting.

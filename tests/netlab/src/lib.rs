@@ -59,6 +59,23 @@ pub const UDP_PORTS: [u16; 3] = [53, 443, 4433];
 pub const SHOULD_PASS: Duration = Duration::from_secs(3);
 pub const SHOULD_FAIL: Duration = Duration::from_millis(1500);
 
+/// Session ages and users the tests share.
+pub const HOUR: Duration = Duration::from_secs(3600);
+pub const NOW: Duration = Duration::ZERO;
+pub const ALICE: &str = "alice@example.com";
+pub const BOB: &str = "bob@example.com";
+pub const CAROL: &str = "carol@example.com";
+
+/// One session-checked application: every protocol and port of its IPv4 and IPv6
+/// ranges (`APP`, `APP6`), sessions up to 1h.
+pub const APP_POLICY: &str = r#"
+[[policy]]
+name = "App"
+precedence = 10
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// The n-th device address (n < 10) on the client side.
