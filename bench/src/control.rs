@@ -94,10 +94,7 @@ fn import_and_reload(
             ),
         )
     };
-    let small = sized(lab.config(
-        "",
-        "[[policy]]\nname = \"App\"\nprecedence = 1\ndestinations = [\"198.19.10.0/24\"]\ncheck_session = { enforce = true, duration = \"1h\" }\n",
-    ));
+    let small = sized(lab.config("", scenario::APP_POLICY));
     let large = sized(lab.config("", &scenario::policies(cidrs, 11)));
     let agent = lab.start_agent(&small);
 
@@ -251,14 +248,7 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
 /// to the API; the first of those SYNs to be answered marks enforcement.
 fn login_latencies(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
     let lab = netlab::Lab::new(agent);
-    let policy = r#"
-[[policy]]
-name = "App"
-precedence = 1
-destinations = ["198.19.10.0/24"]
-check_session = { enforce = true, duration = "1h" }
-"#;
-    let agent = lab.start_agent(&lab.config("", policy));
+    let agent = lab.start_agent(&lab.config("", scenario::APP_POLICY));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

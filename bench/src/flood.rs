@@ -227,7 +227,7 @@ impl Gateway {
     fn prepare(lab: &Lab, setup: Setup, programs: &mut BenchPrograms) -> anyhow::Result<Self> {
         let agent = match setup {
             Setup::Sessiongate => {
-                let agent = lab.start_agent(&lab.config("", POLICY));
+                let agent = lab.start_agent(&lab.config("", crate::scenario::APP_POLICY));
                 login_pools(&agent)?;
                 Some(agent)
             }
@@ -290,15 +290,6 @@ impl Gateway {
         })
     }
 }
-
-/// One session-checked application; the pools log in below.
-const POLICY: &str = r#"
-[[policy]]
-name = "App"
-precedence = 1
-destinations = ["198.19.10.0/24"]
-check_session = { enforce = true, duration = "1h" }
-"#;
 
 fn pool(base: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> {
     (0..POOL_SIZE).map(move |i| Ipv4Addr::from(u32::from(base) + i))

@@ -24,6 +24,16 @@ pub const RESOLVER: Ipv4Addr = Ipv4Addr::new(198, 19, 10, 53);
 /// Seconds the "expired" devices' sessions are old: beyond every duration used here.
 pub const EXPIRED_AGE_SECS: u64 = 30 * 86_400;
 
+/// One session-checked application (`APP`'s /24), for the end-to-end and control-plane
+/// measures.
+pub const APP_POLICY: &str = r#"
+[[policy]]
+name = "App"
+precedence = 1
+destinations = ["198.19.10.0/24"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
 /// A policy file with `cidrs` destination CIDRs in total (at least 10): the
 /// application the benchmarks send to, random applications, and a 7-day baseline.
 pub fn policies(cidrs: usize, seed: u64) -> String {

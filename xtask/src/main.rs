@@ -118,20 +118,29 @@ fn build(release: bool) -> anyhow::Result<()> {
     run(cmd)
 }
 
-/// Builds the agent and the benchmark in release mode and runs the benchmark.
-fn bench(quick: bool, bench_args: &[String]) -> anyhow::Result<()> {
+/// Builds the agent and the benchmark in `profile` ("release" or "debug"); returns the
+/// directory that holds both binaries.
+fn build_bench(profile: &str) -> anyhow::Result<std::path::PathBuf> {
     let mut build = cargo();
     build.args([
         "build",
-        "--release",
         "--package",
         "sessiongate",
         "--package",
         "sessiongate-bench",
     ]);
+    if profile == "release" {
+        build.arg("--release");
+    }
     run(build)?;
+    Ok(setup::workspace().join("target").join(profile))
+}
+
+/// Builds the agent and the benchmark in release mode and runs the benchmark.
+fn bench(quick: bool, bench_args: &[String]) -> anyhow::Result<()> {
+    let bin = build_bench("release")?;
     let target = setup::workspace().join("target");
-    let mut bench = Command::new(target.join("release/sessiongate-bench"));
+    let mut bench = Command::new(bin.join("sessiongate-bench"));
     bench
         .arg("--out")
         .arg(target.join("bench"))
@@ -186,22 +195,13 @@ fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
     // Only when the whole suite runs: a filtered run is someone looking at one test.
     if cargo_args.is_empty() {
         step("benchmark smoke run (checks the harness, not speed)");
-        let mut build = cargo();
-        build.args([
-            "build",
-            "--package",
-            "sessiongate",
-            "--package",
-            "sessiongate-bench",
-        ]);
-        run(build)?;
-        let target = setup::workspace().join("target");
-        let mut smoke = Command::new(target.join("debug/sessiongate-bench"));
+        let bin = build_bench("debug")?;
+        let mut smoke = Command::new(bin.join("sessiongate-bench"));
         smoke
             .args(["--quick", "--out"])
-            .arg(target.join("bench-smoke"))
+            .arg(setup::workspace().join("target/bench-smoke"))
             .arg("--agent")
-            .arg(target.join("debug/sessiongate"));
+            .arg(bin.join("sessiongate"));
         run(smoke)?;
     }
     step("all tests passed");
