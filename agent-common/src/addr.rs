@@ -54,6 +54,17 @@ impl Ip6 {
         ]
     }
 
+    /// The memory image as four 32-bit words (`bpf_sock_tuple`'s form).
+    #[inline(always)]
+    pub const fn as_words(self) -> [u32; 4] {
+        [
+            self.0[0] as u32,
+            (self.0[0] >> 32) as u32,
+            self.0[1] as u32,
+            (self.0[1] >> 32) as u32,
+        ]
+    }
+
     /// The address as one word, for hashing.
     #[inline(always)]
     pub const fn fold(self) -> u64 {

@@ -4,6 +4,7 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 pub mod addr;
+pub mod checksum;
 pub mod hashing;
 pub mod logic;
 pub mod maps;

@@ -3,8 +3,8 @@
 
 use crate::{
     maps::{
-        BYPASS_POLICY, DestRule, IPPROTO_TCP, NO_POLICY, POLICY_ENFORCE, PolicyParams,
-        UNKNOWN_DEVICE_ALLOW,
+        ACTION_DROP, ACTION_REDIRECT, ACTION_REJECT, BYPASS_POLICY, DestRule, IPPROTO_TCP,
+        NO_POLICY, POLICY_ENFORCE, PolicyParams, UNKNOWN_DEVICE_ALLOW,
     },
     verdict::Verdict,
 };
@@ -61,6 +61,47 @@ pub const fn event_due(now_ns: u64, last_event_ns: Option<u64>) -> bool {
         None => true,
         Some(last) => now_ns.saturating_sub(last) >= EVENT_INTERVAL_NS,
     }
+}
+
+/// What a refused new flow gets: `ACTION_DROP`, `ACTION_REJECT` or `ACTION_REDIRECT`.
+/// A redirect policy steers TCP to its `redirect_ports` when there is a portal and
+/// rejects everything else.
+#[inline(always)]
+pub fn refusal_action(policy: &PolicyParams, proto: u8, dport: u16, portal: bool) -> u32 {
+    match policy.on_expired {
+        ACTION_REJECT => ACTION_REJECT,
+        ACTION_REDIRECT if proto == IPPROTO_TCP && portal && policy.redirects(dport) => {
+            ACTION_REDIRECT
+        }
+        ACTION_REDIRECT => ACTION_REJECT,
+        _ => ACTION_DROP,
+    }
+}
+
+/// Whether a device may get a reply (RST, ICMP error, portal redirect) now, given its
+/// slot's `next_ns` (`None`: no state): a GCRA that allows one reply every
+/// `interval_ns`, and `tolerance_ns / interval_ns` more at once (`reply_tolerance`).
+/// Returns the slot's new `next_ns` if so.
+#[inline(always)]
+pub const fn reply_due(
+    now_ns: u64,
+    next_ns: Option<u64>,
+    interval_ns: u64,
+    tolerance_ns: u64,
+) -> Option<u64> {
+    let next = match next_ns {
+        Some(t) if t > now_ns => t,
+        _ => now_ns,
+    };
+    if next - now_ns > tolerance_ns {
+        return None;
+    }
+    Some(next.saturating_add(interval_ns))
+}
+
+/// The GCRA tolerance for bursts of `burst` replies (at least 1) at `interval_ns`.
+pub const fn reply_tolerance(interval_ns: u64, burst: u32) -> u64 {
+    interval_ns.saturating_mul(burst.saturating_sub(1) as u64)
 }
 
 /// The policy index that applies to a packet, from the destination's rule and the
@@ -122,7 +163,60 @@ mod tests {
             duration_ns,
             flags: POLICY_ENFORCE,
             on_expired: ACTION_DROP,
+            redirect_ports: [0; crate::maps::MAX_REDIRECT_PORTS],
         }
+    }
+
+    #[test]
+    fn redirect_policies_steer_their_tcp_ports_and_reject_the_rest() {
+        let mut p = enforcing(H);
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 80, true), ACTION_DROP);
+        p.on_expired = ACTION_REJECT;
+        assert_eq!(refusal_action(&p, IPPROTO_UDP, 443, true), ACTION_REJECT);
+        p.on_expired = ACTION_REDIRECT;
+        p.redirect_ports[0] = 80;
+        p.redirect_ports[1] = 8080;
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 80, true), ACTION_REDIRECT);
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 8080, true), ACTION_REDIRECT);
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 443, true), ACTION_REJECT);
+        assert_eq!(refusal_action(&p, IPPROTO_UDP, 80, true), ACTION_REJECT);
+        // Unused slots are 0: port 0 never redirects. Without a portal: reject.
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 0, true), ACTION_REJECT);
+        assert_eq!(refusal_action(&p, IPPROTO_TCP, 80, false), ACTION_REJECT);
+    }
+
+    #[test]
+    fn replies_are_limited_to_a_burst_then_the_rate() {
+        let interval = SECOND_NS / 5;
+        let mut next = None;
+        let mut sent = 0;
+        // 1000 refusals in one second: a burst of 10, then 5 a second.
+        for i in 0..1000u64 {
+            let now = 7 * SECOND_NS + i * SECOND_NS / 1000;
+            if let Some(n) = reply_due(now, next, interval, reply_tolerance(interval, 10)) {
+                next = Some(n);
+                sent += 1;
+            }
+        }
+        assert!((14..=15).contains(&sent), "sent {sent}");
+        // Idle for a while: the burst is available again, not more.
+        let later = 60 * SECOND_NS;
+        let mut burst = 0;
+        while let Some(n) = reply_due(later, next, interval, reply_tolerance(interval, 10)) {
+            next = Some(n);
+            burst += 1;
+        }
+        assert_eq!(burst, 10);
+        // A burst of 1 is a plain rate; no state allows a reply at once.
+        let plain = reply_tolerance(interval, 1);
+        assert_eq!(plain, 0);
+        assert_eq!(reply_due(5, None, interval, plain), Some(5 + interval));
+        assert_eq!(reply_due(6, Some(5 + interval), interval, plain), None);
+        let huge = reply_tolerance(u64::MAX, 3);
+        assert_eq!(
+            reply_due(u64::MAX, Some(u64::MAX), u64::MAX, huge),
+            Some(u64::MAX)
+        );
     }
 
     #[test]

@@ -32,9 +32,10 @@ pub mod names {
     pub const POLICY_DROPS: &str = "SG_POLICY_DROPS";
     pub const EVENT_LIMIT: &str = "SG_EVENT_LIMIT";
     pub const EVENTS: &str = "SG_EVENTS";
+    pub const REPLY_LIMIT: &str = "SG_REPLY_LIMIT";
 
     /// Every map of the program: what the agent pins and adopts.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         GENERATION,
         SETTINGS,
         DEST_V4[0],
@@ -56,6 +57,7 @@ pub mod names {
         POLICY_DROPS,
         EVENT_LIMIT,
         EVENTS,
+        REPLY_LIMIT,
     ];
 }
 
@@ -72,7 +74,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -85,7 +87,7 @@ pub const fn config_set(generation: u32) -> u32 {
 
 /// `SG_SETTINGS`: ARRAY, two entries (one per set), written by the agent.
 ///
-/// Everything the program needs from the config apart from policies and sessions.
+/// Everything the programs need from the config apart from policies and sessions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 pub struct Settings {
@@ -93,28 +95,61 @@ pub struct Settings {
     pub udp_idle_ns: u64,
     /// `UNKNOWN_DEVICE_ENFORCE` or `UNKNOWN_DEVICE_ALLOW`.
     pub unknown_device: u32,
-    pub _pad: u32,
+    /// Index mask of `SG_REPLY_LIMIT`.
+    pub reply_slot_mask: u32,
     /// Index masks of the array-backed tables: their entry counts minus one.
     pub session_bucket_mask: u32,
     pub flow_bucket_mask: u32,
     pub dest_cache_mask: u32,
     pub event_slot_mask: u32,
+    /// Replies (RST, ICMP) and portal redirects per device: one every
+    /// `reply_interval_ns`, with bursts within `reply_tolerance_ns`
+    /// (`logic::reply_due`).
+    pub reply_interval_ns: u64,
+    pub reply_tolerance_ns: u64,
+    /// The portal's listening port, or 0 when there is no portal: redirect policies
+    /// then reject.
+    pub portal_port: u16,
+    pub _pad: u16,
+    /// The portal's listening addresses (unspecified: any), where the TC program looks
+    /// the listener up.
+    pub portal_v4: Ip4,
+    pub portal_v6: Ip6,
     /// Bitmap of DNS destination ports: bit `p % 64` of word `p / 64` is set for port `p`.
-    pub dns_ports: [u64; 1024],
+    pub dns_ports: [u64; PORT_BITMAP_WORDS],
+    /// Bitmap of every redirect policy's `redirect_ports` (the TC program follows
+    /// portal connections on these ports only).
+    pub redirect_ports: [u64; PORT_BITMAP_WORDS],
 }
-const _: () = assert!(size_of::<Settings>() == 32 + 8192);
+const _: () = assert!(size_of::<Settings>() == 72 + 2 * 8192);
+
+/// Words of a bitmap with one bit per port.
+pub const PORT_BITMAP_WORDS: usize = 1024;
+
+/// Whether bit `port` of a port bitmap is set.
+#[inline(always)]
+pub const fn port_in(bitmap: &[u64; PORT_BITMAP_WORDS], port: u16) -> bool {
+    bitmap[(port >> 6) as usize] & (1u64 << (port & 63)) != 0
+}
+
+pub fn add_port(bitmap: &mut [u64; PORT_BITMAP_WORDS], port: u16) {
+    bitmap[(port >> 6) as usize] |= 1u64 << (port & 63);
+}
 
 pub const UNKNOWN_DEVICE_ENFORCE: u32 = 0;
 pub const UNKNOWN_DEVICE_ALLOW: u32 = 1;
 
 impl Settings {
     pub const fn is_dns_port(&self, port: u16) -> bool {
-        let word = self.dns_ports[(port >> 6) as usize];
-        word & (1u64 << (port & 63)) != 0
+        port_in(&self.dns_ports, port)
     }
 
     pub fn set_dns_port(&mut self, port: u16) {
-        self.dns_ports[(port >> 6) as usize] |= 1u64 << (port & 63);
+        add_port(&mut self.dns_ports, port);
+    }
+
+    pub const fn is_redirect_port(&self, port: u16) -> bool {
+        port_in(&self.redirect_ports, port)
     }
 }
 
@@ -174,8 +209,28 @@ pub struct PolicyParams {
     pub flags: u32,
     /// `ACTION_*`: what an expired or unknown device's new flow gets.
     pub on_expired: u32,
+    /// With `ACTION_REDIRECT`: the TCP ports steered to the portal (0: unused slot);
+    /// other ports are rejected.
+    pub redirect_ports: [u16; MAX_REDIRECT_PORTS],
 }
-const _: () = assert!(size_of::<PolicyParams>() == 16);
+const _: () = assert!(size_of::<PolicyParams>() == 32);
+
+/// Most `redirect_ports` a policy may list.
+pub const MAX_REDIRECT_PORTS: usize = 8;
+
+impl PolicyParams {
+    #[inline(always)]
+    pub fn redirects(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_REDIRECT_PORTS {
+            if self.redirect_ports[i] == port && port != 0 {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
 
 /// `PolicyParams::flags`: the policy checks sessions (`check_session.enforce = true`
 /// with a duration). Without it the policy passes everything (unlimited session).
@@ -183,6 +238,18 @@ pub const POLICY_ENFORCE: u32 = 1;
 
 /// `PolicyParams::on_expired`: drop the packet. Codes are stable.
 pub const ACTION_DROP: u32 = 1;
+/// Answer a TCP SYN with a RST, a UDP datagram with ICMP administratively prohibited.
+pub const ACTION_REJECT: u32 = 2;
+/// Steer TCP to the portal on `redirect_ports`; reject everything else.
+pub const ACTION_REDIRECT: u32 = 3;
+
+/// XDP metadata (4 bytes before the packet) that asks the TC program to deliver a
+/// redirected SYN to the portal.
+pub const PORTAL_META: u32 = 0x5347_0511;
+/// `skb->mark` of packets delivered to the portal: a policy-routing rule looks them up
+/// in `PORTAL_TABLE`, which routes everything to the local host.
+pub const PORTAL_MARK: u32 = 0x5347_0511;
+pub const PORTAL_TABLE: u32 = 21_323;
 
 /// Value of `SG_SESSIONS_V4` (HASH, key: `Ip4`) and `SG_SESSIONS_V6` (HASH, key:
 /// `Ip6`), written by the agent on login and logout: the
@@ -357,6 +424,19 @@ pub struct EventLimitSlot {
 }
 const _: () = assert!(size_of::<EventLimitSlot>() == 16);
 
+/// `SG_REPLY_LIMIT`: ARRAY, `reply_slot_mask + 1` entries, written by the program.
+/// Per device (direct-mapped at `hashing::bucket(device fold)`), the theoretical
+/// arrival time of its next reply (`logic::reply_due`, a GCRA). Two devices sharing a
+/// slot reset each other's state: each may then get a burst more than its share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ReplyLimitSlot {
+    /// `hashing::check(device fold, 0)`.
+    pub check: u64,
+    pub next_ns: u64,
+}
+const _: () = assert!(size_of::<ReplyLimitSlot>() == 16);
+
 /// `SG_CLOCK`: PERCPU_ARRAY, one entry, written by the program. The boot clock read at
 /// most once per CPU per jiffy: `bpf_ktime_get_boot_ns` costs about 37 ns here, the
 /// jiffies counter about 3. Times are therefore up to one tick (1 to 10 ms) behind.
@@ -420,6 +500,7 @@ mod user {
     unsafe impl aya::Pod for FlowBucketV4 {}
     unsafe impl aya::Pod for FlowBucketV6 {}
     unsafe impl aya::Pod for EventLimitSlot {}
+    unsafe impl aya::Pod for ReplyLimitSlot {}
     unsafe impl aya::Pod for TickClock {}
     unsafe impl aya::Pod for RefusalEvent {}
 }

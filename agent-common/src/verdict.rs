@@ -99,14 +99,45 @@ pub mod counter {
     /// Refusal events lost because the ring buffer was full.
     pub const EVENTS_LOST: u32 = 18;
 
+    /// TCP RSTs sent for refused SYNs (`on_expired = "reject"`).
+    pub const REPLIES_TCP_RESET: u32 = 19;
+    /// ICMP / ICMPv6 administratively-prohibited errors sent for refused UDP.
+    pub const REPLIES_ICMP: u32 = 20;
+    /// Refusals that would have been answered (or redirected) but were dropped: the
+    /// device had used up its reply rate.
+    pub const REPLIES_RATE_LIMITED: u32 = 21;
+    /// Refusals that could not be answered (the packet could not be reshaped) and
+    /// were dropped.
+    pub const REPLIES_FAILED: u32 = 22;
+    /// Refused SYNs handed to the portal (XDP).
+    pub const PORTAL_REDIRECTED: u32 = 23;
+    /// Redirected SYNs the TC program delivered to the portal's listener.
+    pub const PORTAL_DELIVERED: u32 = 24;
+    /// Redirected SYNs dropped because no portal listener was there (agent down).
+    pub const PORTAL_UNAVAILABLE: u32 = 25;
+    /// Later packets of portal connections the TC program kept on the local host.
+    pub const PORTAL_FOLLOWED: u32 = 26;
+
     /// Size of `SG_COUNTERS`: verdicts, event counters, and room to grow.
     pub const SLOTS: u32 = 32;
 
-    /// Names of the non-verdict counters, for stats output.
-    pub const NAMED: [(u32, &str); 3] = [
+    /// Names of the event counters, for stats output.
+    pub const EVENTS: [(u32, &str); 3] = [
         (EVENTS_SENT, "events_sent"),
         (EVENTS_RATE_LIMITED, "events_rate_limited"),
         (EVENTS_LOST, "events_lost"),
+    ];
+
+    /// Names of the visible-refusal counters (replies and the portal).
+    pub const REPLIES: [(u32, &str); 8] = [
+        (REPLIES_TCP_RESET, "replies_tcp_reset"),
+        (REPLIES_ICMP, "replies_icmp"),
+        (REPLIES_RATE_LIMITED, "replies_rate_limited"),
+        (REPLIES_FAILED, "replies_failed"),
+        (PORTAL_REDIRECTED, "portal_redirected"),
+        (PORTAL_DELIVERED, "portal_delivered"),
+        (PORTAL_UNAVAILABLE, "portal_unavailable"),
+        (PORTAL_FOLLOWED, "portal_followed"),
     ];
 }
 
@@ -122,7 +153,7 @@ mod tests {
         }
         assert_eq!(Verdict::from_code(Verdict::ALL.len() as u32), None);
         assert_eq!(Verdict::DroppedExpired.code(), 10, "codes are stable");
-        for (slot, _) in counter::NAMED {
+        for &(slot, _) in counter::EVENTS.iter().chain(&counter::REPLIES) {
             assert!(slot as usize >= Verdict::ALL.len() && slot < counter::SLOTS);
         }
     }

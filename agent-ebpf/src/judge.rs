@@ -7,10 +7,11 @@ use agent_common::{
     hashing::bucket,
     logic::{
         flow_active, flow_needs_refresh, judge_new_flow, policy_enforces, policy_for,
-        session_age_ns, verdict_without_policy,
+        refusal_action, session_age_ns, verdict_without_policy,
     },
     maps::{
-        IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings, config_set, policy_slot,
+        ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings, config_set,
+        policy_slot,
     },
     tables::{DestEntry, FlowSlot, find_flow, find_session, flow_slot_for_new},
     verdict::Verdict,
@@ -21,25 +22,28 @@ use crate::{
     family::Family,
     maps::{SG_GENERATION, SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
     parse::L4,
+    reply::reply_allowed,
     report::{Refusal, count_policy_drop, event_allowed, send_event},
 };
 
 /// The verdict for a TCP SYN or a UDP datagram from `src` to `dst` (parsing already
-/// passed every other TCP segment as established).
+/// passed every other TCP segment as established), and for a refusal the `ACTION_*`
+/// it gets: the policy's, or a drop once the device has used up its replies.
 #[inline(always)]
-pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
+pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32) {
+    let verdict = |v| (v, ACTION_DROP);
     let is_tcp = l4.proto == IPPROTO_TCP;
     // The configuration in force, read once: everything below uses this generation's
     // settings and tables, so a reload never shows a packet a mix of two configs.
     let Some(&generation) = SG_GENERATION.get(0) else {
-        return Verdict::PassedNoPolicy;
+        return verdict(Verdict::PassedNoPolicy);
     };
     let set = config_set(generation);
     let Some(settings) = SG_SETTINGS.get(set) else {
-        return Verdict::PassedNoPolicy;
+        return verdict(Verdict::PassedNoPolicy);
     };
     if settings.is_dns_port(l4.dport) {
-        return Verdict::PassedDns;
+        return verdict(Verdict::PassedDns);
     }
 
     // A UDP packet of a tracked flow passes; otherwise remember where a new one goes.
@@ -57,7 +61,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
                     if flow_needs_refresh(now, last_seen) {
                         slot.set_last_seen_ns(now);
                     }
-                    return Verdict::PassedEstablished;
+                    return verdict(Verdict::PassedEstablished);
                 }
             }
             new_flow = Some((slots, key, folded, now));
@@ -65,14 +69,14 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
     }
 
     let policy_index = policy_of::<F>(dst, l4, generation, settings);
-    if let Some(verdict) = verdict_without_policy(policy_index) {
-        return verdict;
+    if let Some(v) = verdict_without_policy(policy_index) {
+        return verdict(v);
     }
     let Some(policy) = SG_POLICIES.get(policy_slot(set, policy_index)) else {
-        return Verdict::PassedNoPolicy;
+        return verdict(Verdict::PassedNoPolicy);
     };
     if !policy_enforces(policy) {
-        return Verdict::PassedUnlimited;
+        return verdict(Verdict::PassedUnlimited);
     }
 
     let now = match &new_flow {
@@ -81,8 +85,9 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
     };
     let folded_src = F::fold(src);
     let authenticated_at = session_of::<F>(src, folded_src, settings);
-    let verdict = judge_new_flow(policy, authenticated_at, settings.unknown_device, now);
-    match verdict {
+    let judged = judge_new_flow(policy, authenticated_at, settings.unknown_device, now);
+    let mut action = ACTION_DROP;
+    match judged {
         Verdict::AdmittedNewFlow | Verdict::AdmittedUnknownDevice => {
             if let Some((slots, key, folded, now)) = new_flow {
                 // A full bucket gives up its least recently seen flow, which is then
@@ -91,8 +96,12 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
                     F::FlowSlot::new(&key, folded, now);
             }
         }
-        _ if verdict.is_refusal() => {
+        _ if judged.is_refusal() => {
             count_policy_drop(policy_slot(set, policy_index));
+            action = refusal_action(policy, l4.proto, l4.dport, settings.portal_port != 0);
+            if action != ACTION_DROP && !reply_allowed(folded_src, now, settings) {
+                action = ACTION_DROP;
+            }
             if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
                 send_event(&Refusal {
                     family: F::FAMILY,
@@ -101,7 +110,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
                     l4: *l4,
                     policy: policy_index,
                     set: set as u8,
-                    verdict,
+                    verdict: judged,
                     session_age_ns: match authenticated_at {
                         Some(at) => session_age_ns(now, at),
                         None => NO_SESSION_AGE,
@@ -112,7 +121,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> Verdict {
         }
         _ => {}
     }
-    verdict
+    (judged, action)
 }
 
 /// The first-match policy index for (destination, protocol, port): from the

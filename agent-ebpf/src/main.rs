@@ -1,5 +1,8 @@
-//! sessiongate's XDP program: refuses new TCP and UDP flows to session-checked
-//! destinations from devices whose session is too old, and passes everything else.
+//! sessiongate's programs. XDP (`sessiongate`): refuses new TCP and UDP flows to
+//! session-checked destinations from devices whose session is too old, by dropping,
+//! answering (`reply`) or handing them to the portal, and passes everything else.
+//! TC (`sessiongate_portal`, `portal.rs`): delivers the handed-over connections to the
+//! agent's portal.
 #![no_std]
 #![no_main]
 // Inline BPF assembly for single packet loads (`packet.rs`).
@@ -11,8 +14,11 @@ mod judge;
 mod maps;
 mod packet;
 mod parse;
+mod portal;
+mod reply;
 mod report;
 
+use agent_common::maps::{ACTION_REDIRECT, ACTION_REJECT};
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 use crate::{
@@ -24,16 +30,28 @@ use crate::{
 
 #[xdp]
 pub fn sessiongate(ctx: XdpContext) -> u32 {
-    let verdict = match parse(&ctx) {
-        Ok(Packet::V4 { src, dst, l4 }) => judge::<V4>(&src, &dst, &l4),
-        Ok(Packet::V6 { src, dst, l4 }) => judge::<V6>(&src, &dst, &l4),
-        Err(verdict) => verdict,
+    let (verdict, action, l4, ipv6) = match parse(&ctx) {
+        Ok(Packet::V4 { src, dst, l4 }) => {
+            let (verdict, action) = judge::<V4>(&src, &dst, &l4);
+            (verdict, action, l4, false)
+        }
+        Ok(Packet::V6 { src, dst, l4 }) => {
+            let (verdict, action) = judge::<V6>(&src, &dst, &l4);
+            (verdict, action, l4, true)
+        }
+        Err(verdict) => {
+            count(verdict.code());
+            return xdp_action::XDP_PASS;
+        }
     };
     count(verdict.code());
-    if verdict.is_refusal() {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
+    if !verdict.is_refusal() {
+        return xdp_action::XDP_PASS;
+    }
+    match action {
+        ACTION_REJECT => reply::reject(&ctx, &l4, ipv6),
+        ACTION_REDIRECT => reply::to_portal(&ctx, &l4, ipv6),
+        _ => xdp_action::XDP_DROP,
     }
 }
 

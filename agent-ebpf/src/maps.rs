@@ -5,7 +5,8 @@
 use agent_common::addr::{Ip4, Ip6};
 use agent_common::maps::{
     DestCacheV4, DestCacheV6, DestRule, EventLimitSlot, FlowBucketV4, FlowBucketV6, MAX_POLICIES,
-    PolicyParams, PortRuleKey, Session, SessionBucketV4, SessionBucketV6, Settings, TickClock,
+    PolicyParams, PortRuleKey, ReplyLimitSlot, Session, SessionBucketV4, SessionBucketV6, Settings,
+    TickClock,
 };
 use agent_common::verdict::counter;
 use aya_ebpf::{
@@ -88,3 +89,6 @@ pub static SG_EVENT_LIMIT: Array<EventLimitSlot> = Array::with_max_entries(1024,
 
 #[map]
 pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+pub static SG_REPLY_LIMIT: Array<ReplyLimitSlot> = Array::with_max_entries(1024, 0);

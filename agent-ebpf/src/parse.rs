@@ -37,15 +37,22 @@ const IPV6_DEST_OPTS: u8 = 60;
 const IPV6_MAX_EXT_HEADERS: usize = 6;
 /// Offsets beyond this are not parsed; it keeps every offset visibly bounded for the
 /// verifier and is far beyond any sane header stack.
-const MAX_L4_OFFSET: usize = 1024;
+pub const MAX_L4_OFFSET: usize = 1024;
 
 /// The L4 facts the verdict needs, of a TCP SYN or a UDP datagram; ports in host order.
+/// The offsets are where a reply (`reply`) is built.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
+    /// Offsets of the IP header and of the TCP/UDP header from the packet's start.
+    pub ip_offset: u16,
+    pub l4_offset: u16,
 }
+
+/// Largest IP header offset: Ethernet and two VLAN tags.
+pub const MAX_IP_OFFSET: usize = ETH_HLEN + 2 * VLAN_HLEN;
 
 pub enum Packet {
     V4 { src: Ip4, dst: Ip4, l4: L4 },
@@ -110,19 +117,19 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
     if frag_off & 0x1fff != 0 {
         return Err(Verdict::PassedFragment);
     }
-    let l4 = parse_l4(ctx, offset + header_len, proto)?;
+    let l4 = parse_l4(ctx, offset, offset + header_len, proto)?;
     let (src, dst) = unsafe { (Ip4(load_u32(ip + 12)), Ip4(load_u32(ip + 16))) };
     Ok(Packet::V4 { src, dst, l4 })
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
-    let ip = bytes_at(ctx, offset, IPV6_HLEN).ok_or(Verdict::PassedMalformed)?;
+fn parse_ipv6(ctx: &XdpContext, ip_offset: usize) -> Result<Packet, Verdict> {
+    let ip = bytes_at(ctx, ip_offset, IPV6_HLEN).ok_or(Verdict::PassedMalformed)?;
     let (version, mut next) = unsafe { (load_u8(ip) >> 4, load_u8(ip + 6)) };
     if version != 6 {
         return Err(Verdict::PassedMalformed);
     }
-    let mut offset = offset + IPV6_HLEN;
+    let mut offset = ip_offset + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
@@ -153,7 +160,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
         // Still inside the extension-header chain: too long to be genuine.
         return Err(Verdict::PassedMalformed);
     }
-    let l4 = parse_l4(ctx, offset, next)?;
+    let l4 = parse_l4(ctx, ip_offset, offset, next)?;
     let (src, dst) = unsafe {
         (
             Ip6([load_u64(ip + 8), load_u64(ip + 16)]),
@@ -164,7 +171,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, offset: usize, proto: u8) -> Result<L4, Verdict> {
+fn parse_l4(ctx: &XdpContext, ip_offset: usize, offset: usize, proto: u8) -> Result<L4, Verdict> {
     if offset > MAX_L4_OFFSET {
         return Err(Verdict::PassedMalformed);
     }
@@ -186,6 +193,8 @@ fn parse_l4(ctx: &XdpContext, offset: usize, proto: u8) -> Result<L4, Verdict> {
                 proto,
                 sport,
                 dport,
+                ip_offset: ip_offset as u16,
+                l4_offset: offset as u16,
             })
         }
         IPPROTO_UDP => {
@@ -195,6 +204,8 @@ fn parse_l4(ctx: &XdpContext, offset: usize, proto: u8) -> Result<L4, Verdict> {
                 proto,
                 sport,
                 dport,
+                ip_offset: ip_offset as u16,
+                l4_offset: offset as u16,
             })
         }
         _ => Err(Verdict::PassedOtherProtocol),

@@ -293,7 +293,12 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
         "sessions: {}   tracked UDP flows: {}",
         stats.sessions, stats.udp_flows
     );
-    for (name, value) in stats.verdicts.iter().chain(&stats.events) {
+    for (name, value) in stats
+        .verdicts
+        .iter()
+        .chain(&stats.events)
+        .chain(&stats.replies)
+    {
         println!("  {name:<26} {value}");
     }
     for (name, drops) in &stats.policy_drops {
@@ -432,6 +437,10 @@ pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<(
     }
     for dir in removed {
         println!("removed {} (the program is detached)", dir.display());
+    }
+    if agent.portal_listen.is_some() {
+        crate::portal::routing::remove();
+        println!("removed the portal's policy routing");
     }
     let mut gone = vec![agent.api_socket.clone()];
     if !keep_sessions {

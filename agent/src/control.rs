@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
@@ -19,10 +19,11 @@ use tokio::sync::broadcast;
 
 use crate::{
     clock::ClockPair,
-    config::Config,
+    config::{Config, Protocol},
     datapath::{Datapath, DatapathError, settings},
     events::{self, History, RawRefusal, Refusal},
     policy::{self, PolicyTable},
+    portal::PageFacts,
     sessions::{
         LoginRequest, SessionError, SessionRecord, SessionStore,
         import::{self, LineError},
@@ -134,6 +135,9 @@ pub struct Stats {
     /// Verdict counters by name, in code order.
     pub verdicts: Vec<(String, u64)>,
     pub events: Vec<(String, u64)>,
+    /// Visible refusals: RSTs and ICMP errors sent or not, portal hand-overs.
+    #[serde(default)]
+    pub replies: Vec<(String, u64)>,
     /// Refused new flows per policy.
     pub policy_drops: Vec<(String, u64)>,
     pub sessions: usize,
@@ -264,6 +268,12 @@ impl Control {
         let table = policy::compile(&config).map_err(|e| reject(vec![e.to_string()]))?;
         let old = self.active();
         let mut problems = Vec::new();
+        if config.agent.portal_listen != old.config.agent.portal_listen {
+            problems.push(
+                "[agent] portal_listen cannot change while running: the portal's socket and TC program are set up at start; restart the agent"
+                    .to_string(),
+            );
+        }
         if config.limits != old.config.limits {
             problems.push(
                 "[limits] cannot change while running: the maps are sized by them; restart with --replace"
@@ -504,6 +514,30 @@ impl Control {
         Ok(SessionDetail { session, policies })
     }
 
+    /// What the portal's page tells `device`, which dialled `destination`: its user and
+    /// session age, and the policy (by the config in force) that refused it.
+    pub fn portal_facts(&self, device: IpAddr, destination: SocketAddr) -> PageFacts {
+        let active = self.active();
+        let config = &active.config;
+        let policy = config
+            .first_match(destination.ip(), Protocol::Tcp, destination.port())
+            .map(|i| &config.policies[i]);
+        let clock = ClockPair::now();
+        let store = lock(&self.sessions);
+        let record = store.get(&device);
+        PageFacts {
+            device,
+            destination,
+            user: record.map(|r| r.user.clone()),
+            policy: policy.map(|p| p.name.clone()),
+            session_age: record.map(|r| {
+                std::time::Duration::from_nanos(age_ns(r, &clock, store.boot_id()).max(0) as u64)
+            }),
+            max_age: policy.and_then(|p| p.duration()).map(|d| d.0),
+            reauth_url: config.agent.reauth_url.clone(),
+        }
+    }
+
     pub fn stats(&self) -> Result<Stats, ControlError> {
         Ok(self.snapshot()?.stats)
     }
@@ -525,7 +559,11 @@ impl Control {
                 .iter()
                 .map(|v| (v.name().to_string(), counters[v.code() as usize]))
                 .collect(),
-            events: counter::NAMED
+            events: counter::EVENTS
+                .iter()
+                .map(|(slot, name)| (name.to_string(), counters[*slot as usize]))
+                .collect(),
+            replies: counter::REPLIES
                 .iter()
                 .map(|(slot, name)| (name.to_string(), counters[*slot as usize]))
                 .collect(),

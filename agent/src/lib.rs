@@ -1,5 +1,5 @@
 //! sessiongate's agent: configuration, policy compilation, the kernel datapath's maps,
-//! device sessions, the control API, re-authentication prompts and the CLI.
+//! device sessions, the control API, re-authentication prompts and the portal, and the CLI.
 
 pub mod api;
 pub mod cli;
@@ -10,5 +10,6 @@ pub mod datapath;
 pub mod events;
 pub mod notify;
 pub mod policy;
+pub mod portal;
 pub mod run;
 pub mod sessions;

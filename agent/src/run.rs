@@ -21,7 +21,7 @@ use crate::{
     datapath::{Datapath, Origin, interface_exists, settings},
     events,
     notify::{Notifier, NotifyConfig},
-    policy,
+    policy, portal,
     sessions::SessionStore,
 };
 
@@ -75,8 +75,23 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         }
         Origin::Loaded | Origin::Replacing(_) => datapath.maps.load_sessions(&sessions)?,
     }
+    // The portal is ready (listening, routed, its TC program attached) before any
+    // settings that name it are in force: a handed-over connection always finds it.
+    let portal_listener = match config.agent.portal_listen {
+        Some(addr) => {
+            let listener = portal::bind_transparent(addr)
+                .with_context(|| format!("cannot listen on portal_listen {addr}"))?;
+            portal::routing::install()?;
+            datapath.enable_portal()?;
+            Some(listener)
+        }
+        None => None,
+    };
     // Atomic: an adopted datapath keeps its previous policy until this one value flips.
     datapath.maps.apply(settings(&config), &table)?;
+    if portal_listener.is_none() {
+        datapath.disable_portal()?;
+    }
     let mut interfaces = Vec::new();
     for name in &config.agent.interfaces {
         let mode = datapath.attach(name, config.agent.xdp_mode)?;
@@ -113,6 +128,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         api_socket = %socket.display(),
         api_listen = ?config.agent.api_listen,
         metrics_listen = ?config.agent.metrics_listen,
+        portal_listen = ?config.agent.portal_listen,
         pin_dir = %pin_dir.display(),
         "sessiongate running"
     );
@@ -155,6 +171,15 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         servers.push(tokio::spawn(
             async move { tcp.await.context("TCP API server") },
         ));
+    }
+    if let Some(listener) = portal_listener {
+        let listener = tokio::net::TcpListener::from_std(listener).context("portal_listen")?;
+        let facts_from = Arc::clone(&control);
+        let facts = Arc::new(move |peer: std::net::SocketAddr, local| {
+            facts_from.portal_facts(peer.ip(), local)
+        });
+        let portal = portal::serve(listener, facts, stopped());
+        servers.push(tokio::spawn(async move { portal.await.context("portal") }));
     }
     if let Some(listener) = metrics_listener {
         let metrics = axum::serve(listener, api::metrics::router(Arc::clone(&control)))

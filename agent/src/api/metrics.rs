@@ -93,6 +93,16 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     );
     counters(
         &mut registry,
+        "sessiongate_replies",
+        "Visible refusals: TCP resets and ICMP errors sent, refusals dropped beyond the per-device reply rate or because no reply could be built, and connections handed to the portal (redirected by XDP, delivered or dropped for want of a listener by TC, later packets kept local)",
+        "outcome",
+        s.stats.replies.iter().map(|(name, n)| {
+            let name = name.strip_prefix("replies_").unwrap_or(name);
+            (name.to_string(), *n)
+        }),
+    );
+    counters(
+        &mut registry,
         "sessiongate_policy_refused_flows",
         "New flows refused, by policy, since the agent started",
         "policy",

@@ -48,6 +48,27 @@ pub struct AgentConfig {
     pub api_token_file: Option<PathBuf>,
     /// Re-authentication prompts; off when `None`.
     pub notify: Option<NotifySettings>,
+    /// Where users re-authenticate: in prompts and on the portal's page.
+    pub reauth_url: Option<String>,
+    /// The re-authentication portal that `redirect` policies steer HTTP to; off when
+    /// `None`.
+    pub portal_listen: Option<SocketAddr>,
+    /// Visible refusals (RSTs, ICMP errors, portal redirects) per device.
+    pub replies: ReplyLimit,
+}
+
+/// At most `rate` visible refusals per device per second, in bursts of up to `burst`;
+/// beyond that refusals are dropped (and counted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyLimit {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+impl Default for ReplyLimit {
+    fn default() -> Self {
+        Self { rate: 5, burst: 10 }
+    }
 }
 
 /// Where and how often re-authentication prompts are sent.
@@ -124,18 +145,29 @@ impl Protocol {
     }
 }
 
+/// What a refused new flow gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnExpired {
+    /// Silence: the client times out.
     Drop,
+    /// A TCP RST or an ICMP administratively-prohibited error, at once.
+    Reject,
+    /// HTTP (`Policy::redirect_ports`) to the portal; everything else rejected.
+    Redirect,
 }
 
 impl OnExpired {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Drop => "drop",
+            Self::Reject => "reject",
+            Self::Redirect => "redirect",
         }
     }
 }
+
+/// `redirect_ports` when a redirect policy names none.
+pub const DEFAULT_REDIRECT_PORTS: [u16; 1] = [80];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -149,6 +181,8 @@ pub struct Policy {
     pub ports: Option<Vec<u16>>,
     pub check_session: CheckSession,
     pub on_expired: OnExpired,
+    /// With `Redirect`: the TCP ports steered to the portal; empty otherwise.
+    pub redirect_ports: Vec<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,5 +273,24 @@ impl Config {
             path: source.to_string(),
             problems,
         })
+    }
+
+    /// The policy a packet to `dst` meets, by the reference semantics the compiled
+    /// tables implement: bypass destinations first (`None`), then the first matching
+    /// policy by precedence. For explanations (the portal), not for the datapath.
+    pub fn first_match(&self, dst: IpAddr, proto: Protocol, port: u16) -> Option<usize> {
+        if self.bypass.iter().any(|net| net.contains(&dst)) {
+            return None;
+        }
+        self.policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.destinations.iter().any(|net| net.contains(&dst))
+                    && p.matches_protocol(proto)
+                    && p.matches_port(port)
+            })
+            .min_by_key(|(_, p)| p.precedence)
+            .map(|(i, _)| i)
     }
 }

@@ -36,6 +36,9 @@ pub struct RawAgent {
     pub notify_url: Option<String>,
     pub notify_interval: Option<String>,
     pub reauth_url: Option<String>,
+    pub portal_listen: Option<String>,
+    pub reply_rate: Option<i64>,
+    pub reply_burst: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +76,7 @@ pub struct RawPolicy {
     pub ports: Option<Vec<i64>>,
     pub check_session: Option<RawCheckSession>,
     pub on_expired: Option<String>,
+    pub redirect_ports: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -8,12 +8,12 @@ use std::{
     str::FromStr,
 };
 
-use agent_common::maps::MAX_POLICIES;
+use agent_common::maps::{MAX_POLICIES, MAX_REDIRECT_PORTS};
 use ipnet::IpNet;
 
 use super::{
-    AgentConfig, CheckSession, Config, DnsConfig, GoDuration, Limits, NotifySettings, OnExpired,
-    Policy, Problem, Protocol, UnknownDevice, XdpMode,
+    AgentConfig, CheckSession, Config, DEFAULT_REDIRECT_PORTS, DnsConfig, GoDuration, Limits,
+    NotifySettings, OnExpired, Policy, Problem, Protocol, ReplyLimit, UnknownDevice, XdpMode,
     raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy},
 };
 
@@ -43,6 +43,7 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
     let bypass = bypass(raw.bypass, &mut problems);
     let limits = limits(raw.limits, &mut problems);
     let policies = policies(raw.policies, &mut problems);
+    portal_needs(&agent, &policies, &mut problems);
     if problems.0.is_empty() {
         Ok(Config {
             source: source.to_string(),
@@ -149,12 +150,27 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
             "api_listen needs a bearer token: name a file that holds it (mode 0600)",
         );
     }
+    let reauth_url = raw.reauth_url.clone();
     let notify = notify(
         raw.notify_url,
         raw.notify_interval,
         raw.reauth_url,
         problems,
     );
+    let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
+    let defaults = ReplyLimit::default();
+    let mut per_device = |value: Option<i64>, field: &str, default: u32| match value {
+        None => default,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            problems.add(PLACE, field, format!("{n} is out of range (1 to 1000)"));
+            default
+        }
+    };
+    let replies = ReplyLimit {
+        rate: per_device(raw.reply_rate, "reply_rate", defaults.rate),
+        burst: per_device(raw.reply_burst, "reply_burst", defaults.burst),
+    };
     AgentConfig {
         interfaces: raw.interfaces,
         xdp_mode,
@@ -167,6 +183,33 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         api_listen,
         api_token_file,
         notify,
+        reauth_url,
+        portal_listen,
+        replies,
+    }
+}
+
+/// A redirect policy needs the portal, and the portal a place to send users to.
+fn portal_needs(agent: &AgentConfig, policies: &[Policy], problems: &mut Problems) {
+    let redirecting = policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.on_expired == OnExpired::Redirect);
+    for (i, p) in redirecting {
+        if agent.portal_listen.is_none() {
+            problems.add(
+                &format!("policy {:?} (#{})", p.name, i + 1),
+                "on_expired",
+                "\"redirect\" steers HTTP to the re-authentication portal: set [agent] portal_listen, e.g. \"[::]:8511\"",
+            );
+        }
+    }
+    if agent.portal_listen.is_some() && agent.reauth_url.is_none() {
+        problems.add(
+            "[agent]",
+            "reauth_url",
+            "portal_listen is set: the portal's page links to reauth_url, where users sign in again; set it",
+        );
     }
 }
 
@@ -322,25 +365,50 @@ fn policies(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Policy> {
             port_list(&ports, &place, "ports", problems)
         });
         let check_session = check_session(p.check_session, &place, problems);
-        let on_expired = match p.on_expired.as_deref() {
-            None | Some("drop") => OnExpired::Drop,
-            Some(action @ ("reject" | "redirect")) => {
+        let on_expired = choice(
+            p.on_expired.as_deref(),
+            &[
+                ("drop", OnExpired::Drop),
+                ("reject", OnExpired::Reject),
+                ("redirect", OnExpired::Redirect),
+            ],
+            OnExpired::Drop,
+            (&place, "on_expired"),
+            problems,
+        );
+        let redirect_ports = match (on_expired, p.redirect_ports) {
+            (OnExpired::Redirect, None) => DEFAULT_REDIRECT_PORTS.to_vec(),
+            (OnExpired::Redirect, Some(ports)) => {
+                if ports.is_empty() || ports.len() > MAX_REDIRECT_PORTS {
+                    problems.add(
+                        &place,
+                        "redirect_ports",
+                        format!("list 1 to {MAX_REDIRECT_PORTS} ports (the default is [80])"),
+                    );
+                }
+                let mut ports = port_list(&ports, &place, "redirect_ports", problems);
+                ports.sort_unstable();
+                ports.dedup();
+                ports.truncate(MAX_REDIRECT_PORTS);
+                ports
+            }
+            (_, Some(_)) => {
                 problems.add(
                     &place,
-                    "on_expired",
-                    format!("{action:?} is not supported by this version yet; use \"drop\""),
+                    "redirect_ports",
+                    "only a policy with on_expired = \"redirect\" steers ports to the portal",
                 );
-                OnExpired::Drop
+                Vec::new()
             }
-            Some(other) => {
-                problems.add(
-                    &place,
-                    "on_expired",
-                    format!("{other:?} is not an action; use \"drop\""),
-                );
-                OnExpired::Drop
-            }
+            (_, None) => Vec::new(),
         };
+        if on_expired == OnExpired::Redirect && protocol == Some(Protocol::Udp) {
+            problems.add(
+                &place,
+                "on_expired",
+                "\"redirect\" steers TCP (HTTP) to the portal, and this policy matches only UDP: use \"reject\"",
+            );
+        }
         out.push(Policy {
             name,
             precedence,
@@ -349,6 +417,7 @@ fn policies(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Policy> {
             ports,
             check_session,
             on_expired,
+            redirect_ports,
         });
     }
     out
@@ -676,7 +745,8 @@ mod tests {
             protocol = "icmp"
             ports = [0, 443, 443]
             check_session = { enforce = true, duration = "90 minutes" }
-            on_expired = "reject"
+            on_expired = "redirect"
+            redirect_ports = [80, 0]
 
             [[policy]]
             name = "Wiki"
@@ -707,11 +777,7 @@ mod tests {
                 "check_session.duration",
                 "\"90 minutes\"",
             ),
-            (
-                "policy \"Wiki\" (#1)",
-                "on_expired",
-                "not supported by this version",
-            ),
+            ("policy \"Wiki\" (#1)", "redirect_ports[1]", "not a port"),
             (
                 "policy \"Wiki\" (#2)",
                 "name",
@@ -727,6 +793,97 @@ mod tests {
             ("policy #3", "name", "missing"),
             ("policy #3", "precedence", "missing"),
             ("policy #3", "check_session", "give a duration"),
+            (
+                "policy \"Wiki\" (#1)",
+                "on_expired",
+                "set [agent] portal_listen",
+            ),
+        ];
+        for (place, field, needle) in expected {
+            assert!(
+                has(&p, place, field, needle),
+                "missing problem {place} / {field} / {needle}; got:\n{p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expected.len(), "unexpected extra problems: {p:#?}");
+    }
+
+    #[test]
+    fn reject_and_redirect_policies_parse_with_their_ports_and_needs() {
+        let text = r#"
+            [agent]
+            interfaces = ["eth0"]
+            portal_listen = "[::]:8511"
+            reauth_url = "https://sso.example.com/"
+            reply_rate = 2
+            [[policy]]
+            name = "A"
+            precedence = 1
+            destinations = ["198.19.1.0/24"]
+            check_session = { duration = "1h" }
+            on_expired = "reject"
+            [[policy]]
+            name = "B"
+            precedence = 2
+            destinations = ["198.19.2.0/24"]
+            check_session = { duration = "1h" }
+            on_expired = "redirect"
+            [[policy]]
+            name = "C"
+            precedence = 3
+            destinations = ["198.19.3.0/24"]
+            check_session = { duration = "1h" }
+            on_expired = "redirect"
+            redirect_ports = [8080, 80]
+        "#;
+        let config = Config::parse(text, "t.toml").expect("valid");
+        let actions: Vec<_> = config
+            .policies
+            .iter()
+            .map(|p| (p.on_expired, p.redirect_ports.clone()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                (OnExpired::Reject, vec![]),
+                (OnExpired::Redirect, vec![80]),
+                (OnExpired::Redirect, vec![80, 8080]),
+            ]
+        );
+        assert_eq!(config.agent.replies, ReplyLimit { rate: 2, burst: 10 });
+        assert_eq!(
+            config.agent.portal_listen,
+            Some("[::]:8511".parse().unwrap())
+        );
+
+        let p = problems(
+            r#"
+            [agent]
+            interfaces = ["eth0"]
+            portal_listen = "[::]:8511"
+            reply_burst = 0
+            [[policy]]
+            name = "A"
+            precedence = 1
+            destinations = ["198.19.1.0/24"]
+            check_session = { duration = "1h" }
+            redirect_ports = [80]
+            [[policy]]
+            name = "B"
+            precedence = 2
+            destinations = ["198.19.2.0/24"]
+            protocol = "udp"
+            check_session = { duration = "1h" }
+            on_expired = "redirect"
+            redirect_ports = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        "#,
+        );
+        let expected = [
+            ("[agent]", "reply_burst", "out of range"),
+            ("[agent]", "reauth_url", "set it"),
+            ("policy \"A\" (#1)", "redirect_ports", "only a policy with"),
+            ("policy \"B\" (#2)", "redirect_ports", "list 1 to 8"),
+            ("policy \"B\" (#2)", "on_expired", "matches only UDP"),
         ];
         for (place, field, needle) in expected {
             assert!(

@@ -8,11 +8,12 @@ use std::os::fd::AsFd;
 use agent_common::{
     addr::{Ip4, Ip6},
     hashing::bucket,
-    logic::flow_active,
+    logic::{flow_active, reply_tolerance},
     maps::{
         DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, MAX_POLICIES, PORT_TABLE_SET_BIT,
         PolicyParams, PortRuleKey, Session, SessionBucketV4, SessionBucketV6, Settings,
-        UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE, WAYS, config_set, names, policy_slot,
+        UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE, WAYS, add_port, config_set, names,
+        policy_slot,
     },
     tables::{FlowSlot, SessionSlot},
     verdict::counter,
@@ -26,7 +27,7 @@ use ipnet::IpNet;
 
 use super::{DatapathError, Geometry, sys};
 use crate::{
-    config::{Config, Limits, UnknownDevice},
+    config::{Config, Limits, OnExpired, UnknownDevice},
     policy::PolicyTable,
 };
 
@@ -740,6 +741,30 @@ pub fn settings(config: &Config) -> Settings {
     };
     for &port in &config.dns.ports {
         settings.set_dns_port(port);
+    }
+    let replies = config.agent.replies;
+    settings.reply_interval_ns = 1_000_000_000 / u64::from(replies.rate.max(1));
+    settings.reply_tolerance_ns = reply_tolerance(settings.reply_interval_ns, replies.burst);
+    if let Some(portal) = config.agent.portal_listen {
+        settings.portal_port = portal.port();
+        // The TC program looks the listener up by this address; a `[::]` listener
+        // takes IPv4 too.
+        match portal.ip() {
+            IpAddr::V4(v4) => settings.portal_v4 = Ip4::from_octets(v4.octets()),
+            IpAddr::V6(v6) => {
+                settings.portal_v6 = Ip6::from_octets(v6.octets());
+                if let Some(v4) = v6.to_ipv4_mapped() {
+                    settings.portal_v4 = Ip4::from_octets(v4.octets());
+                }
+            }
+        }
+        let redirecting = config
+            .policies
+            .iter()
+            .filter(|p| p.on_expired == OnExpired::Redirect);
+        for port in redirecting.flat_map(|p| &p.redirect_ports) {
+            add_port(&mut settings.redirect_ports, *port);
+        }
     }
     Geometry::of(&config.limits).apply(&mut settings);
     settings

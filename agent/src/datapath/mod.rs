@@ -15,8 +15,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, RingBuf},
     programs::{
-        ProgramError, Xdp,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
         xdp::{XdpLink, XdpMode as AyaXdpMode},
     },
 };
@@ -31,10 +32,14 @@ use pins::LayoutDir;
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sessiongate"));
 /// The XDP entry point's name in the object.
 const PROGRAM_NAME: &str = "sessiongate";
+/// The portal's TC program (`agent-ebpf/src/portal.rs`).
+const PORTAL_PROGRAM_NAME: &str = "sessiongate_portal";
 /// Entries of the destination caches and of the refusal-event rate limiter: both are
 /// direct-mapped, so collisions only cost a slower lookup or an extra event.
 const DEST_CACHE_ENTRIES: u32 = 1 << 16;
 const EVENT_LIMIT_ENTRIES: u32 = 1 << 16;
+/// Entries of the per-device reply limiter, direct-mapped like the event limiter.
+const REPLY_LIMIT_ENTRIES: u32 = 1 << 16;
 
 /// Entry counts of the array-backed tables, from the configured limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +48,7 @@ pub struct Geometry {
     pub flow_buckets: u32,
     pub dest_cache: u32,
     pub event_slots: u32,
+    pub reply_slots: u32,
 }
 
 impl Geometry {
@@ -52,6 +58,7 @@ impl Geometry {
             flow_buckets: buckets_for(limits.max_flows, WAYS as u32),
             dest_cache: DEST_CACHE_ENTRIES,
             event_slots: EVENT_LIMIT_ENTRIES,
+            reply_slots: REPLY_LIMIT_ENTRIES,
         }
     }
 
@@ -61,6 +68,7 @@ impl Geometry {
         settings.flow_bucket_mask = self.flow_buckets - 1;
         settings.dest_cache_mask = self.dest_cache - 1;
         settings.event_slot_mask = self.event_slots - 1;
+        settings.reply_slot_mask = self.reply_slots - 1;
     }
 }
 
@@ -138,10 +146,13 @@ impl AttachedMode {
     }
 }
 
-/// The program: loaded from this build's object, or adopted from pins.
+/// The programs: loaded from this build's object, or adopted from pins.
 enum Program {
     Loaded(Box<Ebpf>),
-    Pinned(Box<Xdp>),
+    Pinned {
+        xdp: Box<Xdp>,
+        portal: Box<SchedClassifier>,
+    },
 }
 
 /// How `Datapath::open` came by the datapath.
@@ -164,6 +175,10 @@ pub struct Datapath {
     pub maps: Maps,
     events: Option<RingBuf<MapData>>,
     attached: Vec<(String, AttachedMode)>,
+    /// Whether the portal's TC program goes wherever the XDP program does.
+    portal: bool,
+    /// Interfaces the portal's TC program is attached to.
+    portal_links: Vec<String>,
     /// Where this datapath is pinned; `None` for a private one.
     pins: Option<LayoutDir>,
     /// Pin directories whose attachments `attach` takes over (`--replace`).
@@ -189,6 +204,7 @@ fn map_sizes(limits: &Limits) -> Vec<(&'static str, u32)> {
         // Both configuration sets' rules live in this one map.
         (names::PORT_RULES, 2 * limits.max_port_rules),
         (names::EVENT_LIMIT, geometry.event_slots),
+        (names::REPLY_LIMIT, geometry.reply_slots),
     ]
 }
 
@@ -218,6 +234,12 @@ fn load_object(limits: &Limits) -> Result<Ebpf, DatapathError> {
         .try_into()
         .map_err(DatapathError::Program)?;
     program.load().map_err(DatapathError::Program)?;
+    let portal: &mut SchedClassifier = ebpf
+        .program_mut(PORTAL_PROGRAM_NAME)
+        .expect("the object defines the portal program")
+        .try_into()
+        .map_err(DatapathError::Program)?;
+    portal.load().map_err(DatapathError::Program)?;
     Ok(ebpf)
 }
 
@@ -229,20 +251,34 @@ fn take_from(ebpf: &mut Ebpf) -> impl FnMut(&'static str) -> Result<Map, Datapat
     }
 }
 
-/// A pinned link's file name: the interface and the mode it was attached in. A colon,
-/// because interface names never hold one and bpffs reserves dots.
-fn link_name(interface: &str, mode: AttachedMode) -> String {
-    format!("{interface}:{}", mode.name())
+/// What a pinned link attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LinkKind {
+    /// The XDP program, in this mode.
+    Xdp(AttachedMode),
+    /// The portal's TC program (ingress).
+    Portal,
 }
 
-fn parse_link_name(name: &str) -> Option<(String, AttachedMode)> {
-    let (interface, mode) = name.rsplit_once(':')?;
-    let mode = match mode {
-        "native" => AttachedMode::Native,
-        "generic" => AttachedMode::Generic,
+/// A pinned link's file name: the interface and what is attached there (the XDP mode,
+/// or `portal`). A colon, because interface names never hold one and bpffs reserves
+/// dots.
+fn link_name(interface: &str, kind: LinkKind) -> String {
+    match kind {
+        LinkKind::Xdp(mode) => format!("{interface}:{}", mode.name()),
+        LinkKind::Portal => format!("{interface}:portal"),
+    }
+}
+
+fn parse_link_name(name: &str) -> Option<(String, LinkKind)> {
+    let (interface, kind) = name.rsplit_once(':')?;
+    let kind = match kind {
+        "native" => LinkKind::Xdp(AttachedMode::Native),
+        "generic" => LinkKind::Xdp(AttachedMode::Generic),
+        "portal" => LinkKind::Portal,
         _ => return None,
     };
-    Some((interface.to_string(), mode))
+    Some((interface.to_string(), kind))
 }
 
 impl Datapath {
@@ -278,6 +314,14 @@ impl Datapath {
             program
                 .pin(dir.program())
                 .map_err(|e| pin_error(format!("program: {e}")))?;
+            let portal: &mut SchedClassifier = ebpf
+                .program_mut(PORTAL_PROGRAM_NAME)
+                .expect("the object defines the portal program")
+                .try_into()
+                .map_err(DatapathError::Program)?;
+            portal
+                .pin(dir.portal_program())
+                .map_err(|e| pin_error(format!("portal program: {e}")))?;
         }
         let (maps, events) = {
             let mut source = take_from(&mut ebpf);
@@ -289,6 +333,8 @@ impl Datapath {
             maps,
             events: Some(events),
             attached: Vec::new(),
+            portal: false,
+            portal_links: Vec::new(),
             pins: pins.cloned(),
             replacing: Vec::new(),
         })
@@ -397,9 +443,12 @@ impl Datapath {
         let events = Maps::open_events(&mut source)?;
         let program = Xdp::from_pin(dir.program(), XdpAttachType::Interface)
             .map_err(|e| incomplete(format!("program: {e}")))?;
+        let portal = SchedClassifier::from_pin(dir.portal_program())
+            .map_err(|e| incomplete(format!("portal program: {e}")))?;
         let mut attached = Vec::new();
+        let mut portal_links = Vec::new();
         for name in dir.linked_interfaces() {
-            let Some((interface, mode)) = parse_link_name(&name) else {
+            let Some((interface, kind)) = parse_link_name(&name) else {
                 continue;
             };
             // An interface deleted (or recreated) since leaves a link attached to
@@ -409,21 +458,29 @@ impl Datapath {
             let live = sys::link_ifindex(&dir.link(&name)).map_or(true, |index| {
                 index != 0 && index == interface_index(&interface)
             });
-            if live {
-                attached.push((interface, mode));
-            } else {
+            if !live {
                 tracing::warn!(
                     interface,
                     "the pinned attachment no longer holds (the interface was removed or recreated); it is attached again"
                 );
                 let _ = std::fs::remove_file(dir.link(&name));
+                continue;
+            }
+            match kind {
+                LinkKind::Xdp(mode) => attached.push((interface, mode)),
+                LinkKind::Portal => portal_links.push(interface),
             }
         }
         Ok(Self {
-            program: Program::Pinned(Box::new(program)),
+            program: Program::Pinned {
+                xdp: Box::new(program),
+                portal: Box::new(portal),
+            },
             maps,
             events: Some(events),
             attached,
+            portal: false,
+            portal_links,
             pins: Some(dir.clone()),
             replacing: Vec::new(),
         })
@@ -452,7 +509,7 @@ impl Datapath {
                 .expect("the object defines the program")
                 .try_into()
                 .expect("it is an XDP program"),
-            Program::Pinned(xdp) => xdp,
+            Program::Pinned { xdp, .. } => xdp,
         }
     }
 
@@ -463,8 +520,92 @@ impl Datapath {
                 .expect("the object defines the program")
                 .try_into()
                 .expect("it is an XDP program"),
-            Program::Pinned(xdp) => xdp,
+            Program::Pinned { xdp, .. } => xdp,
         }
+    }
+
+    fn portal_program_mut(&mut self) -> &mut SchedClassifier {
+        match &mut self.program {
+            Program::Loaded(ebpf) => ebpf
+                .program_mut(PORTAL_PROGRAM_NAME)
+                .expect("the object defines the portal program")
+                .try_into()
+                .expect("it is a TC program"),
+            Program::Pinned { portal, .. } => portal,
+        }
+    }
+
+    /// Turns the portal on: its TC program is attached wherever the XDP program is,
+    /// and will be. Call it before writing settings that name a portal, so that no
+    /// handed-over connection ever finds an interface without it.
+    pub fn enable_portal(&mut self) -> Result<(), DatapathError> {
+        self.portal = true;
+        let interfaces: Vec<String> = self.attached.iter().map(|(i, _)| i.clone()).collect();
+        for interface in interfaces {
+            self.attach_portal(&interface)?;
+        }
+        Ok(())
+    }
+
+    /// Turns the portal off: removes its TC attachments. Call it once settings without
+    /// a portal are in force.
+    pub fn disable_portal(&mut self) -> Result<(), DatapathError> {
+        self.portal = false;
+        if let Some(dir) = self.pins.clone() {
+            for name in dir.linked_interfaces() {
+                if let Some((interface, LinkKind::Portal)) = parse_link_name(&name) {
+                    std::fs::remove_file(dir.link(&name)).map_err(|source| {
+                        DatapathError::Pins {
+                            dir: dir.root.clone(),
+                            source,
+                        }
+                    })?;
+                    tracing::info!(interface, "portal detached: no portal_listen in the config");
+                }
+            }
+        }
+        self.portal_links.clear();
+        Ok(())
+    }
+
+    /// Attaches the portal's TC program (TCX ingress) to `interface`, pinned like the
+    /// XDP link so that it outlives the agent: with the agent down it drops handed-over
+    /// connections instead of letting them through.
+    fn attach_portal(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if self.portal_links.iter().any(|i| i == interface) {
+            return Ok(());
+        }
+        let attach_error = |source| DatapathError::Attach {
+            interface: interface.to_string(),
+            mode: "tc",
+            source,
+        };
+        let program = self.portal_program_mut();
+        let id = program
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(attach_error)?;
+        if let Some(dir) = self.pins.clone() {
+            let link = self
+                .portal_program_mut()
+                .take_link(id)
+                .map_err(attach_error)?;
+            let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
+                dir: dir.root.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            // Dropping the returned handle closes our fd; the pin keeps the attachment.
+            link.pin(dir.link(&link_name(interface, LinkKind::Portal)))
+                .map_err(|e| DatapathError::Pins {
+                    dir: dir.root.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+        }
+        self.portal_links.push(interface.to_string());
+        Ok(())
     }
 
     /// Where the datapath is pinned, if it is.
@@ -485,6 +626,9 @@ impl Datapath {
             return Err(DatapathError::NoInterface {
                 interface: interface.to_string(),
             });
+        }
+        if self.portal {
+            self.attach_portal(interface)?;
         }
         if let Some((_, m)) = self.attached.iter().find(|(i, _)| i == interface) {
             return Ok(*m);
@@ -543,7 +687,7 @@ impl Datapath {
         };
         let link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
         // Dropping the returned handle closes our fd; the pin keeps the attachment.
-        link.pin(dir.link(&link_name(interface, mode)))
+        link.pin(dir.link(&link_name(interface, LinkKind::Xdp(mode))))
             .map_err(|e| pin_error(std::io::Error::other(e)))?;
         Ok(())
     }
@@ -555,8 +699,11 @@ impl Datapath {
         };
         let found = self.replacing.iter().find_map(|old| {
             old.linked_interfaces().into_iter().find_map(|name| {
-                let (i, m) = parse_link_name(&name)?;
-                (i == interface).then(|| (old.link(&name), m))
+                let (i, kind) = parse_link_name(&name)?;
+                match kind {
+                    LinkKind::Xdp(m) if i == interface => Some((old.link(&name), m)),
+                    _ => None,
+                }
             })
         });
         let Some((path, mode)) = found else {
@@ -608,6 +755,7 @@ impl Datapath {
                     source,
                 })?;
                 self.attached.retain(|(i, _)| *i != interface);
+                self.portal_links.retain(|i| *i != interface);
                 tracing::info!(interface, "detached: no longer in the config");
             }
         }

@@ -4,9 +4,11 @@
 //! (`--replace` swaps them).
 //!
 //! ```text
-//! {pin_dir}/layout-2/program
-//! {pin_dir}/layout-2/maps/SG_SETTINGS ...
-//! {pin_dir}/layout-2/links/eth0 ...
+//! {pin_dir}/layout-3/program
+//! {pin_dir}/layout-3/portal-program
+//! {pin_dir}/layout-3/maps/SG_SETTINGS ...
+//! {pin_dir}/layout-3/links/eth0:native     (XDP; or eth0:generic)
+//! {pin_dir}/layout-3/links/eth0:portal     (the portal's TC program, when enabled)
 //! ```
 
 use std::{
@@ -46,6 +48,11 @@ impl LayoutDir {
 
     pub fn program(&self) -> PathBuf {
         self.root.join("program")
+    }
+
+    /// The portal's TC program.
+    pub fn portal_program(&self) -> PathBuf {
+        self.root.join("portal-program")
     }
 
     pub fn map(&self, name: &str) -> PathBuf {

@@ -16,7 +16,8 @@ mod table;
 use std::collections::{BTreeSet, HashMap};
 
 use agent_common::maps::{
-    ACTION_DROP, BYPASS_POLICY, DestRule, NO_POLICY, POLICY_ENFORCE, PolicyParams, PortRuleKey,
+    ACTION_DROP, ACTION_REDIRECT, ACTION_REJECT, BYPASS_POLICY, DestRule, MAX_REDIRECT_PORTS,
+    NO_POLICY, POLICY_ENFORCE, PolicyParams, PortRuleKey,
 };
 use ipnet::IpNet;
 use thiserror::Error;
@@ -201,18 +202,23 @@ fn mark_reachable(reachable: &mut [bool], answer: u32) {
 fn params(policy: &crate::config::Policy) -> PolicyParams {
     let on_expired = match policy.on_expired {
         OnExpired::Drop => ACTION_DROP,
+        OnExpired::Reject => ACTION_REJECT,
+        OnExpired::Redirect => ACTION_REDIRECT,
     };
-    match policy.check_session {
-        CheckSession::Enforce(d) => PolicyParams {
-            duration_ns: d.as_nanos_u64(),
-            flags: POLICY_ENFORCE,
-            on_expired,
-        },
-        CheckSession::Unlimited { .. } => PolicyParams {
-            duration_ns: 0,
-            flags: 0,
-            on_expired,
-        },
+    // Validation allows at most `MAX_REDIRECT_PORTS`.
+    let mut redirect_ports = [0; MAX_REDIRECT_PORTS];
+    for (slot, port) in redirect_ports.iter_mut().zip(&policy.redirect_ports) {
+        *slot = *port;
+    }
+    let (duration_ns, flags) = match policy.check_session {
+        CheckSession::Enforce(d) => (d.as_nanos_u64(), POLICY_ENFORCE),
+        CheckSession::Unlimited { .. } => (0, 0),
+    };
+    PolicyParams {
+        duration_ns,
+        flags,
+        on_expired,
+        redirect_ports,
     }
 }
 

@@ -37,16 +37,8 @@ fn first_match(config: &Config, dst: IpAddr, proto: Protocol, port: u16) -> u32 
         return BYPASS_POLICY;
     }
     config
-        .policies
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            p.destinations.iter().any(|net| net.contains(&dst))
-                && p.matches_protocol(proto)
-                && p.matches_port(port)
-        })
-        .min_by_key(|(_, p)| p.precedence)
-        .map_or(NO_POLICY, |(i, _)| i as u32)
+        .first_match(dst, proto, port)
+        .map_or(NO_POLICY, |i| i as u32)
 }
 
 fn base_config() -> Config {
@@ -71,6 +63,7 @@ fn policy(name: &str, precedence: i64, dests: &[&str], duration_secs: Option<u64
             },
         },
         on_expired: OnExpired::Drop,
+        redirect_ports: Vec::new(),
     }
 }
 
@@ -155,7 +148,8 @@ fn params_carry_duration_and_enforcement() {
         PolicyParams {
             duration_ns: 90 * 60 * 1_000_000_000,
             flags: POLICY_ENFORCE,
-            on_expired: ACTION_DROP
+            on_expired: ACTION_DROP,
+            redirect_ports: [0; MAX_REDIRECT_PORTS],
         }
     );
     assert_eq!(table.params[1].flags & POLICY_ENFORCE, 0);
@@ -227,6 +221,7 @@ fn random_config(rng: &mut StdRng) -> Config {
             }),
             check_session: CheckSession::Enforce(GoDuration(Duration::from_secs(60))),
             on_expired: OnExpired::Drop,
+            redirect_ports: Vec::new(),
         });
     }
     config.bypass = (0..rng.random_range(0..3))

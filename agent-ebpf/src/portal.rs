@@ -1,0 +1,248 @@
+//! The TC ingress program `sessiongate_portal`, attached next to the XDP program when
+//! a portal is configured. It delivers the SYNs the XDP program handed over
+//! (`PORTAL_META`) to the portal's listening socket (`bpf_sk_assign`), and keeps the
+//! later packets of those connections on the local host: a TCP segment to a redirect
+//! port whose 4-tuple is a local connection. Both get `PORTAL_MARK`, which policy
+//! routing delivers locally although they are addressed to the application. The
+//! connection's local address stays the application's, so the client needs no change
+//! and the portal sees its real address. Everything else is left to the next program.
+
+use agent_common::{
+    maps::{PORTAL_MARK, PORTAL_META, Settings, config_set},
+    verdict::counter,
+};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
+    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::classifier,
+    programs::TcContext,
+};
+
+use crate::{
+    maps::{SG_GENERATION, SG_SETTINGS},
+    packet::{load_u8, load_u16_be, load_u32},
+    report::count,
+};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+// `enum sk_state` values as `bpf_sock.state` reports them.
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_LISTEN: u32 = 10;
+
+/// A TCP segment's addresses and ports, as `bpf_sock_tuple` wants them (network order).
+struct Segment {
+    tuple: bpf_sock_tuple,
+    /// Host order.
+    dport: u16,
+    /// A bare SYN.
+    opens: bool,
+    ipv6: bool,
+}
+
+#[classifier]
+pub fn sessiongate_portal(ctx: TcContext) -> i32 {
+    // SAFETY: the context is the program's `__sk_buff`.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    let handed_over = meta + 4 <= ctx.data()
+        // SAFETY: the 4 bytes were just checked to lie before the packet.
+        && unsafe { load_u32(meta) } == PORTAL_META;
+    // SAFETY: an all-zero segment is valid.
+    let mut s: Segment = unsafe { core::mem::zeroed() };
+    let parsed = segment(ctx.data(), ctx.data_end(), &mut s);
+    if handed_over {
+        return if parsed {
+            deliver(&ctx, &mut s)
+        } else {
+            unavailable()
+        };
+    }
+    if parsed && !s.opens && redirect_port(s.dport) {
+        follow(&ctx, &mut s)
+    } else {
+        TC_ACT_UNSPEC
+    }
+}
+
+fn unavailable() -> i32 {
+    // Fail closed: a handed-over SYN never reaches the application.
+    count(counter::PORTAL_UNAVAILABLE);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn settings() -> Option<&'static Settings> {
+    let generation = SG_GENERATION.get(0)?;
+    SG_SETTINGS.get(config_set(*generation))
+}
+
+#[inline(always)]
+fn redirect_port(port: u16) -> bool {
+    settings().is_some_and(|s| s.is_redirect_port(port))
+}
+
+/// Delivers a handed-over SYN to the portal's listener.
+#[inline(never)]
+fn deliver(ctx: &TcContext, s: &mut Segment) -> i32 {
+    let Some(settings) = settings() else {
+        return unavailable();
+    };
+    // The listener is found by its own address and port; the client's side of the
+    // tuple only matters for established sockets, which a listener lookup skips.
+    if s.ipv6 {
+        s.tuple.__bindgen_anon_1.ipv6.daddr = settings.portal_v6.as_words();
+        s.tuple.__bindgen_anon_1.ipv6.dport = settings.portal_port.to_be();
+    } else {
+        s.tuple.__bindgen_anon_1.ipv4.daddr = settings.portal_v4.0;
+        s.tuple.__bindgen_anon_1.ipv4.dport = settings.portal_port.to_be();
+    }
+    // SAFETY: a valid tuple of `tuple_len` bytes; the socket is released below.
+    let sk = unsafe { lookup(bpf_sk_lookup_tcp, ctx, s) };
+    if sk.is_null() {
+        return unavailable();
+    }
+    // SAFETY: a referenced socket from the lookup, released once.
+    let assigned = unsafe {
+        let ok = (*sk).state == TCP_LISTEN && bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0) == 0;
+        bpf_sk_release(sk.cast());
+        ok
+    };
+    if !assigned {
+        return unavailable();
+    }
+    ctx.set_mark(PORTAL_MARK);
+    count(counter::PORTAL_DELIVERED);
+    TC_ACT_OK
+}
+
+/// Keeps a later segment of a portal connection on the local host.
+#[inline(never)]
+fn follow(ctx: &TcContext, s: &mut Segment) -> i32 {
+    // SAFETY: as in `deliver`.
+    let sk = unsafe { lookup(bpf_skc_lookup_tcp, ctx, s) };
+    if sk.is_null() {
+        return TC_ACT_UNSPEC;
+    }
+    // SAFETY: as in `deliver`.
+    let state = unsafe {
+        let state = (*sk).state;
+        bpf_sk_release(sk.cast());
+        state
+    };
+    // A listener matches any address (a local server on this port is not a portal
+    // connection); a connection in TIME_WAIT is over, and its tuple may be reused by
+    // a new connection to the real application.
+    if state == TCP_LISTEN || state == TCP_TIME_WAIT {
+        return TC_ACT_UNSPEC;
+    }
+    ctx.set_mark(PORTAL_MARK);
+    count(counter::PORTAL_FOLLOWED);
+    TC_ACT_OK
+}
+
+type Lookup =
+    unsafe fn(*mut core::ffi::c_void, *mut bpf_sock_tuple, u32, u64, u64) -> *mut bpf_sock;
+
+/// # Safety
+/// The result must be released.
+#[inline(always)]
+unsafe fn lookup(helper: Lookup, ctx: &TcContext, s: &mut Segment) -> *mut bpf_sock {
+    // The tuple's size says its family; a constant, as the verifier wants.
+    let len = if s.ipv6 {
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } else {
+        size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    };
+    // SAFETY: the tuple is valid for `len` bytes; by the caller for the rest.
+    unsafe {
+        helper(
+            ctx.skb.skb.cast(),
+            &mut s.tuple,
+            len as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    }
+}
+
+/// Reads the packet's TCP segment into `s`: untagged Ethernet, IPv4 (not a later
+/// fragment) or IPv6 with TCP right after its fixed header. False for anything else.
+// Out of line, writing through a pointer: returned by value, the compiler mixed the
+// result's discriminant into a packet pointer, which the verifier refuses. The packet
+// bounds come as words: given the context, the compiler narrowed them to 32 bits.
+#[inline(never)]
+fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
+    if start + ETH_HLEN > end {
+        return false;
+    }
+    // SAFETY (all loads): each range is checked against `end` first.
+    let ethertype = unsafe { load_u16_be(start + 12) };
+    let ip = start + ETH_HLEN;
+    let tuple = &mut s.tuple;
+    let (tcp, ipv6) = match ethertype {
+        ETH_P_IPV4 => {
+            if ip + 20 > end {
+                return false;
+            }
+            let (version_ihl, frag, proto) =
+                unsafe { (load_u8(ip), load_u16_be(ip + 6), load_u8(ip + 9)) };
+            if version_ihl >> 4 != 4 || proto != IPPROTO_TCP || frag & 0x1fff != 0 {
+                return false;
+            }
+            let tcp = ip + ((version_ihl & 0x0f) as usize) * 4;
+            // SAFETY: the IPv4 member of a zeroed union.
+            unsafe {
+                tuple.__bindgen_anon_1.ipv4.saddr = load_u32(ip + 12);
+                tuple.__bindgen_anon_1.ipv4.daddr = load_u32(ip + 16);
+            }
+            (tcp, false)
+        }
+        ETH_P_IPV6 => {
+            if ip + 40 > end {
+                return false;
+            }
+            if unsafe { load_u8(ip + 6) } != IPPROTO_TCP {
+                return false;
+            }
+            // SAFETY: the IPv6 member of a zeroed union; 32 address bytes checked.
+            unsafe {
+                let a = &mut tuple.__bindgen_anon_1.ipv6;
+                for i in 0..4 {
+                    a.saddr[i] = load_u32(ip + 8 + 4 * i);
+                    a.daddr[i] = load_u32(ip + 24 + 4 * i);
+                }
+            }
+            (ip + 40, true)
+        }
+        _ => return false,
+    };
+    if tcp + 20 > end {
+        return false;
+    }
+    // SAFETY: 20 TCP header bytes checked.
+    let (sport, dport, flags) = unsafe {
+        (
+            load_u32(tcp) as u16,
+            load_u16_be(tcp + 2),
+            load_u8(tcp + 13),
+        )
+    };
+    if ipv6 {
+        tuple.__bindgen_anon_1.ipv6.sport = sport;
+        tuple.__bindgen_anon_1.ipv6.dport = dport.to_be();
+    } else {
+        tuple.__bindgen_anon_1.ipv4.sport = sport;
+        tuple.__bindgen_anon_1.ipv4.dport = dport.to_be();
+    }
+    s.dport = dport;
+    s.opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    s.ipv6 = ipv6;
+    true
+}
