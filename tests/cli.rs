@@ -99,7 +99,7 @@ on_expired = "redirect"
         "[agent], xdp_mode: \"fast\"",
         "policy \"Payroll\" (#1), destinations[0]: \"198.19.1.1/24\" has host bits set; did you mean 198.19.1.0/24?",
         "policy \"Payroll\" (#1), check_session.duration: invalid duration \"1 hour\"",
-        "policy \"Payroll\" (#1), on_expired: \"redirect\" is not supported by this version yet",
+        "policy \"Payroll\" (#1), on_expired: \"redirect\" steers HTTP to the re-authentication portal: set [agent] portal_listen",
     ] {
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }

@@ -16,6 +16,8 @@ mod parsing;
 mod random;
 #[path = "datapath/reference.rs"]
 mod reference;
+#[path = "datapath/replies.rs"]
+mod replies;
 
 use std::{
     net::{IpAddr, Ipv4Addr},

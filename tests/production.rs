@@ -371,7 +371,8 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     assert!(agent.stop().success());
     let pins = lab.pin_dir();
     // What an interrupted --replace leaves behind is named as such.
-    std::fs::create_dir(pins.join("layout-2-new")).expect("mkdir on bpffs");
+    std::fs::create_dir(pins.join(format!("layout-{}-new", agent_common::maps::LAYOUT)))
+        .expect("mkdir on bpffs");
     let log = lab.refused_start(&config);
     assert!(log.contains("interrupted --replace"), "{log}");
     // Running --replace again finishes the job: the leftover is the new datapath's
@@ -379,7 +380,12 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     let mut agent = lab.start_agent_with(&config, &["--replace"]);
     assert!(lab.xdp_attached());
     assert!(lab.tcp_blocked(traffic.expired, APP, 443) && opens(&lab, traffic.fresh, APP, 443));
-    assert!(!pins.join("layout-2-new").exists(), "the leftover is gone");
+    assert!(
+        !pins
+            .join(format!("layout-{}-new", agent_common::maps::LAYOUT))
+            .exists(),
+        "the leftover is gone"
+    );
     assert!(agent.stop().success());
     // Make the pins look like an older layout's.
     let current = std::fs::read_dir(&pins)

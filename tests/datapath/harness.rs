@@ -23,6 +23,7 @@ use sessiongate::{
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
 
 pub const HOUR: Duration = Duration::from_secs(3600);
 
@@ -127,7 +128,16 @@ impl Harness {
 
     /// With room for `sessions` sessions and `flows` flows per family.
     pub fn sized(agent_extra: &str, sessions: u32, flows: u32) -> Self {
-        let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{POLICIES}");
+        Self::build(agent_extra, POLICIES, sessions, flows)
+    }
+
+    /// With `policies` instead of `POLICIES`.
+    pub fn with_policies(agent_extra: &str, policies: &str) -> Self {
+        Self::build(agent_extra, policies, 1024, 1024)
+    }
+
+    fn build(agent_extra: &str, policies: &str, sessions: u32, flows: u32) -> Self {
+        let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{policies}");
         let config = Config::parse(&text, "datapath-test").expect("valid config");
         let table = policy::compile(&config).expect("compiles");
         let limits = Limits {
@@ -175,6 +185,23 @@ impl Harness {
             })
             .expect("BPF_PROG_TEST_RUN");
         result.return_value
+    }
+
+    /// The XDP action for one packet, and the packet as the program left it.
+    pub fn reply(&self, packet: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let result = self
+            .dp
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
     }
 
     /// Runs a packet; returns the XDP action and the one verdict counter that moved.

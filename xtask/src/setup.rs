@@ -18,9 +18,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// (program, Debian package providing it) needed by the tests, the demo and the
 /// benchmark's references.
-const PROGRAMS: [(&str, &str); 5] = [
+const PROGRAMS: [(&str, &str); 6] = [
     ("ip", "iproute2"),
     ("sysctl", "procps"),
+    ("curl", "curl"),
     ("nft", "nftables"),
     ("xdp-filter", "xdp-tools"),
     ("bpftool", "bpftool"),

@@ -156,9 +156,11 @@ impl Agent {
     pub fn counter(&self, name: &str) -> u64 {
         let stats: serde_json::Value =
             serde_json::from_str(&self.cli_ok(&["stats", "--json"])).expect("stats JSON");
-        stats["verdicts"]
-            .as_array()
-            .and_then(|v| v.iter().find(|pair| pair[0] == name))
+        ["verdicts", "events", "replies"]
+            .iter()
+            .filter_map(|group| stats[group].as_array())
+            .flatten()
+            .find(|pair| pair[0] == name)
             .and_then(|pair| pair[1].as_u64())
             .unwrap_or_else(|| panic!("no counter {name} in {stats}"))
     }

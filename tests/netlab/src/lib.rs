@@ -19,6 +19,7 @@
 mod agent;
 pub mod dns;
 pub mod packets;
+mod raw;
 mod services;
 mod traffic;
 
@@ -35,6 +36,8 @@ use std::{
 };
 
 pub use agent::{Agent, time_ago};
+pub use raw::RawLink;
+pub use services::APP_PAGE;
 pub use traffic::{echo_tcp, echo_udp, udp_works};
 
 use services::Services;

@@ -113,12 +113,24 @@ fn would_block(e: &io::Error) -> bool {
     )
 }
 
+/// What the application answers an HTTP request with (on any echo port), so tests can
+/// tell it from the portal.
+pub const APP_PAGE: &str = "the real application\n";
+
 fn echo_connection(mut stream: TcpStream, stop: &AtomicBool) {
     prepare(&stream);
     let mut buf = [0u8; 16 * 1024];
     while !stop.load(Ordering::Relaxed) {
         match stream.read(&mut buf) {
             Ok(0) => break,
+            Ok(n) if buf[..n].starts_with(b"GET ") => {
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{APP_PAGE}",
+                    APP_PAGE.len()
+                );
+                let _ = stream.write_all(reply.as_bytes());
+                break;
+            }
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {
                     break;
