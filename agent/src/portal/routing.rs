@@ -16,8 +16,20 @@ const RULE_PRIORITY: &str = "1000";
 /// Per family: `ip` flag, the default route's prefix.
 const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
 
-fn mark() -> String {
-    format!("{PORTAL_MARK:#x}")
+/// `ip FAMILY rule ACTION` of the portal's rule.
+fn rule(family: &str, action: &str) -> anyhow::Result<()> {
+    let (mark, table) = (format!("{PORTAL_MARK:#x}"), PORTAL_TABLE.to_string());
+    ip(&[
+        family,
+        "rule",
+        action,
+        "fwmark",
+        &mark,
+        "lookup",
+        &table,
+        "priority",
+        RULE_PRIORITY,
+    ])
 }
 
 /// Adds the local route and the mark rule for both families. A host without IPv6 gets
@@ -29,18 +41,7 @@ pub fn install() -> anyhow::Result<()> {
             family, "route", "replace", "local", default, "dev", "lo", "table", &table,
         ]);
         let rule = route.and_then(|()| {
-            ip(&[
-                family,
-                "rule",
-                "add",
-                "fwmark",
-                &mark(),
-                "lookup",
-                &table,
-                "priority",
-                RULE_PRIORITY,
-            ])
-            .or_else(|e| {
+            rule(family, "add").or_else(|e| {
                 // `ip rule add` refuses an identical rule: it is already there.
                 if e.to_string().contains("File exists") {
                     Ok(())
@@ -65,19 +66,7 @@ pub fn remove() {
     let table = PORTAL_TABLE.to_string();
     for (family, default) in FAMILIES {
         // Several identical rules may have been added by hand; remove them all.
-        while ip(&[
-            family,
-            "rule",
-            "del",
-            "fwmark",
-            &mark(),
-            "lookup",
-            &table,
-            "priority",
-            RULE_PRIORITY,
-        ])
-        .is_ok()
-        {}
+        while rule(family, "del").is_ok() {}
         let _ = ip(&[
             family, "route", "del", "local", default, "dev", "lo", "table", &table,
         ]);
