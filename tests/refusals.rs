@@ -116,6 +116,47 @@ fn reject_refuses_at_once(f: Family) {
     assert!(agent.counter("replies_tcp_reset") >= 1);
     assert!(agent.counter("replies_icmp") >= 1);
     assert_eq!(agent.counter("replies_failed"), 0);
+    // The refusal is reported with what the device got.
+    wait_for_log(&agent, &["re-authentication required", "action=reject"]);
+}
+
+/// Waits until the agent's log has a line containing every needle.
+fn wait_for_log(agent: &Agent, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let log = agent.log_text();
+        if log
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?}; log:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn replies_on_a_native_veth_are_warned_about() {
+    if !privileged("replies_on_a_native_veth_are_warned_about") {
+        return;
+    }
+    let lab = lab();
+    let mut agent = lab.start_agent(&lab.config("xdp_mode = \"native\"", &app_policy("reject")));
+    wait_for_log(
+        &agent,
+        &["WARN", "native XDP mode", "xdp_mode = \"generic\""],
+    );
+    agent.stop();
+    // Drop policies send nothing back: no warning.
+    let quiet = lab.start_agent_with(
+        &lab.config("xdp_mode = \"native\"", &app_policy("drop")),
+        &[],
+    );
+    assert!(!quiet.log_text().contains("native XDP mode"));
 }
 
 /// Frames on `cli0` that are TCP resets from `app`.
@@ -280,6 +321,7 @@ fn redirect_sends_http_to_the_portal(f: Family) {
     assert_eq!(status, 200, "{page}");
     assert!(page.contains(APP_PAGE), "{page}");
     assert!(agent.counter("portal_delivered") >= 2);
+    wait_for_log(&agent, &["re-authentication required", "action=redirect"]);
 
     // With the agent gone, the pinned programs keep an expired device's HTTP away
     // from the application: no portal, no way through.

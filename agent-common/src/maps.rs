@@ -469,7 +469,9 @@ pub struct RefusalEvent {
     pub sport: u16,
     /// The configuration set whose policy index `policy` is.
     pub set: u8,
-    pub _pad: u8,
+    /// `ACTION_*` the refusal got: the policy's, or `ACTION_DROP` beyond the device's
+    /// reply rate.
+    pub action: u8,
     /// Device (source) address; IPv4 in the first four bytes.
     pub src: Ip6,
     /// Destination address; IPv4 in the first four bytes.

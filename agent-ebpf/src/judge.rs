@@ -110,6 +110,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
                     l4: *l4,
                     policy: policy_index,
                     set: set as u8,
+                    action: action as u8,
                     verdict: judged,
                     session_age_ns: match authenticated_at {
                         Some(at) => session_age_ns(now, at),

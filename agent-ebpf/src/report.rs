@@ -29,6 +29,7 @@ pub struct Refusal {
     pub l4: L4,
     pub policy: u32,
     pub set: u8,
+    pub action: u8,
     pub verdict: Verdict,
     pub session_age_ns: i64,
     pub now_ns: u64,
@@ -94,7 +95,7 @@ pub fn send_event(r: &Refusal) {
         dport: r.l4.dport,
         sport: r.l4.sport,
         set: r.set,
-        _pad: 0,
+        action: r.action,
         src: r.src,
         dst: r.dst,
     });

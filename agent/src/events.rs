@@ -8,7 +8,7 @@ use std::{
 
 use agent_common::{
     addr::Ip6,
-    maps::{IPPROTO_TCP, NO_SESSION_AGE, RefusalEvent},
+    maps::{ACTION_REDIRECT, ACTION_REJECT, IPPROTO_TCP, NO_SESSION_AGE, RefusalEvent},
     verdict::Verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,10 @@ pub struct Refusal {
     pub protocol: String,
     /// Age of the device's session when refused (Go format), if it has one.
     pub session_age: Option<String>,
+    /// What the device got: `drop`, `reject` (RST / ICMP error) or `redirect`
+    /// (the portal).
+    #[serde(default)]
+    pub action: String,
 }
 
 /// A ring-buffer record decoded, before names are resolved.
@@ -50,6 +54,7 @@ pub struct RawRefusal {
     /// The configuration set `policy` indexes into.
     pub set: u8,
     pub session_age_ns: Option<i64>,
+    pub action: &'static str,
 }
 
 /// Decodes a record; `None` for a record of the wrong size or unknown verdict.
@@ -77,6 +82,11 @@ pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
         policy: event.policy,
         set: event.set,
         session_age_ns: (event.session_age_ns != NO_SESSION_AGE).then_some(event.session_age_ns),
+        action: match u32::from(event.action) {
+            ACTION_REJECT => "reject",
+            ACTION_REDIRECT => "redirect",
+            _ => "drop",
+        },
     })
 }
 
@@ -96,6 +106,7 @@ impl RawRefusal {
             port: self.port,
             protocol: self.protocol.to_string(),
             session_age: self.session_age_ns.map(format_age),
+            action: self.action.to_string(),
         }
     }
 }
@@ -140,11 +151,12 @@ pub fn describe(r: &Refusal) -> String {
         r.at.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
     format!(
-        "{at} refused {} -> {} policy {:?}: {} (user {}, session age {})",
+        "{at} refused {} -> {} policy {:?}: {}, {} (user {}, session age {})",
         r.device,
         destination(r),
         r.policy,
         r.reason,
+        r.action,
         r.user.as_deref().unwrap_or("-"),
         r.session_age.as_deref().unwrap_or("-"),
     )
@@ -159,6 +171,7 @@ pub fn log(refusal: &Refusal) {
         policy = %refusal.policy,
         destination = %destination,
         reason = %refusal.reason,
+        action = %refusal.action,
         session_age = refusal.session_age.as_deref().unwrap_or("-"),
         "re-authentication required"
     );
@@ -189,6 +202,15 @@ mod tests {
         assert_eq!(raw.device, "198.18.1.10".parse::<IpAddr>().unwrap());
         assert_eq!(raw.destination, "198.19.10.10".parse::<IpAddr>().unwrap());
         assert_eq!((raw.port, raw.protocol, raw.policy), (443, "tcp", 3));
+        assert_eq!(raw.action, "drop");
+        event.action = ACTION_REJECT as u8;
+        assert_eq!(decode(bytemuck::bytes_of(&event)).unwrap().action, "reject");
+        event.action = ACTION_REDIRECT as u8;
+        assert_eq!(
+            decode(bytemuck::bytes_of(&event)).unwrap().action,
+            "redirect"
+        );
+        event.action = 0;
         assert_eq!(
             raw.session_age_ns.map(format_age).as_deref(),
             Some("2h0m0s")
@@ -225,6 +247,7 @@ mod tests {
             policy: 0,
             set: 0,
             session_age_ns: Some(0),
+            action: "drop",
         };
         for port in 0..(HISTORY as u16 + 10) {
             let mut r = raw.resolve(&clock, None, "p".into());

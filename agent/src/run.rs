@@ -16,9 +16,9 @@ use tokio::{
 use crate::{
     api,
     clock::ClockPair,
-    config::Config,
+    config::{Config, OnExpired},
     control::Control,
-    datapath::{Datapath, Origin, interface_exists, settings},
+    datapath::{AttachedMode, Datapath, Origin, interface_exists, is_veth, settings},
     events,
     notify::{Notifier, NotifyConfig},
     policy, portal,
@@ -93,9 +93,19 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         datapath.disable_portal()?;
     }
     let mut interfaces = Vec::new();
+    let replies = config
+        .policies
+        .iter()
+        .any(|p| p.on_expired != OnExpired::Drop);
     for name in &config.agent.interfaces {
         let mode = datapath.attach(name, config.agent.xdp_mode)?;
         tracing::info!(interface = %name, mode = mode.name(), "attached");
+        if replies && mode == AttachedMode::Native && is_veth(name) {
+            tracing::warn!(
+                interface = %name,
+                "this veth is in native XDP mode: the RSTs and ICMP errors of reject and redirect policies reach its peer only if the peer runs an XDP program too; otherwise set xdp_mode = \"generic\""
+            );
+        }
         interfaces.push((name.clone(), mode.name().to_string()));
     }
     datapath.detach_others(&config.agent.interfaces)?;

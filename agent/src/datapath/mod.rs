@@ -820,6 +820,17 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     Ok(removed)
 }
 
+/// Whether `interface` is a veth (by `ip -d link`): frames the program sends back on
+/// one (XDP_TX) in native mode reach its peer only when the peer runs XDP as well.
+pub fn is_veth(interface: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-d", "-j", "link", "show", "dev", interface])
+        .output()
+        .ok()
+        .and_then(|out| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+        .is_some_and(|links| links[0]["linkinfo"]["info_kind"] == "veth")
+}
+
 pub fn interface_exists(name: &str) -> bool {
     interface_index(name) != 0
 }

@@ -27,6 +27,7 @@ fn refusal(device: &str, policy: &str) -> Refusal {
         port: 443,
         protocol: "tcp".into(),
         session_age: Some("8h0m12s".into()),
+        action: "drop".into(),
     }
 }
 
