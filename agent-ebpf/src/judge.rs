@@ -10,8 +10,8 @@ use agent_common::{
         refusal_action, session_age_ns, verdict_without_policy,
     },
     maps::{
-        ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PortRuleKey, Settings, config_set,
-        policy_slot,
+        ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PolicyParams, PortRuleKey, Settings,
+        config_set, policy_slot,
     },
     tables::{DestEntry, FlowSlot, find_flow, find_session, flow_slot_for_new},
     verdict::Verdict,
@@ -98,9 +98,9 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         }
         _ if judged.is_refusal() => {
             count_policy_drop(policy_slot(set, policy_index));
-            action = refusal_action(policy, l4.proto, l4.dport, settings.portal_port != 0);
-            if action != ACTION_DROP && !reply_allowed(folded_src, now, settings) {
-                action = ACTION_DROP;
+            // A drop policy's refusal (the common case, and a flood's) decides no more.
+            if policy.on_expired != ACTION_DROP {
+                action = visible_action(policy, l4, folded_src, now, settings);
             }
             if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
                 send_event(&Refusal {
@@ -123,6 +123,23 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         _ => {}
     }
     (judged, action)
+}
+
+/// What a refusal by a reject or redirect policy gets, within the device's reply rate.
+// Out of line: it keeps the drop path's registers free.
+#[inline(never)]
+fn visible_action(
+    policy: &PolicyParams,
+    l4: &L4,
+    device_folded: u64,
+    now: u64,
+    settings: &Settings,
+) -> u32 {
+    let action = refusal_action(policy, l4.proto, l4.dport, settings.portal_port != 0);
+    if action != ACTION_DROP && !reply_allowed(device_folded, now, settings) {
+        return ACTION_DROP;
+    }
+    action
 }
 
 /// The first-match policy index for (destination, protocol, port): from the
