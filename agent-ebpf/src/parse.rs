@@ -16,18 +16,18 @@ use aya_ebpf::programs::XdpContext;
 
 use crate::packet::{load_u8, load_u16_be, load_u32, load_u64};
 
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
-const IPV4_MIN_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
+pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 const IPV6_FRAG_HLEN: usize = 8;
-const TCP_MIN_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+pub const TCP_MIN_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
 
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;

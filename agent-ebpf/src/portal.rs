@@ -8,7 +8,8 @@
 //! and the portal sees its real address. Everything else is left to the next program.
 
 use agent_common::{
-    maps::{PORTAL_MARK, PORTAL_META, Settings, config_set},
+    logic::is_new_tcp_flow,
+    maps::{IPPROTO_TCP, PORTAL_MARK, PORTAL_META, Settings, config_set},
     verdict::counter,
 };
 use aya_ebpf::{
@@ -24,15 +25,10 @@ use aya_ebpf::{
 use crate::{
     maps::{SG_GENERATION, SG_SETTINGS},
     packet::{load_u8, load_u16_be, load_u32},
+    parse::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN},
     report::count,
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IPV4: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86DD;
-const IPPROTO_TCP: u8 = 6;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 // `enum sk_state` values as `bpf_sock.state` reports them.
 const TCP_TIME_WAIT: u32 = 6;
 const TCP_LISTEN: u32 = 10;
@@ -188,7 +184,7 @@ fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
     let tuple = &mut s.tuple;
     let (tcp, ipv6) = match ethertype {
         ETH_P_IPV4 => {
-            if ip + 20 > end {
+            if ip + IPV4_MIN_HLEN > end {
                 return false;
             }
             let (version_ihl, frag, proto) =
@@ -205,7 +201,7 @@ fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
             (tcp, false)
         }
         ETH_P_IPV6 => {
-            if ip + 40 > end {
+            if ip + IPV6_HLEN > end {
                 return false;
             }
             if unsafe { load_u8(ip + 6) } != IPPROTO_TCP {
@@ -219,11 +215,11 @@ fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
                     a.daddr[i] = load_u32(ip + 24 + 4 * i);
                 }
             }
-            (ip + 40, true)
+            (ip + IPV6_HLEN, true)
         }
         _ => return false,
     };
-    if tcp + 20 > end {
+    if tcp + TCP_MIN_HLEN > end {
         return false;
     }
     // SAFETY: 20 TCP header bytes checked.
@@ -242,7 +238,7 @@ fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
         tuple.__bindgen_anon_1.ipv4.dport = dport.to_be();
     }
     s.dport = dport;
-    s.opens = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    s.opens = is_new_tcp_flow(flags);
     s.ipv6 = ipv6;
     true
 }

@@ -13,7 +13,7 @@ use agent_common::{
     checksum::{Checksum, be16, be32},
     hashing::{bucket, check},
     logic::reply_due,
-    maps::{PORTAL_META, Settings},
+    maps::{self, PORTAL_META, Settings},
     verdict::counter,
 };
 use aya_ebpf::{
@@ -25,17 +25,18 @@ use aya_ebpf::{
 use crate::{
     maps::SG_REPLY_LIMIT,
     packet::{load_u8, load_u16, load_u16_be, load_u32, load_u64, store_u16, store_u32, store_u64},
-    parse::{L4, MAX_IP_OFFSET, MAX_L4_OFFSET},
+    parse::{
+        ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, L4, MAX_IP_OFFSET, MAX_L4_OFFSET, TCP_MIN_HLEN,
+        UDP_HLEN,
+    },
     report::count,
 };
 
-const ETH_HLEN: usize = 14;
-const IPV4_HLEN: usize = 20;
-const IPV6_HLEN: usize = 40;
-const TCP_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+/// The headers replies write: IPv4 and TCP without options.
+const IPV4_HLEN: usize = IPV4_MIN_HLEN;
+const TCP_HLEN: usize = TCP_MIN_HLEN;
 const ICMP_HLEN: usize = 8;
-const IPPROTO_TCP: u16 = 6;
+const IPPROTO_TCP: u16 = maps::IPPROTO_TCP as u16;
 const IPPROTO_ICMPV6: u32 = 58;
 const TCP_FIN: u8 = 0x01;
 /// Data offset 5 words, flags RST|ACK.
