@@ -57,24 +57,6 @@ const V6: Family = Family {
     icmp_errno: libc::EACCES,
 };
 
-macro_rules! for_each_family {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            if privileged(stringify!($v4)) {
-                $body(V4);
-            }
-        }
-
-        #[test]
-        fn $v6() {
-            if privileged(stringify!($v6)) {
-                $body(V6);
-            }
-        }
-    };
-}
-
 for_each_family!(reject_refuses_at_once: reject_refuses_at_once_v4, reject_refuses_at_once_v6);
 
 fn reject_refuses_at_once(f: Family) {
@@ -117,26 +99,7 @@ fn reject_refuses_at_once(f: Family) {
     assert!(agent.counter("replies_icmp") >= 1);
     assert_eq!(agent.counter("replies_failed"), 0);
     // The refusal is reported with what the device got.
-    wait_for_log(&agent, &["re-authentication required", "action=reject"]);
-}
-
-/// Waits until the agent's log has a line containing every needle.
-fn wait_for_log(agent: &Agent, needles: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let log = agent.log_text();
-        if log
-            .lines()
-            .any(|line| needles.iter().all(|n| line.contains(n)))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needles:?}; log:\n{log}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    agent.wait_for_log(&["re-authentication required", "action=reject"]);
 }
 
 #[test]
@@ -146,10 +109,7 @@ fn replies_on_a_native_veth_are_warned_about() {
     }
     let lab = lab();
     let mut agent = lab.start_agent(&lab.config("xdp_mode = \"native\"", &app_policy("reject")));
-    wait_for_log(
-        &agent,
-        &["WARN", "native XDP mode", "xdp_mode = \"generic\""],
-    );
+    agent.wait_for_log(&["WARN", "native XDP mode", "xdp_mode = \"generic\""]);
     agent.stop();
     // Drop policies send nothing back: no warning.
     let quiet = lab.start_agent_with(
@@ -321,7 +281,7 @@ fn redirect_sends_http_to_the_portal(f: Family) {
     assert_eq!(status, 200, "{page}");
     assert!(page.contains(APP_PAGE), "{page}");
     assert!(agent.counter("portal_delivered") >= 2);
-    wait_for_log(&agent, &["re-authentication required", "action=redirect"]);
+    agent.wait_for_log(&["re-authentication required", "action=redirect"]);
 
     // With the agent gone, the pinned programs keep an expired device's HTTP away
     // from the application: no portal, no way through.

@@ -29,46 +29,8 @@ const V6: Family = Family {
     open: OPEN6,
 };
 
-/// Two tests, IPv4 and IPv6, running one body that takes a `Family`.
-macro_rules! for_each_family {
-    ($body:ident: $v4:ident, $v6:ident) => {
-        #[test]
-        fn $v4() {
-            if privileged(stringify!($v4)) {
-                $body(V4);
-            }
-        }
-
-        #[test]
-        fn $v6() {
-            if privileged(stringify!($v6)) {
-                $body(V6);
-            }
-        }
-    };
-}
-
 fn lab() -> Lab {
     Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
-/// Waits until the agent's log has a line containing every needle.
-fn wait_for_log(agent: &Agent, needles: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let log = agent.log_text();
-        if let Some(line) = log
-            .lines()
-            .find(|line| needles.iter().all(|n| line.contains(n)))
-        {
-            return line.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needles:?}; log:\n{log}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn fresh_session_reaches_the_app(f: Family) {
@@ -100,17 +62,14 @@ fn expired_session_cannot_open_new_flows(f: Family) {
     );
     assert!(agent.counter("dropped_expired") >= 2);
     assert_eq!(agent.counter("admitted_new_flow"), 0);
-    let line = wait_for_log(
-        &agent,
-        &[
-            "re-authentication required",
-            ALICE,
-            &alice.to_string(),
-            "policy=App",
-            &f.app.to_string(),
-            "reason=session_expired",
-        ],
-    );
+    let line = agent.wait_for_log(&[
+        "re-authentication required",
+        ALICE,
+        &alice.to_string(),
+        "policy=App",
+        &f.app.to_string(),
+        "reason=session_expired",
+    ]);
     assert!(
         line.contains(":443/tcp") || line.contains(":4433/udp"),
         "{line}"
@@ -252,14 +211,11 @@ fn unknown_devices_are_refused_by_default() {
     let unknown = device(7);
     assert!(lab.tcp_blocked(unknown, APP, 443));
     assert!(agent.counter("dropped_unknown_device") >= 1);
-    wait_for_log(
-        &agent,
-        &[
-            "re-authentication required",
-            "reason=unknown_device",
-            &unknown.to_string(),
-        ],
-    );
+    agent.wait_for_log(&[
+        "re-authentication required",
+        "reason=unknown_device",
+        &unknown.to_string(),
+    ]);
 }
 
 #[test]

@@ -169,6 +169,25 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to 3 s) until the log has a line containing every needle; that line.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log
+                .lines()
+                .find(|line| needles.iter().all(|n| line.contains(n)))
+            {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needles:?}; log:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits for the agent to exit by itself (for configs it must refuse).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

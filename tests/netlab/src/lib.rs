@@ -81,6 +81,27 @@ check_session = { enforce = true, duration = "1h" }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// Two tests, IPv4 and IPv6, running one body that takes the caller's `Family`: the
+/// caller defines the constants `V4` and `V6` it passes.
+#[macro_export]
+macro_rules! for_each_family {
+    ($body:ident: $v4:ident, $v6:ident) => {
+        #[test]
+        fn $v4() {
+            if $crate::privileged(stringify!($v4)) {
+                $body(V4);
+            }
+        }
+
+        #[test]
+        fn $v6() {
+            if $crate::privileged(stringify!($v6)) {
+                $body(V6);
+            }
+        }
+    };
+}
+
 /// The n-th device address (n < 10) on the client side.
 pub fn device(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, 1, 10 + n))
