@@ -16,7 +16,7 @@ use aya::{
     maps::{Map, MapData, RingBuf},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
         xdp::{XdpLink, XdpMode as AyaXdpMode},
     },
@@ -268,6 +268,28 @@ fn link_name(interface: &str, kind: LinkKind) -> String {
         LinkKind::Xdp(mode) => format!("{interface}:{}", mode.name()),
         LinkKind::Portal => format!("{interface}:portal"),
     }
+}
+
+/// Pins an attachment (XDP or TC link) of `interface` in `dir`, so that it outlives
+/// the agent.
+fn pin_link<L>(
+    dir: &LayoutDir,
+    interface: &str,
+    kind: LinkKind,
+    link: L,
+) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let pin_error = |source: std::io::Error| DatapathError::Pins {
+        dir: dir.root.clone(),
+        source,
+    };
+    let link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
+    // Dropping the returned handle closes our fd; the pin keeps the attachment.
+    link.pin(dir.link(&link_name(interface, kind)))
+        .map_err(|e| pin_error(std::io::Error::other(e)))?;
+    Ok(())
 }
 
 fn parse_link_name(name: &str) -> Option<(String, LinkKind)> {
@@ -593,16 +615,7 @@ impl Datapath {
                 .portal_program_mut()
                 .take_link(id)
                 .map_err(attach_error)?;
-            let link = FdLink::try_from(link).map_err(|e| DatapathError::Pins {
-                dir: dir.root.clone(),
-                source: std::io::Error::other(e),
-            })?;
-            // Dropping the returned handle closes our fd; the pin keeps the attachment.
-            link.pin(dir.link(&link_name(interface, LinkKind::Portal)))
-                .map_err(|e| DatapathError::Pins {
-                    dir: dir.root.clone(),
-                    source: std::io::Error::other(e),
-                })?;
+            pin_link(&dir, interface, LinkKind::Portal, link)?;
         }
         self.portal_links.push(interface.to_string());
         Ok(())
@@ -651,7 +664,7 @@ impl Datapath {
             let id = program.attach(interface, aya_mode).map_err(attach_error)?;
             if let Some(dir) = dp.pins.clone() {
                 let link = dp.program_mut().take_link(id).map_err(attach_error)?;
-                dp.pin_link(&dir, interface, m, link)?;
+                pin_link(&dir, interface, LinkKind::Xdp(m), link)?;
             }
             Ok(m)
         };
@@ -672,24 +685,6 @@ impl Datapath {
         };
         self.attached.push((interface.to_string(), attached));
         Ok(attached)
-    }
-
-    fn pin_link(
-        &mut self,
-        dir: &LayoutDir,
-        interface: &str,
-        mode: AttachedMode,
-        link: XdpLink,
-    ) -> Result<(), DatapathError> {
-        let pin_error = |source: std::io::Error| DatapathError::Pins {
-            dir: dir.root.clone(),
-            source,
-        };
-        let link = FdLink::try_from(link).map_err(|e| pin_error(std::io::Error::other(e)))?;
-        // Dropping the returned handle closes our fd; the pin keeps the attachment.
-        link.pin(dir.link(&link_name(interface, LinkKind::Xdp(mode))))
-            .map_err(|e| pin_error(std::io::Error::other(e)))?;
-        Ok(())
     }
 
     /// Moves an attachment of a datapath being replaced to this program.
@@ -734,7 +729,7 @@ impl Datapath {
             .program_mut()
             .take_link(id)
             .map_err(|e| swap_error(e.to_string()))?;
-        self.pin_link(&dir, interface, mode, link)?;
+        pin_link(&dir, interface, LinkKind::Xdp(mode), link)?;
         tracing::info!(interface, "swapped the program of the existing attachment");
         Ok(Some(mode))
     }
