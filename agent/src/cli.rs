@@ -293,6 +293,7 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
         "sessions: {}   tracked UDP flows: {}",
         stats.sessions, stats.udp_flows
     );
+    println!("store: {}", describe_store(&stats.store));
     for (name, value) in stats
         .verdicts
         .iter()
@@ -305,6 +306,37 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
         println!("  policy {:<30} {drops} refused", format!("{name:?}"));
     }
     Ok(())
+}
+
+/// One line on the session store: kind, and for etcd whether it is followed.
+fn describe_store(store: &crate::fleet::StoreStatus) -> String {
+    if store.kind != "etcd" {
+        return store.kind.clone();
+    }
+    let since = store
+        .since
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    let state = if store.connected {
+        format!("connected since {since}")
+    } else {
+        format!(
+            "UNREACHABLE since {since} (enforcing the last sessions known; logins refused): {}",
+            store.last_error.as_deref().unwrap_or("not connected yet")
+        )
+    };
+    format!(
+        "etcd {} {state}; revision {}, {} disconnect(s), {} full resync(s), {} bad entr(ies)",
+        store.endpoints.join(","),
+        store.revision,
+        store.disconnects,
+        store.resyncs,
+        store.bad_entries
+    )
 }
 
 /// `sessiongate session import`: uploads the file with a progress bar; the agent

@@ -22,6 +22,7 @@ use crate::{
     config::{Config, Protocol},
     datapath::{Datapath, DatapathError, settings},
     events::{self, History, RawRefusal, Refusal},
+    fleet::{Fleet, FleetError, StoreChange, StoreStatus},
     policy::{self, PolicyTable},
     portal::PageFacts,
     sessions::{
@@ -42,6 +43,8 @@ pub enum ControlError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Store(#[from] FleetError),
 }
 
 /// The configuration in force and its compiled table.
@@ -98,6 +101,8 @@ pub struct Control {
     reloads: Mutex<ReloadStatus>,
     live_events: broadcast::Sender<Refusal>,
     notifier: Option<crate::notify::Notifier>,
+    /// The fleet's shared store; `None` with the local store.
+    fleet: Option<Arc<Fleet>>,
     started: std::time::Instant,
 }
 
@@ -143,6 +148,9 @@ pub struct Stats {
     pub sessions: usize,
     pub udp_flows: usize,
     pub interfaces: Vec<(String, String)>,
+    /// Where sessions come from and how that stands.
+    #[serde(default)]
+    pub store: StoreStatus,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,6 +179,7 @@ impl Control {
         sessions: SessionStore,
         datapath: Datapath,
         notifier: Option<crate::notify::Notifier>,
+        fleet: Option<Arc<Fleet>>,
     ) -> Self {
         let generation = datapath.maps.generation();
         let mut set_policies: [Vec<String>; 2] = Default::default();
@@ -191,6 +200,7 @@ impl Control {
             reloads: Mutex::new(ReloadStatus::default()),
             live_events: broadcast::channel(EVENT_STREAM_BUFFER).0,
             notifier,
+            fleet,
             started: std::time::Instant::now(),
         }
     }
@@ -271,6 +281,12 @@ impl Control {
         if config.agent.portal_listen != old.config.agent.portal_listen {
             problems.push(
                 "[agent] portal_listen cannot change while running: the portal's socket and TC program are set up at start; restart the agent"
+                    .to_string(),
+            );
+        }
+        if config.store != old.config.store {
+            problems.push(
+                "[store] cannot change while running: the agent follows one store from start; restart the agent"
                     .to_string(),
             );
         }
@@ -372,7 +388,27 @@ impl Control {
         Ok(done)
     }
 
+    /// How the session store stands.
+    pub fn store_status(&self) -> StoreStatus {
+        self.fleet
+            .as_ref()
+            .map_or_else(StoreStatus::local, |f| f.status())
+    }
+
+    pub fn boot_id(&self) -> String {
+        lock(&self.sessions).boot_id().to_string()
+    }
+
+    /// A login: with the fleet's store, an etcd transaction that the follower then
+    /// applies here; with the local store, the kernel and the journal directly.
+    /// Called off the async workers (it may block on etcd).
     pub fn login(&self, req: &LoginRequest) -> Result<SessionView, ControlError> {
+        if let Some(fleet) = &self.fleet {
+            let record = block_on(fleet.login(req, &self.boot_id()))?;
+            tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
+            let store = lock(&self.sessions);
+            return Ok(view(&record, &ClockPair::now(), store.boot_id()));
+        }
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
         let record = store.plan_login(req, &clock)?;
@@ -396,6 +432,12 @@ impl Control {
     }
 
     pub fn logout(&self, ip: IpAddr) -> Result<SessionView, ControlError> {
+        if let Some(fleet) = &self.fleet {
+            let record = block_on(fleet.logout(ip, &self.boot_id()))?;
+            tracing::info!(device = %ip, user = %record.user, "logout recorded in the fleet's store");
+            let store = lock(&self.sessions);
+            return Ok(view(&record, &ClockPair::now(), store.boot_id()));
+        }
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
         let record = store.plan_logout(&ip)?.clone();
@@ -418,6 +460,9 @@ impl Control {
     /// good lines. The kernel gets one batched write; the journal one append.
     pub fn import(&self, text: &str, skip_bad: bool) -> Result<ImportReport, ImportError> {
         let parsed = import::parse(text);
+        if let Some(fleet) = &self.fleet {
+            return self.import_to_fleet(fleet, parsed, skip_bad);
+        }
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
         let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
@@ -477,6 +522,123 @@ impl Control {
             skipped_lines: error_count,
             errors,
         })
+    }
+
+    /// An import with the fleet's store: planned against a snapshot of etcd, written in
+    /// compare-and-swap batches (`Fleet::import`).
+    fn import_to_fleet(
+        &self,
+        fleet: &Fleet,
+        parsed: import::ParsedImport,
+        skip_bad: bool,
+    ) -> Result<ImportReport, ImportError> {
+        let boot_id = self.boot_id();
+        let current: std::collections::HashMap<IpAddr, (SessionRecord, i64)> =
+            block_on(fleet.snapshot(&boot_id))
+                .map_err(|e| ImportError::Control(e.into()))?
+                .into_iter()
+                .map(|(r, rev)| (r.ip, (r, rev)))
+                .collect();
+        let clock = ClockPair::now();
+        let (planned, plan_errors) = crate::sessions::plan_import(
+            |ip| current.get(ip).map(|(r, _)| r),
+            &parsed.records,
+            &clock,
+            &boot_id,
+        );
+        let mut errors = parsed.errors;
+        errors.extend(plan_errors);
+        errors.sort_by_key(|e| e.line);
+        let error_count = errors.len();
+        errors.truncate(IMPORT_ERRORS_SHOWN);
+        if error_count > 0 && !skip_bad {
+            return Err(ImportError::Rejected {
+                error_count,
+                errors,
+            });
+        }
+        let reset = planned
+            .iter()
+            .filter(|r| current.contains_key(&r.ip))
+            .count();
+        let with_revisions: Vec<(SessionRecord, i64)> = planned
+            .into_iter()
+            .map(|r| {
+                let revision = current.get(&r.ip).map_or(0, |(_, rev)| *rev);
+                (r, revision)
+            })
+            .collect();
+        let imported = block_on(fleet.import(&with_revisions)).map_err(|(done, e)| {
+            tracing::error!(recorded = done, error = %e, "import stopped part-way; the batches before it are recorded");
+            ImportError::Partial {
+                recorded: done,
+                error: e.into(),
+            }
+        })?;
+        Ok(ImportReport {
+            imported,
+            new_devices: imported - reset,
+            reset_devices: reset,
+            skipped_lines: error_count,
+            errors,
+        })
+    }
+
+    /// Makes the kernel and the local mirror equal to a full snapshot of the fleet's
+    /// store (the follower's first step, and again after compaction).
+    pub fn resync_store(&self, snapshot: Vec<SessionRecord>) -> StoreDiff {
+        let mut store = lock(&self.sessions);
+        let mut datapath = lock(&self.datapath);
+        let clock = ClockPair::now();
+        let wanted: std::collections::HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
+        let gone: Vec<IpAddr> = store
+            .iter()
+            .map(|r| r.ip)
+            .filter(|ip| !wanted.contains(ip))
+            .collect();
+        let mut diff = StoreDiff::default();
+        for ip in gone {
+            if apply_change(
+                &mut store,
+                &mut datapath.maps,
+                StoreChange::Delete(ip),
+                &clock,
+            ) {
+                diff.removed += 1;
+            }
+        }
+        for record in snapshot {
+            let known = store.get(&record.ip).is_some();
+            if apply_change(
+                &mut store,
+                &mut datapath.maps,
+                StoreChange::Put(record),
+                &clock,
+            ) {
+                if known {
+                    diff.changed += 1;
+                } else {
+                    diff.added += 1;
+                }
+            }
+        }
+        diff
+    }
+
+    /// Applies the fleet store's changes, in revision order, up to `revision`.
+    pub fn apply_store(&self, changes: Vec<StoreChange>, revision: i64) {
+        let mut store = lock(&self.sessions);
+        let mut datapath = lock(&self.datapath);
+        let clock = ClockPair::now();
+        for change in changes {
+            let what = match &change {
+                StoreChange::Put(r) => format!("session of {} for {} via {}", r.ip, r.user, r.idp),
+                StoreChange::Delete(ip) => format!("logout of {ip}"),
+            };
+            if apply_change(&mut store, &mut datapath.maps, change, &clock) {
+                tracing::info!(revision, "applied from the fleet's store: {what}");
+            }
+        }
     }
 
     pub fn sessions(&self) -> Vec<SessionView> {
@@ -571,6 +733,7 @@ impl Control {
             sessions,
             udp_flows: flows.0 + flows.1,
             interfaces: self.interfaces(),
+            store: self.store_status(),
         };
         Ok(Snapshot {
             stats,
@@ -672,8 +835,72 @@ pub enum ImportError {
         error_count: usize,
         errors: Vec<LineError>,
     },
+    #[error(
+        "import stopped after {recorded} device(s) were recorded in the fleet's store: {error}"
+    )]
+    Partial {
+        recorded: usize,
+        error: ControlError,
+    },
     #[error(transparent)]
     Control(#[from] ControlError),
+}
+
+/// What a full resync changed here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreDiff {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+/// One change from the fleet's store into the kernel and the local mirror; whether it
+/// changed anything. The store is the truth: a change that cannot be written here is
+/// logged (the device keeps its previous state) and counted by the kernel's errors.
+fn apply_change(
+    store: &mut SessionStore,
+    maps: &mut crate::datapath::Maps,
+    change: StoreChange,
+    clock: &ClockPair,
+) -> bool {
+    match change {
+        StoreChange::Put(record) => {
+            if store.get(&record.ip).is_some_and(|old| {
+                old.user == record.user
+                    && old.idp == record.idp
+                    && old.authenticated_at == record.authenticated_at
+            }) {
+                return false;
+            }
+            let ip = record.ip;
+            if let Err(e) = maps.set_session(ip, record.kernel_value(clock, store.boot_id())) {
+                tracing::error!(device = %ip, error = %e, "could not write a session from the fleet's store to the kernel");
+                return false;
+            }
+            if let Err(e) = store.commit_login(record) {
+                tracing::error!(device = %ip, error = %e, "could not record a session from the fleet's store in the local mirror");
+            }
+            true
+        }
+        StoreChange::Delete(ip) => {
+            if store.get(&ip).is_none() {
+                return false;
+            }
+            if let Err(e) = maps.remove_session(ip) {
+                tracing::error!(device = %ip, error = %e, "could not remove a session from the kernel after a logout in the fleet's store");
+                return false;
+            }
+            if let Err(e) = store.commit_logout(&ip) {
+                tracing::error!(device = %ip, error = %e, "could not record a logout from the fleet's store in the local mirror");
+            }
+            true
+        }
+    }
+}
+
+/// Runs a future to completion from a blocking thread (API calls run on those).
+fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Handle::current().block_on(future)
 }
 
 /// Counters read together (`Control::snapshot`).

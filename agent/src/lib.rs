@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod events;
+pub mod fleet;
 pub mod notify;
 pub mod policy;
 pub mod portal;

@@ -16,10 +16,11 @@ use tokio::{
 use crate::{
     api,
     clock::ClockPair,
-    config::{Config, OnExpired},
+    config::{Config, OnExpired, StoreConfig},
     control::Control,
     datapath::{AttachedMode, Datapath, Origin, interface_exists, is_veth, settings},
     events,
+    fleet::Fleet,
     notify::{Notifier, NotifyConfig},
     policy, portal,
     sessions::SessionStore,
@@ -49,6 +50,11 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     let api_token = match &config.agent.api_token_file {
         Some(path) if config.agent.api_listen.is_some() => Some(api::auth::read_token(path)?),
         _ => None,
+    };
+    // The fleet's store client (TLS files read here), before the kernel is touched.
+    let fleet = match &config.store {
+        StoreConfig::Local => None,
+        StoreConfig::Etcd(etcd) => Some(Arc::new(Fleet::new(etcd).await?)),
     };
     let _lock = lock_state_dir(&config.agent.state_dir)?;
     let store = SessionStore::open(&config.agent.state_dir)?;
@@ -150,6 +156,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         store,
         datapath,
         notifier,
+        fleet.clone(),
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -162,6 +169,25 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(report_refusals(ring, Arc::clone(&control)));
     tasks.spawn(reload_on_sighup(Arc::clone(&control)));
+    if let Some(fleet) = fleet {
+        tasks.spawn(crate::fleet::follow(
+            Arc::clone(&fleet),
+            Arc::clone(&control),
+        ));
+        // Serve once this host matches the store, unless etcd is down: then serve the
+        // local mirror of the last state known (fail-static) while the follower retries.
+        if fleet.wait_synced(FIRST_SYNC_WAIT).await {
+            tracing::info!(
+                revision = fleet.status().revision,
+                "in step with the fleet's session store"
+            );
+        } else {
+            tracing::warn!(
+                sessions = control.sessions().len(),
+                "the fleet's session store is not reachable yet; enforcing the sessions of the local mirror until it is"
+            );
+        }
+    }
     let unix = axum::serve(
         listener,
         api::server::router(Arc::clone(&control))
@@ -219,6 +245,9 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// How long start-up waits for the first snapshot of the fleet's store.
+const FIRST_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The optional TCP listener configured as `field`.
 async fn bind_tcp(

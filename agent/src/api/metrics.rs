@@ -186,6 +186,41 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
             ],
         );
     }
+    let store = &s.stats.store;
+    let connected = Family::<Labels, Gauge>::default();
+    connected
+        .get_or_create(&vec![("kind", store.kind.clone())])
+        .set(i64::from(store.connected));
+    registry.register(
+        "sessiongate_store_connected",
+        "1 while the session store is followed (always for the local store); 0 while etcd is unreachable and the last sessions known are enforced",
+        connected,
+    );
+    if store.kind == "etcd" {
+        gauge(
+            &mut registry,
+            "sessiongate_store_revision",
+            "The etcd revision this host's sessions reflect",
+            store.revision,
+        );
+        gauge(
+            &mut registry,
+            "sessiongate_store_bad_entries",
+            "Device keys in etcd whose value is not a session (treated as no session)",
+            store.bad_entries as i64,
+        );
+        counters(
+            &mut registry,
+            "sessiongate_store",
+            "The follower of the fleet's store: connections lost, full snapshots applied, watch events applied",
+            "event",
+            [
+                ("disconnects".to_string(), store.disconnects),
+                ("resyncs".to_string(), store.resyncs),
+                ("events".to_string(), store.events),
+            ],
+        );
+    }
     let attached = Family::<Labels, Gauge>::default();
     for (interface, mode) in &s.stats.interfaces {
         attached

@@ -49,6 +49,7 @@ use tokio::{
 use crate::{
     control::{Control, ControlError, ImportError},
     datapath::DatapathError,
+    fleet::FleetError,
     policy,
     sessions::{LoginRequest, SessionError},
 };
@@ -96,32 +97,38 @@ impl IntoResponse for ApiError {
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         let status = match &e {
-            ControlError::Session(s) => match s {
-                SessionError::OtherUser { .. } => StatusCode::CONFLICT,
-                SessionError::WrongIdp { .. } => StatusCode::FORBIDDEN,
-                SessionError::NotFound { .. } => StatusCode::NOT_FOUND,
-                SessionError::InFuture { .. } | SessionError::InvalidName { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
-                SessionError::Io { .. } | SessionError::Corrupt { .. } => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
-            },
+            ControlError::Session(s) => session_status(s),
             ControlError::Datapath(DatapathError::SessionsFull { .. }) => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             ControlError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ControlError::Store(FleetError::Session(s)) => session_status(s),
+            ControlError::Store(FleetError::Unreachable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            ControlError::Store(FleetError::Contended { .. } | FleetError::BadEntry { .. }) => {
+                StatusCode::CONFLICT
+            }
         };
         let code = match &e {
             ControlError::Session(s) => s.code(),
             ControlError::Datapath(DatapathError::SessionsFull { .. }) => "sessions_full",
             ControlError::Datapath(_) => "datapath_error",
+            ControlError::Store(f) => f.code(),
         };
         Self {
             status,
             code,
             message: e.to_string(),
         }
+    }
+}
+
+const fn session_status(e: &SessionError) -> StatusCode {
+    match e {
+        SessionError::OtherUser { .. } => StatusCode::CONFLICT,
+        SessionError::WrongIdp { .. } => StatusCode::FORBIDDEN,
+        SessionError::NotFound { .. } => StatusCode::NOT_FOUND,
+        SessionError::InFuture { .. } | SessionError::InvalidName { .. } => StatusCode::BAD_REQUEST,
+        SessionError::Io { .. } | SessionError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -219,6 +226,7 @@ async fn health(State(control): Shared) -> Json<serde_json::Value> {
         "interfaces": control.interfaces(),
         "policies": active.config.policies.len(),
         "generation": active.generation,
+        "store": control.store_status(),
     }))
 }
 
@@ -315,6 +323,15 @@ async fn import_sessions(
                 })),
             )
                 .into_response())
+        }
+        Err(ImportError::Partial { recorded, error }) => {
+            tracing::info!(target: "audit", caller = %caller.0, action = "import", recorded, outcome = %error, "import stopped part-way");
+            let message = format!(
+                "import stopped after {recorded} device(s) were recorded in the fleet's store: {error}"
+            );
+            let mut api = ApiError::from(error);
+            api.message = message;
+            Err(api)
         }
         Err(ImportError::Control(e)) => Err(e.into()),
     }

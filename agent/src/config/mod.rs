@@ -27,6 +27,8 @@ pub struct Config {
     /// Destinations that always pass: the identity provider, the team domain.
     pub bypass: Vec<IpNet>,
     pub limits: Limits,
+    /// Where sessions are kept: this host only, or shared by a fleet through etcd.
+    pub store: StoreConfig,
     /// In file order; a policy's index here is its index in the kernel's policy map.
     pub policies: Vec<Policy>,
 }
@@ -88,6 +90,45 @@ pub struct DnsConfig {
     /// The resolvers devices use; only for `check`'s warnings.
     pub resolvers: Vec<IpAddr>,
 }
+
+/// Where sessions live.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// This host only: a journal in `state_dir`.
+    #[default]
+    Local,
+    /// Shared by every agent watching the same etcd prefix.
+    Etcd(EtcdConfig),
+}
+
+impl StoreConfig {
+    pub const fn kind(&self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Etcd(_) => "etcd",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs, `http://host:port` or (all of them) `https://host:port`.
+    pub endpoints: Vec<String>,
+    /// Keys live under `{prefix}/devices/`; no trailing '/'.
+    pub prefix: String,
+    /// With https endpoints: the CA that signed the members' certificates, and the
+    /// agent's client certificate and key when the members ask for one.
+    pub tls: Option<EtcdTls>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// `[store] prefix` when none is given.
+pub const DEFAULT_ETCD_PREFIX: &str = "/sessiongate";
 
 /// Map capacities; each applies per address family where the map is per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

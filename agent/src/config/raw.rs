@@ -15,6 +15,8 @@ pub struct RawConfig {
     pub bypass: RawBypass,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub store: RawStore,
     #[serde(default, rename = "policy")]
     pub policies: Vec<RawPolicy>,
 }
@@ -54,6 +56,17 @@ pub struct RawDns {
 pub struct RawBypass {
     #[serde(default)]
     pub destinations: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub kind: Option<String>,
+    pub endpoints: Option<Vec<String>>,
+    pub prefix: Option<String>,
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -12,9 +12,10 @@ use agent_common::maps::{MAX_POLICIES, MAX_REDIRECT_PORTS};
 use ipnet::IpNet;
 
 use super::{
-    AgentConfig, CheckSession, Config, DEFAULT_REDIRECT_PORTS, DnsConfig, GoDuration, Limits,
-    NotifySettings, OnExpired, Policy, Problem, Protocol, ReplyLimit, UnknownDevice, XdpMode,
-    raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy},
+    AgentConfig, CheckSession, Config, DEFAULT_ETCD_PREFIX, DEFAULT_REDIRECT_PORTS, DnsConfig,
+    EtcdConfig, EtcdTls, GoDuration, Limits, NotifySettings, OnExpired, Policy, Problem, Protocol,
+    ReplyLimit, StoreConfig, UnknownDevice, XdpMode,
+    raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy, RawStore},
 };
 
 /// Largest capacity accepted for any map: beyond it, preallocation alone would take
@@ -42,6 +43,7 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
     let dns = dns(raw.dns, &mut problems);
     let bypass = bypass(raw.bypass, &mut problems);
     let limits = limits(raw.limits, &mut problems);
+    let store = store(raw.store, &mut problems);
     let policies = policies(raw.policies, &mut problems);
     portal_needs(&agent, &policies, &mut problems);
     if problems.0.is_empty() {
@@ -51,6 +53,7 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
             dns,
             bypass,
             limits,
+            store,
             policies,
         })
     } else {
@@ -186,6 +189,140 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         reauth_url,
         portal_listen,
         replies,
+    }
+}
+
+fn store(raw: RawStore, problems: &mut Problems) -> StoreConfig {
+    const PLACE: &str = "[store]";
+    let kind = choice(
+        raw.kind.as_deref(),
+        &[("local", false), ("etcd", true)],
+        false,
+        (PLACE, "kind"),
+        problems,
+    );
+    if !kind {
+        for (field, given) in [
+            ("endpoints", raw.endpoints.is_some()),
+            ("prefix", raw.prefix.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
+            ("cert_file", raw.cert_file.is_some()),
+            ("key_file", raw.key_file.is_some()),
+        ] {
+            if given && matches!(raw.kind.as_deref(), None | Some("local")) {
+                problems.add(PLACE, field, "only applies with kind = \"etcd\"");
+            }
+        }
+        return StoreConfig::Local;
+    }
+    let endpoints = raw.endpoints.unwrap_or_default();
+    if endpoints.is_empty() {
+        problems.add(
+            PLACE,
+            "endpoints",
+            "list the etcd members' client URLs, e.g. [\"https://10.0.0.1:2379\"]",
+        );
+    }
+    let mut https = Vec::new();
+    for (i, url) in endpoints.iter().enumerate() {
+        match etcd_endpoint(url) {
+            Ok(secure) => https.push(secure),
+            Err(reason) => problems.add(
+                PLACE,
+                format!("endpoints[{i}]"),
+                format!("{url:?} {reason}"),
+            ),
+        }
+    }
+    let secure = https.first().copied().unwrap_or(false);
+    if https.iter().any(|&s| s != secure) {
+        problems.add(
+            PLACE,
+            "endpoints",
+            "mixes http:// and https:// URLs; use one scheme for every member",
+        );
+    }
+    let prefix = raw
+        .prefix
+        .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+    if !prefix.starts_with('/')
+        || prefix.len() < 2
+        || prefix.ends_with('/')
+        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        problems.add(
+            PLACE,
+            "prefix",
+            format!("{prefix:?} is not a key prefix like \"/sessiongate\" (starts with '/', no trailing '/', no spaces)"),
+        );
+    }
+    let ca_file = raw.ca_file.map(PathBuf::from);
+    let client = match (raw.cert_file, raw.key_file) {
+        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+        (None, None) => None,
+        (Some(_), None) => {
+            problems.add(
+                PLACE,
+                "key_file",
+                "cert_file needs the key that goes with it",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            problems.add(
+                PLACE,
+                "cert_file",
+                "key_file needs the certificate that goes with it",
+            );
+            None
+        }
+    };
+    let tls = match (secure, ca_file) {
+        (true, Some(ca_file)) => Some(EtcdTls { ca_file, client }),
+        (true, None) => {
+            problems.add(
+                PLACE,
+                "ca_file",
+                "https endpoints need the CA certificate (PEM) that signed the members' certificates",
+            );
+            None
+        }
+        (false, ca) => {
+            if ca.is_some() || client.is_some() {
+                problems.add(
+                    PLACE,
+                    "endpoints",
+                    "ca_file, cert_file and key_file need https:// endpoints",
+                );
+            }
+            None
+        }
+    };
+    StoreConfig::Etcd(EtcdConfig {
+        endpoints,
+        prefix,
+        tls,
+    })
+}
+
+/// Whether an etcd client URL is https (`Ok(true)`) or http; why it is neither.
+fn etcd_endpoint(url: &str) -> Result<bool, &'static str> {
+    let (secure, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        (false, rest)
+    } else {
+        return Err("must start with http:// or https://");
+    };
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or("needs a port, e.g. http://10.0.0.1:2379")?;
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return Err("needs a host, e.g. http://10.0.0.1:2379");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(secure),
+        _ => Err("needs a port from 1 to 65535 and no path"),
     }
 }
 
@@ -648,6 +785,7 @@ mod tests {
 
     use super::super::{Config, ConfigError};
     use super::*;
+    use crate::config::{DEFAULT_ETCD_PREFIX, EtcdConfig, StoreConfig};
 
     const EXAMPLE: &str = r#"
         [agent]
@@ -717,6 +855,112 @@ mod tests {
         assert_eq!(config.dns.ports, [53]);
         assert!(config.policies.is_empty());
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.store, StoreConfig::Local);
+    }
+
+    #[test]
+    fn an_etcd_store_parses_with_its_tls_files() {
+        let text = r#"
+            [agent]
+            interfaces = ["veth0"]
+            [store]
+            kind = "etcd"
+            endpoints = ["https://198.18.250.1:2379", "https://etcd-2.example:2379"]
+            prefix = "/fleet/a"
+            ca_file = "/etc/sessiongate/etcd-ca.pem"
+            cert_file = "/etc/sessiongate/etcd.pem"
+            key_file = "/etc/sessiongate/etcd-key.pem"
+        "#;
+        let config = Config::parse(text, "t").unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("not etcd: {:?}", config.store);
+        };
+        assert_eq!(etcd.endpoints.len(), 2);
+        assert_eq!(etcd.prefix, "/fleet/a");
+        let tls = etcd.tls.expect("tls");
+        assert_eq!(tls.ca_file, PathBuf::from("/etc/sessiongate/etcd-ca.pem"));
+        assert_eq!(
+            tls.client,
+            Some((
+                PathBuf::from("/etc/sessiongate/etcd.pem"),
+                PathBuf::from("/etc/sessiongate/etcd-key.pem")
+            ))
+        );
+        let plain = Config::parse(
+            "[agent]\ninterfaces = [\"veth0\"]\n[store]\nkind = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            plain.store,
+            StoreConfig::Etcd(EtcdConfig {
+                endpoints: vec!["http://127.0.0.1:2379".to_string()],
+                prefix: DEFAULT_ETCD_PREFIX.to_string(),
+                tls: None,
+            })
+        );
+    }
+
+    #[test]
+    fn etcd_store_problems_are_named() {
+        let with = |store: &str| {
+            problems(&format!(
+                "[agent]\ninterfaces = [\"veth0\"]\n[store]\n{store}\n"
+            ))
+        };
+        let cases: [(&str, &str, &str); 10] = [
+            ("kind = \"zookeeper\"", "kind", "\"zookeeper\""),
+            ("kind = \"etcd\"", "endpoints", "list the etcd members"),
+            (
+                "kind = \"etcd\"\nendpoints = [\"198.18.250.1:2379\"]",
+                "endpoints[0]",
+                "http:// or https://",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://198.18.250.1\"]",
+                "endpoints[0]",
+                "needs a port",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://198.18.250.1:0\"]",
+                "endpoints[0]",
+                "1 to 65535",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://a:1\", \"https://b:1\"]\nca_file = \"/ca\"",
+                "endpoints",
+                "mixes",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"https://a:1\"]",
+                "ca_file",
+                "CA certificate",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"https://a:1\"]\nca_file = \"/ca\"\ncert_file = \"/c\"",
+                "key_file",
+                "needs the key",
+            ),
+            (
+                "kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nprefix = \"sessiongate/\"",
+                "prefix",
+                "\"sessiongate/\"",
+            ),
+            (
+                "endpoints = [\"http://a:1\"]",
+                "endpoints",
+                "only applies with kind = \"etcd\"",
+            ),
+        ];
+        for (store, field, needle) in cases {
+            let p = with(store);
+            assert!(
+                has(&p, "[store]", field, needle),
+                "{store}: expected [store] {field} ~ {needle:?}, got {p:?}"
+            );
+        }
+        let p = with("kind = \"etcd\"\nendpoints = [\"http://a:1\"]\nca_file = \"/ca\"");
+        assert!(has(&p, "[store]", "endpoints", "need https://"), "{p:?}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use journal::Journal;
 pub const DEFAULT_IDP: &str = "default";
 /// A login time this far ahead of the agent's clock is refused; closer ones are taken
 /// as "now" (small skew between the caller's clock and ours).
-const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
+pub(crate) const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
 const MAX_NAME_LEN: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,87 +171,17 @@ impl SessionStore {
         req: &LoginRequest,
         clock: &ClockPair,
     ) -> Result<SessionRecord, SessionError> {
-        let idp = req.idp.as_deref().unwrap_or(DEFAULT_IDP);
-        self.plan(req.ip, &req.user, idp, req.at, clock)
+        plan_login(self.sessions.get(&req.ip), req, clock, &self.boot_id)
     }
 
-    /// The login rules, for one login or one line of an import.
-    fn plan(
-        &self,
-        ip: IpAddr,
-        user: &str,
-        idp: &str,
-        at: Option<OffsetDateTime>,
-        clock: &ClockPair,
-    ) -> Result<SessionRecord, SessionError> {
-        let user = checked_name("user", user)?;
-        let idp = checked_name("idp", idp)?;
-        if let Some(current) = self.sessions.get(&ip) {
-            if current.user != user {
-                return Err(SessionError::OtherUser {
-                    ip,
-                    current: current.user.clone(),
-                    requested: user,
-                });
-            }
-            if current.idp != idp {
-                return Err(SessionError::WrongIdp {
-                    ip,
-                    enrolled: current.idp.clone(),
-                    requested: idp,
-                });
-            }
-        }
-        let (authenticated_at, boot_ns) = match at {
-            None => (clock.wall, clock.boot_ns),
-            Some(at) if at > clock.wall + FUTURE_TOLERANCE => {
-                return Err(SessionError::InFuture {
-                    at,
-                    now: clock.wall,
-                });
-            }
-            Some(at) if at > clock.wall => (clock.wall, clock.boot_ns),
-            Some(at) => (at, clock.boot_ns_of(at)),
-        };
-        Ok(SessionRecord {
-            ip,
-            user,
-            idp,
-            authenticated_at,
-            boot_id: self.boot_id.clone(),
-            authenticated_at_boot_ns: boot_ns,
-        })
-    }
-
-    /// Checks every line of an import against the login rules and the current state:
-    /// the records it would write, and each refused line with its number. A device may
-    /// appear only once (`import::parse` already refuses files where it does not).
+    /// Checks every line of an import against the login rules and this store's state
+    /// (`plan_import`).
     pub fn plan_import(
         &self,
         records: &[ImportRecord],
         clock: &ClockPair,
     ) -> (Vec<SessionRecord>, Vec<LineError>) {
-        let mut planned = Vec::with_capacity(records.len());
-        let mut errors = Vec::new();
-        let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(records.len());
-        for r in records {
-            if let Some(&first) = seen.get(&r.ip) {
-                errors.push(LineError::new(
-                    r.line,
-                    format_args!(
-                        "ip {} already appears on line {first} (one session per device)",
-                        r.ip
-                    ),
-                ));
-                continue;
-            }
-            seen.insert(r.ip, r.line);
-            match self.plan(r.ip, &r.user, &r.idp, Some(r.authenticated_at), clock) {
-                Ok(record) => planned.push(record),
-                Err(e) => errors.push(LineError::new(r.line, e)),
-            }
-        }
-        (planned, errors)
+        plan_import(|ip| self.sessions.get(ip), records, clock, &self.boot_id)
     }
 
     /// Records a planned import: one journal write and one fsync for all of it. On
@@ -303,6 +233,92 @@ impl SessionStore {
     }
 }
 
+/// The login rules: checks `req` against the device's `current` session and returns
+/// the record it would write. Shared by the local store and the fleet's etcd store.
+pub fn plan_login(
+    current: Option<&SessionRecord>,
+    req: &LoginRequest,
+    clock: &ClockPair,
+    boot_id: &str,
+) -> Result<SessionRecord, SessionError> {
+    let ip = req.ip;
+    let user = checked_name("user", &req.user)?;
+    let idp = checked_name("idp", req.idp.as_deref().unwrap_or(DEFAULT_IDP))?;
+    if let Some(current) = current {
+        if current.user != user {
+            return Err(SessionError::OtherUser {
+                ip,
+                current: current.user.clone(),
+                requested: user,
+            });
+        }
+        if current.idp != idp {
+            return Err(SessionError::WrongIdp {
+                ip,
+                enrolled: current.idp.clone(),
+                requested: idp,
+            });
+        }
+    }
+    let (authenticated_at, boot_ns) = match req.at {
+        None => (clock.wall, clock.boot_ns),
+        Some(at) if at > clock.wall + FUTURE_TOLERANCE => {
+            return Err(SessionError::InFuture {
+                at,
+                now: clock.wall,
+            });
+        }
+        Some(at) if at > clock.wall => (clock.wall, clock.boot_ns),
+        Some(at) => (at, clock.boot_ns_of(at)),
+    };
+    Ok(SessionRecord {
+        ip,
+        user,
+        idp,
+        authenticated_at,
+        boot_id: boot_id.to_string(),
+        authenticated_at_boot_ns: boot_ns,
+    })
+}
+
+/// Checks every line of an import against the login rules and the current sessions
+/// (`current`): the records it would write, and each refused line with its number. A
+/// device may appear only once (`import::parse` already refuses files where it does not).
+pub fn plan_import<'a>(
+    current: impl Fn(&IpAddr) -> Option<&'a SessionRecord>,
+    records: &[ImportRecord],
+    clock: &ClockPair,
+    boot_id: &str,
+) -> (Vec<SessionRecord>, Vec<LineError>) {
+    let mut planned = Vec::with_capacity(records.len());
+    let mut errors = Vec::new();
+    let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(records.len());
+    for r in records {
+        if let Some(&first) = seen.get(&r.ip) {
+            errors.push(LineError::new(
+                r.line,
+                format_args!(
+                    "ip {} already appears on line {first} (one session per device)",
+                    r.ip
+                ),
+            ));
+            continue;
+        }
+        seen.insert(r.ip, r.line);
+        let line = LoginRequest {
+            ip: r.ip,
+            user: r.user.clone(),
+            idp: Some(r.idp.clone()),
+            at: Some(r.authenticated_at),
+        };
+        match plan_login(current(&r.ip), &line, clock, boot_id) {
+            Ok(record) => planned.push(record),
+            Err(e) => errors.push(LineError::new(r.line, e)),
+        }
+    }
+    (planned, errors)
+}
+
 /// The running agent's lock in `state_dir`, holding its pid.
 pub const LOCK_FILE: &str = "agent.lock";
 
@@ -315,7 +331,7 @@ pub fn state_files(state_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
+pub(crate) fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
     check_name(field, value)?;
     Ok(value.to_string())
 }

@@ -1,0 +1,191 @@
+//! The etcd layout of a fleet's sessions, which identity-provider hooks may write too:
+//!
+//! ```text
+//! {prefix}/devices/{ip}  ->  {"user": "alice@example.com", "idp": "okta",
+//!                             "authenticated_at": "2026-11-23T09:30:00Z"}
+//! ```
+//! `ip` is the device address in its canonical text form (`198.18.1.10`, `2001:db8::10`).
+//! `idp` may be left out (`"default"`); unknown fields are ignored. A deleted key is a
+//! logout. An entry that breaks these rules is no session: the device is refused, as one
+//! without a session, and the agent logs and counts it.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{
+    clock::ClockPair,
+    sessions::{DEFAULT_IDP, FUTURE_TOLERANCE, SessionRecord, checked_name},
+};
+
+/// The JSON value of a device key.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceEntry {
+    user: String,
+    #[serde(default = "default_idp")]
+    idp: String,
+    #[serde(with = "time::serde::rfc3339")]
+    authenticated_at: OffsetDateTime,
+}
+
+fn default_idp() -> String {
+    DEFAULT_IDP.to_string()
+}
+
+/// Where a fleet's keys live under its prefix.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// `{prefix}/devices/`
+    devices: String,
+}
+
+impl Layout {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            devices: format!("{prefix}/devices/"),
+        }
+    }
+
+    /// The prefix every device key starts with (what agents watch).
+    pub fn devices(&self) -> &str {
+        &self.devices
+    }
+
+    pub fn key(&self, ip: IpAddr) -> String {
+        format!("{}{ip}", self.devices)
+    }
+
+    /// The device a key names, if it is a device key in canonical form.
+    pub fn device(&self, key: &[u8]) -> Result<IpAddr, String> {
+        let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
+        let rest = text
+            .strip_prefix(&self.devices)
+            .ok_or_else(|| format!("{text:?} is outside {}", self.devices))?;
+        let ip: IpAddr = rest
+            .parse()
+            .map_err(|_| format!("{rest:?} is not an IP address"))?;
+        if ip.to_string() != rest {
+            return Err(format!(
+                "{rest:?} is not the canonical form of {ip} (write {:?})",
+                self.key(ip)
+            ));
+        }
+        Ok(ip)
+    }
+}
+
+/// A record's value in etcd. The boot-clock fields stay on the host that made it.
+pub fn encode(record: &SessionRecord) -> Vec<u8> {
+    serde_json::to_vec(&DeviceEntry {
+        user: record.user.clone(),
+        idp: record.idp.clone(),
+        authenticated_at: record.authenticated_at,
+    })
+    .expect("entries always serialize")
+}
+
+/// A device key's value as this host's session record: the wall-clock time placed on
+/// this host's boot clock now. A time a little ahead of ours is taken as now (clock
+/// skew between hosts); further ahead is refused, as a login would be.
+pub fn decode(
+    ip: IpAddr,
+    value: &[u8],
+    clock: &ClockPair,
+    boot_id: &str,
+) -> Result<SessionRecord, String> {
+    let entry: DeviceEntry = serde_json::from_slice(value).map_err(|e| {
+        format!("the value is not {{\"user\", \"idp\", \"authenticated_at\"}} JSON: {e}")
+    })?;
+    let user = checked_name("user", &entry.user).map_err(|e| e.to_string())?;
+    let idp = checked_name("idp", &entry.idp).map_err(|e| e.to_string())?;
+    let at = entry.authenticated_at;
+    if at > clock.wall + FUTURE_TOLERANCE {
+        return Err(format!(
+            "authenticated_at {at} is in the future (this host's clock: {})",
+            clock.wall
+        ));
+    }
+    let (authenticated_at, boot_ns) = if at > clock.wall {
+        (clock.wall, clock.boot_ns)
+    } else {
+        (at, clock.boot_ns_of(at))
+    };
+    Ok(SessionRecord {
+        ip,
+        user,
+        idp,
+        authenticated_at,
+        boot_id: boot_id.to_string(),
+        authenticated_at_boot_ns: boot_ns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock() -> ClockPair {
+        ClockPair::now()
+    }
+
+    #[test]
+    fn keys_are_canonical_addresses_under_the_prefix() {
+        let layout = Layout::new("/sg");
+        let ip: IpAddr = "2001:db8::10".parse().unwrap();
+        assert_eq!(layout.key(ip), "/sg/devices/2001:db8::10");
+        assert_eq!(layout.device(layout.key(ip).as_bytes()), Ok(ip));
+        assert_eq!(
+            layout.device(b"/sg/devices/198.18.1.10"),
+            Ok("198.18.1.10".parse().unwrap())
+        );
+        let upper = layout.device(b"/sg/devices/2001:DB8::10").unwrap_err();
+        assert!(upper.contains("canonical") && upper.contains("/sg/devices/2001:db8::10"));
+        assert!(
+            layout
+                .device(b"/sg/devices/host")
+                .unwrap_err()
+                .contains("not an IP")
+        );
+        assert!(
+            layout
+                .device(b"/other/198.18.1.10")
+                .unwrap_err()
+                .contains("outside")
+        );
+    }
+
+    #[test]
+    fn values_round_trip_and_idp_defaults() {
+        let clock = clock();
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let at = clock.wall - time::Duration::minutes(5);
+        let text = format!(
+            r#"{{"user":"alice@example.com","authenticated_at":"{}","extra":1}}"#,
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        );
+        let record = decode(ip, text.as_bytes(), &clock, "boot").unwrap();
+        assert_eq!(record.user, "alice@example.com");
+        assert_eq!(record.idp, DEFAULT_IDP);
+        assert_eq!(record.authenticated_at, at);
+        assert_eq!(record.authenticated_at_boot_ns, clock.boot_ns_of(at));
+        let again = decode(ip, &encode(&record), &clock, "boot").unwrap();
+        assert_eq!(again, record);
+    }
+
+    #[test]
+    fn bad_values_say_what_is_wrong() {
+        let clock = clock();
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let bad = |v: &str| decode(ip, v.as_bytes(), &clock, "boot").unwrap_err();
+        assert!(bad("not json").contains("JSON"));
+        assert!(
+            bad(r#"{"user":"a b","authenticated_at":"2020-01-01T00:00:00Z"}"#).contains("user")
+        );
+        assert!(bad(r#"{"user":"a","authenticated_at":"yesterday"}"#).contains("JSON"));
+        assert!(
+            bad(r#"{"user":"a","authenticated_at":"2999-01-01T00:00:00Z"}"#).contains("future")
+        );
+    }
+}
