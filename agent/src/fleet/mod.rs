@@ -41,8 +41,10 @@ pub use follow::follow;
 /// keepalive pings instead).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A silent connection is declared dead after `KEEPALIVE` plus `KEEPALIVE_TIMEOUT`.
-const KEEPALIVE: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// etcd closes connections that ping more often than every 5 s
+/// (`--grpc-keepalive-min-time`).
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a login waits for the follower to apply it here before answering anyway.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Compare-and-swap attempts before a login gives up on a device that keeps changing.
@@ -155,7 +157,6 @@ impl Fleet {
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
             // A member cut off from the quorum refuses instead of serving stale data.
             .with_require_leader(true);
         if let Some(tls) = &config.tls {
