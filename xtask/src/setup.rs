@@ -16,15 +16,19 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// (program, Debian package providing it) needed by the tests, the demo and the
-/// benchmark's references.
-const PROGRAMS: [(&str, &str); 6] = [
+/// (program, Debian package providing it) needed by the build (protoc), the tests
+/// (etcd among them), the demo and the benchmark's references.
+const PROGRAMS: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("sysctl", "procps"),
     ("curl", "curl"),
     ("nft", "nftables"),
     ("xdp-filter", "xdp-tools"),
     ("bpftool", "bpftool"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+    // The etcd-client crate compiles etcd's protobuf definitions at build time.
+    ("protoc", "protobuf-compiler"),
 ];
 
 pub fn workspace() -> PathBuf {

@@ -15,9 +15,13 @@
 //!                                                                   2001:db8:20::10  open
 //! ```
 //! Only 198.18.0.0/15 and 2001:db8::/32 are used, inside namespaces made here.
+//!
+//! `Etcd` is a real etcd cluster in a namespace of its own, which labs' gateways (or any
+//! `Netns`) connect to: see `etcd.rs`.
 
 mod agent;
 pub mod dns;
+pub mod etcd;
 pub mod packets;
 mod raw;
 mod services;
@@ -36,6 +40,7 @@ use std::{
 };
 
 pub use agent::{Agent, time_ago};
+pub use etcd::{Etcd, TlsFiles};
 pub use raw::RawLink;
 pub use services::APP_PAGE;
 pub use traffic::{echo_tcp, echo_udp, udp_works};
@@ -80,6 +85,15 @@ check_session = { enforce = true, duration = "1h" }
 "#;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A name no other test of this or a concurrent run uses: `sgt-{pid}-{counter}`.
+fn unique_id() -> String {
+    format!(
+        "sgt-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// Two tests, IPv4 and IPv6, running one body that takes the caller's `Family`: the
 /// caller defines the constants `V4` and `V6` it passes.
@@ -145,6 +159,14 @@ impl Netns {
     fn create(name: String) -> Self {
         run_ok("ip", &["netns", "add", &name]);
         Self { name }
+    }
+
+    /// A new, empty namespace of its own, `sgt-{pid}-{counter}-{label}`, with only its
+    /// loopback up (for instance a stand-in for an agent's gateway in `Etcd`'s tests).
+    pub fn new(label: &str) -> Self {
+        let ns = Self::create(format!("{}-{label}", unique_id()));
+        ns.ip("link set lo up");
+        ns
     }
 
     /// `ip -n NAME ARGS...`, which must succeed.
@@ -259,11 +281,7 @@ pub struct Lab {
 impl Lab {
     /// Builds the topology; `bin` is the `sessiongate` binary to run agents with.
     pub fn new(bin: impl Into<PathBuf>) -> Self {
-        let id = format!(
-            "sgt-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let client = Netns::create(format!("{id}-cli"));
         let gateway = Netns::create(format!("{id}-gw"));
         let server = Netns::create(format!("{id}-srv"));
