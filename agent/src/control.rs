@@ -171,6 +171,10 @@ fn unix_now() -> i64 {
 
 impl Control {
     /// `datapath` must hold `config` in force already (`Maps::apply`).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is a separate part of the agent, set up by `run` in order"
+    )]
     pub fn new(
         config_path: PathBuf,
         config: Config,
@@ -572,7 +576,7 @@ impl Control {
             tracing::error!(recorded = done, error = %e, "import stopped part-way; the batches before it are recorded");
             ImportError::Partial {
                 recorded: done,
-                error: e.into(),
+                error: Box::new(e.into()),
             }
         })?;
         Ok(ImportReport {
@@ -840,7 +844,7 @@ pub enum ImportError {
     )]
     Partial {
         recorded: usize,
-        error: ControlError,
+        error: Box<ControlError>,
     },
     #[error(transparent)]
     Control(#[from] ControlError),

@@ -329,7 +329,7 @@ async fn import_sessions(
             let message = format!(
                 "import stopped after {recorded} device(s) were recorded in the fleet's store: {error}"
             );
-            let mut api = ApiError::from(error);
+            let mut api = ApiError::from(*error);
             api.message = message;
             Err(api)
         }
