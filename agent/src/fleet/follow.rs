@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 
-use super::{Fleet, StoreChange, entry, lock, unix_now};
+use super::{Fleet, StoreChange, entry, lock, members::short, unix_now};
 use crate::{clock::ClockPair, control::Control};
 
 /// Reconnection backoff: doubles from the first to the last, then stays there.
@@ -70,15 +70,15 @@ async fn follow_once(
     snapshot_needed: &mut bool,
     backoff: &mut Duration,
 ) -> Ended {
-    let mut client = fleet.client.clone();
-    let prefix = fleet.layout.devices().to_string();
+    let prefix = fleet.layout.devices();
     if *snapshot_needed {
-        let response = match client
-            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        let response = match fleet
+            .members
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await
         {
             Ok(r) => r,
-            Err(e) => return Ended::Lost(e.to_string()),
+            Err(e) => return Ended::Lost(e),
         };
         let revision = response.header().map_or(0, |h| h.revision());
         let clock = ClockPair::now();
@@ -114,21 +114,28 @@ async fn follow_once(
         *snapshot_needed = false;
     }
     let start = *fleet.applied.borrow() + 1;
+    // The watch stays on one member; when it fails, the next attempt tries another.
+    let (member, mut client) = fleet.members.preferred();
+    let endpoint = fleet.members.endpoint(member);
+    let lost = |cause: String| {
+        fleet.members.avoid(member);
+        Ended::Lost(format!("{endpoint}: {cause}"))
+    };
     let mut stream = match client
         .watch(
-            prefix.as_str(),
+            prefix,
             Some(WatchOptions::new().with_prefix().with_start_revision(start)),
         )
         .await
     {
         Ok(s) => s,
-        Err(e) => return Ended::Lost(e.to_string()),
+        Err(e) => return lost(short(&e)),
     };
     loop {
         let response = match stream.message().await {
             Ok(Some(r)) => r,
-            Ok(None) => return Ended::Lost("etcd closed the watch".to_string()),
-            Err(e) => return Ended::Lost(e.to_string()),
+            Ok(None) => return lost("etcd closed the watch".to_string()),
+            Err(e) => return lost(short(&e)),
         };
         if response.compact_revision() > 0 {
             return Ended::Compacted(response.compact_revision());
@@ -145,7 +152,7 @@ async fn follow_once(
                 status.connected = true;
                 status.since = Some(unix_now());
                 status.last_error = None;
-                tracing::info!(endpoints = %fleet.endpoints, resume_from = start, "watching the session store");
+                tracing::info!(member = %endpoint, resume_from = start, "watching the session store");
             }
             *backoff = BACKOFF_FIRST;
         }

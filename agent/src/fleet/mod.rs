@@ -14,6 +14,7 @@
 
 pub mod entry;
 mod follow;
+mod members;
 
 use std::{
     net::IpAddr,
@@ -22,8 +23,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, TlsOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Certificate, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue, TlsOptions,
+    Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -36,6 +37,7 @@ use crate::{
 };
 pub use entry::Layout;
 pub use follow::follow;
+use members::Members;
 
 /// Every etcd request gives up after this (the watch stream itself is kept alive by
 /// keepalive pings instead).
@@ -60,13 +62,9 @@ pub enum StoreChange {
 #[derive(Debug, Error)]
 pub enum FleetError {
     #[error(
-        "the session store (etcd at {endpoints}) did not answer: {cause}. The change is not confirmed; enforcement goes on with the sessions known at revision {revision}"
+        "the session store (etcd) did not answer: {cause}. The change is not confirmed; enforcement goes on with the sessions known at revision {revision}"
     )]
-    Unreachable {
-        endpoints: String,
-        cause: String,
-        revision: i64,
-    },
+    Unreachable { cause: String, revision: i64 },
     #[error("device {ip}: the store's entry {key} is not a session ({reason}); fix or delete it")]
     BadEntry {
         ip: IpAddr,
@@ -132,7 +130,7 @@ impl StoreStatus {
 }
 
 pub struct Fleet {
-    client: Client,
+    members: Members,
     layout: Layout,
     endpoints: String,
     status: Mutex<StoreStatus>,
@@ -174,11 +172,11 @@ impl Fleet {
             }
             options = options.with_tls(tls_options);
         }
-        let client = Client::connect(&config.endpoints, Some(options))
+        let members = Members::new(&config.endpoints, &options)
             .await
             .with_context(|| format!("[store] endpoints {}", config.endpoints.join(", ")))?;
         Ok(Self {
-            client,
+            members,
             layout: Layout::new(&config.prefix),
             endpoints: config.endpoints.join(", "),
             status: Mutex::new(StoreStatus {
@@ -200,12 +198,31 @@ impl Fleet {
         &self.layout
     }
 
-    fn unreachable(&self, e: &etcd_client::Error) -> FleetError {
+    fn unreachable(&self, cause: String) -> FleetError {
         FleetError::Unreachable {
-            endpoints: self.endpoints.clone(),
-            cause: e.to_string(),
+            cause,
             revision: *self.applied.borrow(),
         }
+    }
+
+    /// The device key's entry, from whichever member answers.
+    async fn read(&self, key: &str) -> Result<Option<KeyValue>, FleetError> {
+        self.members
+            .call(|mut c| async move { c.get(key, None).await })
+            .await
+            .map(|mut r| r.take_kvs().pop())
+            .map_err(|e| self.unreachable(e))
+    }
+
+    /// A transaction, on whichever member answers.
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, FleetError> {
+        self.members
+            .call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map_err(|e| self.unreachable(e))
     }
 
     /// Waits until the first snapshot is applied, or `limit` passes; whether it was.
@@ -235,7 +252,7 @@ impl Fleet {
     fn current(
         &self,
         ip: IpAddr,
-        kv: Option<&etcd_client::KeyValue>,
+        kv: Option<&KeyValue>,
         clock: &ClockPair,
         boot_id: &str,
     ) -> Result<(Option<SessionRecord>, i64), FleetError> {
@@ -262,13 +279,7 @@ impl Fleet {
         boot_id: &str,
     ) -> Result<SessionRecord, FleetError> {
         let key = self.layout.key(req.ip);
-        let mut client = self.client.clone();
-        let mut found = client
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| self.unreachable(&e))?
-            .take_kvs()
-            .pop();
+        let mut found = self.read(&key).await?;
         for _ in 0..CAS_ATTEMPTS {
             let clock = ClockPair::now();
             let (current, revision) = self.current(req.ip, found.as_ref(), &clock, boot_id)?;
@@ -281,7 +292,7 @@ impl Fleet {
                 )])
                 .and_then([TxnOp::put(key.as_str(), entry::encode(&record), None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let response = client.txn(txn).await.map_err(|e| self.unreachable(&e))?;
+            let response = self.txn(txn).await?;
             if response.succeeded() {
                 let written = response.header().map_or(0, |h| h.revision());
                 self.wait_applied(written).await;
@@ -296,18 +307,10 @@ impl Fleet {
     /// A logout: deletes the device key if it is still the session read.
     pub async fn logout(&self, ip: IpAddr, boot_id: &str) -> Result<SessionRecord, FleetError> {
         let key = self.layout.key(ip);
-        let mut client = self.client.clone();
-        let mut found = client
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| self.unreachable(&e))?
-            .take_kvs()
-            .pop();
+        let mut found = self.read(&key).await?;
         for _ in 0..CAS_ATTEMPTS {
             let clock = ClockPair::now();
-            let revision = found
-                .as_ref()
-                .map_or(0, etcd_client::KeyValue::mod_revision);
+            let revision = found.as_ref().map_or(0, KeyValue::mod_revision);
             let record = match self.current(ip, found.as_ref(), &clock, boot_id) {
                 Ok((Some(record), _)) => Some(record),
                 Ok((None, _)) => return Err(SessionError::NotFound { ip }.into()),
@@ -323,7 +326,7 @@ impl Fleet {
                 )])
                 .and_then([TxnOp::delete(key.as_str(), None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let response = client.txn(txn).await.map_err(|e| self.unreachable(&e))?;
+            let response = self.txn(txn).await?;
             if response.succeeded() {
                 let written = response.header().map_or(0, |h| h.revision());
                 self.wait_applied(written).await;
@@ -342,7 +345,6 @@ impl Fleet {
         &self,
         planned: &[(SessionRecord, i64)],
     ) -> Result<usize, (usize, FleetError)> {
-        let mut client = self.client.clone();
         let mut done = 0;
         let mut last = 0;
         for batch in planned.chunks(IMPORT_BATCH) {
@@ -356,10 +358,10 @@ impl Fleet {
                 .iter()
                 .map(|(r, _)| TxnOp::put(self.layout.key(r.ip), entry::encode(r), None))
                 .collect();
-            let response = client
+            let response = self
                 .txn(Txn::new().when(compares).and_then(puts))
                 .await
-                .map_err(|e| (done, self.unreachable(&e)))?;
+                .map_err(|e| (done, e))?;
             if !response.succeeded() {
                 return Err((done, FleetError::Contended { ip: batch[0].0.ip }));
             }
@@ -373,14 +375,12 @@ impl Fleet {
     /// Every device entry now (for planning an import): records and their revisions;
     /// bad entries are left out.
     pub async fn snapshot(&self, boot_id: &str) -> Result<Vec<(SessionRecord, i64)>, FleetError> {
-        let mut client = self.client.clone();
-        let response = client
-            .get(
-                self.layout.devices(),
-                Some(etcd_client::GetOptions::new().with_prefix()),
-            )
+        let prefix = self.layout.devices();
+        let response = self
+            .members
+            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
             .await
-            .map_err(|e| self.unreachable(&e))?;
+            .map_err(|e| self.unreachable(e))?;
         let clock = ClockPair::now();
         Ok(response
             .kvs()
@@ -398,7 +398,7 @@ impl Fleet {
 const IMPORT_BATCH: usize = 64;
 
 /// The entry an `or_else` get returned after a failed compare.
-fn lost_race_value(responses: Vec<TxnOpResponse>) -> Option<etcd_client::KeyValue> {
+fn lost_race_value(responses: Vec<TxnOpResponse>) -> Option<KeyValue> {
     responses.into_iter().find_map(|r| match r {
         TxnOpResponse::Get(mut get) => get.take_kvs().pop(),
         _ => None,

@@ -1,0 +1,101 @@
+//! The etcd members, one client each, tried in turn. (etcd-client's balanced channel
+//! hands a request to a member that is down as readily as to one that is up, and the
+//! request fails; a fleet must keep working while any quorum of members answers.)
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use etcd_client::{Client, ConnectOptions};
+
+pub(super) struct Members {
+    clients: Vec<(String, Client)>,
+    /// The member that answered last; tried first.
+    preferred: AtomicUsize,
+}
+
+impl Members {
+    /// Clients for every endpoint. Nothing is dialled yet: connections are made on
+    /// first use and again after failures.
+    pub(super) async fn new(
+        endpoints: &[String],
+        options: &ConnectOptions,
+    ) -> Result<Self, etcd_client::Error> {
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let client = Client::connect([endpoint], Some(options.clone())).await?;
+            clients.push((endpoint.clone(), client));
+        }
+        Ok(Self {
+            clients,
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `op` on the preferred member, then on each other one in turn while it
+    /// fails; the first to answer is preferred from then on. Every member's error
+    /// otherwise. Safe for the fleet's writes: they are compare-and-swap, so one that
+    /// did land before its answer was lost fails its compare when tried again.
+    pub(super) async fn call<T, F, Fut>(&self, op: F) -> Result<T, String>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for k in 0..self.clients.len() {
+            let i = (first + k) % self.clients.len();
+            let (endpoint, client) = &self.clients[i];
+            match op(client.clone()).await {
+                Ok(value) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Err(e) => errors.push(format!("{endpoint}: {}", short(&e))),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// The preferred member and its client (for the watch, which stays on one).
+    pub(super) fn preferred(&self) -> (usize, Client) {
+        let i = self.preferred.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].1.clone())
+    }
+
+    pub(super) fn endpoint(&self, i: usize) -> &str {
+        &self.clients[i].0
+    }
+
+    /// After member `i` failed the watch, prefer the next one.
+    pub(super) fn avoid(&self, i: usize) {
+        let _ = self.preferred.compare_exchange(
+            i,
+            (i + 1) % self.clients.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// An error in a few words: gRPC statuses by their message and innermost cause
+/// ("tcp connect error: Connection refused (os error 111)"), not their whole chain.
+pub(super) fn short(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+            let mut innermost = None;
+            while let Some(c) = cause {
+                innermost = Some(c);
+                cause = c.source();
+            }
+            match innermost {
+                Some(c) if !status.message().is_empty() => format!("{}: {c}", status.message()),
+                Some(c) => c.to_string(),
+                None => format!("{:?}: {}", status.code(), status.message()),
+            }
+        }
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,428 @@
+//! A fleet: agents in two gateway namespaces (each with its own devices and server)
+//! sharing sessions through a real etcd (`netlab::etcd`), in a namespace of its own.
+//! Logins through either agent, or written to etcd directly, are enforced by both;
+//! concurrent logins bind one user; etcd outages leave verdicts as they were and
+//! refuse logins; a compaction while an agent is cut off makes it resync.
+
+use std::{
+    net::IpAddr,
+    process::Output,
+    thread,
+    time::{Duration, Instant},
+};
+
+use netlab::{etcd::Etcd, *};
+
+/// The protected port every check uses.
+const PORT: u16 = 443;
+/// How long a change may take to reach an agent before a test calls it lost.
+const PROPAGATION_LIMIT: Duration = Duration::from_secs(10);
+
+/// One gateway of the fleet: its lab (devices, gateway, server) and its agent.
+struct Gateway {
+    lab: Lab,
+    agent: Agent,
+}
+
+fn store_section(etcd: &Etcd) -> String {
+    let endpoints = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let tls = etcd.tls().map_or(String::new(), |t| {
+        format!(
+            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            t.ca.display().to_string(),
+            t.cert.display().to_string(),
+            t.key.display().to_string()
+        )
+    });
+    format!("[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n{tls}\n")
+}
+
+/// Two gateways following `etcd`.
+fn fleet(etcd: &Etcd) -> [Gateway; 2] {
+    [(), ()].map(|()| {
+        let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+        etcd.connect(&lab.gateway);
+        let config = lab.config("", &format!("{}{APP_POLICY}", store_section(etcd)));
+        let agent = lab.start_agent(&config);
+        Gateway { lab, agent }
+    })
+}
+
+impl Gateway {
+    fn passes(&self, ip: IpAddr) -> bool {
+        self.lab.tcp_works(ip, APP, PORT)
+    }
+
+    fn blocked(&self, ip: IpAddr) -> bool {
+        self.lab.tcp_blocked(ip, APP, PORT)
+    }
+
+    /// `sessiongate stats --json`'s store part.
+    fn store(&self) -> serde_json::Value {
+        let stats: serde_json::Value =
+            serde_json::from_str(&self.agent.cli_ok(&["stats", "--json"])).expect("stats JSON");
+        stats["store"].clone()
+    }
+
+    /// The user the agent has for `ip`, if any.
+    fn user_of(&self, ip: IpAddr) -> Option<String> {
+        let out = self
+            .agent
+            .cli(&["session", "show", &ip.to_string(), "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("session JSON");
+        v["user"].as_str().map(str::to_string)
+    }
+
+    /// The session list as (device, user, authenticated_at), sorted.
+    fn sessions(&self) -> Vec<(String, String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.agent.cli_ok(&["session", "list", "--json"])).unwrap();
+        let mut list: Vec<_> = v
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|s| {
+                (
+                    s["ip"].as_str().unwrap().to_string(),
+                    s["user"].as_str().unwrap().to_string(),
+                    s["authenticated_at"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// Waits until `done` holds for this agent; how long it took.
+    fn wait_until(&self, what: &str, done: impl Fn(&Self) -> bool) -> Duration {
+        let start = Instant::now();
+        while !done(self) {
+            assert!(
+                start.elapsed() < PROPAGATION_LIMIT,
+                "{what}: not after {PROPAGATION_LIMIT:?}; store {}; log:\n{}",
+                self.store(),
+                self.agent.log_text()
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+        start.elapsed()
+    }
+
+    fn wait_connected(&self, connected: bool) {
+        self.wait_until(&format!("store connected = {connected}"), |g| {
+            g.store()["connected"] == connected
+        });
+    }
+}
+
+fn login_output(agent: &Agent, ip: IpAddr, user: &str) -> Output {
+    agent.cli(&["session", "login", &ip.to_string(), "--user", user])
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The device entries in etcd, as (device, user, authenticated_at), sorted.
+fn etcd_sessions(etcd: &Etcd) -> Vec<(String, String, String)> {
+    let text = etcd.etcdctl(&["get", "--prefix", "/fleet/devices/"]);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut list: Vec<_> = lines
+        .chunks(2)
+        .map(|kv| {
+            let ip = kv[0].trim_start_matches("/fleet/devices/").to_string();
+            let v: serde_json::Value = serde_json::from_str(kv[1]).expect("entry JSON");
+            let at = time::OffsetDateTime::parse(
+                v["authenticated_at"].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+            (ip, v["user"].as_str().unwrap().to_string(), at)
+        })
+        .collect();
+    list.sort();
+    list
+}
+
+fn entry(user: &str, ago: Duration) -> String {
+    format!(
+        r#"{{"user":"{user}","idp":"default","authenticated_at":"{}"}}"#,
+        time_ago(ago)
+    )
+}
+
+/// Test 1, over mutual TLS: a login through A is enforced by B. Propagation is the
+/// time from sending the login to A until B's API shows it (B writes its kernel map
+/// before its session list), over ten logins.
+#[test]
+fn a_login_through_one_agent_is_enforced_by_the_other() {
+    if !privileged("a_login_through_one_agent_is_enforced_by_the_other") {
+        return;
+    }
+    let etcd = Etcd::start_tls(1);
+    let [a, b] = fleet(&etcd);
+    let dev = device(0);
+    assert!(a.blocked(dev) && b.blocked(dev), "no session yet");
+
+    let mut samples = Vec::new();
+    for n in 0..10u8 {
+        let ip = device(n);
+        let start = Instant::now();
+        let out = login_output(&a.agent, ip, ALICE);
+        assert!(out.status.success(), "login through A: {}", stderr(&out));
+        let answered = start.elapsed();
+        b.wait_until("B learns the login", |b| {
+            b.user_of(ip).as_deref() == Some(ALICE)
+        });
+        samples.push((answered, start.elapsed()));
+    }
+    let mut seen: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    seen.sort();
+    let median = seen[seen.len() / 2];
+    eprintln!(
+        "propagation A login -> B applied (10 logins, mutual TLS): median {median:?}, max {:?}; A answered in {:?} (median)",
+        seen[seen.len() - 1],
+        {
+            let mut a: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+            a.sort();
+            a[a.len() / 2]
+        }
+    );
+    assert!(
+        median < Duration::from_millis(100),
+        "median propagation {median:?}"
+    );
+    assert!(b.passes(dev), "B enforces A's login: the device passes");
+    assert!(a.passes(dev), "and so does A");
+    let through_etcd = etcd_sessions(&etcd);
+    assert_eq!(b.sessions(), through_etcd);
+    assert_eq!(a.sessions(), through_etcd);
+
+    // A logout through B is enforced by A.
+    b.agent.cli_ok(&["session", "logout", &dev.to_string()]);
+    a.wait_until("A learns the logout", |a| a.user_of(dev).is_none());
+    assert!(a.blocked(dev), "logged out through B, refused by A");
+}
+
+/// Test 2: two agents race to bind one device to two users; one wins everywhere.
+#[test]
+fn concurrent_conflicting_logins_bind_one_user() {
+    if !privileged("concurrent_conflicting_logins_bind_one_user") {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let [a, b] = fleet(&etcd);
+    for n in 0..6u8 {
+        let ip = device(n);
+        let (from_a, from_b) = thread::scope(|s| {
+            let ta = s.spawn(|| login_output(&a.agent, ip, ALICE));
+            let tb = s.spawn(|| login_output(&b.agent, ip, BOB));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let winners = [&from_a, &from_b]
+            .iter()
+            .filter(|o| o.status.success())
+            .count();
+        assert_eq!(
+            winners,
+            1,
+            "device {ip}: exactly one login wins; A: {} B: {}",
+            stderr(&from_a),
+            stderr(&from_b)
+        );
+        let (winner, loser) = if from_a.status.success() {
+            (ALICE, &from_b)
+        } else {
+            (BOB, &from_a)
+        };
+        let refusal = stderr(loser);
+        assert!(
+            refusal.contains(&format!("bound to user \"{winner}\"")),
+            "the loser is told who holds the device: {refusal}"
+        );
+        for g in [&a, &b] {
+            g.wait_until("the winner everywhere", |g| {
+                g.user_of(ip).as_deref() == Some(winner)
+            });
+        }
+    }
+    // Both kernels hold the same sessions: every device passes through both gateways.
+    for n in 0..6u8 {
+        assert!(a.passes(device(n)) && b.passes(device(n)), "device {n}");
+    }
+    assert_eq!(a.sessions(), b.sessions());
+    assert_eq!(a.sessions(), etcd_sessions(&etcd));
+}
+
+/// Test 3: etcd stops; both agents keep their verdicts and refuse logins clearly. It
+/// comes back; changes written to it directly (as an IdP hook would) reach both, and
+/// the agents resume their watch rather than start over.
+#[test]
+fn etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up() {
+    if !privileged("etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up") {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let [mut a, b] = fleet(&etcd);
+    let (fresh, expired) = (device(0), device(1));
+    a.agent.login(fresh, ALICE, NOW);
+    b.agent.login(expired, BOB, 2 * HOUR);
+    for g in [&a, &b] {
+        g.wait_until("both sessions", |g| {
+            g.user_of(expired).is_some() && g.user_of(fresh).is_some()
+        });
+        assert!(g.passes(fresh) && g.blocked(expired));
+    }
+
+    etcd.stop(0);
+    for g in [&a, &b] {
+        g.wait_connected(false);
+        assert!(
+            g.passes(fresh),
+            "fail-static: the fresh device still passes"
+        );
+        assert!(
+            g.blocked(expired),
+            "fail-static: the expired one is still refused"
+        );
+        let out = login_output(&g.agent, expired, BOB);
+        assert!(!out.status.success(), "a login with etcd down must fail");
+        assert!(
+            stderr(&out).contains("session store") && stderr(&out).contains("did not answer"),
+            "a clear error: {}",
+            stderr(&out)
+        );
+        assert!(g.store()["last_error"].is_string());
+    }
+    // An agent restarted during the outage starts on its local mirror of the store.
+    let config = std::fs::read_to_string(&a.agent.config).unwrap();
+    a.agent.stop();
+    a.agent = a.lab.start_agent(&config);
+    assert_eq!(a.store()["connected"], false);
+    assert!(
+        a.passes(fresh) && a.blocked(expired),
+        "the restarted agent enforces the mirror"
+    );
+    a.agent.wait_for_log(&["not reachable yet", "local mirror"]);
+
+    etcd.start_member(0);
+    // Written straight to etcd, as an identity provider's hook would.
+    etcd.etcdctl(&["put", "/fleet/devices/198.18.1.11", &entry(BOB, NOW)]);
+    etcd.etcdctl(&["del", "/fleet/devices/198.18.1.10"]);
+    etcd.etcdctl(&["put", "/fleet/devices/198.18.1.12", "not a session"]);
+    for g in [&a, &b] {
+        g.wait_connected(true);
+        g.wait_until("the hook's changes", |g| {
+            g.user_of(fresh).is_none() && g.user_of(expired).is_some_and(|_| g.passes(expired))
+        });
+        assert!(g.blocked(fresh), "logged out in etcd: refused");
+        assert!(g.blocked(device(2)), "a bad entry is no session");
+        let store = g.store();
+        assert!(store["bad_entries"].as_u64() >= Some(1), "{store}");
+        assert_eq!(store["revision"].as_i64(), Some(etcd.revision()));
+    }
+    // B followed the store throughout: it resumed its watch from its revision.
+    assert_eq!(
+        b.store()["resyncs"],
+        1,
+        "B caught up without a full snapshot"
+    );
+    assert!(b.store()["disconnects"].as_u64() >= Some(1));
+    let out = login_output(&a.agent, device(3), CAROL);
+    assert!(out.status.success(), "logins work again: {}", stderr(&out));
+}
+
+/// Test 4: with one member of three down (the leader), both agents keep working
+/// through the other two.
+#[test]
+fn a_three_member_cluster_with_one_member_down_keeps_working() {
+    if !privileged("a_three_member_cluster_with_one_member_down_keeps_working") {
+        return;
+    }
+    let etcd = Etcd::start(3);
+    let [a, b] = fleet(&etcd);
+    a.agent.login(device(0), ALICE, NOW);
+    b.wait_until("B learns it", |b| b.user_of(device(0)).is_some());
+
+    let leader = etcd.leader();
+    etcd.stop(leader);
+    // A new leader is elected within the election timeout; a login may be refused
+    // meanwhile, and must work after.
+    let start = Instant::now();
+    loop {
+        let out = login_output(&b.agent, device(1), BOB);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            start.elapsed() < PROPAGATION_LIMIT,
+            "no login through the remaining members: {}",
+            stderr(&out)
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "first login after stopping the leader: {:?}",
+        start.elapsed()
+    );
+    a.wait_until("A learns B's login", |a| a.user_of(device(1)).is_some());
+    assert!(a.passes(device(1)) && b.passes(device(0)));
+    a.agent
+        .cli_ok(&["session", "logout", &device(0).to_string()]);
+    b.wait_until("B learns A's logout", |b| b.user_of(device(0)).is_none());
+    for g in [&a, &b] {
+        g.wait_connected(true);
+    }
+    assert_eq!(a.sessions(), etcd_sessions(&etcd));
+    assert_eq!(b.sessions(), etcd_sessions(&etcd));
+}
+
+/// Test 5: while B is cut off from etcd, the store changes and is compacted past B's
+/// revision; B resyncs from a full snapshot and ends equal to the store.
+#[test]
+fn compaction_while_cut_off_ends_in_a_full_resync() {
+    if !privileged("compaction_while_cut_off_ends_in_a_full_resync") {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let [a, b] = fleet(&etcd);
+    a.agent.login(device(0), ALICE, NOW);
+    a.agent.login(device(1), BOB, NOW);
+    b.wait_until("B has both", |b| b.sessions().len() == 2);
+    let before = b.store()["revision"].as_i64().unwrap();
+
+    etcd.cut(&b.lab.gateway);
+    b.wait_connected(false);
+    assert!(b.passes(device(0)), "B enforces what it had");
+    a.agent
+        .cli_ok(&["session", "logout", &device(0).to_string()]);
+    a.agent.login(device(2), CAROL, NOW);
+    for n in 3..8u8 {
+        etcd.etcdctl(&[
+            "put",
+            &format!("/fleet/devices/{}", device(n)),
+            &entry(ALICE, Duration::from_secs(60 * u64::from(n))),
+        ]);
+    }
+    let compacted = etcd.compact();
+    assert!(compacted > before + 1);
+    etcd.restore(&b.lab.gateway);
+
+    b.wait_connected(true);
+    b.wait_until("B resynced", |b| b.store()["resyncs"] == 2);
+    assert!(b.agent.log_text().contains("compacted past the revision"));
+    assert_eq!(b.sessions(), etcd_sessions(&etcd));
+    assert_eq!(b.sessions().len(), 7);
+    assert!(b.blocked(device(0)), "logged out while B was away");
+    assert!(b.passes(device(2)), "logged in while B was away");
+}
