@@ -47,7 +47,10 @@ fn fleet(etcd: &Etcd) -> [Gateway; 2] {
     [(), ()].map(|()| {
         let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
         etcd.connect(&lab.gateway);
-        let config = lab.config("", &format!("{}{APP_POLICY}", store_section(etcd)));
+        let config = lab.config(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            &format!("{}{APP_POLICY}", store_section(etcd)),
+        );
         let agent = lab.start_agent(&config);
         Gateway { lab, agent }
     })
@@ -114,6 +117,19 @@ impl Gateway {
             thread::sleep(Duration::from_millis(2));
         }
         start.elapsed()
+    }
+
+    /// The agent's Prometheus metrics (fetched inside the gateway namespace).
+    fn metrics(&self) -> String {
+        let out = self
+            .lab
+            .gateway
+            .command("curl")
+            .args(["-sf", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "metrics: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn wait_connected(&self, connected: bool) {
@@ -303,6 +319,11 @@ fn etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up() {
             stderr(&out)
         );
         assert!(g.store()["last_error"].is_string());
+        let metrics = g.metrics();
+        assert!(
+            metrics.contains("sessiongate_store_connected{kind=\"etcd\"} 0"),
+            "{metrics}"
+        );
     }
     // An agent restarted during the outage starts on its local mirror of the store.
     let config = std::fs::read_to_string(&a.agent.config).unwrap();
@@ -425,4 +446,57 @@ fn compaction_while_cut_off_ends_in_a_full_resync() {
     assert_eq!(b.sessions().len(), 7);
     assert!(b.blocked(device(0)), "logged out while B was away");
     assert!(b.passes(device(2)), "logged in while B was away");
+}
+
+/// A bulk import through A is checked against etcd's entries, written in
+/// compare-and-swap batches, and enforced by B.
+#[test]
+fn an_import_through_one_agent_reaches_the_other() {
+    if !privileged("an_import_through_one_agent_reaches_the_other") {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let [a, b] = fleet(&etcd);
+    b.agent.login(device(0), BOB, NOW);
+    a.wait_until("A learns B's login", |a| a.user_of(device(0)).is_some());
+
+    // 300 devices (several batches): a real device among them, and one line that breaks
+    // the one-user rule against the entry B wrote.
+    let mut csv = String::from("ip,user,idp,authenticated_at\n");
+    for n in 0..300u32 {
+        csv.push_str(&format!(
+            "198.19.{}.{},user{n}@example.com,,{}\n",
+            100 + n / 200,
+            n % 200 + 1,
+            time_ago(HOUR / 2)
+        ));
+    }
+    csv.push_str(&format!("{},{ALICE},,{}\n", device(1), time_ago(NOW)));
+    csv.push_str(&format!("{},{ALICE},,{}\n", device(0), time_ago(NOW)));
+    let file = a.lab.dir.path().join("import.csv");
+    std::fs::write(&file, csv).unwrap();
+    let path = file.to_string_lossy().to_string();
+
+    let refused = a.agent.cli(&["session", "import", &path]);
+    assert!(
+        !refused.status.success(),
+        "a bad line refuses the whole file"
+    );
+    assert!(
+        stderr(&refused).contains(":303: device 198.18.1.10 is bound to user"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(etcd_sessions(&etcd).len(), 1, "nothing was written");
+
+    a.agent.cli_ok(&["session", "import", &path, "--skip-bad"]);
+    b.wait_until("B has the import", |b| b.sessions().len() == 302);
+    assert_eq!(b.sessions(), etcd_sessions(&etcd));
+    assert_eq!(a.sessions(), etcd_sessions(&etcd));
+    assert_eq!(
+        b.user_of(device(0)).as_deref(),
+        Some(BOB),
+        "the refused line changed nothing"
+    );
+    assert!(b.passes(device(1)), "an imported device passes through B");
 }
