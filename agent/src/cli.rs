@@ -325,17 +325,18 @@ fn describe_store(store: &crate::fleet::StoreStatus) -> String {
         format!("connected since {since}")
     } else {
         format!(
-            "UNREACHABLE since {since} (enforcing the last sessions known; logins refused): {}",
+            "UNREACHABLE since {since} (enforcing the last sessions known; logins fail while no member answers): {}",
             store.last_error.as_deref().unwrap_or("not connected yet")
         )
     };
     format!(
-        "etcd {} {state}; revision {}, {} disconnect(s), {} full resync(s), {} bad entr(ies)",
+        "etcd {} {state}; revision {}, {} disconnect(s), {} full resync(s), {} bad entr(ies), {} lost race(s)",
         store.endpoints.join(","),
         store.revision,
         store.disconnects,
         store.resyncs,
-        store.bad_entries
+        store.bad_entries,
+        store.lost_races
     )
 }
 

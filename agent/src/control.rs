@@ -537,15 +537,11 @@ impl Control {
         skip_bad: bool,
     ) -> Result<ImportReport, ImportError> {
         let boot_id = self.boot_id();
-        let current: std::collections::HashMap<IpAddr, (SessionRecord, i64)> =
-            block_on(fleet.snapshot(&boot_id))
-                .map_err(|e| ImportError::Control(e.into()))?
-                .into_iter()
-                .map(|(r, rev)| (r.ip, (r, rev)))
-                .collect();
+        let current =
+            block_on(fleet.snapshot(&boot_id)).map_err(|e| ImportError::Control(e.into()))?;
         let clock = ClockPair::now();
         let (planned, plan_errors) = crate::sessions::plan_import(
-            |ip| current.get(ip).map(|(r, _)| r),
+            |ip| current.get(ip).and_then(|(r, _)| r.as_ref()),
             &parsed.records,
             &clock,
             &boot_id,
@@ -563,7 +559,7 @@ impl Control {
         }
         let reset = planned
             .iter()
-            .filter(|r| current.contains_key(&r.ip))
+            .filter(|r| current.get(&r.ip).is_some_and(|(r, _)| r.is_some()))
             .count();
         let with_revisions: Vec<(SessionRecord, i64)> = planned
             .into_iter()

@@ -104,9 +104,7 @@ impl From<ControlError> for ApiError {
             ControlError::Datapath(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ControlError::Store(FleetError::Session(s)) => session_status(s),
             ControlError::Store(FleetError::Unreachable { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            ControlError::Store(FleetError::Contended { .. } | FleetError::BadEntry { .. }) => {
-                StatusCode::CONFLICT
-            }
+            ControlError::Store(FleetError::Contended { .. }) => StatusCode::CONFLICT,
         };
         let code = match &e {
             ControlError::Session(s) => s.code(),

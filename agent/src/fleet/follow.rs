@@ -1,11 +1,11 @@
 //! The follower: the one task that applies the store to this host, in revision order.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 
 use super::{Fleet, StoreChange, entry, lock, members::short, unix_now};
-use crate::{clock::ClockPair, control::Control};
+use crate::{clock::ClockPair, control::Control, sessions::SessionRecord};
 
 /// Reconnection backoff: doubles from the first to the last, then stays there.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -24,8 +24,17 @@ enum Ended {
 pub async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
     let mut backoff = BACKOFF_FIRST;
     let mut snapshot_needed = true;
+    // Keys under the prefix that are not sessions now (for `bad_entries`).
+    let mut bad = HashSet::new();
     loop {
-        let ended = follow_once(&fleet, &control, &mut snapshot_needed, &mut backoff).await;
+        let ended = follow_once(
+            &fleet,
+            &control,
+            &mut snapshot_needed,
+            &mut backoff,
+            &mut bad,
+        )
+        .await;
         let cause = match ended {
             Ended::Compacted(compacted) => {
                 tracing::warn!(
@@ -69,45 +78,42 @@ async fn follow_once(
     control: &Arc<Control>,
     snapshot_needed: &mut bool,
     backoff: &mut Duration,
+    bad: &mut HashSet<Vec<u8>>,
 ) -> Ended {
     let prefix = fleet.layout.devices();
     if *snapshot_needed {
-        let response = match fleet
-            .members
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .await
-        {
-            Ok(r) => r,
+        let (revision, kvs) = match fleet.snapshot_kvs().await {
+            Ok(snapshot) => snapshot,
             Err(e) => return Ended::Lost(e),
         };
-        let revision = response.header().map_or(0, |h| h.revision());
         let clock = ClockPair::now();
         let boot_id = control.boot_id();
-        let mut records = Vec::with_capacity(response.kvs().len());
-        let mut bad = 0;
-        for kv in response.kvs() {
+        let mut records = Vec::with_capacity(kvs.len());
+        bad.clear();
+        for kv in &kvs {
             match decoded(fleet, kv.key(), kv.value(), &clock, &boot_id) {
-                Ok(StoreChange::Put(record)) => records.push(record),
-                // Left out of the snapshot, so the resync removes it.
-                Ok(StoreChange::Delete(_)) | Err(()) => bad += 1,
+                Decoded::Session(record) => records.push(record),
+                // Left out of the snapshot, so the resync removes any session it had.
+                Decoded::BadValue(_) | Decoded::BadKey => {
+                    bad.insert(kv.key().to_vec());
+                }
+                Decoded::Deleted(_) => unreachable!("a snapshot has no deletions"),
             }
         }
-        let control = Arc::clone(control);
-        let diff = tokio::task::spawn_blocking(move || control.resync_store(records))
-            .await
-            .expect("resync does not panic");
+        drop(kvs);
+        let diff = tokio::task::block_in_place(|| control.resync_store(records));
         tracing::info!(
             revision,
             added = diff.added,
             changed = diff.changed,
             removed = diff.removed,
-            bad_entries = bad,
+            bad_entries = bad.len(),
             "applied a full snapshot of the session store"
         );
         {
             let mut status = lock(&fleet.status);
             status.resyncs += 1;
-            status.bad_entries = bad;
+            status.bad_entries = bad.len() as u64;
             status.revision = revision;
         }
         fleet.applied.send_replace(revision);
@@ -141,7 +147,7 @@ async fn follow_once(
             return Ended::Compacted(response.compact_revision());
         }
         if response.canceled() {
-            return Ended::Lost(format!(
+            return lost(format!(
                 "etcd cancelled the watch: {}",
                 response.cancel_reason()
             ));
@@ -163,58 +169,74 @@ async fn follow_once(
         let boot_id = control.boot_id();
         let mut changes = Vec::with_capacity(response.events().len());
         let mut last = 0;
-        let mut bad = 0;
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             last = kv.mod_revision();
-            match event.event_type() {
-                EventType::Put => match decoded(fleet, kv.key(), kv.value(), &clock, &boot_id) {
-                    Ok(change) => {
-                        bad += u64::from(matches!(change, StoreChange::Delete(_)));
-                        changes.push(change);
-                    }
-                    Err(()) => bad += 1,
+            let change = match event.event_type() {
+                EventType::Put => decoded(fleet, kv.key(), kv.value(), &clock, &boot_id),
+                EventType::Delete => match fleet.layout.device(kv.key()) {
+                    Ok(ip) => Decoded::Deleted(ip),
+                    Err(_) => Decoded::BadKey,
                 },
-                EventType::Delete => {
-                    if let Ok(ip) = fleet.layout.device(kv.key()) {
-                        changes.push(StoreChange::Delete(ip));
+            };
+            match change {
+                Decoded::Session(record) => {
+                    bad.remove(kv.key());
+                    changes.push(StoreChange::Put(record));
+                }
+                Decoded::Deleted(ip) => {
+                    bad.remove(kv.key());
+                    changes.push(StoreChange::Delete(ip));
+                }
+                // A broken entry never leaves a stale session behind.
+                Decoded::BadValue(ip) => {
+                    bad.insert(kv.key().to_vec());
+                    changes.push(StoreChange::Delete(ip));
+                }
+                Decoded::BadKey => {
+                    if event.event_type() == EventType::Put {
+                        bad.insert(kv.key().to_vec());
+                    } else {
+                        bad.remove(kv.key());
                     }
                 }
             }
         }
         let applied = changes.len() as u64;
-        let control = Arc::clone(control);
-        tokio::task::spawn_blocking(move || control.apply_store(changes, last))
-            .await
-            .expect("applying changes does not panic");
+        tokio::task::block_in_place(|| control.apply_store(changes, last));
         {
             let mut status = lock(&fleet.status);
             status.events += applied;
-            status.bad_entries += bad;
+            status.bad_entries = bad.len() as u64;
             status.revision = last;
         }
         fleet.applied.send_replace(last);
     }
 }
 
-/// A put as this host's change: the session, or, for a value that is not a session
-/// (logged), a removal, so that a broken entry never leaves a stale session behind.
-/// `Err` for keys that name no device (logged).
-fn decoded(
-    fleet: &Fleet,
-    key: &[u8],
-    value: &[u8],
-    clock: &ClockPair,
-    boot_id: &str,
-) -> Result<StoreChange, ()> {
-    let ip = fleet.layout.device(key).map_err(|reason| {
-        tracing::warn!(key = %String::from_utf8_lossy(key), %reason, "ignoring a key under the devices prefix that names no device");
-    })?;
+/// A key and value as the store means them for this host.
+enum Decoded {
+    Session(SessionRecord),
+    Deleted(IpAddr),
+    /// A device key whose value is not a session (logged).
+    BadValue(IpAddr),
+    /// A key under the prefix that names no device (logged).
+    BadKey,
+}
+
+fn decoded(fleet: &Fleet, key: &[u8], value: &[u8], clock: &ClockPair, boot_id: &str) -> Decoded {
+    let ip = match fleet.layout.device(key) {
+        Ok(ip) => ip,
+        Err(reason) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), %reason, "ignoring a key under the devices prefix that names no device");
+            return Decoded::BadKey;
+        }
+    };
     match entry::decode(ip, value, clock, boot_id) {
-        Ok(record) => Ok(StoreChange::Put(record)),
+        Ok(record) => Decoded::Session(record),
         Err(reason) => {
             tracing::error!(key = %fleet.layout.key(ip), %reason, "the store's entry for this device is not a session; the device is treated as having none");
-            Ok(StoreChange::Delete(ip))
+            Decoded::BadValue(ip)
         }
     }
 }

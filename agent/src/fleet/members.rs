@@ -7,10 +7,14 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, KvClient, WatchClient};
+
+/// Largest response accepted: a snapshot page, or a watch catching up on many
+/// revisions at once (tonic's default, 4 MiB, is a few hundred import batches).
+const MAX_RESPONSE: usize = 256 << 20;
 
 pub(super) struct Members {
-    clients: Vec<(String, Client)>,
+    clients: Vec<Member>,
     /// The member that answered last; tried first.
     preferred: AtomicUsize,
 }
@@ -25,7 +29,13 @@ impl Members {
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(options.clone())).await?;
-            clients.push((endpoint.clone(), client));
+            clients.push(Member {
+                endpoint: endpoint.clone(),
+                kv: client.kv_client().max_decoding_message_size(MAX_RESPONSE),
+                watch: client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_RESPONSE),
+            });
         }
         Ok(Self {
             clients,
@@ -35,37 +45,38 @@ impl Members {
 
     /// Runs `op` on the preferred member, then on each other one in turn while it
     /// fails; the first to answer is preferred from then on. Every member's error
-    /// otherwise. Safe for the fleet's writes: they are compare-and-swap, so one that
-    /// did land before its answer was lost fails its compare when tried again.
+    /// otherwise. The fleet's writes are compare-and-swap: one that landed before its
+    /// answer was lost fails its compare when tried again, and the caller then finds
+    /// its own write in place (`Fleet::login` and the others check for that).
     pub(super) async fn call<T, F, Fut>(&self, op: F) -> Result<T, String>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(KvClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let first = self.preferred.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         for k in 0..self.clients.len() {
             let i = (first + k) % self.clients.len();
-            let (endpoint, client) = &self.clients[i];
-            match op(client.clone()).await {
+            let member = &self.clients[i];
+            match op(member.kv.clone()).await {
                 Ok(value) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(value);
                 }
-                Err(e) => errors.push(format!("{endpoint}: {}", short(&e))),
+                Err(e) => errors.push(format!("{}: {}", member.endpoint, short(&e))),
             }
         }
         Err(errors.join("; "))
     }
 
     /// The preferred member and its client (for the watch, which stays on one).
-    pub(super) fn preferred(&self) -> (usize, Client) {
+    pub(super) fn preferred(&self) -> (usize, WatchClient) {
         let i = self.preferred.load(Ordering::Relaxed) % self.clients.len();
-        (i, self.clients[i].1.clone())
+        (i, self.clients[i].watch.clone())
     }
 
     pub(super) fn endpoint(&self, i: usize) -> &str {
-        &self.clients[i].0
+        &self.clients[i].endpoint
     }
 
     /// After member `i` failed the watch, prefer the next one.
@@ -77,6 +88,12 @@ impl Members {
             Ordering::Relaxed,
         );
     }
+}
+
+struct Member {
+    endpoint: String,
+    kv: KvClient,
+    watch: WatchClient,
 }
 
 /// An error in a few words: gRPC statuses by their message and innermost cause

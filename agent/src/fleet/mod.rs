@@ -17,6 +17,7 @@ mod follow;
 mod members;
 
 use std::{
+    collections::HashMap,
     net::IpAddr,
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -62,17 +63,11 @@ pub enum StoreChange {
 #[derive(Debug, Error)]
 pub enum FleetError {
     #[error(
-        "the session store (etcd) did not answer: {cause}. The change is not confirmed; enforcement goes on with the sessions known at revision {revision}"
+        "the session store (etcd) could not be used: {cause}. The change is not confirmed; this host goes on enforcing {enforcing}"
     )]
-    Unreachable { cause: String, revision: i64 },
-    #[error("device {ip}: the store's entry {key} is not a session ({reason}); fix or delete it")]
-    BadEntry {
-        ip: IpAddr,
-        key: String,
-        reason: String,
-    },
+    Unreachable { cause: String, enforcing: String },
     #[error(
-        "device {ip} changed in the store {CAS_ATTEMPTS} times while this change was being made; try again"
+        "device {ip} changed in the store while this change was being made (another agent or a hook wrote it); try again"
     )]
     Contended { ip: IpAddr },
     #[error(transparent)]
@@ -83,7 +78,6 @@ impl FleetError {
     pub const fn code(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "store_unavailable",
-            Self::BadEntry { .. } => "store_bad_entry",
             Self::Contended { .. } => "store_contended",
             Self::Session(e) => e.code(),
         }
@@ -108,7 +102,8 @@ pub struct StoreStatus {
     #[serde(default)]
     pub last_error: Option<String>,
     /// Connections lost, full snapshots taken (the first one included), watch events
-    /// applied, and device keys whose value is not a session.
+    /// applied, device keys whose value is not a session (now), and writes through
+    /// this agent that lost a compare-and-swap to another writer and were judged again.
     #[serde(default)]
     pub disconnects: u64,
     #[serde(default)]
@@ -117,6 +112,8 @@ pub struct StoreStatus {
     pub events: u64,
     #[serde(default)]
     pub bad_entries: u64,
+    #[serde(default)]
+    pub lost_races: u64,
 }
 
 impl StoreStatus {
@@ -155,6 +152,8 @@ impl Fleet {
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(KEEPALIVE, KEEPALIVE_TIMEOUT)
+            // etcd closes connections that ping with no request open.
+            .with_keep_alive_while_idle(false)
             // A member cut off from the quorum refuses instead of serving stale data.
             .with_require_leader(true);
         if let Some(tls) = &config.tls {
@@ -199,10 +198,19 @@ impl Fleet {
     }
 
     fn unreachable(&self, cause: String) -> FleetError {
+        let revision = *self.applied.borrow();
         FleetError::Unreachable {
             cause,
-            revision: *self.applied.borrow(),
+            enforcing: if revision > 0 {
+                format!("the sessions known at revision {revision}")
+            } else {
+                "its local mirror of the sessions".to_string()
+            },
         }
+    }
+
+    fn lost_race(&self) {
+        lock(&self.status).lost_races += 1;
     }
 
     /// The device key's entry, from whichever member answers.
@@ -248,25 +256,25 @@ impl Fleet {
         }
     }
 
-    /// The device's entry and its `mod_revision` (0: no entry).
+    /// The device's session and its key's `mod_revision` (0: no key). An entry that
+    /// is not a session counts as none (as the follower treats it); a login replaces it.
     fn current(
         &self,
         ip: IpAddr,
         kv: Option<&KeyValue>,
         clock: &ClockPair,
         boot_id: &str,
-    ) -> Result<(Option<SessionRecord>, i64), FleetError> {
+    ) -> (Option<SessionRecord>, i64) {
         let Some(kv) = kv else {
-            return Ok((None, 0));
+            return (None, 0);
         };
-        let record = entry::decode(ip, kv.value(), clock, boot_id).map_err(|reason| {
-            FleetError::BadEntry {
-                ip,
-                key: self.layout.key(ip),
-                reason,
+        match entry::decode(ip, kv.value(), clock, boot_id) {
+            Ok(record) => (Some(record), kv.mod_revision()),
+            Err(reason) => {
+                tracing::warn!(key = %self.layout.key(ip), %reason, "the store's entry for this device is not a session; treating it as none");
+                (None, kv.mod_revision())
             }
-        })?;
-        Ok((Some(record), kv.mod_revision()))
+        }
     }
 
     /// A login as one compare-and-swap on the device key: the rules are checked
@@ -282,15 +290,16 @@ impl Fleet {
         let mut found = self.read(&key).await?;
         for _ in 0..CAS_ATTEMPTS {
             let clock = ClockPair::now();
-            let (current, revision) = self.current(req.ip, found.as_ref(), &clock, boot_id)?;
+            let (current, revision) = self.current(req.ip, found.as_ref(), &clock, boot_id);
             let record = plan_login(current.as_ref(), req, &clock, boot_id)?;
+            let value = entry::encode(&record);
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
                     CompareOp::Equal,
                     revision,
                 )])
-                .and_then([TxnOp::put(key.as_str(), entry::encode(&record), None)])
+                .and_then([TxnOp::put(key.as_str(), value.clone(), None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let response = self.txn(txn).await?;
             if response.succeeded() {
@@ -298,8 +307,14 @@ impl Fleet {
                 self.wait_applied(written).await;
                 return Ok(record);
             }
-            // Another writer got there first: judge the login against what it wrote.
             found = lost_race_value(response.op_responses());
+            // This very write, landed on a first try whose answer was lost.
+            if let Some(kv) = found.as_ref().filter(|kv| kv.value() == value.as_slice()) {
+                self.wait_applied(kv.mod_revision()).await;
+                return Ok(record);
+            }
+            // Another writer got there first: judge the login against what it wrote.
+            self.lost_race();
         }
         Err(FleetError::Contended { ip: req.ip })
     }
@@ -310,13 +325,8 @@ impl Fleet {
         let mut found = self.read(&key).await?;
         for _ in 0..CAS_ATTEMPTS {
             let clock = ClockPair::now();
-            let revision = found.as_ref().map_or(0, KeyValue::mod_revision);
-            let record = match self.current(ip, found.as_ref(), &clock, boot_id) {
-                Ok((Some(record), _)) => Some(record),
-                Ok((None, _)) => return Err(SessionError::NotFound { ip }.into()),
-                // A bad entry may be logged out: that is how it is cleared.
-                Err(FleetError::BadEntry { .. }) => None,
-                Err(e) => return Err(e),
+            let (Some(record), revision) = self.current(ip, found.as_ref(), &clock, boot_id) else {
+                return Err(SessionError::NotFound { ip }.into());
             };
             let txn = Txn::new()
                 .when([Compare::mod_revision(
@@ -330,17 +340,24 @@ impl Fleet {
             if response.succeeded() {
                 let written = response.header().map_or(0, |h| h.revision());
                 self.wait_applied(written).await;
-                return record.ok_or_else(|| SessionError::NotFound { ip }.into());
+                return Ok(record);
             }
             found = lost_race_value(response.op_responses());
+            if found.is_none() {
+                // Gone already: this delete on a first try whose answer was lost, or
+                // another logout. Either way the device is logged out.
+                return Ok(record);
+            }
+            self.lost_race();
         }
         Err(FleetError::Contended { ip })
     }
 
     /// Records many planned sessions in transactions of up to `IMPORT_BATCH` devices,
-    /// each one compare-and-swap on every key against the entries `plan` was made from
-    /// (`revisions`). A batch whose devices changed meanwhile fails and stops the
-    /// import; the batches before it stay recorded. Returns how many were recorded.
+    /// each one compare-and-swap on every key against the entries the plan was made
+    /// from (their revisions). A batch whose devices changed meanwhile fails, naming
+    /// one, and stops the import; the batches before it stay recorded. Returns how
+    /// many were recorded.
     pub async fn import(
         &self,
         planned: &[(SessionRecord, i64)],
@@ -354,44 +371,115 @@ impl Fleet {
                     Compare::mod_revision(self.layout.key(r.ip), CompareOp::Equal, *rev)
                 })
                 .collect();
+            let values: Vec<Vec<u8>> = batch.iter().map(|(r, _)| entry::encode(r)).collect();
             let puts: Vec<TxnOp> = batch
                 .iter()
-                .map(|(r, _)| TxnOp::put(self.layout.key(r.ip), entry::encode(r), None))
+                .zip(&values)
+                .map(|((r, _), v)| TxnOp::put(self.layout.key(r.ip), v.clone(), None))
+                .collect();
+            let gets: Vec<TxnOp> = batch
+                .iter()
+                .map(|(r, _)| TxnOp::get(self.layout.key(r.ip), None))
                 .collect();
             let response = self
-                .txn(Txn::new().when(compares).and_then(puts))
+                .txn(Txn::new().when(compares).and_then(puts).or_else(gets))
                 .await
                 .map_err(|e| (done, e))?;
-            if !response.succeeded() {
-                return Err((done, FleetError::Contended { ip: batch[0].0.ip }));
+            if response.succeeded() {
+                last = response.header().map_or(0, |h| h.revision());
+            } else {
+                // Either this batch landed on a first try whose answer was lost (every
+                // key holds what it wrote), or a device changed meanwhile.
+                let now: Vec<Option<KeyValue>> = response
+                    .op_responses()
+                    .into_iter()
+                    .map(|r| match r {
+                        TxnOpResponse::Get(mut get) => get.take_kvs().pop(),
+                        _ => None,
+                    })
+                    .collect();
+                let changed =
+                    batch.iter().zip(&values).zip(&now).find(|((_, v), kv)| {
+                        kv.as_ref().is_none_or(|kv| kv.value() != v.as_slice())
+                    });
+                if let Some((((record, _), _), _)) = changed {
+                    return Err((done, FleetError::Contended { ip: record.ip }));
+                }
+                last = now
+                    .iter()
+                    .flatten()
+                    .map(KeyValue::mod_revision)
+                    .max()
+                    .unwrap_or(0);
             }
-            last = response.header().map_or(0, |h| h.revision());
             done += batch.len();
         }
         self.wait_applied(last).await;
         Ok(done)
     }
 
-    /// Every device entry now (for planning an import): records and their revisions;
-    /// bad entries are left out.
-    pub async fn snapshot(&self, boot_id: &str) -> Result<Vec<(SessionRecord, i64)>, FleetError> {
-        let prefix = self.layout.devices();
-        let response = self
-            .members
-            .call(|mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })
-            .await
-            .map_err(|e| self.unreachable(e))?;
+    /// Every device key now, read in pages at one revision: (that revision, the
+    /// keys and values).
+    pub(super) async fn snapshot_kvs(&self) -> Result<(i64, Vec<KeyValue>), String> {
+        let end = prefix_end(self.layout.devices());
+        let mut start = self.layout.devices().as_bytes().to_vec();
+        let mut revision = 0;
+        let mut all = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SNAPSHOT_PAGE)
+                .with_revision(revision);
+            let mut page = self
+                .members
+                .call(|mut kv| {
+                    let (start, options) = (start.clone(), options.clone());
+                    async move { kv.get(start, Some(options)).await }
+                })
+                .await?;
+            if revision == 0 {
+                revision = page.header().map_or(0, |h| h.revision());
+            }
+            let more = page.more();
+            let kvs = page.take_kvs();
+            if let Some(last) = kvs.last() {
+                start = [last.key(), &[0]].concat();
+            }
+            all.extend(kvs);
+            if !more {
+                return Ok((revision, all));
+            }
+        }
+    }
+
+    /// Every device's session now and its key's revision (for planning an import).
+    /// Entries that are not sessions count as none, with their revision.
+    pub async fn snapshot(
+        &self,
+        boot_id: &str,
+    ) -> Result<HashMap<IpAddr, (Option<SessionRecord>, i64)>, FleetError> {
+        let (_, kvs) = self.snapshot_kvs().await.map_err(|e| self.unreachable(e))?;
         let clock = ClockPair::now();
-        Ok(response
-            .kvs()
+        Ok(kvs
             .iter()
             .filter_map(|kv| {
                 let ip = self.layout.device(kv.key()).ok()?;
-                let record = entry::decode(ip, kv.value(), &clock, boot_id).ok()?;
-                Some((record, kv.mod_revision()))
+                let record = entry::decode(ip, kv.value(), &clock, boot_id).ok();
+                Some((ip, (record, kv.mod_revision())))
             })
             .collect())
     }
+}
+
+/// Keys per page of a snapshot.
+const SNAPSHOT_PAGE: i64 = 10_000;
+
+/// The end of the key range of everything under `prefix` (which ends in '/').
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    let last = end.last_mut().expect("a prefix is never empty");
+    *last += 1;
+    end
 }
 
 /// Devices per import transaction (etcd refuses more than 128 operations in one).
