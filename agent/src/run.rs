@@ -170,7 +170,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     tasks.spawn(report_refusals(ring, Arc::clone(&control)));
     tasks.spawn(reload_on_sighup(Arc::clone(&control)));
     if let Some(fleet) = fleet {
-        tasks.spawn(crate::fleet::follow(
+        tasks.spawn(crate::fleet::supervise(
             Arc::clone(&fleet),
             Arc::clone(&control),
         ));

@@ -19,9 +19,37 @@ enum Ended {
     Compacted(i64),
 }
 
+/// Runs the follower. Should it ever stop (a bug: it panicked), this host no longer
+/// follows the store: say so in status, metrics and the log, and keep enforcing what
+/// it has, as in an outage.
+pub async fn supervise(fleet: Arc<Fleet>, control: Arc<Control>) {
+    let follower = tokio::spawn(follow(Arc::clone(&fleet), control));
+    // Stopping the supervisor (at shutdown) stops the follower too.
+    let _stop = AbortOnDrop(follower.abort_handle());
+    let ended = follower.await;
+    let cause = match ended {
+        Err(e) if e.is_panic() => "the follower panicked".to_string(),
+        Err(e) => format!("the follower stopped: {e}"),
+        Ok(()) => "the follower stopped".to_string(),
+    };
+    tracing::error!(%cause, "no longer following the session store; enforcing the last sessions known until the agent is restarted");
+    let mut status = lock(&fleet.status);
+    status.connected = false;
+    status.since = Some(unix_now());
+    status.last_error = Some(format!("{cause}; restart the agent"));
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Keeps this host equal to the store, forever: snapshot, watch, and after any failure
 /// the same again from where it stopped.
-pub async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
+async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
     let mut backoff = BACKOFF_FIRST;
     let mut snapshot_needed = true;
     // Keys under the prefix that are not sessions now (for `bad_entries`).

@@ -37,7 +37,7 @@ use crate::{
     sessions::{LoginRequest, SessionError, SessionRecord, plan_login},
 };
 pub use entry::Layout;
-pub use follow::follow;
+pub use follow::supervise;
 use members::Members;
 
 /// Every etcd request gives up after this (the watch stream itself is kept alive by
