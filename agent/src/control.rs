@@ -470,17 +470,7 @@ impl Control {
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
         let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
-        let mut errors = parsed.errors;
-        errors.extend(plan_errors);
-        errors.sort_by_key(|e| e.line);
-        let error_count = errors.len();
-        errors.truncate(IMPORT_ERRORS_SHOWN);
-        if error_count > 0 && !skip_bad {
-            return Err(ImportError::Rejected {
-                error_count,
-                errors,
-            });
-        }
+        let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
         let boot_id = store.boot_id().to_string();
         let previous: Vec<(IpAddr, Option<agent_common::maps::Session>)> = planned
             .iter()
@@ -546,17 +536,7 @@ impl Control {
             &clock,
             &boot_id,
         );
-        let mut errors = parsed.errors;
-        errors.extend(plan_errors);
-        errors.sort_by_key(|e| e.line);
-        let error_count = errors.len();
-        errors.truncate(IMPORT_ERRORS_SHOWN);
-        if error_count > 0 && !skip_bad {
-            return Err(ImportError::Rejected {
-                error_count,
-                errors,
-            });
-        }
+        let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
         let reset = planned
             .iter()
             .filter(|r| current.get(&r.ip).is_some_and(|(r, _)| r.is_some()))
@@ -844,6 +824,26 @@ pub enum ImportError {
     },
     #[error(transparent)]
     Control(#[from] ControlError),
+}
+
+/// An import's bad lines, parsing's and planning's, in line order: how many, and the
+/// first `IMPORT_ERRORS_SHOWN`. Any at all refuse the import unless `skip_bad`.
+fn line_errors(
+    mut errors: Vec<LineError>,
+    plan_errors: Vec<LineError>,
+    skip_bad: bool,
+) -> Result<(usize, Vec<LineError>), ImportError> {
+    errors.extend(plan_errors);
+    errors.sort_by_key(|e| e.line);
+    let error_count = errors.len();
+    errors.truncate(IMPORT_ERRORS_SHOWN);
+    if error_count > 0 && !skip_bad {
+        return Err(ImportError::Rejected {
+            error_count,
+            errors,
+        });
+    }
+    Ok((error_count, errors))
 }
 
 /// What a full resync changed here.

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::{
     clock::ClockPair,
-    sessions::{DEFAULT_IDP, FUTURE_TOLERANCE, SessionRecord, checked_name},
+    sessions::{DEFAULT_IDP, LoginRequest, SessionRecord, plan_login},
 };
 
 /// The JSON value of a device key.
@@ -97,28 +97,14 @@ pub fn decode(
     let entry: DeviceEntry = serde_json::from_slice(value).map_err(|e| {
         format!("the value is not {{\"user\", \"idp\", \"authenticated_at\"}} JSON: {e}")
     })?;
-    let user = checked_name("user", &entry.user).map_err(|e| e.to_string())?;
-    let idp = checked_name("idp", &entry.idp).map_err(|e| e.to_string())?;
-    let at = entry.authenticated_at;
-    if at > clock.wall + FUTURE_TOLERANCE {
-        return Err(format!(
-            "authenticated_at {at} is in the future (this host's clock: {})",
-            clock.wall
-        ));
-    }
-    let (authenticated_at, boot_ns) = if at > clock.wall {
-        (clock.wall, clock.boot_ns)
-    } else {
-        (at, clock.boot_ns_of(at))
-    };
-    Ok(SessionRecord {
+    // The login rules' checks of names and times, against no previous session.
+    let as_login = LoginRequest {
         ip,
-        user,
-        idp,
-        authenticated_at,
-        boot_id: boot_id.to_string(),
-        authenticated_at_boot_ns: boot_ns,
-    })
+        user: entry.user,
+        idp: Some(entry.idp),
+        at: Some(entry.authenticated_at),
+    };
+    plan_login(None, &as_login, clock, boot_id).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -293,15 +293,8 @@ impl Fleet {
             let (current, revision) = self.current(req.ip, found.as_ref(), &clock, boot_id);
             let record = plan_login(current.as_ref(), req, &clock, boot_id)?;
             let value = entry::encode(&record);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::put(key.as_str(), value.clone(), None)])
-                .or_else([TxnOp::get(key.as_str(), None)]);
-            let response = self.txn(txn).await?;
+            let put = TxnOp::put(key.as_str(), value.clone(), None);
+            let response = self.txn(compare_and_swap(&key, revision, put)).await?;
             if response.succeeded() {
                 let written = response.header().map_or(0, |h| h.revision());
                 self.wait_applied(written).await;
@@ -328,15 +321,8 @@ impl Fleet {
             let (Some(record), revision) = self.current(ip, found.as_ref(), &clock, boot_id) else {
                 return Err(SessionError::NotFound { ip }.into());
             };
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::delete(key.as_str(), None)])
-                .or_else([TxnOp::get(key.as_str(), None)]);
-            let response = self.txn(txn).await?;
+            let delete = TxnOp::delete(key.as_str(), None);
+            let response = self.txn(compare_and_swap(&key, revision, delete)).await?;
             if response.succeeded() {
                 let written = response.header().map_or(0, |h| h.revision());
                 self.wait_applied(written).await;
@@ -484,6 +470,14 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 
 /// Devices per import transaction (etcd refuses more than 128 operations in one).
 const IMPORT_BATCH: usize = 64;
+
+/// `then` if `key` is still at `revision` (0: absent); otherwise the key as it is now.
+fn compare_and_swap(key: &str, revision: i64, then: TxnOp) -> Txn {
+    Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+        .and_then([then])
+        .or_else([TxnOp::get(key, None)])
+}
 
 /// The entry an `or_else` get returned after a failed compare.
 fn lost_race_value(responses: Vec<TxnOpResponse>) -> Option<KeyValue> {

@@ -29,7 +29,7 @@ use journal::Journal;
 pub const DEFAULT_IDP: &str = "default";
 /// A login time this far ahead of the agent's clock is refused; closer ones are taken
 /// as "now" (small skew between the caller's clock and ours).
-pub(crate) const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
+const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
 const MAX_NAME_LEN: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,7 +331,7 @@ pub fn state_files(state_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-pub(crate) fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
+fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
     check_name(field, value)?;
     Ok(value.to_string())
 }
