@@ -1,5 +1,6 @@
 //! The control plane: how fast sessions and policies reach the kernel, how soon a login
-//! is enforced, and what a large deployment costs in memory.
+//! is enforced (by the agent that took it, and by another agent of an etcd fleet), and
+//! what a large deployment costs in memory.
 
 use std::{
     fs,
@@ -14,6 +15,7 @@ use agent_common::maps::Session;
 use anyhow::{Context as _, bail};
 use serde::Serialize;
 use sessiongate::{
+    api::client::{ApiClient, ClientError},
     clock::{ClockPair, boot_id, boot_now_ns},
     config::{Config, Limits},
     datapath::{Datapath, settings},
@@ -33,6 +35,9 @@ pub struct ControlReport {
     pub agent_start: f64,
     /// Milliseconds from a login request to the first SYN the kernel admits.
     pub login_to_admitted: Sample,
+    /// Milliseconds from a login request to agent A to the first SYN that gateway B's
+    /// kernel admits, A and B (in two labs) sharing sessions through one etcd member.
+    pub fleet_login_to_admitted: Sample,
     pub cidrs: usize,
     /// Seconds to parse, validate and compile a config of `cidrs` CIDRs.
     pub policy_compile: Sample,
@@ -59,13 +64,16 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     let (compile, write): (Vec<f64>, Vec<f64>) =
         repeat(runs, || policy_load(cidrs))?.into_iter().unzip();
     let (agent_start, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
-    let login_to_admitted = Sample::of(&login_latencies(agent, if quick { 3 } else { 15 })?);
+    let login_runs = if quick { 3 } else { 15 };
+    let login_to_admitted = Sample::of(&single_agent_logins(agent, login_runs)?);
+    let fleet_login_to_admitted = Sample::of(&fleet_logins(agent, login_runs)?);
     let (bulk_import, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
     Ok(ControlReport {
         sessions,
         session_load,
         agent_start,
         login_to_admitted,
+        fleet_login_to_admitted,
         cidrs,
         policy_compile: Sample::of(&compile),
         policy_write: Sample::of(&write),
@@ -243,28 +251,70 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// Milliseconds from a login request to the first SYN the kernel admits, `runs`
-/// times: a device whose session expired sends a new SYN every 100 µs; the login goes
-/// to the API; the first of those SYNs to be answered marks enforcement.
-fn login_latencies(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+/// Milliseconds from a login request to the first SYN the kernel admits, `runs` times,
+/// with one agent taking the login and enforcing it.
+fn single_agent_logins(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
     let lab = netlab::Lab::new(agent);
     let agent = lab.start_agent(&lab.config("", scenario::APP_POLICY));
+    let api = ApiClient::new(&agent.socket);
+    login_latencies(runs, &api, &lab, &api)
+}
+
+/// Milliseconds from a login request to agent A to the first SYN that agent B admits,
+/// `runs` times: A and B run in two labs and share sessions through a one-member etcd
+/// (in a namespace of its own), so the login travels A, etcd, B's watch, B's map.
+fn fleet_logins(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
+    // Declared first, dropped last: the agents stop while their store still answers.
+    let etcd = netlab::Etcd::start(1);
+    let endpoints = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rest = format!(
+        "[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n\n{}",
+        scenario::APP_POLICY
+    );
+    let labs = [(), ()].map(|()| netlab::Lab::new(agent));
+    for lab in &labs {
+        etcd.connect(&lab.gateway);
+    }
+    let agents = labs
+        .each_ref()
+        .map(|lab| lab.start_agent(&lab.config("", &rest)));
+    let [a, b] = agents.each_ref().map(|agent| ApiClient::new(&agent.socket));
+    login_latencies(runs, &a, &labs[1], &b)
+}
+
+/// Milliseconds from a login request to the first SYN the kernel admits, `runs` times:
+/// a device of `lab` whose session expired sends a new SYN every 100 µs from the
+/// client namespace; the login goes to `login_api`; the first of those SYNs to be
+/// answered through `lab`'s gateway marks enforcement. `enforcer` is the API of the
+/// agent on that gateway: the one behind `login_api`, or another following the same
+/// store. Before each run it must have the expired session, after each run's logout
+/// (through `login_api`) it must have none, so that runs start alike.
+fn login_latencies(
+    runs: usize,
+    login_api: &ApiClient,
+    lab: &netlab::Lab,
+    enforcer: &ApiClient,
+) -> anyhow::Result<Vec<f64>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let client = sessiongate::api::client::ApiClient::new(&agent.socket);
     let mut latencies = Vec::with_capacity(runs);
     for run in 0..runs {
         let device = netlab::device((run % 10) as u8);
+        let user = format!("user{run}@example.com");
         let expired = netlab::time_ago(Duration::from_secs(7200));
         let login = |at: Option<String>| {
-            let body = serde_json::json!({
-                "ip": device.to_string(), "user": format!("user{run}@example.com"), "at": at,
-            });
-            runtime.block_on(client.call(hyper::Method::POST, "/v1/sessions", Some(body)))
+            let body = serde_json::json!({ "ip": device.to_string(), "user": user, "at": at });
+            runtime.block_on(login_api.call(hyper::Method::POST, "/v1/sessions", Some(body)))
         };
         login(Some(expired))?;
-        // Neighbour entries on both sides first, so the measurement is the agent's.
+        wait_for_session(&runtime, enforcer, device, |u| u == Some(user.as_str()))?;
+        // Neighbour entries on both sides first, so the measurement is the agents'.
         if !lab.tcp_works(device, netlab::OPEN, 443) {
             bail!("{device} cannot reach the unprotected host");
         }
@@ -272,13 +322,39 @@ fn login_latencies(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
             .client
             .run(|| probe_until_admitted(device, || Ok(login(None)?)))?;
         latencies.push(latency.as_secs_f64() * 1e3);
-        runtime.block_on(client.call(
+        runtime.block_on(login_api.call(
             hyper::Method::DELETE,
             &format!("/v1/sessions/{device}"),
             None,
         ))?;
+        wait_for_session(&runtime, enforcer, device, |u| u.is_none())?;
     }
     Ok(latencies)
+}
+
+/// Polls `api` (every 2 ms, up to 10 s) until `done` holds for the user of `device`'s
+/// session, `None` when it has none.
+fn wait_for_session(
+    runtime: &tokio::runtime::Runtime,
+    api: &ApiClient,
+    device: IpAddr,
+    done: impl Fn(Option<&str>) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let user = match runtime.block_on(api.get(&format!("/v1/sessions/{device}"))) {
+            Ok(session) => Some(session["user"].as_str().unwrap_or_default().to_owned()),
+            Err(ClientError::Api { status: 404, .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if done(user.as_deref()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the enforcing agent's session of {device} is still {user:?} after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Sends a SYN from `device` every 100 µs, runs `login` after the first few, and

@@ -4,7 +4,8 @@
 //! - per-packet cost of the XDP program through BPF_PROG_TEST_RUN (`progrun`), against
 //!   a do-nothing program and xdp-filter;
 //! - end to end with a packet generator, against nftables and no filtering (`flood`);
-//! - control-plane speed and memory (`control`).
+//! - control-plane speed and memory (`control`), login to enforcement included, by the
+//!   agent that took the login and by another agent sharing sessions through etcd.
 //!
 //! Needs root, and measures best on an otherwise idle machine.
 

@@ -20,6 +20,14 @@ pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
         met: c.login_to_admitted.max < 10.0,
     });
     targets.push(Target {
+        name: "A login through one agent enforced by another within 100 ms".into(),
+        measured: format!(
+            "{:.2} ms median, {:.2} ms worst",
+            c.fleet_login_to_admitted.median, c.fleet_login_to_admitted.max
+        ),
+        met: c.fleet_login_to_admitted.median < 100.0,
+    });
+    targets.push(Target {
         name: format!(
             "{} sessions imported in bulk (`session import`) in a few seconds (under 10 s)",
             c.sessions
@@ -68,6 +76,14 @@ pub fn section(c: &ControlReport, md: &mut String) {
             format!(
                 "{:.2}-{:.2} ms",
                 c.login_to_admitted.min, c.login_to_admitted.max
+            ),
+        ),
+        (
+            "login through agent A to the first SYN admitted by agent B (etcd fleet)".into(),
+            format!("{:.2} ms", c.fleet_login_to_admitted.median),
+            format!(
+                "{:.2}-{:.2} ms",
+                c.fleet_login_to_admitted.min, c.fleet_login_to_admitted.max
             ),
         ),
         (
