@@ -549,3 +549,52 @@ fn an_import_through_one_agent_reaches_the_other() {
     );
     assert!(b.passes(device(1)), "an imported device passes through B");
 }
+
+/// TLS mistakes are named: a CA file that cannot be read stops the agent at start;
+/// a CA that did not sign the members' certificates leaves it unable to follow the
+/// store (fail-static), saying why, and refusing logins.
+#[test]
+fn tls_mistakes_are_reported() {
+    if !privileged("tls_mistakes_are_reported") {
+        return;
+    }
+    let etcd = Etcd::start_tls(1);
+    let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+    etcd.connect(&lab.gateway);
+    let tls = etcd.tls().expect("a TLS cluster");
+    let good = store_section(&etcd);
+
+    let missing = good.replace(&tls.ca.display().to_string(), "/nonexistent/ca.pem");
+    let log = lab.refused_start(&lab.config("", &format!("{missing}{APP_POLICY}")));
+    assert!(
+        log.contains("[store] ca_file /nonexistent/ca.pem: cannot read it"),
+        "{log}"
+    );
+
+    // The client's own certificate as the CA: the members' certificates do not verify.
+    let wrong = good.replace(
+        &format!("ca_file = {:?}", tls.ca.display().to_string()),
+        &format!("ca_file = {:?}", tls.cert.display().to_string()),
+    );
+    let agent = lab.start_agent(&lab.config("", &format!("{wrong}{APP_POLICY}")));
+    let gateway = Gateway { lab, agent };
+    let store = gateway.store();
+    assert_eq!(store["connected"], false, "{store}");
+    let error = store["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        error.contains("certificate"),
+        "the TLS failure is named: {store}"
+    );
+    let out = login_output(&gateway.agent, device(0), ALICE);
+    assert!(!out.status.success());
+    eprintln!("a login with the wrong CA: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("could not be used")
+            && stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&out)
+    );
+}

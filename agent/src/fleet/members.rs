@@ -107,10 +107,17 @@ pub(super) fn short(e: &etcd_client::Error) -> String {
                 innermost = Some(c);
                 cause = c.source();
             }
-            match innermost {
-                Some(c) if !status.message().is_empty() => format!("{}: {c}", status.message()),
-                Some(c) => c.to_string(),
-                None => format!("{:?}: {}", status.code(), status.message()),
+            let message = status.message();
+            match innermost.map(ToString::to_string) {
+                Some(c) if message.is_empty() || message.contains(&c) => {
+                    if message.is_empty() {
+                        c
+                    } else {
+                        message.to_string()
+                    }
+                }
+                Some(c) => format!("{message}: {c}"),
+                None => format!("{:?}: {message}", status.code()),
             }
         }
         other => other.to_string(),
