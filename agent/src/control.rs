@@ -565,7 +565,9 @@ impl Control {
     }
 
     /// Makes the kernel and the local mirror equal to a full snapshot of the fleet's
-    /// store (the follower's first step, and again after compaction).
+    /// store (the follower's first step, and again after compaction). New and changed
+    /// sessions go in as one batch (one kernel batch, one journal write); should the
+    /// batch fail (a full map), each goes on its own so that all that fit are in.
     pub fn resync_store(&self, snapshot: Vec<SessionRecord>) -> StoreDiff {
         let mut store = lock(&self.sessions);
         let mut datapath = lock(&self.datapath);
@@ -587,19 +589,45 @@ impl Control {
                 diff.removed += 1;
             }
         }
-        for record in snapshot {
-            let known = store.get(&record.ip).is_some();
-            if apply_change(
-                &mut store,
-                &mut datapath.maps,
-                StoreChange::Put(record),
-                &clock,
-            ) {
-                if known {
-                    diff.changed += 1;
-                } else {
-                    diff.added += 1;
+        let changed: Vec<SessionRecord> = snapshot
+            .into_iter()
+            .filter(|r| !store.get(&r.ip).is_some_and(|old| same_session(old, r)))
+            .collect();
+        diff.changed = changed
+            .iter()
+            .filter(|r| store.get(&r.ip).is_some())
+            .count();
+        diff.added = changed.len() - diff.changed;
+        let boot_id = store.boot_id().to_string();
+        let values: Vec<_> = changed
+            .iter()
+            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
+            .collect();
+        match datapath.maps.load_sessions(&values) {
+            Ok(()) => {
+                if let Err(e) = store.commit_import(changed) {
+                    tracing::error!(error = %e, "could not record the store's snapshot in the local mirror");
                 }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not write the store's snapshot to the kernel in one batch; writing it device by device");
+                let (mut added, mut updated) = (0, 0);
+                for record in changed {
+                    let known = store.get(&record.ip).is_some();
+                    if apply_change(
+                        &mut store,
+                        &mut datapath.maps,
+                        StoreChange::Put(record),
+                        &clock,
+                    ) {
+                        if known {
+                            updated += 1;
+                        } else {
+                            added += 1;
+                        }
+                    }
+                }
+                (diff.added, diff.changed) = (added, updated);
             }
         }
         diff
@@ -854,6 +882,12 @@ pub struct StoreDiff {
     pub removed: usize,
 }
 
+/// Whether a session from the store is the one this host has (its boot-clock time,
+/// set when it was first applied here, stays).
+fn same_session(old: &SessionRecord, new: &SessionRecord) -> bool {
+    old.user == new.user && old.idp == new.idp && old.authenticated_at == new.authenticated_at
+}
+
 /// One change from the fleet's store into the kernel and the local mirror; whether it
 /// changed anything. The store is the truth: a change that cannot be written here is
 /// logged (the device keeps its previous state) and counted by the kernel's errors.
@@ -865,11 +899,10 @@ fn apply_change(
 ) -> bool {
     match change {
         StoreChange::Put(record) => {
-            if store.get(&record.ip).is_some_and(|old| {
-                old.user == record.user
-                    && old.idp == record.idp
-                    && old.authenticated_at == record.authenticated_at
-            }) {
+            if store
+                .get(&record.ip)
+                .is_some_and(|old| same_session(old, &record))
+            {
                 return false;
             }
             let ip = record.ip;
