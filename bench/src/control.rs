@@ -1,6 +1,7 @@
 //! The control plane: how fast sessions and policies reach the kernel, how soon a login
-//! is enforced (by the agent that took it, and by another agent of an etcd fleet), and
-//! what a large deployment costs in memory.
+//! is enforced (by the agent that took it, and by another agent of an etcd fleet), what
+//! a large deployment costs in memory, and how an etcd fleet takes a bulk import and a
+//! new agent.
 
 use std::{
     fs,
@@ -53,6 +54,24 @@ pub struct ControlReport {
     /// Seconds for `sessiongate reload` from a one-policy config to one of `cidrs`
     /// CIDRs on a running agent, end to end through the CLI.
     pub reload: Sample,
+    /// Sessions of the fleet-at-scale scenario.
+    pub fleet_sessions: usize,
+    /// Seconds for `sessiongate session import` of `fleet_sessions` sessions (a CSV
+    /// file) through agent A of an etcd fleet, end to end through the CLI: A writes them
+    /// to etcd and answers once its own follower has applied them.
+    pub fleet_import: f64,
+    /// Seconds from starting agent B (another lab, the same etcd) until its API
+    /// answers. B serves once it has loaded the fleet's snapshot, or after waiting 5 s
+    /// for it (then on its local mirror while the snapshot goes on).
+    pub fleet_join: f64,
+    /// The sessions B held when its API first answered (`fleet_sessions`: in step).
+    pub fleet_join_sessions: usize,
+    /// Seconds from starting B until it holds all `fleet_sessions` sessions.
+    pub fleet_join_synced: f64,
+    /// Agent B's RSS once it holds them, bytes.
+    pub fleet_join_rss_bytes: u64,
+    /// The etcd member's database (`dbSize`) holding the fleet's sessions, bytes.
+    pub fleet_etcd_bytes: u64,
 }
 
 pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
@@ -68,6 +87,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     let login_to_admitted = Sample::of(&single_agent_logins(agent, login_runs)?);
     let fleet_login_to_admitted = Sample::of(&fleet_logins(agent, login_runs)?);
     let (bulk_import, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
+    let fleet = fleet_at_scale(if quick { 5_000 } else { FLEET_SESSIONS }, agent)?;
     Ok(ControlReport {
         sessions,
         session_load,
@@ -81,6 +101,13 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         rss_bytes,
         bulk_import,
         reload: Sample::of(&reloads),
+        fleet_sessions: fleet.sessions,
+        fleet_import: fleet.import,
+        fleet_join: fleet.join,
+        fleet_join_sessions: fleet.join_sessions,
+        fleet_join_synced: fleet.join_synced,
+        fleet_join_rss_bytes: fleet.join_rss_bytes,
+        fleet_etcd_bytes: fleet.etcd_bytes,
     })
 }
 
@@ -93,39 +120,13 @@ fn import_and_reload(
     agent: &Path,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
     let lab = netlab::Lab::new(agent);
-    let sized = |config: String| {
-        config.replace(
-            "[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n",
-            &format!(
-                "[limits]\nmax_sessions = {}\nmax_flows = 4096\nmax_policy_cidrs = 16384\nmax_port_rules = 65536\n",
-                n + 1024
-            ),
-        )
-    };
-    let small = sized(lab.config("", scenario::APP_POLICY));
-    let large = sized(lab.config("", &scenario::policies(cidrs, 11)));
+    let small = sized(lab.config("", scenario::APP_POLICY), n);
+    let large = sized(lab.config("", &scenario::policies(cidrs, 11)), n);
     let agent = lab.start_agent(&small);
 
     let file = lab.dir.path().join("sessions.csv");
-    let at = ClockPair::now()
-        .wall
-        .format(&time::format_description::well_known::Rfc3339)?;
-    let mut out = BufWriter::new(fs::File::create(&file)?);
-    writeln!(out, "ip,user,idp,authenticated_at")?;
-    for device in scenario::devices(n) {
-        writeln!(out, "{device},bench@example.com,default,{at}")?;
-    }
-    out.flush()?;
-    drop(out);
-    let started = Instant::now();
-    let imported = agent.cli(&["session", "import", &file.to_string_lossy()]);
-    let import = started.elapsed().as_secs_f64();
-    if !imported.status.success() {
-        bail!(
-            "session import failed: {}",
-            String::from_utf8_lossy(&imported.stderr)
-        );
-    }
+    write_csv(&file, n)?;
+    let import = import_file(&agent, &file)?;
 
     let config_path = lab.dir.path().join("sessiongate.toml");
     let mut reloads = Vec::with_capacity(runs);
@@ -138,6 +139,189 @@ fn import_and_reload(
         reloads.push(started.elapsed().as_secs_f64());
     }
     Ok((import, reloads))
+}
+
+/// `config` (from `Lab::config`) with limits for `sessions` sessions and large policies.
+fn sized(config: String, sessions: usize) -> String {
+    config.replace(
+        "[limits]\nmax_sessions = 4096\nmax_flows = 4096\nmax_policy_cidrs = 1024\nmax_port_rules = 1024\n",
+        &format!(
+            "[limits]\nmax_sessions = {}\nmax_flows = 4096\nmax_policy_cidrs = 16384\nmax_port_rules = 65536\n",
+            sessions + 1024
+        ),
+    )
+}
+
+/// A CSV import file of `n` devices authenticated now.
+fn write_csv(path: &Path, n: usize) -> anyhow::Result<()> {
+    let at = ClockPair::now()
+        .wall
+        .format(&time::format_description::well_known::Rfc3339)?;
+    let mut out = BufWriter::new(fs::File::create(path)?);
+    writeln!(out, "ip,user,idp,authenticated_at")?;
+    for device in scenario::devices(n) {
+        writeln!(out, "{device},bench@example.com,default,{at}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Seconds for `sessiongate session import FILE` on `agent`, which must succeed.
+fn import_file(agent: &netlab::Agent, file: &Path) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let imported = agent.cli(&["session", "import", &file.to_string_lossy()]);
+    let seconds = started.elapsed().as_secs_f64();
+    if !imported.status.success() {
+        bail!(
+            "session import failed: {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+    }
+    Ok(seconds)
+}
+
+/// Sessions of the fleet-at-scale scenario in a full run.
+const FLEET_SESSIONS: usize = 1_000_000;
+
+/// What `fleet_at_scale` measured.
+struct FleetScale {
+    sessions: usize,
+    import: f64,
+    join: f64,
+    join_sessions: usize,
+    join_synced: f64,
+    join_rss_bytes: u64,
+    etcd_bytes: u64,
+}
+
+/// An etcd fleet at scale: `n` sessions imported through agent A (in one lab) into a
+/// one-member etcd, then agent B started in a second lab on the same etcd and timed
+/// until its API answers, and until it holds the `n` sessions (which it must, within
+/// 10 minutes).
+fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
+    eprintln!("bench: an etcd fleet of {n} sessions");
+    // Declared first, dropped last: the agents stop while their store still answers.
+    let etcd = netlab::Etcd::start(1);
+    let rest = fleet_config(&etcd);
+    let labs = [(), ()].map(|()| netlab::Lab::new(agent));
+    for lab in &labs {
+        etcd.connect(&lab.gateway);
+    }
+    let configs = labs.each_ref().map(|lab| sized(lab.config("", &rest), n));
+
+    let a = labs[0].start_agent(&configs[0]);
+    let file = labs[0].dir.path().join("sessions.csv");
+    write_csv(&file, n)?;
+    let import = import_file(&a, &file)?;
+    let on_a = session_count(&a)?;
+    if on_a != n {
+        bail!("agent A has {on_a} sessions after importing {n}");
+    }
+
+    let started = Instant::now();
+    let b = labs[1].spawn_agent(&configs[1]);
+    let deadline = started + Duration::from_secs(600);
+    let join_sessions = wait_answering(&b, deadline)?;
+    let join = started.elapsed().as_secs_f64();
+    loop {
+        let on_b = session_count(&b)?;
+        if on_b == n {
+            break;
+        }
+        if Instant::now() >= deadline || on_b > n {
+            bail!(
+                "agent B has {on_b} sessions after joining a fleet of {n}; log:\n{}",
+                b.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let join_synced = started.elapsed().as_secs_f64();
+    let join_rss_bytes = rss(b.pid())?;
+    let status: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl(&["endpoint", "status", "-w", "json"]))?;
+    let etcd_bytes = status[0]["Status"]["dbSize"]
+        .as_u64()
+        .context("no dbSize in etcd's endpoint status")?;
+    drop((a, b));
+    Ok(FleetScale {
+        sessions: n,
+        import,
+        join,
+        join_sessions,
+        join_synced,
+        join_rss_bytes,
+        etcd_bytes,
+    })
+}
+
+/// The sections after `[limits]` of an agent config that shares sessions through
+/// `etcd` (prefix `/fleet`), with one session-checked application.
+fn fleet_config(etcd: &netlab::Etcd) -> String {
+    let endpoints = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n\n{}",
+        scenario::APP_POLICY
+    )
+}
+
+/// The sessions an agent reports (`sessiongate stats --json`).
+fn session_count(agent: &netlab::Agent) -> anyhow::Result<usize> {
+    let out = agent.cli(&["stats", "--json"]);
+    if !out.status.success() {
+        bail!(
+            "sessiongate stats failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    sessions_of(&out.stdout)
+}
+
+fn sessions_of(stats: &[u8]) -> anyhow::Result<usize> {
+    let stats: serde_json::Value = serde_json::from_slice(stats)?;
+    stats["sessions"]
+        .as_u64()
+        .map(|n| n as usize)
+        .context("no sessions in the agent's stats")
+}
+
+/// Waits until a starting agent's API answers (`sessiongate stats --json`): polls
+/// every 10 ms until its socket exists, then asks (a request made before the agent
+/// serves waits for it). Returns the sessions it reported; fails if the agent exits or
+/// the deadline passes.
+fn wait_answering(agent: &netlab::Agent, deadline: Instant) -> anyhow::Result<usize> {
+    loop {
+        if agent.socket.exists() {
+            let out = agent.cli(&["stats", "--json"]);
+            if out.status.success() {
+                return sessions_of(&out.stdout);
+            }
+        }
+        if !running(agent.pid()) {
+            bail!(
+                "the agent exited while starting; log:\n{}",
+                agent.log_text()
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!("the agent's API did not answer; log:\n{}", agent.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a child process still runs (not exited, not a zombie awaiting its parent).
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }
 
 fn repeat<T>(runs: usize, mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<Vec<T>> {
@@ -266,16 +450,7 @@ fn single_agent_logins(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
 fn fleet_logins(agent: &Path, runs: usize) -> anyhow::Result<Vec<f64>> {
     // Declared first, dropped last: the agents stop while their store still answers.
     let etcd = netlab::Etcd::start(1);
-    let endpoints = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rest = format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n\n{}",
-        scenario::APP_POLICY
-    );
+    let rest = fleet_config(&etcd);
     let labs = [(), ()].map(|()| netlab::Lab::new(agent));
     for lab in &labs {
         etcd.connect(&lab.gateway);

@@ -129,6 +129,48 @@ pub fn section(c: &ControlReport, md: &mut String) {
             format!("{:.0} MiB", mib(c.rss_bytes)),
             "-".into(),
         ),
+        (
+            format!(
+                "{} sessions imported through an agent into etcd (`session import`, CSV), end to end",
+                c.fleet_sessions
+            ),
+            format!(
+                "{:.2} s ({:.0} sessions/s)",
+                c.fleet_import,
+                c.fleet_sessions as f64 / c.fleet_import
+            ),
+            "-".into(),
+        ),
+        (
+            format!(
+                "an agent joining a fleet of {} sessions, until its API answers",
+                c.fleet_sessions
+            ),
+            if c.fleet_join_sessions == c.fleet_sessions {
+                format!("{:.2} s", c.fleet_join)
+            } else {
+                format!(
+                    "{:.2} s (holding {} of them: it served before its snapshot was in)",
+                    c.fleet_join, c.fleet_join_sessions
+                )
+            },
+            "-".into(),
+        ),
+        (
+            "the same agent, until it holds them all".into(),
+            format!("{:.2} s", c.fleet_join_synced),
+            "-".into(),
+        ),
+        (
+            "joined agent RSS, same".into(),
+            format!("{:.0} MiB", mib(c.fleet_join_rss_bytes)),
+            "-".into(),
+        ),
+        (
+            format!("etcd database at {} sessions", c.fleet_sessions),
+            format!("{:.0} MiB", mib(c.fleet_etcd_bytes)),
+            "-".into(),
+        ),
     ];
     for (measure, median, range) in rows {
         let _ = writeln!(md, "| {measure} | {median} | {range} |");
