@@ -31,6 +31,10 @@ use crate::{
     },
 };
 
+/// Changes from the fleet's store in one watch response beyond which they are logged
+/// as one line (each at debug level).
+const BULK_CHANGES: usize = 16;
+
 /// Line errors an import reply lists; the rest are counted.
 const IMPORT_ERRORS_SHOWN: usize = 100;
 
@@ -638,14 +642,29 @@ impl Control {
         let mut store = lock(&self.sessions);
         let mut datapath = lock(&self.datapath);
         let clock = ClockPair::now();
+        // Each change is logged, at info level unless it came in bulk (an import).
+        let bulk = changes.len() > BULK_CHANGES;
+        let mut applied = 0;
         for change in changes {
             let what = match &change {
                 StoreChange::Put(r) => format!("session of {} for {} via {}", r.ip, r.user, r.idp),
                 StoreChange::Delete(ip) => format!("logout of {ip}"),
             };
             if apply_change(&mut store, &mut datapath.maps, change, &clock) {
-                tracing::info!(revision, "applied from the fleet's store: {what}");
+                applied += 1;
+                if bulk {
+                    tracing::debug!(revision, "applied from the fleet's store: {what}");
+                } else {
+                    tracing::info!(revision, "applied from the fleet's store: {what}");
+                }
             }
+        }
+        if bulk {
+            tracing::info!(
+                revision,
+                applied,
+                "applied a batch of changes from the fleet's store"
+            );
         }
     }
 

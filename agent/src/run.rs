@@ -246,7 +246,8 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long start-up waits for the first snapshot of the fleet's store.
+/// How long start-up waits for the first snapshot of the fleet's store while etcd
+/// fails (a snapshot that is coming in is waited for).
 const FIRST_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The optional TCP listener configured as `field`.

@@ -21,17 +21,21 @@ pub(super) struct Members {
 
 impl Members {
     /// Clients for every endpoint. Nothing is dialled yet: connections are made on
-    /// first use and again after failures.
+    /// first use and again after failures. `bulk` is for snapshot pages: the same
+    /// options with a longer request timeout.
     pub(super) async fn new(
         endpoints: &[String],
         options: &ConnectOptions,
+        bulk: &ConnectOptions,
     ) -> Result<Self, etcd_client::Error> {
         let mut clients = Vec::with_capacity(endpoints.len());
         for endpoint in endpoints {
             let client = Client::connect([endpoint], Some(options.clone())).await?;
+            let bulk = Client::connect([endpoint], Some(bulk.clone())).await?;
             clients.push(Member {
                 endpoint: endpoint.clone(),
                 kv: client.kv_client().max_decoding_message_size(MAX_RESPONSE),
+                kv_bulk: bulk.kv_client().max_decoding_message_size(MAX_RESPONSE),
                 watch: client
                     .watch_client()
                     .max_decoding_message_size(MAX_RESPONSE),
@@ -53,12 +57,30 @@ impl Members {
         F: Fn(KvClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_on(false, op).await
+    }
+
+    /// `call` for a large read (a snapshot page), with the longer timeout.
+    pub(super) async fn call_bulk<T, F, Fut>(&self, op: F) -> Result<T, String>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_on(true, op).await
+    }
+
+    async fn call_on<T, F, Fut>(&self, bulk: bool, op: F) -> Result<T, String>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
         let first = self.preferred.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         for k in 0..self.clients.len() {
             let i = (first + k) % self.clients.len();
             let member = &self.clients[i];
-            match op(member.kv.clone()).await {
+            let kv = if bulk { &member.kv_bulk } else { &member.kv };
+            match op(kv.clone()).await {
                 Ok(value) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(value);
@@ -93,6 +115,7 @@ impl Members {
 struct Member {
     endpoint: String,
     kv: KvClient,
+    kv_bulk: KvClient,
     watch: WatchClient,
 }
 

@@ -41,8 +41,9 @@ pub use follow::supervise;
 use members::Members;
 
 /// Every etcd request gives up after this (the watch stream itself is kept alive by
-/// keepalive pings instead).
+/// keepalive pings instead), a snapshot page after `BULK_TIMEOUT`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const BULK_TIMEOUT: Duration = Duration::from_secs(60);
 /// A silent connection is declared dead after `KEEPALIVE` plus `KEEPALIVE_TIMEOUT`.
 /// etcd closes connections that ping more often than every 5 s
 /// (`--grpc-keepalive-min-time`).
@@ -171,7 +172,8 @@ impl Fleet {
             }
             options = options.with_tls(tls_options);
         }
-        let members = Members::new(&config.endpoints, &options)
+        let bulk = options.clone().with_timeout(BULK_TIMEOUT);
+        let members = Members::new(&config.endpoints, &options, &bulk)
             .await
             .with_context(|| format!("[store] endpoints {}", config.endpoints.join(", ")))?;
         Ok(Self {
@@ -233,12 +235,21 @@ impl Fleet {
             .map_err(|e| self.unreachable(e))
     }
 
-    /// Waits until the first snapshot is applied, or `limit` passes; whether it was.
+    /// Waits until the first snapshot is applied; whether it was. Gives up once
+    /// `limit` has passed with the store failing (a large snapshot that is coming in
+    /// is waited for).
     pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let started = std::time::Instant::now();
         let mut rx = self.applied.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|&r| r > 0))
-            .await
-            .is_ok()
+        loop {
+            let synced = tokio::time::timeout(Duration::from_millis(100), rx.wait_for(|&r| r > 0));
+            if synced.await.is_ok() {
+                return true;
+            }
+            if started.elapsed() >= limit && lock(&self.status).last_error.is_some() {
+                return false;
+            }
+        }
     }
 
     /// Waits until the follower has applied `revision` here (bounded: a change that is
@@ -418,7 +429,7 @@ impl Fleet {
                 .with_revision(revision);
             let mut page = self
                 .members
-                .call(|mut kv| {
+                .call_bulk(|mut kv| {
                     let (start, options) = (start.clone(), options.clone());
                     async move { kv.get(start, Some(options)).await }
                 })
@@ -457,8 +468,10 @@ impl Fleet {
     }
 }
 
-/// Keys per page of a snapshot.
-const SNAPSHOT_PAGE: i64 = 10_000;
+/// Keys per page of a snapshot (about 14 MB). etcd 3.4 counts every key left in the
+/// range for each page, so small pages cost quadratic time on a large store: 10,000
+/// took 22 s for 1M keys.
+const SNAPSHOT_PAGE: i64 = 100_000;
 
 /// The end of the key range of everything under `prefix` (which ends in '/').
 fn prefix_end(prefix: &str) -> Vec<u8> {
