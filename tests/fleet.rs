@@ -25,21 +25,7 @@ struct Gateway {
 }
 
 fn store_section(etcd: &Etcd) -> String {
-    let endpoints = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let tls = etcd.tls().map_or(String::new(), |t| {
-        format!(
-            "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-            t.ca.display().to_string(),
-            t.cert.display().to_string(),
-            t.key.display().to_string()
-        )
-    });
-    format!("[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n{tls}\n")
+    etcd.store_section("/fleet")
 }
 
 /// Two gateways following `etcd`.

@@ -513,13 +513,7 @@ impl Control {
             rollback(&mut datapath.maps);
             return Err(ImportError::Control(e.into()));
         }
-        Ok(ImportReport {
-            imported,
-            new_devices: imported - reset,
-            reset_devices: reset,
-            skipped_lines: error_count,
-            errors,
-        })
+        Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 
     /// An import with the fleet's store: planned against a snapshot of etcd, written in
@@ -559,13 +553,7 @@ impl Control {
                 error: Box::new(e.into()),
             }
         })?;
-        Ok(ImportReport {
-            imported,
-            new_devices: imported - reset,
-            reset_devices: reset,
-            skipped_lines: error_count,
-            errors,
-        })
+        Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 
     /// Makes the kernel and the local mirror equal to a full snapshot of the fleet's
@@ -853,6 +841,18 @@ pub struct ImportReport {
     /// Bad lines left out (`skip_bad`), and the first of them.
     pub skipped_lines: usize,
     pub errors: Vec<LineError>,
+}
+
+impl ImportReport {
+    fn new(imported: usize, reset: usize, skipped: usize, errors: Vec<LineError>) -> Self {
+        Self {
+            imported,
+            new_devices: imported - reset,
+            reset_devices: reset,
+            skipped_lines: skipped,
+            errors,
+        }
+    }
 }
 
 #[derive(Debug, Error)]

@@ -258,16 +258,7 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
 /// The sections after `[limits]` of an agent config that shares sessions through
 /// `etcd` (prefix `/fleet`), with one session-checked application.
 fn fleet_config(etcd: &netlab::Etcd) -> String {
-    let endpoints = etcd
-        .endpoints()
-        .iter()
-        .map(|e| format!("{e:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = \"/fleet\"\n\n{}",
-        scenario::APP_POLICY
-    )
+    format!("{}{}", etcd.store_section("/fleet"), scenario::APP_POLICY)
 }
 
 /// The sessions an agent reports (`sessiongate stats --json`).

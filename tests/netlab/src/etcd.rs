@@ -126,6 +126,26 @@ impl Etcd {
         self.size
     }
 
+    /// An agent config's `[store]` section for this cluster: every member, `prefix`,
+    /// and the client's TLS files for a TLS cluster.
+    pub fn store_section(&self, prefix: &str) -> String {
+        let endpoints = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tls = self.tls().map_or(String::new(), |t| {
+            format!(
+                "ca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                t.ca.display().to_string(),
+                t.cert.display().to_string(),
+                t.key.display().to_string()
+            )
+        });
+        format!("[store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nprefix = {prefix:?}\n{tls}\n")
+    }
+
     /// The client URL of every member, running or not (`http://198.18.250.1:2379`, or
     /// `https://` for a TLS cluster).
     pub fn endpoints(&self) -> Vec<String> {
