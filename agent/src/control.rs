@@ -412,10 +412,10 @@ impl Control {
     /// Called off the async workers (it may block on etcd).
     pub fn login(&self, req: &LoginRequest) -> Result<SessionView, ControlError> {
         if let Some(fleet) = &self.fleet {
-            let record = block_on(fleet.login(req, &self.boot_id()))?;
+            let boot_id = self.boot_id();
+            let record = block_on(fleet.login(req, &boot_id))?;
             tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
-            let store = lock(&self.sessions);
-            return Ok(view(&record, &ClockPair::now(), store.boot_id()));
+            return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
@@ -441,10 +441,10 @@ impl Control {
 
     pub fn logout(&self, ip: IpAddr) -> Result<SessionView, ControlError> {
         if let Some(fleet) = &self.fleet {
-            let record = block_on(fleet.logout(ip, &self.boot_id()))?;
+            let boot_id = self.boot_id();
+            let record = block_on(fleet.logout(ip, &boot_id))?;
             tracing::info!(device = %ip, user = %record.user, "logout recorded in the fleet's store");
-            let store = lock(&self.sessions);
-            return Ok(view(&record, &ClockPair::now(), store.boot_id()));
+            return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
         let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
@@ -630,11 +630,14 @@ impl Control {
         let mut store = lock(&self.sessions);
         let mut datapath = lock(&self.datapath);
         let clock = ClockPair::now();
-        // Each change is logged, at info level unless it came in bulk (an import).
+        // Each change is logged, at info level unless it came in bulk (an import); its
+        // description is only written when it will be logged.
         let bulk = changes.len() > BULK_CHANGES;
+        let described = !bulk || tracing::enabled!(tracing::Level::DEBUG);
         let mut applied = 0;
         for change in changes {
             let what = match &change {
+                _ if !described => String::new(),
                 StoreChange::Put(r) => format!("session of {} for {} via {}", r.ip, r.user, r.idp),
                 StoreChange::Delete(ip) => format!("logout of {ip}"),
             };
@@ -654,6 +657,10 @@ impl Control {
                 "applied a batch of changes from the fleet's store"
             );
         }
+    }
+
+    pub fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
     }
 
     pub fn sessions(&self) -> Vec<SessionView> {
@@ -722,7 +729,7 @@ impl Control {
     /// The counters under one datapath lock, with the configuration they belong to and
     /// the tracked flows per family.
     fn snapshot(&self) -> Result<Snapshot, ControlError> {
-        let sessions = lock(&self.sessions).len();
+        let sessions = self.session_count();
         let datapath = lock(&self.datapath);
         // Read under the datapath lock: a reload publishes it before unlocking.
         let active = self.active();

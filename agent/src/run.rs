@@ -183,7 +183,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
             );
         } else {
             tracing::warn!(
-                sessions = control.sessions().len(),
+                sessions = control.session_count(),
                 "the fleet's session store is not reachable yet; enforcing the sessions of the local mirror until it is"
             );
         }

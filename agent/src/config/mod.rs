@@ -101,15 +101,6 @@ pub enum StoreConfig {
     Etcd(EtcdConfig),
 }
 
-impl StoreConfig {
-    pub const fn kind(&self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Etcd(_) => "etcd",
-        }
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdConfig {
     /// Client URLs, `http://host:port` or (all of them) `https://host:port`.

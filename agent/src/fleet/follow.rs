@@ -88,7 +88,6 @@ async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
         };
         if was_connected {
             tracing::error!(
-                endpoints = %fleet.endpoints,
                 error = %cause,
                 revision = *fleet.applied.borrow(),
                 "lost the session store; enforcing the last sessions known (fail-static) and reconnecting"
@@ -125,7 +124,6 @@ async fn follow_once(
                 Decoded::BadValue(_) | Decoded::BadKey => {
                     bad.insert(kv.key().to_vec());
                 }
-                Decoded::Deleted(_) => unreachable!("a snapshot has no deletions"),
             }
         }
         drop(kvs);
@@ -200,21 +198,17 @@ async fn follow_once(
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             last = kv.mod_revision();
-            let change = match event.event_type() {
-                EventType::Put => decoded(fleet, kv.key(), kv.value(), &clock, &boot_id),
-                EventType::Delete => match fleet.layout.device(kv.key()) {
-                    Ok(ip) => Decoded::Deleted(ip),
-                    Err(_) => Decoded::BadKey,
-                },
-            };
-            match change {
+            if event.event_type() == EventType::Delete {
+                bad.remove(kv.key());
+                if let Ok(ip) = fleet.layout.device(kv.key()) {
+                    changes.push(StoreChange::Delete(ip));
+                }
+                continue;
+            }
+            match decoded(fleet, kv.key(), kv.value(), &clock, &boot_id) {
                 Decoded::Session(record) => {
                     bad.remove(kv.key());
                     changes.push(StoreChange::Put(record));
-                }
-                Decoded::Deleted(ip) => {
-                    bad.remove(kv.key());
-                    changes.push(StoreChange::Delete(ip));
                 }
                 // A broken entry never leaves a stale session behind.
                 Decoded::BadValue(ip) => {
@@ -222,11 +216,7 @@ async fn follow_once(
                     changes.push(StoreChange::Delete(ip));
                 }
                 Decoded::BadKey => {
-                    if event.event_type() == EventType::Put {
-                        bad.insert(kv.key().to_vec());
-                    } else {
-                        bad.remove(kv.key());
-                    }
+                    bad.insert(kv.key().to_vec());
                 }
             }
         }
@@ -242,10 +232,9 @@ async fn follow_once(
     }
 }
 
-/// A key and value as the store means them for this host.
+/// A put key and value as the store means them for this host.
 enum Decoded {
     Session(SessionRecord),
-    Deleted(IpAddr),
     /// A device key whose value is not a session (logged).
     BadValue(IpAddr),
     /// A key under the prefix that names no device (logged).

@@ -130,7 +130,6 @@ impl StoreStatus {
 pub struct Fleet {
     members: Members,
     layout: Layout,
-    endpoints: String,
     status: Mutex<StoreStatus>,
     /// The revision the follower has applied to this host.
     applied: watch::Sender<i64>,
@@ -179,7 +178,6 @@ impl Fleet {
         Ok(Self {
             members,
             layout: Layout::new(&config.prefix),
-            endpoints: config.endpoints.join(", "),
             status: Mutex::new(StoreStatus {
                 kind: "etcd".to_string(),
                 endpoints: config.endpoints.clone(),
@@ -307,11 +305,10 @@ impl Fleet {
             let put = TxnOp::put(key.as_str(), value.clone(), None);
             let response = self.txn(compare_and_swap(&key, revision, put)).await?;
             if response.succeeded() {
-                let written = response.header().map_or(0, |h| h.revision());
-                self.wait_applied(written).await;
+                self.wait_applied(revision_of(&response)).await;
                 return Ok(record);
             }
-            found = lost_race_value(response.op_responses());
+            found = lost_race_value(response);
             // This very write, landed on a first try whose answer was lost.
             if let Some(kv) = found.as_ref().filter(|kv| kv.value() == value.as_slice()) {
                 self.wait_applied(kv.mod_revision()).await;
@@ -335,11 +332,10 @@ impl Fleet {
             let delete = TxnOp::delete(key.as_str(), None);
             let response = self.txn(compare_and_swap(&key, revision, delete)).await?;
             if response.succeeded() {
-                let written = response.header().map_or(0, |h| h.revision());
-                self.wait_applied(written).await;
+                self.wait_applied(revision_of(&response)).await;
                 return Ok(record);
             }
-            found = lost_race_value(response.op_responses());
+            found = lost_race_value(response);
             if found.is_none() {
                 // Gone already: this delete on a first try whose answer was lost, or
                 // another logout. Either way the device is logged out.
@@ -362,39 +358,33 @@ impl Fleet {
         let mut done = 0;
         let mut last = 0;
         for batch in planned.chunks(IMPORT_BATCH) {
-            let compares: Vec<Compare> = batch
-                .iter()
-                .map(|(r, rev)| {
-                    Compare::mod_revision(self.layout.key(r.ip), CompareOp::Equal, *rev)
-                })
-                .collect();
+            let keys: Vec<String> = batch.iter().map(|(r, _)| self.layout.key(r.ip)).collect();
             let values: Vec<Vec<u8>> = batch.iter().map(|(r, _)| entry::encode(r)).collect();
-            let puts: Vec<TxnOp> = batch
+            let compares: Vec<Compare> = keys
+                .iter()
+                .zip(batch)
+                .map(|(key, (_, rev))| Compare::mod_revision(key.as_str(), CompareOp::Equal, *rev))
+                .collect();
+            let puts: Vec<TxnOp> = keys
                 .iter()
                 .zip(&values)
-                .map(|((r, _), v)| TxnOp::put(self.layout.key(r.ip), v.clone(), None))
+                .map(|(key, v)| TxnOp::put(key.as_str(), v.clone(), None))
                 .collect();
-            let gets: Vec<TxnOp> = batch
+            let gets: Vec<TxnOp> = keys
                 .iter()
-                .map(|(r, _)| TxnOp::get(self.layout.key(r.ip), None))
+                .map(|key| TxnOp::get(key.as_str(), None))
                 .collect();
             let response = self
                 .txn(Txn::new().when(compares).and_then(puts).or_else(gets))
                 .await
                 .map_err(|e| (done, e))?;
             if response.succeeded() {
-                last = response.header().map_or(0, |h| h.revision());
+                last = revision_of(&response);
             } else {
                 // Either this batch landed on a first try whose answer was lost (every
                 // key holds what it wrote), or a device changed meanwhile.
-                let now: Vec<Option<KeyValue>> = response
-                    .op_responses()
-                    .into_iter()
-                    .map(|r| match r {
-                        TxnOpResponse::Get(mut get) => get.take_kvs().pop(),
-                        _ => None,
-                    })
-                    .collect();
+                let now: Vec<Option<KeyValue>> =
+                    response.op_responses().into_iter().map(got).collect();
                 let changed =
                     batch.iter().zip(&values).zip(&now).find(|((_, v), kv)| {
                         kv.as_ref().is_none_or(|kv| kv.value() != v.as_slice())
@@ -492,10 +482,20 @@ fn compare_and_swap(key: &str, revision: i64, then: TxnOp) -> Txn {
         .or_else([TxnOp::get(key, None)])
 }
 
+/// The store revision a transaction was applied at.
+fn revision_of(response: &TxnResponse) -> i64 {
+    response.header().map_or(0, |h| h.revision())
+}
+
 /// The entry an `or_else` get returned after a failed compare.
-fn lost_race_value(responses: Vec<TxnOpResponse>) -> Option<KeyValue> {
-    responses.into_iter().find_map(|r| match r {
+fn lost_race_value(response: TxnResponse) -> Option<KeyValue> {
+    response.op_responses().into_iter().find_map(got)
+}
+
+/// The entry one get of a transaction found.
+fn got(response: TxnOpResponse) -> Option<KeyValue> {
+    match response {
         TxnOpResponse::Get(mut get) => get.take_kvs().pop(),
         _ => None,
-    })
+    }
 }
