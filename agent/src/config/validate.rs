@@ -824,6 +824,17 @@ mod tests {
             .any(|p| p.place == place && p.field == field && p.message.contains(needle))
     }
 
+    /// Every expected (place, field, message part) is among `p`, and nothing else is.
+    fn assert_exactly(p: &[Problem], expected: &[(&str, &str, &str)]) {
+        for (place, field, needle) in expected {
+            assert!(
+                has(p, place, field, needle),
+                "missing problem {place} / {field} / {needle}; got:\n{p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expected.len(), "unexpected extra problems: {p:#?}");
+    }
+
     #[test]
     fn the_documented_example_is_valid() {
         let config = Config::parse(EXAMPLE, "example.toml").expect("valid");
@@ -1043,13 +1054,7 @@ mod tests {
                 "set [agent] portal_listen",
             ),
         ];
-        for (place, field, needle) in expected {
-            assert!(
-                has(&p, place, field, needle),
-                "missing problem {place} / {field} / {needle}; got:\n{p:#?}"
-            );
-        }
-        assert_eq!(p.len(), expected.len(), "unexpected extra problems: {p:#?}");
+        assert_exactly(&p, &expected);
     }
 
     #[test]
@@ -1129,13 +1134,7 @@ mod tests {
             ("policy \"B\" (#2)", "redirect_ports", "list 1 to 8"),
             ("policy \"B\" (#2)", "on_expired", "matches only UDP"),
         ];
-        for (place, field, needle) in expected {
-            assert!(
-                has(&p, place, field, needle),
-                "missing problem {place} / {field} / {needle}; got:\n{p:#?}"
-            );
-        }
-        assert_eq!(p.len(), expected.len(), "unexpected extra problems: {p:#?}");
+        assert_exactly(&p, &expected);
     }
 
     #[test]
