@@ -238,8 +238,7 @@ impl Agent {
     }
 
     fn signal(&self, signal: i32) {
-        // SAFETY: signalling our own child by its pid (`ip netns exec` execs into it).
-        unsafe { libc::kill(self.child.id() as i32, signal) };
+        crate::signal(&self.child, signal);
     }
 }
 
@@ -247,12 +246,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.signal(libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            crate::reap(&mut self.child, Duration::from_secs(5));
         }
         if thread::panicking() {
             eprintln!(

@@ -26,7 +26,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use crate::{Netns, run_ok, unique_id};
+use crate::{Netns, reap, run_ok, signal, unique_id};
 
 /// The members' network: member i answers on 198.18.250.(i+1).
 const MEMBER_NET: &str = "198.18.250.0/24";
@@ -491,21 +491,6 @@ impl Drop for Etcd {
 
 fn member_ip(i: usize) -> String {
     format!("198.18.250.{}", i + 1)
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: signalling our own, not yet reaped child by its pid.
-    unsafe { libc::kill(child.id() as i32, signal) };
-}
-
-/// Waits up to `grace` for `child` to exit, then kills it; reaps it either way.
-fn reap(child: &mut Child, grace: Duration) {
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-        thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {

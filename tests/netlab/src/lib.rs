@@ -231,6 +231,23 @@ impl Drop for Netns {
     }
 }
 
+/// Sends `signal` to a child of ours by its pid (`ip netns exec` execs into the
+/// program, so that is the program itself).
+fn signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: signalling our own, not yet reaped child by its pid.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
+
+/// Waits up to `grace` for `child` to exit, then kills it; reaps it either way.
+fn reap(child: &mut std::process::Child, grace: Duration) {
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn run_ok(program: &str, args: &[&str]) {
     let out = Command::new(program)
         .args(args)
