@@ -3,7 +3,8 @@
 //!   `-Z build-std=core` for `bpfel-unknown-none`);
 //! - bpf-linker, built against the nightly toolchain's own libLLVM (there is no
 //!   Debian package of the LLVM version rustc uses) into `.tools/`;
-//! - the Debian packages the tests and the demo run.
+//! - the Debian packages the build, the tests, the demo and the benchmark use, each
+//!   judged present by the files the project reads from it, not by a command on PATH.
 
 use std::{
     ffi::OsString,
@@ -16,20 +17,60 @@ use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// (program, Debian package providing it) needed by the build (protoc), the tests
-/// (etcd among them), the demo and the benchmark's references.
-const PROGRAMS: [(&str, &str); 9] = [
-    ("ip", "iproute2"),
-    ("sysctl", "procps"),
-    ("curl", "curl"),
-    ("nft", "nftables"),
-    ("xdp-filter", "xdp-tools"),
-    ("bpftool", "bpftool"),
-    ("etcd", "etcd-server"),
-    ("etcdctl", "etcd-client"),
-    // The etcd-client crate compiles etcd's protobuf definitions at build time.
-    ("protoc", "protobuf-compiler"),
-];
+/// A Debian package and the files of it that the build, the tests, the demo or the
+/// benchmark read. The package counts as present only when every one of them is
+/// there: a `protoc` without its well-known includes fails the build as surely as no
+/// `protoc` at all, and an `xdp-filter` without its BPF objects loads nothing.
+struct Package {
+    name: &'static str,
+    files: Vec<String>,
+}
+
+/// Everything the project uses from Debian, with the files it reads.
+fn packages() -> Vec<Package> {
+    // xdp-filter loads its programs (and libxdp its dispatcher) from the multiarch
+    // BPF object directory, which belongs to libxdp1, not to xdp-tools.
+    let bpf_objects = format!("/usr/lib/{}-linux-gnu/bpf", std::env::consts::ARCH);
+    let package = |name, files: &[&str]| Package {
+        name,
+        files: files.iter().map(|f| f.to_string()).collect(),
+    };
+    vec![
+        // Namespaces, veth, addresses, routing rules: the tests, the demo, the agent.
+        package("iproute2", &["/bin/ip"]),
+        // The labs turn on forwarding.
+        package("procps", &["/sbin/sysctl"]),
+        // HTTP checks of the portal and of etcd in the tests.
+        package("curl", &["/usr/bin/curl"]),
+        // The benchmark's nftables reference.
+        package("nftables", &["/usr/sbin/nft"]),
+        // The benchmark's xdp-filter reference: the tool, its programs, the dispatcher.
+        package("xdp-tools", &["/usr/sbin/xdp-filter"]),
+        Package {
+            name: "libxdp1",
+            files: ["xdpfilt_alw_all.o", "xdpfilt_dny_all.o", "xdp-dispatcher.o"]
+                .iter()
+                .map(|o| format!("{bpf_objects}/{o}"))
+                .collect(),
+        },
+        // Pins a loaded program by id (the benchmark, the tests).
+        package("bpftool", &["/usr/sbin/bpftool"]),
+        // Real etcd members and etcdctl for the fleet tests, the demo and the bench.
+        package("etcd-server", &["/usr/bin/etcd"]),
+        package("etcd-client", &["/usr/bin/etcdctl"]),
+        // The etcd-client crate compiles etcd's protobuf definitions at build time; they
+        // import these two well-known types, which Debian ships apart from protoc
+        // (libprotobuf-dev is only a Recommends of protobuf-compiler).
+        package("protobuf-compiler", &["/usr/bin/protoc"]),
+        package(
+            "libprotobuf-dev",
+            &[
+                "/usr/include/google/protobuf/descriptor.proto",
+                "/usr/include/google/protobuf/struct.proto",
+            ],
+        ),
+    ]
+}
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -90,14 +131,27 @@ fn nightly_components(verbose: bool) -> anyhow::Result<()> {
         "nightly",
         "--installed",
     ]))?;
+    // rust-src is what `-Z build-std=core` reads: judged by its files, since a listed
+    // component whose sources are gone fails the eBPF build all the same.
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let core_src = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core/src/lib.rs");
     for component in ["rust-src", "clippy", "rustfmt"] {
-        if installed.lines().any(|l| l.starts_with(component)) {
+        let listed = installed.lines().any(|l| l.starts_with(component));
+        if listed && (component != "rust-src" || core_src.is_file()) {
             if verbose {
                 println!("setup: nightly {component}: present");
             }
             continue;
         }
         println!("setup: adding {component} to the nightly toolchain");
+        if listed {
+            // Listed but incomplete: rustup only re-adds what it does not list.
+            crate::run({
+                let mut c = Command::new("rustup");
+                c.args(["component", "remove", component, "--toolchain", "nightly"]);
+                c
+            })?;
+        }
         crate::run({
             let mut c = Command::new("rustup");
             c.args(["component", "add", component, "--toolchain", "nightly"]);
@@ -168,39 +222,109 @@ fn bpf_linker(verbose: bool) -> anyhow::Result<()> {
     crate::run(install)
 }
 
-fn debian_packages(verbose: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = PROGRAMS
+/// The files of `package` that are not on this machine.
+fn missing_files(package: &Package) -> Vec<&str> {
+    package
+        .files
         .iter()
-        .filter(|(program, _)| which(program).is_none())
-        .map(|(_, package)| *package)
+        .filter(|f| !Path::new(f).is_file())
+        .map(String::as_str)
+        .collect()
+}
+
+/// Whether dpkg has `package` installed (its files may still have been removed).
+fn dpkg_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).ends_with(" installed"))
+}
+
+fn debian_packages(verbose: bool) -> anyhow::Result<()> {
+    let packages = packages();
+    let incomplete: Vec<&Package> = packages
+        .iter()
+        .filter(|p| !missing_files(p).is_empty())
         .collect();
-    if missing.is_empty() {
+    if incomplete.is_empty() {
         if verbose {
-            println!(
-                "setup: Debian packages: {} present",
-                PROGRAMS.map(|p| p.1).join(", ")
-            );
+            let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
+            println!("setup: Debian packages: {} present", names.join(", "));
         }
         return Ok(());
     }
-    println!("setup: installing Debian packages: {}", missing.join(" "));
+    // A package dpkg calls installed but whose files are gone is reinstalled; the
+    // others are installed.
+    let (broken, absent): (Vec<&str>, Vec<&str>) = incomplete
+        .iter()
+        .map(|p| p.name)
+        .partition(|name| dpkg_installed(name));
+    println!(
+        "setup: installing Debian packages: {}",
+        absent
+            .iter()
+            .chain(&broken)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     crate::run({
         let mut c = Command::new("apt-get");
         c.arg("update").arg("-qq");
         c
     })?;
-    crate::run({
-        let mut c = Command::new("apt-get");
-        c.args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        c
-    })
+    for (names, reinstall) in [(&absent, false), (&broken, true)] {
+        if names.is_empty() {
+            continue;
+        }
+        crate::run({
+            let mut c = Command::new("apt-get");
+            c.args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(reinstall.then_some("--reinstall"))
+                .args(names.iter())
+                .env("DEBIAN_FRONTEND", "noninteractive");
+            c
+        })?;
+    }
+    let still: Vec<String> = packages
+        .iter()
+        .flat_map(|p| {
+            missing_files(p)
+                .into_iter()
+                .map(|f| format!("{f} ({})", p.name))
+        })
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "after installing, these files are still missing: {}",
+            still.join(", ")
+        );
+    }
+    Ok(())
 }
 
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The files setup checks are the files those packages ship: a path that no
+    /// package owns would send setup into a reinstall it cannot satisfy.
+    #[test]
+    fn every_checked_file_is_shipped_by_its_package() {
+        for package in packages() {
+            if !dpkg_installed(package.name) {
+                eprintln!("skipping {}: not installed here", package.name);
+                continue;
+            }
+            let shipped = output(Command::new("dpkg").args(["-L", package.name]))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            for file in &package.files {
+                assert!(
+                    shipped.lines().any(|l| l == file),
+                    "{} does not ship {file}",
+                    package.name
+                );
+            }
+        }
+    }
 }
