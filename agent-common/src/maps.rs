@@ -33,9 +33,10 @@ pub mod names {
     pub const EVENT_LIMIT: &str = "SG_EVENT_LIMIT";
     pub const EVENTS: &str = "SG_EVENTS";
     pub const REPLY_LIMIT: &str = "SG_REPLY_LIMIT";
+    pub const PORTAL_HANDOFF: &str = "SG_PORTAL_HANDOFF";
 
-    /// Every map of the program: what the agent pins and adopts.
-    pub const ALL: [&str; 22] = [
+    /// Every map of the programs: what the agent pins and adopts.
+    pub const ALL: [&str; 23] = [
         GENERATION,
         SETTINGS,
         DEST_V4[0],
@@ -58,6 +59,7 @@ pub mod names {
         EVENT_LIMIT,
         EVENTS,
         REPLY_LIMIT,
+        PORTAL_HANDOFF,
     ];
 }
 
@@ -74,7 +76,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 4;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -243,9 +245,35 @@ pub const ACTION_REJECT: u32 = 2;
 /// Steer TCP to the portal on `redirect_ports`; reject everything else.
 pub const ACTION_REDIRECT: u32 = 3;
 
-/// XDP metadata (4 bytes before the packet) that asks the TC program to deliver a
-/// redirected SYN to the portal.
-pub const PORTAL_META: u32 = 0x5347_0511;
+/// Key of `SG_PORTAL_HANDOFF`: LRU_HASH of `PORTAL_HANDOFF_ENTRIES` entries, value
+/// `u64`: the boot-clock time at which the XDP program handed the SYN over.
+///
+/// How the XDP program asks the TC program (`sessiongate_portal`) to deliver a refused
+/// SYN to the portal: it inserts the SYN's addresses and ports, and the TC program,
+/// which sees that same packet moments later, looks them up, deletes the entry and
+/// delivers the SYN. A map rather than XDP metadata: some kernels refuse
+/// `bpf_xdp_adjust_meta` to XDP programs. The TC program honours an entry for at most
+/// `PORTAL_HANDOFF_TTL_NS`, so one left behind (its packet dropped between the two
+/// programs) cannot send a later connection with the same ports to the portal.
+///
+/// Every field is the memory image of the packet's own bytes (network order), as
+/// `bpf_sock_tuple` holds them; IPv4 addresses fill the first word, the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortalHandoff {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The TCP header's first word: source port, then destination port.
+    pub ports: u32,
+    /// 4 or 6.
+    pub family: u32,
+}
+const _: () = assert!(size_of::<PortalHandoff>() == 40);
+
+pub const PORTAL_HANDOFF_ENTRIES: u32 = 4096;
+/// A hand-over older than this (1 s) is ignored: the TC program runs on the same
+/// packet within microseconds.
+pub const PORTAL_HANDOFF_TTL_NS: u64 = 1_000_000_000;
 /// `skb->mark` of packets delivered to the portal: a policy-routing rule looks them up
 /// in `PORTAL_TABLE`, which routes everything to the local host.
 pub const PORTAL_MARK: u32 = 0x5347_0511;

@@ -5,14 +5,14 @@
 use agent_common::addr::{Ip4, Ip6};
 use agent_common::maps::{
     DestCacheV4, DestCacheV6, DestRule, EventLimitSlot, FlowBucketV4, FlowBucketV6, MAX_POLICIES,
-    PolicyParams, PortRuleKey, ReplyLimitSlot, Session, SessionBucketV4, SessionBucketV6, Settings,
-    TickClock,
+    PORTAL_HANDOFF_ENTRIES, PolicyParams, PortRuleKey, PortalHandoff, ReplyLimitSlot, Session,
+    SessionBucketV4, SessionBucketV6, Settings, TickClock,
 };
 use agent_common::verdict::counter;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// The configuration generation in force; its low bit picks the set below.
@@ -92,3 +92,8 @@ pub static SG_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[map]
 pub static SG_REPLY_LIMIT: Array<ReplyLimitSlot> = Array::with_max_entries(1024, 0);
+
+/// Refused SYNs the XDP program hands to the TC program for the portal.
+#[map]
+pub static SG_PORTAL_HANDOFF: LruHashMap<PortalHandoff, u64> =
+    LruHashMap::with_max_entries(PORTAL_HANDOFF_ENTRIES, 0);

@@ -1,6 +1,6 @@
 //! The TC ingress program `sessiongate_portal`, attached next to the XDP program when
 //! a portal is configured. It delivers the SYNs the XDP program handed over
-//! (`PORTAL_META`) to the portal's listening socket (`bpf_sk_assign`), and keeps the
+//! (`SG_PORTAL_HANDOFF`) to the portal's listening socket (`bpf_sk_assign`), and keeps the
 //! later packets of those connections on the local host: a TCP segment to a redirect
 //! port whose 4-tuple is a local connection. Both get `PORTAL_MARK`, which policy
 //! routing delivers locally although they are addressed to the application. The
@@ -9,7 +9,7 @@
 
 use agent_common::{
     logic::is_new_tcp_flow,
-    maps::{IPPROTO_TCP, PORTAL_MARK, PORTAL_META, Settings, config_set},
+    maps::{IPPROTO_TCP, PORTAL_HANDOFF_TTL_NS, PORTAL_MARK, PortalHandoff, Settings, config_set},
     verdict::counter,
 };
 use aya_ebpf::{
@@ -17,13 +17,15 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
-    helpers::{bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_ktime_get_boot_ns, bpf_sk_assign, bpf_sk_lookup_tcp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     macros::classifier,
     programs::TcContext,
 };
 
 use crate::{
-    maps::{SG_GENERATION, SG_SETTINGS},
+    maps::{SG_GENERATION, SG_PORTAL_HANDOFF, SG_SETTINGS},
     packet::{load_u8, load_u16_be, load_u32},
     parse::{ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPV4_MIN_HLEN, IPV6_HLEN, TCP_MIN_HLEN},
     report::count,
@@ -36,6 +38,8 @@ const TCP_LISTEN: u32 = 10;
 /// A TCP segment's addresses and ports, as `bpf_sock_tuple` wants them (network order).
 struct Segment {
     tuple: bpf_sock_tuple,
+    /// The TCP header's first word as it is in the packet (both ports).
+    ports: u32,
     /// Host order.
     dport: u16,
     /// A bare SYN.
@@ -45,26 +49,56 @@ struct Segment {
 
 #[classifier]
 pub fn sessiongate_portal(ctx: TcContext) -> i32 {
-    // SAFETY: the context is the program's `__sk_buff`.
-    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
-    let handed_over = meta + 4 <= ctx.data()
-        // SAFETY: the 4 bytes were just checked to lie before the packet.
-        && unsafe { load_u32(meta) } == PORTAL_META;
     // SAFETY: an all-zero segment is valid.
     let mut s: Segment = unsafe { core::mem::zeroed() };
-    let parsed = segment(ctx.data(), ctx.data_end(), &mut s);
-    if handed_over {
-        return if parsed {
+    if !segment(ctx.data(), ctx.data_end(), &mut s) {
+        return TC_ACT_UNSPEC;
+    }
+    // Every bare SYN is looked up, whatever its port: one handed over just before a
+    // reload changed the redirect ports must still not reach the application.
+    if s.opens {
+        return if handed_over(&s) {
             deliver(&ctx, &mut s)
         } else {
-            unavailable()
+            TC_ACT_UNSPEC
         };
     }
-    if parsed && !s.opens && redirect_port(s.dport) {
+    if redirect_port(s.dport) {
         follow(&ctx, &mut s)
     } else {
         TC_ACT_UNSPEC
     }
+}
+
+/// Whether the XDP program handed this SYN over (recently); consumes the hand-over.
+#[inline(never)]
+fn handed_over(s: &Segment) -> bool {
+    let mut key = PortalHandoff {
+        ports: s.ports,
+        ..PortalHandoff::default()
+    };
+    // SAFETY: reading the union member `segment` filled in.
+    unsafe {
+        if s.ipv6 {
+            let a = &s.tuple.__bindgen_anon_1.ipv6;
+            key.family = 6;
+            key.src = a.saddr;
+            key.dst = a.daddr;
+        } else {
+            let a = &s.tuple.__bindgen_anon_1.ipv4;
+            key.family = 4;
+            key.src[0] = a.saddr;
+            key.dst[0] = a.daddr;
+        }
+    }
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(at) = (unsafe { SG_PORTAL_HANDOFF.get(&key) }).copied() else {
+        return false;
+    };
+    let _ = SG_PORTAL_HANDOFF.remove(&key);
+    // SAFETY: a helper without pointer arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    now.wrapping_sub(at) <= PORTAL_HANDOFF_TTL_NS
 }
 
 fn unavailable() -> i32 {
@@ -223,13 +257,9 @@ fn segment(start: usize, end: usize, s: &mut Segment) -> bool {
         return false;
     }
     // SAFETY: 20 TCP header bytes checked.
-    let (sport, dport, flags) = unsafe {
-        (
-            load_u32(tcp) as u16,
-            load_u16_be(tcp + 2),
-            load_u8(tcp + 13),
-        )
-    };
+    let (ports, dport, flags) = unsafe { (load_u32(tcp), load_u16_be(tcp + 2), load_u8(tcp + 13)) };
+    let sport = ports as u16;
+    s.ports = ports;
     if ipv6 {
         tuple.__bindgen_anon_1.ipv6.sport = sport;
         tuple.__bindgen_anon_1.ipv6.dport = dport.to_be();

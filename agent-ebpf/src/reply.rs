@@ -1,7 +1,7 @@
 //! Visible refusals, built in place from the refused packet and sent back out of the
 //! interface it came in on (XDP_TX): a TCP RST for a SYN, an ICMP / ICMPv6
-//! "administratively prohibited" error quoting a UDP datagram. And the metadata that
-//! hands a SYN to the portal (`portal.rs`). Each reply is out of line: it runs at most
+//! "administratively prohibited" error quoting a UDP datagram. And the hand-over of a
+//! SYN to the portal (`SG_PORTAL_HANDOFF`, then `portal.rs`). Each reply is out of line: it runs at most
 //! a few times a second per device (`reply_allowed`), and inlined it would crowd the
 //! judging path's registers.
 //!
@@ -13,17 +13,17 @@ use agent_common::{
     checksum::{Checksum, be16, be32},
     hashing::{bucket, check},
     logic::reply_due,
-    maps::{self, PORTAL_META, Settings},
+    maps::{self, PortalHandoff, Settings},
     verdict::counter,
 };
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_boot_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 
 use crate::{
-    maps::SG_REPLY_LIMIT,
+    maps::{SG_PORTAL_HANDOFF, SG_REPLY_LIMIT},
     packet::{load_u8, load_u16, load_u16_be, load_u32, load_u64, store_u16, store_u32, store_u64},
     parse::{
         ETH_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, L4, MAX_IP_OFFSET, MAX_L4_OFFSET, TCP_MIN_HLEN,
@@ -98,20 +98,43 @@ pub fn reject(ctx: &XdpContext, l4: &L4, ipv6: bool) -> u32 {
     }
 }
 
-/// Hands a refused SYN to the portal: XDP metadata the TC program acts on. Where the
-/// driver keeps no metadata, the SYN is rejected instead.
+/// Hands a refused SYN to the portal: records it in `SG_PORTAL_HANDOFF` for the TC
+/// program, which delivers it. Only the shapes the TC program parses (untagged
+/// Ethernet, IPv6 with TCP right after its fixed header) are handed over: one it could
+/// not recognise would reach the application, so those are rejected instead.
 #[inline(never)]
 pub fn to_portal(ctx: &XdpContext, l4: &L4, ipv6: bool) -> u32 {
-    // SAFETY: the helper checks the headroom itself.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+    let (ip, tcp) = (l4.ip_offset as usize, l4.l4_offset as usize);
+    if ip != ETH_HLEN || (ipv6 && tcp != ETH_HLEN + IPV6_HLEN) || tcp > MAX_L4_OFFSET {
         return reject(ctx, l4, ipv6);
     }
-    let meta = ctx.metadata();
-    if meta + 4 > ctx.data() {
+    let start = ctx.data();
+    let (iph, tcph) = (start + ETH_HLEN, start + tcp);
+    if iph + IPV6_HLEN > ctx.data_end() || tcph + 4 > ctx.data_end() {
         return failed();
     }
-    // SAFETY: the 4 bytes were just checked to lie before the packet.
-    unsafe { store_u32(meta, PORTAL_META) };
+    let mut key = PortalHandoff::default();
+    // SAFETY (all loads): within the bounds checked above (an IPv4 SYN's IP and TCP
+    // headers together are at least `IPV6_HLEN` bytes).
+    unsafe {
+        key.ports = load_u32(tcph);
+        if ipv6 {
+            key.family = 6;
+            for i in 0..4 {
+                key.src[i] = load_u32(iph + 8 + 4 * i);
+                key.dst[i] = load_u32(iph + 24 + 4 * i);
+            }
+        } else {
+            key.family = 4;
+            key.src[0] = load_u32(iph + 12);
+            key.dst[0] = load_u32(iph + 16);
+        }
+    }
+    // SAFETY: a helper without pointer arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if SG_PORTAL_HANDOFF.insert(&key, &now, 0).is_err() {
+        return failed();
+    }
     count(counter::PORTAL_REDIRECTED);
     XDP_PASS
 }

@@ -219,3 +219,35 @@ fn a_fresh_device_and_other_policies_get_no_reply() {
     let other = Packet::syn(v4(ANCIENT), app4, 443).bytes();
     assert_eq!(h.reply(&other).0, XDP_TX);
 }
+
+#[test]
+fn redirects_hand_over_only_the_shapes_the_portal_program_parses() {
+    if !privileged("redirects_hand_over_only_the_shapes_the_portal_program_parses") {
+        return;
+    }
+    let redirect = REJECT.replace(r#"on_expired = "reject""#, r#"on_expired = "redirect""#);
+    let agent = "portal_listen = \"[::]:8511\"\nreauth_url = \"https://login.example.com/\"";
+    let h = Harness::with_policies(agent, &redirect);
+    let app4 = ip("198.19.10.5");
+    let app6 = ip("2001:db8:10::5");
+    let (d4, d6) = (v4(EXPIRED), v6(EXPIRED));
+    // Handed over: passed on, for the TC program to deliver.
+    for syn in [
+        Packet::syn(d4, app4, 80),
+        Packet::syn(d4, app4, 80).options(8),
+        Packet::syn(d6, app6, 80),
+    ] {
+        assert_eq!(h.reply(&syn.bytes()).0, XDP_PASS, "{syn:?}");
+    }
+    assert_eq!(h.counter(counter::PORTAL_REDIRECTED), 3);
+    // Shapes the TC program would not recognise as handed over are reset instead:
+    // passed on, they would reach the application.
+    for syn in [
+        Packet::syn(d4, app4, 80).vlan(ETH_8021Q),
+        Packet::syn(d6, app6, 80).ext(Ext::DestOpts),
+    ] {
+        assert_eq!(h.reply(&syn.bytes()).0, XDP_TX, "{syn:?}");
+    }
+    assert_eq!(h.counter(counter::PORTAL_REDIRECTED), 3);
+    assert_eq!(h.counter(counter::REPLIES_TCP_RESET), 2);
+}
