@@ -92,10 +92,10 @@ fn handed_over(s: &Segment) -> bool {
         }
     }
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(at) = (unsafe { SG_PORTAL_HANDOFF.get(&key) }).copied() else {
+    let Some(at) = (unsafe { SG_PORTAL_HANDOFF.get(key) }).copied() else {
         return false;
     };
-    let _ = SG_PORTAL_HANDOFF.remove(&key);
+    let _ = SG_PORTAL_HANDOFF.remove(key);
     // SAFETY: a helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     now.wrapping_sub(at) <= PORTAL_HANDOFF_TTL_NS

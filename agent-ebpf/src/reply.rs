@@ -132,7 +132,7 @@ pub fn to_portal(ctx: &XdpContext, l4: &L4, ipv6: bool) -> u32 {
     }
     // SAFETY: a helper without pointer arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if SG_PORTAL_HANDOFF.insert(&key, &now, 0).is_err() {
+    if SG_PORTAL_HANDOFF.insert(key, now, 0).is_err() {
         return failed();
     }
     count(counter::PORTAL_REDIRECTED);
