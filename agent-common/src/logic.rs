@@ -151,6 +151,23 @@ pub const fn judge_new_flow(
     }
 }
 
+/// The verdict for a packet whose L4 header cannot be read, to a destination whose
+/// strictest session-checked policy is `policy`: as a new flow would get, under the
+/// verdicts of its own.
+#[inline(always)]
+pub const fn judge_unreadable(
+    policy: &PolicyParams,
+    authenticated_at_ns: Option<i64>,
+    unknown_device: u32,
+    now_ns: u64,
+) -> Verdict {
+    match judge_new_flow(policy, authenticated_at_ns, unknown_device, now_ns) {
+        Verdict::AdmittedNewFlow | Verdict::AdmittedUnknownDevice => Verdict::AdmittedUnreadable,
+        Verdict::DroppedExpired | Verdict::DroppedUnknownDevice => Verdict::DroppedUnreadable,
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +280,32 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_packets_are_judged_as_new_flows_under_their_own_verdicts() {
+        let p = enforcing(H);
+        let now = 10 * H;
+        let fresh = Some((now - H / 2) as i64);
+        let old = Some((now - 2 * H) as i64);
+        let allow = UNKNOWN_DEVICE_ALLOW;
+        let enforce = UNKNOWN_DEVICE_ENFORCE;
+        assert_eq!(
+            judge_unreadable(&p, fresh, enforce, now),
+            Verdict::AdmittedUnreadable
+        );
+        assert_eq!(
+            judge_unreadable(&p, old, enforce, now),
+            Verdict::DroppedUnreadable
+        );
+        assert_eq!(
+            judge_unreadable(&p, None, enforce, now),
+            Verdict::DroppedUnreadable
+        );
+        assert_eq!(
+            judge_unreadable(&p, None, allow, now),
+            Verdict::AdmittedUnreadable
+        );
+    }
+
+    #[test]
     fn events_are_limited_to_one_a_second() {
         assert!(event_due(5, None));
         assert!(!event_due(SECOND_NS + 4, Some(5)));
@@ -275,6 +318,7 @@ mod tests {
             port_table: 7,
             tcp: 1,
             udp: NO_POLICY,
+            unreadable: 1,
         };
         assert_eq!(policy_for(&rule, IPPROTO_TCP, None), 1);
         assert_eq!(policy_for(&rule, IPPROTO_UDP, None), NO_POLICY);

@@ -172,8 +172,13 @@ pub struct DestRule {
     pub tcp: u32,
     /// First-match policy for UDP to an unlisted port.
     pub udp: u32,
+    /// The policy a packet whose L4 header cannot be read is judged by
+    /// (`Verdict::DroppedUnreadable`): of the policies some packet to this prefix could
+    /// match, the session-checked one with the shortest duration; `NO_POLICY` when
+    /// none checks sessions (such packets then pass as before).
+    pub unreadable: u32,
 }
-const _: () = assert!(size_of::<DestRule>() == 12);
+const _: () = assert!(size_of::<DestRule>() == 16);
 
 /// Key of `SG_PORT_RULES`: HASH, value `u32` policy index (or `NO_POLICY`/`BYPASS_POLICY`),
 /// written by the agent. Both sets share it: their port tables have distinct ids

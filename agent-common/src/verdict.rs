@@ -30,11 +30,20 @@ pub enum Verdict {
     DroppedExpired = 10,
     /// A new flow refused: the device has no session (`unknown_device = "enforce"`).
     DroppedUnknownDevice = 11,
+    /// A packet whose L4 header cannot be read (a first fragment too short to show it,
+    /// an IPv6 header chain longer than the program follows, a truncated or malformed
+    /// TCP/UDP header, a TCP fragment that would overwrite its header's flags), to a
+    /// destination under a session-checked policy: judged as a new flow against the
+    /// strictest such policy, and admitted (a valid session, or an unknown device
+    /// with `unknown_device = "allow"`).
+    AdmittedUnreadable = 12,
+    /// Such a packet refused: the device's session is not valid for that policy.
+    DroppedUnreadable = 13,
 }
 
 impl Verdict {
     /// Every verdict, in code order.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::PassedOtherProtocol,
         Self::PassedMalformed,
         Self::PassedFragment,
@@ -47,6 +56,8 @@ impl Verdict {
         Self::AdmittedUnknownDevice,
         Self::DroppedExpired,
         Self::DroppedUnknownDevice,
+        Self::AdmittedUnreadable,
+        Self::DroppedUnreadable,
     ];
 
     /// The counter slot (and stable code) of this verdict.
@@ -58,7 +69,10 @@ impl Verdict {
     /// Whether the packet is refused.
     #[inline(always)]
     pub const fn is_refusal(self) -> bool {
-        matches!(self, Self::DroppedExpired | Self::DroppedUnknownDevice)
+        matches!(
+            self,
+            Self::DroppedExpired | Self::DroppedUnknownDevice | Self::DroppedUnreadable
+        )
     }
 
     /// The name used in metrics, stats and logs.
@@ -76,6 +90,8 @@ impl Verdict {
             Self::AdmittedUnknownDevice => "admitted_unknown_device",
             Self::DroppedExpired => "dropped_expired",
             Self::DroppedUnknownDevice => "dropped_unknown_device",
+            Self::AdmittedUnreadable => "admitted_unreadable",
+            Self::DroppedUnreadable => "dropped_unreadable",
         }
     }
 
@@ -153,6 +169,7 @@ mod tests {
         }
         assert_eq!(Verdict::from_code(Verdict::ALL.len() as u32), None);
         assert_eq!(Verdict::DroppedExpired.code(), 10, "codes are stable");
+        assert_eq!(Verdict::DroppedUnreadable.code(), 13, "codes are stable");
         for &(slot, _) in counter::EVENTS.iter().chain(&counter::REPLIES) {
             assert!(slot as usize >= Verdict::ALL.len() && slot < counter::SLOTS);
         }
@@ -163,7 +180,11 @@ mod tests {
         let refusals: Vec<_> = Verdict::ALL.iter().filter(|v| v.is_refusal()).collect();
         assert_eq!(
             refusals,
-            [&Verdict::DroppedExpired, &Verdict::DroppedUnknownDevice]
+            [
+                &Verdict::DroppedExpired,
+                &Verdict::DroppedUnknownDevice,
+                &Verdict::DroppedUnreadable
+            ]
         );
     }
 }

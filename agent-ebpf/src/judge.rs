@@ -6,8 +6,8 @@
 use agent_common::{
     hashing::bucket,
     logic::{
-        flow_active, flow_needs_refresh, judge_new_flow, policy_enforces, policy_for,
-        refusal_action, session_age_ns, verdict_without_policy,
+        flow_active, flow_needs_refresh, judge_new_flow, judge_unreadable as judge_unreadable_at,
+        policy_enforces, policy_for, refusal_action, session_age_ns, verdict_without_policy,
     },
     maps::{
         ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PolicyParams, PortRuleKey, Settings,
@@ -123,6 +123,66 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         _ => {}
     }
     (judged, action)
+}
+
+/// The verdict for a packet whose L4 header cannot be read (`Packet::Unreadable*`):
+/// judged by its destination's strictest session-checked policy
+/// (`DestRule::unreadable`) as a new flow would be, else `fallback`, as before.
+// Out of line: only malformed, fragmented or attacking packets come here.
+#[inline(never)]
+pub fn judge_unreadable<F: Family>(src: &F::Addr, dst: &F::Addr, fallback: Verdict) -> Verdict {
+    let Some(&generation) = SG_GENERATION.get(0) else {
+        return fallback;
+    };
+    let set = config_set(generation);
+    let Some(settings) = SG_SETTINGS.get(set) else {
+        return fallback;
+    };
+    let Some(rule) = F::dest_rule(set, dst) else {
+        return fallback;
+    };
+    let index = rule.unreadable;
+    if index == NO_POLICY {
+        return fallback;
+    }
+    let Some(policy) = SG_POLICIES.get(policy_slot(set, index)) else {
+        return fallback;
+    };
+    let now = now_ns();
+    let folded_src = F::fold(src);
+    let authenticated_at = session_of::<F>(src, folded_src, settings);
+    // Computed before the verdict: left to the refusal below, the compiler read a
+    // register that the no-session path never wrote, which the verifier refuses.
+    let session_age = match authenticated_at {
+        Some(at) => session_age_ns(now, at),
+        None => NO_SESSION_AGE,
+    };
+    let verdict = judge_unreadable_at(policy, authenticated_at, settings.unknown_device, now);
+    if verdict.is_refusal() {
+        count_policy_drop(policy_slot(set, index));
+        if event_allowed(folded_src, index, F::FAMILY, now, settings) {
+            send_event(&Refusal {
+                family: F::FAMILY,
+                src: F::wide(src),
+                dst: F::wide(dst),
+                // No protocol or port could be read.
+                l4: L4 {
+                    proto: 0,
+                    sport: 0,
+                    dport: 0,
+                    ip_offset: 0,
+                    l4_offset: 0,
+                },
+                policy: index,
+                set: set as u8,
+                action: ACTION_DROP as u8,
+                verdict,
+                session_age_ns: session_age,
+                now_ns: now,
+            });
+        }
+    }
+    verdict
 }
 
 /// What a refusal by a reject or redirect policy gets, within the device's reply rate.

@@ -18,12 +18,15 @@ mod portal;
 mod reply;
 mod report;
 
-use agent_common::maps::{ACTION_REDIRECT, ACTION_REJECT};
+use agent_common::{
+    maps::{ACTION_REDIRECT, ACTION_REJECT},
+    verdict::Verdict,
+};
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 
 use crate::{
     family::{V4, V6},
-    judge::judge,
+    judge::{judge, judge_unreadable},
     parse::{Packet, parse},
     report::count,
 };
@@ -39,6 +42,12 @@ pub fn sessiongate(ctx: XdpContext) -> u32 {
             let (verdict, action) = judge::<V6>(&src, &dst, &l4);
             (verdict, action, l4, true)
         }
+        Ok(Packet::Unreadable4 { src, dst, verdict }) => {
+            return unreadable(judge_unreadable::<V4>(&src, &dst, verdict));
+        }
+        Ok(Packet::Unreadable6 { src, dst, verdict }) => {
+            return unreadable(judge_unreadable::<V6>(&src, &dst, verdict));
+        }
         Err(verdict) => {
             count(verdict.code());
             return xdp_action::XDP_PASS;
@@ -52,6 +61,17 @@ pub fn sessiongate(ctx: XdpContext) -> u32 {
         ACTION_REJECT => reply::reject(&ctx, &l4, ipv6),
         ACTION_REDIRECT => reply::to_portal(&ctx, &l4, ipv6),
         _ => xdp_action::XDP_DROP,
+    }
+}
+
+/// A refused unreadable packet is dropped: there is no L4 header to answer.
+#[inline(always)]
+fn unreadable(verdict: Verdict) -> u32 {
+    count(verdict.code());
+    if verdict.is_refusal() {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
     }
 }
 

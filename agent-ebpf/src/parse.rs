@@ -1,6 +1,10 @@
 //! Header parsing: Ethernet, up to two VLAN tags, IPv4 with options, IPv6 with its
-//! extension headers, then TCP or UDP. Anything it cannot or need not judge comes back
-//! as a passing verdict; it never fails in any other way.
+//! extension headers, then TCP or UDP. Anything it need not judge comes back as a
+//! passing verdict. A packet with a valid IP header whose L4 header it cannot read
+//! comes back as `Packet::Unreadable*`, with its addresses: the datagram the receiver
+//! reassembles may still open a flow (a first fragment too short to show the TCP
+//! flags, RFC 1858; a header chain longer than it follows), so it is judged by its
+//! destination alone (`judge::judge_unreadable`).
 //!
 //! Fields are read with one load of their width (`packet::load_*`): the code LLVM
 //! generates for byte-array fields reads a byte at a time, and addresses would cost
@@ -55,8 +59,36 @@ pub struct L4 {
 pub const MAX_IP_OFFSET: usize = ETH_HLEN + 2 * VLAN_HLEN;
 
 pub enum Packet {
-    V4 { src: Ip4, dst: Ip4, l4: L4 },
-    V6 { src: Ip6, dst: Ip6, l4: L4 },
+    V4 {
+        src: Ip4,
+        dst: Ip4,
+        l4: L4,
+    },
+    V6 {
+        src: Ip6,
+        dst: Ip6,
+        l4: L4,
+    },
+    /// Its L4 header cannot be read; `verdict` is what it passes with where no session
+    /// check applies.
+    Unreadable4 {
+        src: Ip4,
+        dst: Ip4,
+        verdict: Verdict,
+    },
+    Unreadable6 {
+        src: Ip6,
+        dst: Ip6,
+        verdict: Verdict,
+    },
+}
+
+/// A TCP fragment at offset 8 (fragment offset 1) covers the TCP header from byte 8 on,
+/// flags included: it could turn an admitted segment into a SYN on reassembly
+/// (RFC 1858's overlapping fragment attack). No genuine sender fragments that small.
+#[inline(always)]
+const fn rewrites_tcp_flags(fragment_offset_units: u16, proto: u8) -> bool {
+    fragment_offset_units == 1 && proto == IPPROTO_TCP
 }
 
 /// The address of `len` bytes at `offset` in the packet, if the packet holds them all.
@@ -113,13 +145,21 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Packet, Verdict> {
     if version_ihl >> 4 != 4 || header_len < IPV4_MIN_HLEN || total_len < header_len {
         return Err(Verdict::PassedMalformed);
     }
+    let (src, dst) = unsafe { (Ip4(load_u32(ip + 12)), Ip4(load_u32(ip + 16))) };
+    let unreadable = |verdict| Ok(Packet::Unreadable4 { src, dst, verdict });
     // A non-first fragment has no L4 header; the first fragment (offset 0) is judged.
-    if frag_off & 0x1fff != 0 {
+    let fragment = frag_off & 0x1fff;
+    if fragment != 0 {
+        if rewrites_tcp_flags(fragment, proto) {
+            return unreadable(Verdict::PassedFragment);
+        }
         return Err(Verdict::PassedFragment);
     }
-    let l4 = parse_l4(ctx, offset, offset + header_len, proto)?;
-    let (src, dst) = unsafe { (Ip4(load_u32(ip + 12)), Ip4(load_u32(ip + 16))) };
-    Ok(Packet::V4 { src, dst, l4 })
+    match parse_l4(ctx, offset, offset + header_len, proto) {
+        Ok(l4) => Ok(Packet::V4 { src, dst, l4 }),
+        Err(Verdict::PassedMalformed) => unreadable(Verdict::PassedMalformed),
+        Err(verdict) => Err(verdict),
+    }
 }
 
 #[inline(always)]
@@ -129,19 +169,34 @@ fn parse_ipv6(ctx: &XdpContext, ip_offset: usize) -> Result<Packet, Verdict> {
     if version != 6 {
         return Err(Verdict::PassedMalformed);
     }
+    let (src, dst) = unsafe {
+        (
+            Ip6([load_u64(ip + 8), load_u64(ip + 16)]),
+            Ip6([load_u64(ip + 24), load_u64(ip + 32)]),
+        )
+    };
+    let unreadable = |verdict| Ok(Packet::Unreadable6 { src, dst, verdict });
     let mut offset = ip_offset + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext = bytes_at(ctx, offset, 2).ok_or(Verdict::PassedMalformed)?;
+                let Some(ext) = bytes_at(ctx, offset, 2) else {
+                    return unreadable(Verdict::PassedMalformed);
+                };
                 let (n, len) = unsafe { (load_u8(ext), load_u8(ext + 1)) };
                 next = n;
                 offset += (len as usize + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let frag = bytes_at(ctx, offset, IPV6_FRAG_HLEN).ok_or(Verdict::PassedMalformed)?;
+                let Some(frag) = bytes_at(ctx, offset, IPV6_FRAG_HLEN) else {
+                    return unreadable(Verdict::PassedMalformed);
+                };
                 let (n, offset_flags) = unsafe { (load_u8(frag), load_u16_be(frag + 2)) };
-                if offset_flags & 0xfff8 != 0 {
+                let fragment = offset_flags >> 3;
+                if fragment != 0 {
+                    if rewrites_tcp_flags(fragment, n) {
+                        return unreadable(Verdict::PassedFragment);
+                    }
                     return Err(Verdict::PassedFragment);
                 }
                 next = n;
@@ -150,24 +205,21 @@ fn parse_ipv6(ctx: &XdpContext, ip_offset: usize) -> Result<Packet, Verdict> {
             _ => break,
         }
         if offset > MAX_L4_OFFSET {
-            return Err(Verdict::PassedMalformed);
+            return unreadable(Verdict::PassedMalformed);
         }
     }
     if matches!(
         next,
         IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_FRAGMENT
     ) {
-        // Still inside the extension-header chain: too long to be genuine.
-        return Err(Verdict::PassedMalformed);
+        // Still inside the extension-header chain: longer than the program follows.
+        return unreadable(Verdict::PassedMalformed);
     }
-    let l4 = parse_l4(ctx, ip_offset, offset, next)?;
-    let (src, dst) = unsafe {
-        (
-            Ip6([load_u64(ip + 8), load_u64(ip + 16)]),
-            Ip6([load_u64(ip + 24), load_u64(ip + 32)]),
-        )
-    };
-    Ok(Packet::V6 { src, dst, l4 })
+    match parse_l4(ctx, ip_offset, offset, next) {
+        Ok(l4) => Ok(Packet::V6 { src, dst, l4 }),
+        Err(Verdict::PassedMalformed) => unreadable(Verdict::PassedMalformed),
+        Err(verdict) => Err(verdict),
+    }
 }
 
 #[inline(always)]

@@ -8,7 +8,9 @@ use std::{
 
 use agent_common::{
     addr::Ip6,
-    maps::{ACTION_REDIRECT, ACTION_REJECT, IPPROTO_TCP, NO_SESSION_AGE, RefusalEvent},
+    maps::{
+        ACTION_REDIRECT, ACTION_REJECT, IPPROTO_TCP, IPPROTO_UDP, NO_SESSION_AGE, RefusalEvent,
+    },
     verdict::Verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -24,7 +26,8 @@ pub const HISTORY: usize = 256;
 pub struct Refusal {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// `session_expired` or `unknown_device`.
+    /// `session_expired`, `unknown_device` or `unreadable_packet` (a packet whose
+    /// protocol and port could not be read: `protocol` is `ip`, `port` 0).
     pub reason: String,
     pub device: IpAddr,
     /// The device's user, when it has a session.
@@ -74,10 +77,10 @@ pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
         device: addr(event.src),
         destination: addr(event.dst),
         port: event.dport,
-        protocol: if event.proto == IPPROTO_TCP {
-            "tcp"
-        } else {
-            "udp"
+        protocol: match event.proto {
+            IPPROTO_TCP => "tcp",
+            IPPROTO_UDP => "udp",
+            _ => "ip",
         },
         policy: event.policy,
         set: event.set,
@@ -96,6 +99,7 @@ impl RawRefusal {
             at: clock.wall_of(self.at_boot_ns),
             reason: match self.verdict {
                 Verdict::DroppedUnknownDevice => "unknown_device",
+                Verdict::DroppedUnreadable => "unreadable_packet",
                 _ => "session_expired",
             }
             .to_string(),
@@ -137,8 +141,12 @@ impl History {
     }
 }
 
-/// `198.19.10.10:443/tcp`, `[2001:db8::1]:443/tcp`.
+/// `198.19.10.10:443/tcp`, `[2001:db8::1]:443/tcp`; just the address when no port
+/// could be read.
 pub fn destination(refusal: &Refusal) -> String {
+    if refusal.protocol == "ip" {
+        return refusal.destination.to_string();
+    }
     match refusal.destination {
         IpAddr::V4(a) => format!("{a}:{}/{}", refusal.port, refusal.protocol),
         IpAddr::V6(a) => format!("[{a}]:{}/{}", refusal.port, refusal.protocol),
@@ -217,7 +225,7 @@ mod tests {
         );
 
         event.family = 6;
-        event.proto = agent_common::maps::IPPROTO_UDP;
+        event.proto = IPPROTO_UDP;
         event.src = "2001:db8::10".parse::<Ipv6Addr>().unwrap().into();
         event.session_age_ns = NO_SESSION_AGE;
         event.verdict = Verdict::DroppedUnknownDevice.code();
@@ -229,6 +237,20 @@ mod tests {
             raw.resolve(&clock, None, "p".into()).reason,
             "unknown_device"
         );
+
+        // A packet whose protocol and port could not be read.
+        event.family = 4;
+        event.proto = 0;
+        event.dport = 0;
+        event.verdict = Verdict::DroppedUnreadable.code();
+        let r = decode(bytemuck::bytes_of(&event))
+            .unwrap()
+            .resolve(&clock, None, "p".into());
+        assert_eq!(
+            (r.reason.as_str(), r.protocol.as_str()),
+            ("unreadable_packet", "ip")
+        );
+        assert_eq!(destination(&r), "198.19.10.10");
 
         assert_eq!(decode(&[0u8; 10]), None);
     }

@@ -2,7 +2,10 @@
 //! unknown devices refused and allowed.
 
 use agent_common::verdict::{Verdict, counter};
-use netlab::{packets::PROTO_TCP, privileged};
+use netlab::{
+    packets::{PROTO_TCP, PROTO_UDP},
+    privileged,
+};
 use rand::{SeedableRng, rngs::StdRng};
 use sessiongate::config::UnknownDevice;
 
@@ -66,10 +69,10 @@ fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64) {
         // comes from this frame's refusal.
         for e in h.events() {
             let (flow, policy) = model.last_refusal.expect("an event without a refusal");
-            let protocol = if flow.proto == PROTO_TCP {
-                "tcp"
-            } else {
-                "udp"
+            let protocol = match flow.proto {
+                PROTO_TCP => "tcp",
+                PROTO_UDP => "udp",
+                _ => "ip",
             };
             assert_eq!(
                 (e.device, e.destination, e.port, e.protocol, e.policy),
@@ -81,8 +84,11 @@ fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64) {
     }
 
     assert_eq!(h.policy_drops(), model.policy_drops);
-    let refusals = seen[Verdict::DroppedExpired.code() as usize]
-        + seen[Verdict::DroppedUnknownDevice.code() as usize];
+    let refusals: u64 = Verdict::ALL
+        .iter()
+        .filter(|v| v.is_refusal())
+        .map(|v| seen[v.code() as usize])
+        .sum();
     assert_eq!(h.counter(counter::EVENTS_SENT), events);
     assert_eq!(h.counter(counter::EVENTS_LOST), 0);
     assert_eq!(

@@ -196,12 +196,18 @@ fn ipv6_extension_headers_are_followed() {
     });
     passes(&h, &later, Verdict::PassedFragment);
 
-    // Six extension headers are followed; a seventh makes the chain bogus.
+    // Six extension headers are followed; behind a seventh the SYN cannot be read, so
+    // it is judged by its destination alone: refused unless the session is valid.
     let mut six = Packet::syn(v6(11), app, 443);
     six.ext = vec![Ext::HopByHop; 6];
     drops(&h, &six, Verdict::DroppedExpired);
     let mut seven = Packet::syn(v6(11), app, 443);
     seven.ext = vec![Ext::DestOpts; 7];
+    drops(&h, &seven, Verdict::DroppedUnreadable);
+    seven.src = v6(FRESH);
+    passes(&h, &seven, Verdict::AdmittedUnreadable);
+    seven.dst = ip("2001:db8:77::1");
+    seven.src = v6(EXPIRED);
     passes(&h, &seven, Verdict::PassedMalformed);
     let mut mixed = Packet::udp(v6(11), app, 5000, 443);
     mixed.ext = vec![
@@ -217,12 +223,12 @@ fn ipv6_extension_headers_are_followed() {
         Ext::DestOpts,
         Ext::DestOpts,
     ];
-    passes(&h, &mixed, Verdict::PassedMalformed);
+    drops(&h, &mixed, Verdict::DroppedUnreadable);
 }
 
 #[test]
-fn malformed_packets_pass_and_are_never_aborted() {
-    if !privileged("malformed_packets_pass_and_are_never_aborted") {
+fn malformed_packets_pass_or_are_judged_and_are_never_aborted() {
+    if !privileged("malformed_packets_pass_or_are_judged_and_are_never_aborted") {
         return;
     }
     let h = Harness::new("");
@@ -240,18 +246,28 @@ fn malformed_packets_pass_and_are_never_aborted() {
             "{name}"
         );
     };
+    // A valid IP header with an L4 header that cannot be read: judged by destination
+    // (`unreadable_packets_are_judged_by_their_destination`), so the expired device
+    // is refused.
+    let unreadable = |name: &str, bytes: Vec<u8>| {
+        assert_eq!(
+            h.run(&bytes),
+            (XDP_DROP, Verdict::DroppedUnreadable),
+            "{name}"
+        );
+    };
 
     malformed("truncated IPv4 header", syn4[..ETH_LEN + 12].to_vec());
-    malformed(
+    unreadable(
         "truncated TCP header",
         syn4[..ETH_LEN + IPV4_LEN + 12].to_vec(),
     );
-    malformed(
+    unreadable(
         "truncated UDP header",
         udp4[..ETH_LEN + IPV4_LEN + 6].to_vec(),
     );
     malformed("truncated IPv6 header", syn6[..ETH_LEN + 30].to_vec());
-    malformed(
+    unreadable(
         "IPv6 without its TCP header",
         syn6[..ETH_LEN + IPV6_LEN + 4].to_vec(),
     );
@@ -277,14 +293,89 @@ fn malformed_packets_pass_and_are_never_aborted() {
     malformed("IPv6 ethertype with version 4", bad);
     let mut bad = syn4.clone();
     bad[ETH_LEN + IPV4_LEN + 12] = 4 << 4; // TCP data offset 4 < 5
-    malformed("TCP data offset below 5", bad);
+    unreadable("TCP data offset below 5", bad);
     let mut bad = ext6.clone();
     bad[ETH_LEN + IPV6_LEN + 1] = 200; // extension length far past the packet
-    malformed("IPv6 extension header longer than the packet", bad);
+    unreadable("IPv6 extension header longer than the packet", bad);
 
     // The shortest frame BPF_PROG_TEST_RUN accepts is an Ethernet header alone.
     let mut eth_only = ethernet_header(&[], ETH_IPV4);
     malformed("Ethernet header alone", eth_only.clone());
     eth_only[12..14].copy_from_slice(&ETH_IPV6.to_be_bytes());
     malformed("Ethernet header alone, IPv6", eth_only);
+}
+
+/// The cut-down IPv4 first fragment of `p`: its IP header and `l4_bytes` of the
+/// TCP or UDP header, with "more fragments" set and the length fields to match.
+fn first_fragment(p: &Packet, l4_bytes: usize) -> Vec<u8> {
+    let mut bytes = p.clone().ipv4_fragment(0, true).bytes();
+    bytes.truncate(ETH_LEN + IPV4_LEN + l4_bytes);
+    let total = (IPV4_LEN + l4_bytes) as u16;
+    bytes[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&total.to_be_bytes());
+    bytes
+}
+
+#[test]
+fn unreadable_packets_are_judged_by_their_destination() {
+    if !privileged("unreadable_packets_are_judged_by_their_destination") {
+        return;
+    }
+    let mut h = Harness::new("");
+    let app = ip("198.19.10.5");
+    let run = |h: &Harness, bytes: &[u8]| h.run(bytes);
+    let refused = (XDP_DROP, Verdict::DroppedUnreadable);
+    let admitted = (XDP_PASS, Verdict::AdmittedUnreadable);
+    // RFC 1858's tiny first fragment: 8 or 16 bytes of TCP header hide the flags.
+    for l4_bytes in [0, 8, 16] {
+        let syn = |device| first_fragment(&Packet::syn(device, app, 443), l4_bytes);
+        assert_eq!(run(&h, &syn(v4(EXPIRED))), refused, "{l4_bytes} bytes");
+        assert_eq!(run(&h, &syn(v4(UNKNOWN))), refused, "{l4_bytes} bytes");
+        assert_eq!(run(&h, &syn(v4(FRESH))), admitted, "{l4_bytes} bytes");
+    }
+    // A UDP first fragment too short to show the ports.
+    let udp = first_fragment(&Packet::udp(v4(EXPIRED), app, 5000, 443), 4);
+    assert_eq!(run(&h, &udp), refused);
+    // A TCP fragment 8 bytes in would rewrite the flags; a UDP one cannot.
+    let overlap = Packet::tcp(v4(EXPIRED), app, 443, TCP_ACK).ipv4_fragment(1, false);
+    drops(&h, &overlap, Verdict::DroppedUnreadable);
+    let later = Packet::udp(v4(EXPIRED), app, 5000, 443).ipv4_fragment(1, false);
+    passes(&h, &later, Verdict::PassedFragment);
+    let overlap6 =
+        Packet::tcp(v6(EXPIRED), ip("2001:db8:10::5"), 443, TCP_ACK).ext(Ext::Fragment {
+            offset: 1,
+            more: false,
+        });
+    drops(&h, &overlap6, Verdict::DroppedUnreadable);
+
+    // The policy is the strictest session-checked one a readable packet there could
+    // get: at 198.19.40.5, Voice (30 minutes, UDP 3478 and 5060), not Web (1 hour,
+    // TCP 443) or Baseline (168 hours).
+    let before = h.policy_drops();
+    let voice = first_fragment(&Packet::syn(v4(EXPIRED), ip("198.19.40.5"), 443), 8);
+    assert_eq!(run(&h, &voice), refused);
+    let mut expected = before.clone();
+    expected[VOICE_POLICY as usize] += 1;
+    assert_eq!(h.policy_drops(), expected);
+    // Behind unlimited admin ports, Baseline (168 hours): a 2-hour-old session is
+    // enough, a 200-hour-old one is not.
+    let admin = |device| first_fragment(&Packet::syn(device, ip("198.19.60.5"), 22), 8);
+    assert_eq!(run(&h, &admin(v4(EXPIRED))), admitted);
+    assert_eq!(run(&h, &admin(v4(ANCIENT))), refused);
+    // Where no packet can meet a session check (an unlimited policy covering every
+    // port first, a bypass, no policy), nothing changes: they pass as before.
+    for dst in ["198.19.30.5", "198.19.99.1", "198.18.200.1"] {
+        let syn = first_fragment(&Packet::syn(v4(EXPIRED), ip(dst), 443), 8);
+        assert_eq!(run(&h, &syn), (XDP_PASS, Verdict::PassedMalformed), "{dst}");
+    }
+    // The refusal is reported: no protocol or port, the policy that refused it.
+    let _ = h.events();
+    let syn = first_fragment(&Packet::syn(v4(ANCIENT), app, 443), 8);
+    assert_eq!(run(&h, &syn), refused);
+    let events = h.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(
+        (e.verdict, e.destination, e.port, e.protocol, e.policy),
+        (Verdict::DroppedUnreadable, app, 0, "ip", APP_POLICY)
+    );
 }

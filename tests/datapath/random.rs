@@ -88,10 +88,11 @@ fn packet(rng: &mut StdRng, pools: &Pools) -> Packet {
         }
     } else {
         p.ipv4_options = 4 * rng.random_range(0..=10) * usize::from(rng.random_bool(0.3));
-        p.ipv4_frag = match rng.random_range(0..10) {
+        p.ipv4_frag = match rng.random_range(0..12) {
             0 => 0x2000,                      // first fragment
             1 => rng.random_range(1..0x2000), // a later one
             2 => 0x4000,                      // don't fragment
+            3 => 0x2001,                      // 8 bytes in: over a TCP header's flags
             _ => 0,
         };
     }
@@ -99,12 +100,16 @@ fn packet(rng: &mut StdRng, pools: &Pools) -> Packet {
 }
 
 fn ext(rng: &mut StdRng) -> Ext {
-    match rng.random_range(0..5) {
+    match rng.random_range(0..6) {
         0 => Ext::HopByHop,
         1 => Ext::Routing,
         2 => Ext::DestOpts,
         3 => Ext::Fragment {
             offset: 0,
+            more: true,
+        },
+        4 => Ext::Fragment {
+            offset: 1,
             more: true,
         },
         _ => Ext::Fragment {

@@ -44,8 +44,33 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// The flow a frame opens, or the verdict it passes with unjudged.
-pub fn parse(frame: &[u8]) -> Result<Flow, Verdict> {
+/// What a frame that opens no flow is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unjudged {
+    /// It passes with this verdict.
+    Pass(Verdict),
+    /// Its IP header is valid but its L4 header cannot be read: judged by its
+    /// destination alone where sessions are checked, else it passes with `fallback`.
+    Unreadable {
+        src: IpAddr,
+        dst: IpAddr,
+        fallback: Verdict,
+    },
+}
+
+impl From<Verdict> for Unjudged {
+    fn from(v: Verdict) -> Self {
+        Self::Pass(v)
+    }
+}
+
+/// A TCP fragment 8 bytes in would overwrite the TCP header's flags (RFC 1858).
+fn rewrites_tcp_flags(fragment_offset_units: u16, proto: u8) -> bool {
+    fragment_offset_units == 1 && proto == IPPROTO_TCP
+}
+
+/// The flow a frame opens, or what it is instead.
+pub fn parse(frame: &[u8]) -> Result<Flow, Unjudged> {
     let mut ethertype = u16_at(frame, 12);
     let mut offset = ETH_LEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -53,7 +78,7 @@ pub fn parse(frame: &[u8]) -> Result<Flow, Verdict> {
             break;
         }
         if frame.len() < offset + VLAN_LEN {
-            return Err(Verdict::PassedMalformed);
+            return Err(Verdict::PassedMalformed.into());
         }
         ethertype = u16_at(frame, offset + 2);
         offset += VLAN_LEN;
@@ -61,50 +86,66 @@ pub fn parse(frame: &[u8]) -> Result<Flow, Verdict> {
     match ethertype {
         0x0800 => ipv4(frame, offset),
         0x86dd => ipv6(frame, offset),
-        _ => Err(Verdict::PassedOtherProtocol),
+        _ => Err(Verdict::PassedOtherProtocol.into()),
     }
 }
 
-fn ipv4(frame: &[u8], at: usize) -> Result<Flow, Verdict> {
+fn ipv4(frame: &[u8], at: usize) -> Result<Flow, Unjudged> {
     let ip = frame
         .get(at..at + IPV4_MIN_LEN)
         .ok_or(Verdict::PassedMalformed)?;
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     let total_len = usize::from(u16_at(ip, 2));
     if ip[0] >> 4 != 4 || header_len < IPV4_MIN_LEN || total_len < header_len {
-        return Err(Verdict::PassedMalformed);
-    }
-    if u16_at(ip, 6) & 0x1fff != 0 {
-        return Err(Verdict::PassedFragment);
+        return Err(Verdict::PassedMalformed.into());
     }
     let addr = |i: usize| IpAddr::V4(Ipv4Addr::new(ip[i], ip[i + 1], ip[i + 2], ip[i + 3]));
-    l4(frame, at + header_len, ip[9], addr(12), addr(16))
+    let (src, dst) = (addr(12), addr(16));
+    let fragment = u16_at(ip, 6) & 0x1fff;
+    if fragment != 0 {
+        if rewrites_tcp_flags(fragment, ip[9]) {
+            return Err(Unjudged::Unreadable {
+                src,
+                dst,
+                fallback: Verdict::PassedFragment,
+            });
+        }
+        return Err(Verdict::PassedFragment.into());
+    }
+    l4(frame, at + header_len, ip[9], src, dst)
 }
 
-fn ipv6(frame: &[u8], at: usize) -> Result<Flow, Verdict> {
+fn ipv6(frame: &[u8], at: usize) -> Result<Flow, Unjudged> {
     let ip = frame
         .get(at..at + IPV6_LEN)
         .ok_or(Verdict::PassedMalformed)?;
     if ip[0] >> 4 != 6 {
-        return Err(Verdict::PassedMalformed);
+        return Err(Verdict::PassedMalformed.into());
     }
+    let addr = |i: usize| {
+        let octets: [u8; 16] = ip[i..i + 16].try_into().unwrap();
+        IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    let (src, dst) = (addr(8), addr(24));
+    let unreadable = |fallback| Unjudged::Unreadable { src, dst, fallback };
+    let malformed = unreadable(Verdict::PassedMalformed);
     let mut next = ip[6];
     let mut offset = at + IPV6_LEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             HOP_BY_HOP | ROUTING | DEST_OPTS => {
-                let ext = frame
-                    .get(offset..offset + 2)
-                    .ok_or(Verdict::PassedMalformed)?;
+                let ext = frame.get(offset..offset + 2).ok_or(malformed)?;
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 1) * 8;
             }
             FRAGMENT => {
-                let frag = frame
-                    .get(offset..offset + 8)
-                    .ok_or(Verdict::PassedMalformed)?;
-                if u16_at(frag, 2) >> 3 != 0 {
-                    return Err(Verdict::PassedFragment);
+                let frag = frame.get(offset..offset + 8).ok_or(malformed)?;
+                let fragment = u16_at(frag, 2) >> 3;
+                if fragment != 0 {
+                    if rewrites_tcp_flags(fragment, frag[0]) {
+                        return Err(unreadable(Verdict::PassedFragment));
+                    }
+                    return Err(Verdict::PassedFragment.into());
                 }
                 next = frag[0];
                 offset += 8;
@@ -112,26 +153,29 @@ fn ipv6(frame: &[u8], at: usize) -> Result<Flow, Verdict> {
             _ => break,
         }
         if offset > MAX_L4_OFFSET {
-            return Err(Verdict::PassedMalformed);
+            return Err(malformed);
         }
     }
     if matches!(next, HOP_BY_HOP | ROUTING | DEST_OPTS | FRAGMENT) {
-        return Err(Verdict::PassedMalformed);
+        // A chain longer than the program follows.
+        return Err(malformed);
     }
-    let addr = |i: usize| {
-        let octets: [u8; 16] = ip[i..i + 16].try_into().unwrap();
-        IpAddr::V6(Ipv6Addr::from(octets))
-    };
-    l4(frame, offset, next, addr(8), addr(24))
+    l4(frame, offset, next, src, dst)
 }
 
 /// The L4 header is read from the frame wherever the IP header says it starts; like
-/// the program, the model does not hold it to the IP length fields.
-fn l4(frame: &[u8], at: usize, proto: u8, src: IpAddr, dst: IpAddr) -> Result<Flow, Verdict> {
+/// the program, the model does not hold it to the IP length fields. A TCP or UDP
+/// header that is not all there, or not valid, is unreadable.
+fn l4(frame: &[u8], at: usize, proto: u8, src: IpAddr, dst: IpAddr) -> Result<Flow, Unjudged> {
+    let malformed = Unjudged::Unreadable {
+        src,
+        dst,
+        fallback: Verdict::PassedMalformed,
+    };
     if at > MAX_L4_OFFSET {
-        return Err(Verdict::PassedMalformed);
+        return Err(malformed);
     }
-    let header = |len: usize| frame.get(at..at + len).ok_or(Verdict::PassedMalformed);
+    let header = |len: usize| frame.get(at..at + len).ok_or(malformed);
     let flow = |h: &[u8]| Flow {
         src,
         dst,
@@ -143,16 +187,16 @@ fn l4(frame: &[u8], at: usize, proto: u8, src: IpAddr, dst: IpAddr) -> Result<Fl
         IPPROTO_TCP => {
             let tcp = header(20)?;
             if tcp[12] >> 4 < 5 {
-                return Err(Verdict::PassedMalformed);
+                return Err(malformed);
             }
             // Only SYN without ACK opens a connection.
             if tcp[13] & 0x12 != 0x02 {
-                return Err(Verdict::PassedEstablished);
+                return Err(Verdict::PassedEstablished.into());
             }
             Ok(flow(tcp))
         }
         IPPROTO_UDP => Ok(flow(header(8)?)),
-        _ => Err(Verdict::PassedOtherProtocol),
+        _ => Err(Verdict::PassedOtherProtocol.into()),
     }
 }
 
@@ -192,7 +236,10 @@ impl Model {
         self.last_refusal = None;
         let flow = match parse(frame) {
             Ok(flow) => flow,
-            Err(verdict) => return verdict,
+            Err(Unjudged::Pass(verdict)) => return verdict,
+            Err(Unjudged::Unreadable { src, dst, fallback }) => {
+                return self.unreadable(src, dst, fallback);
+            }
         };
         if self.config.dns.ports.contains(&flow.dport) {
             return Verdict::PassedDns;
@@ -221,6 +268,65 @@ impl Model {
             self.last_refusal = Some((flow, index as u32));
         } else if flow.proto == IPPROTO_UDP {
             self.tracked.insert(flow);
+        }
+        verdict
+    }
+
+    /// A packet whose L4 header cannot be read: judged as a new flow against the
+    /// strictest session-checked policy that some readable packet to its destination
+    /// would get (shortest duration, then precedence), found by trying every protocol
+    /// and every port a policy names plus one that none does.
+    fn unreadable(&mut self, src: IpAddr, dst: IpAddr, fallback: Verdict) -> Verdict {
+        let mut ports: Vec<u16> = self
+            .config
+            .policies
+            .iter()
+            .flat_map(|p| p.ports.iter().flatten().copied())
+            .collect();
+        ports.push((1..=u16::MAX).find(|p| !ports.contains(p)).unwrap());
+        let mut strictest: Option<(Duration, i64, usize)> = None;
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            for &dport in &ports {
+                let probe = Flow {
+                    src,
+                    dst,
+                    proto,
+                    sport: 1,
+                    dport,
+                };
+                let Match::Policy(index) = self.first_match(&probe) else {
+                    continue;
+                };
+                let policy = &self.config.policies[index];
+                if let Some(d) = policy.duration() {
+                    let candidate = (d.0, policy.precedence, index);
+                    if strictest.is_none_or(|s| candidate < s) {
+                        strictest = Some(candidate);
+                    }
+                }
+            }
+        }
+        let Some((duration, _, index)) = strictest else {
+            return fallback;
+        };
+        let verdict = match self.ages.get(&src) {
+            None if self.config.agent.unknown_device == UnknownDevice::Allow => {
+                Verdict::AdmittedUnreadable
+            }
+            None => Verdict::DroppedUnreadable,
+            Some(age) if *age <= duration => Verdict::AdmittedUnreadable,
+            Some(_) => Verdict::DroppedUnreadable,
+        };
+        if verdict.is_refusal() {
+            self.policy_drops[index] += 1;
+            let flow = Flow {
+                src,
+                dst,
+                proto: 0,
+                sport: 0,
+                dport: 0,
+            };
+            self.last_refusal = Some((flow, index as u32));
         }
         verdict
     }

@@ -127,6 +127,7 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
             port_table: 0,
             tcp: first(Protocol::Tcp, None),
             udp: first(Protocol::Udp, None),
+            unreadable: NO_POLICY,
         };
         let named_ports: BTreeSet<u16> = list
             .iter()
@@ -135,9 +136,11 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
             .copied()
             .collect();
         let mut answers = Vec::new();
+        let mut reached = vec![rule.tcp, rule.udp];
         for port in named_ports {
             for (proto, default) in [(Protocol::Tcp, rule.tcp), (Protocol::Udp, rule.udp)] {
                 let answer = first(proto, Some(port));
+                reached.push(answer);
                 if region_nonempty {
                     mark_reachable(&mut table.reachable, answer);
                 }
@@ -146,6 +149,7 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
                 }
             }
         }
+        rule.unreadable = strictest(config, reached);
         if region_nonempty {
             mark_reachable(&mut table.reachable, rule.tcp);
             mark_reachable(&mut table.reachable, rule.udp);
@@ -174,6 +178,20 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
     table.params = config.policies.iter().map(params).collect();
     check_capacity(config, &table)?;
     Ok(table)
+}
+
+/// The policy a packet whose protocol and port cannot be read is judged by: of the
+/// `answers` some packet to the prefix gets, the session-checked policy with the
+/// shortest duration (the earliest by precedence on a tie); `NO_POLICY` if none.
+fn strictest(config: &Config, answers: impl IntoIterator<Item = u32>) -> u32 {
+    answers
+        .into_iter()
+        .filter_map(|index| {
+            let policy = config.policies.get(index as usize)?;
+            Some((policy.duration()?, policy.precedence, index))
+        })
+        .min()
+        .map_or(NO_POLICY, |(_, _, index)| index)
 }
 
 /// Ranks (positions in evaluation order) of every candidate owning `prefix` or one of

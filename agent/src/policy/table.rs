@@ -107,6 +107,17 @@ pub fn describe(config: &Config, table: &PolicyTable) -> String {
                 policy_label(config, default)
             );
         }
+        // Packets whose protocol and port cannot be read (short first fragments,
+        // over-long IPv6 header chains) are judged against this policy.
+        if rule.unreadable != NO_POLICY {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<10} -> {}",
+                net.to_string(),
+                "unreadable",
+                policy_label(config, rule.unreadable)
+            );
+        }
     }
     out
 }

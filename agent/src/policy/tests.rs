@@ -219,7 +219,12 @@ fn random_config(rng: &mut StdRng) -> Config {
                 }
                 ports
             }),
-            check_session: CheckSession::Enforce(GoDuration(Duration::from_secs(60))),
+            check_session: match rng.random_range(0..4) {
+                0 => CheckSession::Unlimited {
+                    enforce_without_duration: false,
+                },
+                d => CheckSession::Enforce(GoDuration(Duration::from_secs(60 * d))),
+            },
             on_expired: OnExpired::Drop,
             redirect_ports: Vec::new(),
         });
@@ -278,6 +283,47 @@ fn compiled_tables_equal_first_match_by_precedence_on_random_policies() {
         }
     }
     assert!(checked > 100_000, "only {checked} probes");
+}
+
+#[test]
+fn unreadable_packets_get_the_strictest_policy_some_packet_reaches_on_random_policies() {
+    let mut judged = 0usize;
+    for seed in 0..300u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let config = random_config(&mut rng);
+        let table = compile(&config).unwrap();
+        for addr in probe_addresses(&config, &mut rng) {
+            // Every answer a readable packet to `addr` can get (1 and 65535 stand for
+            // the ports no policy names), and of those the session-checked policy
+            // with the shortest duration, the earliest by precedence on a tie.
+            let mut reached = Vec::new();
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                for port in [22, 53, 80, 443, 3389, 8443, 1, 65535] {
+                    reached.push(first_match(&config, addr, proto, port));
+                }
+            }
+            let expected = reached
+                .iter()
+                .filter_map(|&i| {
+                    let p = config.policies.get(i as usize)?;
+                    Some((p.duration()?, p.precedence, i))
+                })
+                .min()
+                .map_or(NO_POLICY, |(_, _, i)| i);
+            let got = table
+                .dest
+                .iter()
+                .filter(|(net, _)| net.contains(&addr))
+                .max_by_key(|(net, _)| net.prefix_len())
+                .map_or(NO_POLICY, |(_, rule)| rule.unreadable);
+            assert_eq!(got, expected, "seed {seed}: {addr}\n{config:#?}");
+            judged += usize::from(got != NO_POLICY);
+        }
+    }
+    assert!(
+        judged > 1000,
+        "only {judged} addresses under a session check"
+    );
 }
 
 #[test]
@@ -395,6 +441,10 @@ fn lint_warns_about_the_common_mistakes() {
     assert!(described.contains("198.0.0.0/8"), "{described}");
     assert!(
         described.contains("\"everything\" (session <= 168h0m0s, else drop)"),
+        "{described}"
+    );
+    assert!(
+        described.contains("198.0.0.0/8            unreadable -> \"everything\""),
         "{described}"
     );
 }

@@ -25,6 +25,7 @@ pub mod etcd;
 pub mod packets;
 mod raw;
 mod services;
+pub mod shaped;
 mod traffic;
 
 use std::{
