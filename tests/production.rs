@@ -630,3 +630,154 @@ fn reloads_fit_port_rules_of_both_configurations() {
     agent.login(device(1), BOB, 2 * HOUR);
     assert!(lab.tcp_blocked(device(1), APP, 443));
 }
+
+/// A pin directory of this test's on the host's /sys/fs/bpf, where the default
+/// `pin_dir` lives. Removed on drop, pins and all; and the bpffs there unmounted again
+/// if it was not mounted before the test (the agent mounts it when it is missing).
+struct HostPinDir {
+    dir: std::path::PathBuf,
+    was_mounted: bool,
+}
+
+impl HostPinDir {
+    fn new(lab: &Lab) -> Self {
+        let unique = lab.dir.path().file_name().expect("a temp dir name");
+        Self {
+            dir: std::path::Path::new("/sys/fs/bpf").join(unique),
+            was_mounted: is_bpffs("/sys/fs/bpf"),
+        }
+    }
+}
+
+impl Drop for HostPinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.was_mounted && is_bpffs("/sys/fs/bpf") {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", "/sys/fs/bpf"])
+                .status();
+        }
+    }
+}
+
+fn is_bpffs(path: &str) -> bool {
+    let path = std::ffi::CString::new(path).expect("no NUL");
+    // SAFETY: a zeroed statfs is a valid out-buffer; the path is NUL-terminated.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut st) == 0 && st.f_type == 0xcafe_4a11
+    }
+}
+
+#[test]
+fn an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing() {
+    if !privileged("an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing") {
+        return;
+    }
+    let lab = lab();
+    let host = HostPinDir::new(&lab);
+    // netlab starts agents with `ip netns exec`, whose private mount namespace has a
+    // fresh /sys: a bpffs the agent mounted at /sys/fs/bpf would vanish with it.
+    let config = lab.config("", APP_POLICY).replace(
+        &lab.pin_dir().display().to_string(),
+        &host.dir.display().to_string(),
+    );
+    let mut agent = lab.start_agent(&config);
+    let (fresh, stale) = (device(0), device(1));
+    agent.login(fresh, ALICE, NOW);
+    agent.login(stale, BOB, 2 * HOUR);
+    assert!(refused(&lab, stale, APP, 443));
+
+    agent.kill();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.xdp_attached(),
+        "the attachment went with the agent: {}",
+        agent.log_text()
+    );
+    assert!(
+        refused(&lab, stale, APP, 443),
+        "an expired device got through once the agent was killed"
+    );
+    assert!(opens(&lab, fresh, APP, 443));
+    assert!(
+        host.dir
+            .join(format!("layout-{}", agent_common::maps::LAYOUT))
+            .join("program")
+            .exists(),
+        "the pins are on the host's bpffs"
+    );
+
+    // The next agent adopts what the first left.
+    let agent = lab.start_agent(&config);
+    assert!(
+        agent.log_text().contains("adopted the pinned datapath"),
+        "{}",
+        agent.log_text()
+    );
+    agent.stop_and_detach();
+    assert!(!lab.xdp_attached());
+}
+
+#[test]
+fn a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing() {
+    if !privileged("a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing") {
+        return;
+    }
+    let lab = lab();
+    // A port already taken in the gateway namespace, where the agent runs.
+    let busy = lab
+        .gateway
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("a listener in the gateway namespace");
+    let busy = busy.local_addr().unwrap();
+    let token = lab.dir.path().join("api-token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let portal = "portal_listen = \"[::]:{PORT}\"\nreauth_url = \"https://sso.example.com/\"";
+    let cases = [
+        (format!("metrics_listen = \"{busy}\""), "metrics_listen"),
+        (
+            format!(
+                "api_listen = \"{busy}\"\napi_token_file = \"{}\"",
+                token.display()
+            ),
+            "api_listen",
+        ),
+        // An address this host does not have.
+        (
+            format!(
+                "api_listen = \"198.18.77.77:8443\"\napi_token_file = \"{}\"",
+                token.display()
+            ),
+            "api_listen",
+        ),
+        (
+            portal.replace("{PORT}", &busy.port().to_string()),
+            "portal_listen",
+        ),
+    ];
+    for (extra, field) in cases {
+        let log = lab.refused_start(&lab.config(&extra, APP_POLICY));
+        assert!(log.contains(&format!("cannot listen on {field}")), "{log}");
+        assert!(
+            !lab.xdp_attached(),
+            "attached although {field} failed: {log}"
+        );
+        let pinned: Vec<_> = std::fs::read_dir(lab.pin_dir())
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            pinned.is_empty(),
+            "pins left after {field} failed: {pinned:?}"
+        );
+        assert!(
+            !lab.dir.path().join("api.sock").exists(),
+            "the API socket file was left behind"
+        );
+    }
+    // Then the same lab starts fine, with nothing in the way.
+    let agent = lab.start_agent(&lab.config("", APP_POLICY));
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+}

@@ -299,3 +299,32 @@ fn redirect_sends_http_to_the_portal(f: Family) {
         "the restarted portal answers"
     );
 }
+
+#[test]
+fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
+    if !privileged("auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth") {
+        return;
+    }
+    let lab = lab();
+    // xdp_mode is left to its default, auto.
+    let agent = lab.start_agent(&lab.config("", &app_policy("reject")));
+    let stale = device(1);
+    agent.login(stale, BOB, 2 * HOUR);
+    let started = Instant::now();
+    match lab.tcp_connect(stale, APP, 443, SHOULD_PASS) {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}"),
+        Ok(_) => panic!("an expired device connected"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "no reset arrived"
+    );
+    let stats = agent.cli_ok(&["stats"]);
+    assert!(stats.contains("(generic)"), "{stats}");
+    agent.wait_for_log(&["xdp_mode auto: generic mode on this veth"]);
+    // With only drop policies, auto still prefers native.
+    drop(agent);
+    let lab = self::lab();
+    let agent = lab.start_agent(&lab.config("", &app_policy("drop")));
+    assert!(agent.cli_ok(&["stats"]).contains("(native)"));
+}

@@ -187,6 +187,13 @@ pub fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // What `run` reads besides the config, short of binding its listeners.
+    if let (Some(_), Some(path)) = (config.agent.api_listen, &config.agent.api_token_file)
+        && let Err(e) = crate::api::auth::read_token(path)
+    {
+        eprintln!("error: config {}: {e:#}", config.source);
+        return ExitCode::FAILURE;
+    }
     println!("config {} is valid", config.source);
     print!("{}", policy::describe(&config, &table));
     let warnings = policy::lint(&config, &table);

@@ -363,8 +363,13 @@ impl Control {
         }
         // Interfaces added are attached, interfaces removed detached.
         let mut interfaces = Vec::new();
+        let replies = config
+            .policies
+            .iter()
+            .any(|p| p.on_expired != crate::config::OnExpired::Drop);
         for name in &config.agent.interfaces {
-            match datapath.attach(name, old.config.agent.xdp_mode) {
+            let mode = crate::datapath::attach_mode(old.config.agent.xdp_mode, replies, name);
+            match datapath.attach(name, mode) {
                 Ok(mode) => interfaces.push((name.clone(), mode.name().to_string())),
                 Err(e) => warnings.push(format!("interface {name}: {e}")),
             }

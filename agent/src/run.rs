@@ -18,7 +18,7 @@ use crate::{
     clock::ClockPair,
     config::{Config, OnExpired, StoreConfig},
     control::Control,
-    datapath::{AttachedMode, Datapath, Origin, interface_exists, is_veth, settings},
+    datapath::{AttachedMode, Datapath, Origin, attach_mode, interface_exists, is_veth, settings},
     events,
     fleet::Fleet,
     notify::{Notifier, NotifyConfig},
@@ -59,76 +59,40 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&config.agent.state_dir)?;
     let store = SessionStore::open(&config.agent.state_dir)?;
 
-    let pin_dir = config.agent.pin_dir.clone();
-    let (mut datapath, origin) = Datapath::open(&pin_dir, &config.limits, replace)?;
-    // Sessions are in place before the new policy is, and before a new datapath is
-    // attached, so no device with a valid session is ever refused.
-    let clock = ClockPair::now();
-    let sessions: Vec<_> = store
-        .iter()
-        .map(|r| (r.ip, r.kernel_value(&clock, store.boot_id())))
-        .collect();
-    match &origin {
-        Origin::Adopted => {
-            let removed = datapath.maps.sync_sessions(&sessions)?;
-            tracing::info!(
-                dir = %pin_dir.display(),
-                generation = datapath.maps.generation(),
-                sessions = sessions.len(),
-                removed,
-                "adopted the pinned datapath"
-            );
-        }
-        Origin::Loaded | Origin::Replacing(_) => datapath.maps.load_sessions(&sessions)?,
-    }
-    // The portal is ready (listening, routed, its TC program attached) before any
-    // settings that name it are in force: a handed-over connection always finds it.
-    let portal_listener = match config.agent.portal_listen {
-        Some(addr) => {
-            let listener = portal::bind_transparent(addr)
-                .with_context(|| format!("cannot listen on portal_listen {addr}"))?;
-            portal::routing::install()?;
-            datapath.enable_portal()?;
-            Some(listener)
-        }
-        None => None,
-    };
-    // Atomic: an adopted datapath keeps its previous policy until this one value flips.
-    datapath.maps.apply(settings(&config), &table)?;
-    if portal_listener.is_none() {
-        datapath.disable_portal()?;
-    }
-    let mut interfaces = Vec::new();
-    let replies = config
-        .policies
-        .iter()
-        .any(|p| p.on_expired != OnExpired::Drop);
-    for name in &config.agent.interfaces {
-        let mode = datapath.attach(name, config.agent.xdp_mode)?;
-        tracing::info!(interface = %name, mode = mode.name(), "attached");
-        if replies && mode == AttachedMode::Native && is_veth(name) {
-            tracing::warn!(
-                interface = %name,
-                "this veth is in native XDP mode: the RSTs and ICMP errors of reject and redirect policies reach its peer only if the peer runs an XDP program too; otherwise set xdp_mode = \"generic\""
-            );
-        }
-        interfaces.push((name.clone(), mode.name().to_string()));
-    }
-    datapath.detach_others(&config.agent.interfaces)?;
-    if let Origin::Replacing(old) = &origin {
-        datapath.finish_replace(&pin_dir)?;
-        tracing::info!(replaced = ?old, "replaced the pinned datapath in one step");
-    }
-    let ring = datapath.take_events().expect("taken once");
-
+    // Every listener is bound before the kernel is touched: a busy port, an address
+    // that is not local or a socket path that cannot be bound stops the start with
+    // nothing attached and nothing pinned.
     let listener = api::server::bind(&config.agent.api_socket).with_context(|| {
         format!(
             "cannot listen on the API socket {}",
             config.agent.api_socket.display()
         )
     })?;
+    let _socket_file = SocketFile(config.agent.api_socket.clone());
     let tcp_listener = bind_tcp(config.agent.api_listen, "api_listen").await?;
     let metrics_listener = bind_tcp(config.agent.metrics_listen, "metrics_listen").await?;
+    let portal_listener = match config.agent.portal_listen {
+        Some(addr) => Some(
+            portal::bind_transparent(addr)
+                .with_context(|| format!("cannot listen on portal_listen {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let pin_dir = config.agent.pin_dir.clone();
+    let (mut datapath, origin) = Datapath::open(&pin_dir, &config.limits, replace)?;
+    let interfaces = match bring_up(&mut datapath, &origin, &config, &table, &store) {
+        Ok(interfaces) => interfaces,
+        Err(e) => {
+            if !matches!(origin, Origin::Adopted) && config.agent.portal_listen.is_some() {
+                portal::routing::remove();
+            }
+            datapath.abandon(&origin);
+            return Err(e);
+        }
+    };
+    let ring = datapath.take_events().expect("taken once");
+
     let notifier = config.agent.notify.as_ref().map(|n| {
         Notifier::spawn(NotifyConfig::new(
             n.url.clone(),
@@ -236,7 +200,6 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let _ = std::fs::remove_file(&socket);
     drop(control);
     result?;
     tracing::info!(
@@ -244,6 +207,79 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         "stopped; enforcement continues with the pinned datapath (`sessiongate detach` removes it)"
     );
     Ok(())
+}
+
+/// Brings an opened datapath up to date with `config` and attaches it; returns the
+/// interfaces and their modes. On error the caller abandons what was started.
+fn bring_up(
+    datapath: &mut Datapath,
+    origin: &Origin,
+    config: &Config,
+    table: &policy::PolicyTable,
+    store: &SessionStore,
+) -> anyhow::Result<Vec<(String, String)>> {
+    // Sessions are in place before the new policy is, and before a new datapath is
+    // attached, so no device with a valid session is ever refused.
+    let clock = ClockPair::now();
+    let sessions: Vec<_> = store
+        .iter()
+        .map(|r| (r.ip, r.kernel_value(&clock, store.boot_id())))
+        .collect();
+    match origin {
+        Origin::Adopted => {
+            let removed = datapath.maps.sync_sessions(&sessions)?;
+            tracing::info!(
+                dir = %config.agent.pin_dir.display(),
+                generation = datapath.maps.generation(),
+                sessions = sessions.len(),
+                removed,
+                "adopted the pinned datapath"
+            );
+        }
+        Origin::Loaded | Origin::Replacing(_) => datapath.maps.load_sessions(&sessions)?,
+    }
+    // The portal is ready (listening, routed, its TC program attached) before any
+    // settings that name it are in force: a handed-over connection always finds it.
+    if config.agent.portal_listen.is_some() {
+        portal::routing::install()?;
+        datapath.enable_portal()?;
+    }
+    // Atomic: an adopted datapath keeps its previous policy until this one value flips.
+    datapath.maps.apply(settings(config), table)?;
+    if config.agent.portal_listen.is_none() {
+        datapath.disable_portal()?;
+    }
+    let mut interfaces = Vec::new();
+    let replies = config
+        .policies
+        .iter()
+        .any(|p| p.on_expired != OnExpired::Drop);
+    for name in &config.agent.interfaces {
+        let mode = datapath.attach(name, attach_mode(config.agent.xdp_mode, replies, name))?;
+        tracing::info!(interface = %name, mode = mode.name(), "attached");
+        if replies && mode == AttachedMode::Native && is_veth(name) {
+            tracing::warn!(
+                interface = %name,
+                "this veth is in native XDP mode: the RSTs and ICMP errors of reject and redirect policies reach its peer only if the peer runs an XDP program too; otherwise set xdp_mode = \"generic\""
+            );
+        }
+        interfaces.push((name.clone(), mode.name().to_string()));
+    }
+    datapath.detach_others(&config.agent.interfaces)?;
+    if let Origin::Replacing(old) = origin {
+        datapath.finish_replace(&config.agent.pin_dir)?;
+        tracing::info!(replaced = ?old, "replaced the pinned datapath in one step");
+    }
+    Ok(interfaces)
+}
+
+/// The API socket's file, removed when the agent stops or fails to start.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// How long start-up waits for the first snapshot of the fleet's store while etcd

@@ -112,6 +112,18 @@ fn agent(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         (PLACE, "api_socket"),
         problems,
     );
+    // A unix socket's path lives in `sockaddr_un.sun_path`: 108 bytes with its NUL.
+    let socket_len = api_socket.as_os_str().len();
+    if socket_len > MAX_SOCKET_PATH {
+        problems.add(
+            PLACE,
+            "api_socket",
+            format!(
+                "{} is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
+                api_socket.display()
+            ),
+        );
+    }
     let state_dir = path(
         raw.state_dir,
         "/var/lib/sessiongate",
@@ -709,6 +721,9 @@ fn choice<T: Copy>(
     default
 }
 
+/// Longest unix socket path: `sun_path` holds 108 bytes, NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
 fn path(
     value: Option<String>,
     default: &str,
@@ -853,6 +868,24 @@ mod tests {
             CheckSession::Enforce(GoDuration(Duration::from_secs(5400)))
         );
         assert_eq!(wiki.on_expired, OnExpired::Drop);
+    }
+
+    #[test]
+    fn a_socket_path_too_long_for_a_unix_socket_is_refused() {
+        let fits = format!("/run/{}", "s".repeat(102));
+        let text =
+            |path: &str| format!("[agent]\ninterfaces = [\"veth0\"]\napi_socket = \"{path}\"\n");
+        assert_eq!(fits.len(), 107);
+        assert!(Config::parse(&text(&fits), "t").is_ok());
+        let long = format!("{fits}k");
+        assert_exactly(
+            &problems(&text(&long)),
+            &[(
+                "[agent]",
+                "api_socket",
+                "108 bytes long; a unix socket path holds at most 107",
+            )],
+        );
     }
 
     #[test]

@@ -375,7 +375,7 @@ impl Datapath {
             dir: pin_dir.to_path_buf(),
             source,
         };
-        pins::ensure_bpffs(pin_dir).map_err(pin_error)?;
+        let pin_dir = &pins::ensure_bpffs(pin_dir).map_err(pin_error)?;
         let current = LayoutDir::current(pin_dir);
         let others = pins::other_layouts(pin_dir);
         if !replace && let Some(other) = others.first() {
@@ -761,6 +761,7 @@ impl Datapath {
     /// interfaces this datapath did not take over go with them) and moves this
     /// datapath's pins to the layout's directory.
     pub fn finish_replace(&mut self, pin_dir: &Path) -> Result<(), DatapathError> {
+        let pin_dir = &pins::locate(pin_dir);
         let pin_error = |source: std::io::Error| DatapathError::Pins {
             dir: pin_dir.to_path_buf(),
             source,
@@ -779,6 +780,20 @@ impl Datapath {
         Ok(())
     }
 
+    /// Undoes a start that failed before it was done: a datapath loaded by this start
+    /// (`Origin::Loaded`, or the new one of `--replace`) has its pins removed, which
+    /// ends its attachments; an adopted one is left as it was found, enforcing.
+    pub fn abandon(self, origin: &Origin) {
+        if matches!(origin, Origin::Adopted) {
+            return;
+        }
+        if let Some(dir) = &self.pins
+            && let Err(e) = dir.remove()
+        {
+            tracing::error!(dir = %dir.root.display(), error = %e, "cannot remove the pins of the failed start");
+        }
+    }
+
     /// Interfaces the program is attached to, and how.
     pub fn attached(&self) -> &[(String, AttachedMode)] {
         &self.attached
@@ -793,6 +808,7 @@ impl Datapath {
 /// Removes every pinned datapath under `pin_dir`: their attachments end with their
 /// link pins. Returns the directories removed.
 pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let pin_dir = &pins::locate(pin_dir);
     let pin_error = |source: std::io::Error| DatapathError::Pins {
         dir: pin_dir.to_path_buf(),
         source,
@@ -813,6 +829,28 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         Err(_) => {}
     }
     Ok(removed)
+}
+
+/// The mode to attach `interface` in: as configured, except that `auto` picks generic
+/// on a veth when some policy answers refusals (`replies`: reject or redirect), since
+/// in native mode a veth hands the program's replies (XDP_TX) to its peer only if the
+/// peer runs XDP too, and `auto` must pick a mode in which every configured action works.
+pub fn attach_mode(configured: XdpMode, replies: bool, interface: &str) -> XdpMode {
+    let mode = choose_mode(configured, replies, replies && is_veth(interface));
+    if mode != configured {
+        tracing::info!(
+            interface,
+            "xdp_mode auto: generic mode on this veth, where the replies of reject and redirect policies need it"
+        );
+    }
+    mode
+}
+
+const fn choose_mode(configured: XdpMode, replies: bool, veth: bool) -> XdpMode {
+    match configured {
+        XdpMode::Auto if replies && veth => XdpMode::Generic,
+        other => other,
+    }
 }
 
 /// Whether `interface` is a veth (by `ip -d link`): frames the program sends back on
@@ -837,4 +875,22 @@ fn interface_index(name: &str) -> u32 {
     };
     // SAFETY: a NUL-terminated string.
     unsafe { libc::if_nametoindex(c_name.as_ptr()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_generic_on_a_veth_only_when_policies_answer_refusals() {
+        assert_eq!(choose_mode(XdpMode::Auto, true, true), XdpMode::Generic);
+        assert_eq!(choose_mode(XdpMode::Auto, true, false), XdpMode::Auto);
+        assert_eq!(choose_mode(XdpMode::Auto, false, true), XdpMode::Auto);
+        // An explicit mode is the operator's: native stays native (with a warning).
+        assert_eq!(choose_mode(XdpMode::Native, true, true), XdpMode::Native);
+        assert_eq!(
+            choose_mode(XdpMode::Generic, false, false),
+            XdpMode::Generic
+        );
+    }
 }

@@ -4,12 +4,18 @@
 //! (`--replace` swaps them).
 //!
 //! ```text
-//! {pin_dir}/layout-3/program
-//! {pin_dir}/layout-3/portal-program
-//! {pin_dir}/layout-3/maps/SG_SETTINGS ...
-//! {pin_dir}/layout-3/links/eth0:native     (XDP; or eth0:generic)
-//! {pin_dir}/layout-3/links/eth0:portal     (the portal's TC program, when enabled)
+//! {pin_dir}/layout-4/program
+//! {pin_dir}/layout-4/portal-program
+//! {pin_dir}/layout-4/maps/SG_SETTINGS ...
+//! {pin_dir}/layout-4/links/eth0:native     (XDP; or eth0:generic)
+//! {pin_dir}/layout-4/links/eth0:portal     (the portal's TC program, when enabled)
 //! ```
+//!
+//! Pins outlive the agent only on a bpffs that outlives it. An agent started in a
+//! private mount namespace (`ip netns exec` makes one, with a fresh /sys) would mount a
+//! bpffs of its own at /sys/fs/bpf, which goes when the namespace does, and the
+//! datapath with it: there, a `pin_dir` under /sys/fs/bpf is reached on the host's
+//! bpffs through pid 1's root (`locate`).
 
 use std::{
     ffi::CString,
@@ -113,40 +119,122 @@ pub fn other_layouts(pin_dir: &Path) -> Vec<LayoutDir> {
         .unwrap_or_default()
 }
 
-/// Makes sure `pin_dir` is on a bpffs, mounting one at /sys/fs/bpf if that is where it
-/// should be and none is mounted (it is not, at boot, on many distributions).
-pub fn ensure_bpffs(pin_dir: &Path) -> io::Result<()> {
-    let default = Path::new("/sys/fs/bpf");
-    if pin_dir.starts_with(default) && !is_bpffs(default) {
-        fs::create_dir_all(default)?;
-        let (src, target, fstype) = (
-            CString::new("bpf").expect("no NUL"),
-            CString::new(default.as_os_str().as_bytes()).expect("no NUL"),
-            CString::new("bpf").expect("no NUL"),
-        );
-        // SAFETY: valid NUL-terminated strings; no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        tracing::info!("mounted bpffs at /sys/fs/bpf");
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// Where pins under `pin_dir` really live: `pin_dir` itself, or, for an agent in a
+/// private mount namespace with no bpffs at /sys/fs/bpf, the same path on the host's
+/// filesystem (through `/proc/{pid}/root` of a process in the host's namespace).
+pub fn locate(pin_dir: &Path) -> PathBuf {
+    match rerouted(pin_dir) {
+        Some((host, _)) => host,
+        None => pin_dir.to_path_buf(),
     }
-    fs::create_dir_all(pin_dir)?;
-    if !is_bpffs(pin_dir) {
+}
+
+/// `pin_dir` on the host's filesystem, and the host's `/proc/{pid}`, when pins under
+/// it must not go to this mount namespace.
+fn rerouted(pin_dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    if !pin_dir.starts_with(DEFAULT_BPFFS) || is_bpffs(Path::new(DEFAULT_BPFFS)) {
+        return None;
+    }
+    let host = host_process()?;
+    let relative = pin_dir.strip_prefix("/").unwrap_or(pin_dir);
+    Some((host.join("root").join(relative), host))
+}
+
+/// `/proc/{pid}` of a process in the host's mount namespace, if this process is not
+/// in it: pid 1, or kthreadd (pid 2) where pid 1 may not be inspected (some sandboxes).
+fn host_process() -> Option<PathBuf> {
+    let mine = fs::read_link("/proc/self/ns/mnt").ok()?;
+    let host = [1, 2].into_iter().find_map(|pid| {
+        let proc = PathBuf::from(format!("/proc/{pid}"));
+        let ns = fs::read_link(proc.join("ns/mnt")).ok()?;
+        Some((proc, ns))
+    });
+    match host {
+        Some((proc, ns)) if ns != mine => Some(proc),
+        _ => None,
+    }
+}
+
+/// Makes sure pins under `pin_dir` go to a bpffs that outlives this process, mounting
+/// one at /sys/fs/bpf (on the host) if that is where they belong and none is mounted
+/// (at boot it is not, on many distributions). Returns where they go (`locate`).
+pub fn ensure_bpffs(pin_dir: &Path) -> io::Result<PathBuf> {
+    let default = Path::new(DEFAULT_BPFFS);
+    let located = match rerouted(pin_dir) {
+        Some((located, host)) => {
+            if !is_bpffs(&host.join("root/sys/fs/bpf")) {
+                mount_in_namespace_of(&host, default)?;
+                tracing::info!("mounted bpffs at /sys/fs/bpf on the host");
+            }
+            tracing::info!(
+                pin_dir = %pin_dir.display(),
+                "this agent runs in a private mount namespace (as `ip netns exec` makes), where a bpffs of its own would vanish with it: pinning on the host's bpffs instead, through {}",
+                host.join("root").display()
+            );
+            located
+        }
+        None => {
+            if pin_dir.starts_with(default) && !is_bpffs(default) {
+                fs::create_dir_all(default)?;
+                mount_bpffs(default)?;
+                tracing::info!("mounted bpffs at /sys/fs/bpf");
+            }
+            pin_dir.to_path_buf()
+        }
+    };
+    fs::create_dir_all(&located)?;
+    if !is_bpffs(&located) {
         return Err(io::Error::other(format!(
             "{} is not on a bpf filesystem (mount -t bpf bpf DIR)",
-            pin_dir.display()
+            located.display()
         )));
     }
+    Ok(located)
+}
+
+fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let (src, target, fstype) = (
+        CString::new("bpf").expect("no NUL"),
+        CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?,
+        CString::new("bpf").expect("no NUL"),
+    );
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// Mounts a bpffs at `target` in the mount namespace of `/proc/{pid}`, from a thread of
+/// its own that joins that namespace (which needs its own filesystem attributes first).
+fn mount_in_namespace_of(proc: &Path, target: &Path) -> io::Result<()> {
+    let ns = fs::File::open(proc.join("ns/mnt"))?;
+    let target = target.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: unshare and setns affect only this thread, which ends right after.
+        unsafe {
+            if libc::unshare(libc::CLONE_FS) != 0
+                || libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNS) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        fs::create_dir_all(&target)?;
+        mount_bpffs(&target)
+    })
+    .join()
+    .map_err(|_| io::Error::other("the mount thread panicked"))?
 }
 
 fn is_bpffs(path: &Path) -> bool {
