@@ -328,3 +328,57 @@ fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
     let agent = lab.start_agent(&lab.config("", &app_policy("drop")));
     assert!(agent.cli_ok(&["stats"]).contains("(native)"));
 }
+
+#[test]
+fn a_device_flooding_the_portal_with_idle_connections_starves_no_one() {
+    if !privileged("a_device_flooding_the_portal_with_idle_connections_starves_no_one") {
+        return;
+    }
+    let lab = lab();
+    let agent = lab.start_agent(&lab.config(PORTAL, &app_policy("redirect")));
+    let portal = SocketAddr::new("198.18.1.1".parse().unwrap(), 8511);
+    let (flooder, other) = (device(1), device(2));
+    // One device opens 200 connections to the portal and sends nothing.
+    let mut held: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| {
+            lab.tcp_connect(flooder, portal.ip(), portal.port(), SHOULD_PASS)
+                .ok()
+        })
+        .collect();
+    assert!(!held.is_empty(), "no connection to the portal at all");
+    thread::sleep(Duration::from_millis(500));
+    let open = |held: &mut Vec<std::net::TcpStream>| {
+        held.iter_mut()
+            .filter_map(|s| {
+                s.set_nonblocking(true).unwrap();
+                // Still open: nothing to read yet (WouldBlock), no EOF and no reset.
+                matches!(
+                    io::Read::read(s, &mut [0u8; 1]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock
+                )
+                .then_some(())
+            })
+            .count()
+    };
+    let still_open = open(&mut held);
+    assert!(
+        still_open <= 16,
+        "{still_open} connections of one device kept open"
+    );
+    // The API, another device's portal page and the log are unaffected.
+    let started = Instant::now();
+    agent.cli_ok(&["stats"]);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (status, _, _) = curl(&lab, other, &format!("http://{portal}/"));
+    assert_eq!(status, 511);
+    agent.wait_for_log(&[
+        "connection limit reached",
+        "portal_listen",
+        "most one client may",
+    ]);
+    let warnings = agent.log_text().matches("connection limit reached").count();
+    assert!(warnings <= 2, "{warnings} warnings: the log is flooded");
+    // The idle ones are closed after the portal's idle limit (10 s).
+    thread::sleep(Duration::from_secs(11));
+    assert_eq!(open(&mut held), 0, "idle portal connections were kept");
+}

@@ -444,6 +444,10 @@ pub async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     client
         .stream_lines("/v1/events/stream", |line| {
+            // Blank lines are the stream's keep-alives.
+            if line.trim().is_empty() {
+                return;
+            }
             if json {
                 println!("{line}");
                 return;

@@ -21,6 +21,7 @@ use crate::{
     datapath::{AttachedMode, Datapath, Origin, attach_mode, interface_exists, is_veth, settings},
     events,
     fleet::Fleet,
+    listen::{self, Limits},
     notify::{Notifier, NotifyConfig},
     policy, portal,
     sessions::SessionStore,
@@ -62,6 +63,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     // Every listener is bound before the kernel is touched: a busy port, an address
     // that is not local or a socket path that cannot be bound stops the start with
     // nothing attached and nothing pinned.
+    raise_open_files_limit();
     let listener = api::server::bind(&config.agent.api_socket).with_context(|| {
         format!(
             "cannot listen on the API socket {}",
@@ -69,13 +71,20 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         )
     })?;
     let _socket_file = SocketFile(config.agent.api_socket.clone());
-    let tcp_listener = bind_tcp(config.agent.api_listen, "api_listen").await?;
-    let metrics_listener = bind_tcp(config.agent.metrics_listen, "metrics_listen").await?;
+    let listener = listen::limited(listener, API_SOCKET_LIMITS);
+    let tcp_listener = bind_tcp(config.agent.api_listen, "api_listen")
+        .await?
+        .map(|l| listen::limited(l, API_LISTEN_LIMITS));
+    let metrics_listener = bind_tcp(config.agent.metrics_listen, "metrics_listen")
+        .await?
+        .map(|l| listen::limited(l, METRICS_LIMITS));
     let portal_listener = match config.agent.portal_listen {
-        Some(addr) => Some(
-            portal::bind_transparent(addr)
-                .with_context(|| format!("cannot listen on portal_listen {addr}"))?,
-        ),
+        Some(addr) => {
+            let listener = portal::bind_transparent(addr)
+                .with_context(|| format!("cannot listen on portal_listen {addr}"))?;
+            let listener = tokio::net::TcpListener::from_std(listener).context("portal_listen")?;
+            Some(listen::limited(listener, PORTAL_LIMITS))
+        }
         None => None,
     };
 
@@ -173,7 +182,6 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         ));
     }
     if let Some(listener) = portal_listener {
-        let listener = tokio::net::TcpListener::from_std(listener).context("portal_listen")?;
         let facts_from = Arc::clone(&control);
         let facts = Arc::new(move |peer: std::net::SocketAddr, local| {
             facts_from.portal_facts(peer.ip(), local)
@@ -279,6 +287,67 @@ struct SocketFile(std::path::PathBuf);
 impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Connection limits of the listeners (`listen`). The portal is open to every device,
+/// so one device may hold only a few connections, and none for long; the others are
+/// for operators and monitoring. Together they stay far below the open-files limit the
+/// agent raises itself to, so a flood of one never starves another.
+const PORTAL_LIMITS: Limits = Limits {
+    name: "portal_listen",
+    total: 4096,
+    per_client: 16,
+    idle: Some(std::time::Duration::from_secs(10)),
+};
+const API_SOCKET_LIMITS: Limits = Limits {
+    name: "api_socket",
+    total: 256,
+    per_client: 0,
+    // Root's own socket: event streams stay open as long as their reader.
+    idle: None,
+};
+const API_LISTEN_LIMITS: Limits = Limits {
+    name: "api_listen",
+    total: 256,
+    per_client: 64,
+    // Event streams send a keep-alive every 30 s.
+    idle: Some(std::time::Duration::from_secs(120)),
+};
+const METRICS_LIMITS: Limits = Limits {
+    name: "metrics_listen",
+    total: 64,
+    per_client: 16,
+    idle: Some(std::time::Duration::from_secs(30)),
+};
+/// Descriptors the listeners may hold at once, and room for everything else.
+const LISTENER_FDS: u64 = (PORTAL_LIMITS.total
+    + API_SOCKET_LIMITS.total
+    + API_LISTEN_LIMITS.total
+    + METRICS_LIMITS.total) as u64;
+const OTHER_FDS: u64 = 1024;
+
+/// Raises the soft open-files limit to the hard one, and warns when even that leaves
+/// the listeners' limits no room.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    if limit.rlim_cur < LISTENER_FDS + OTHER_FDS {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            needed = LISTENER_FDS + OTHER_FDS,
+            "the open-files limit is low for the listeners' connection limits: a flood of the portal could starve the API; raise it (LimitNOFILE=)"
+        );
     }
 }
 

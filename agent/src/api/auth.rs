@@ -45,8 +45,10 @@ pub fn read_token(path: &Path) -> anyhow::Result<Arc<[u8]>> {
 /// `router`, answering 401 to any request without `Authorization: Bearer <token>`
 /// before it reaches a handler.
 pub fn require_token(router: Router, token: Arc<[u8]>) -> Router {
+    let refusals = Arc::new(RefusalLog::default());
     router.layer(middleware::from_fn(move |request: Request, next: Next| {
         let token = Arc::clone(&token);
+        let refusals = Arc::clone(&refusals);
         async move {
             let presented = request
                 .headers()
@@ -56,11 +58,39 @@ pub fn require_token(router: Router, token: Arc<[u8]>) -> Router {
             if ok {
                 next.run(request).await
             } else {
-                tracing::warn!(path = %request.uri().path(), "API request without a valid bearer token refused");
+                refusals.log(request.uri().path());
                 unauthorized()
             }
         }
     }))
+}
+
+/// Requests refused for want of a token are logged at most once every
+/// `REFUSAL_LOG_EVERY`, with how many there were: a scanner or a misconfigured client
+/// must not flood the log.
+#[derive(Default)]
+struct RefusalLog(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefusalLog {
+    fn log(&self, path: &str) {
+        let mut state = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.1 += 1;
+        if state.0.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        let refused = std::mem::take(&mut state.1);
+        state.0 = Some(std::time::Instant::now());
+        tracing::warn!(
+            path,
+            refused,
+            "API requests without a valid bearer token refused (logged at most every 10 s)"
+        );
+    }
 }
 
 fn unauthorized() -> Response {

@@ -50,6 +50,7 @@ use crate::{
     control::{Control, ControlError, ImportError},
     datapath::DatapathError,
     fleet::FleetError,
+    listen::Limited,
     policy,
     sessions::{LoginRequest, SessionError},
 };
@@ -151,9 +152,9 @@ fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
 #[derive(Clone, Debug)]
 pub struct Caller(pub String);
 
-impl Connected<IncomingStream<'_, UnixListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl Connected<IncomingStream<'_, Limited<UnixListener>>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, Limited<UnixListener>>) -> Self {
+        match stream.io().io().peer_cred() {
             Ok(cred) => Self(match cred.pid() {
                 Some(pid) => format!("unix uid={} pid={pid}", cred.uid()),
                 None => format!("unix uid={}", cred.uid()),
@@ -163,8 +164,8 @@ impl Connected<IncomingStream<'_, UnixListener>> for Caller {
     }
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Caller {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+impl Connected<IncomingStream<'_, Limited<TcpListener>>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, Limited<TcpListener>>) -> Self {
         Self(format!("tcp {}", stream.remote_addr()))
     }
 }
@@ -369,15 +370,23 @@ async fn policies(State(control): Shared) -> String {
     policy::describe(&active.config, &active.table)
 }
 
+/// How often an event stream with nothing to say sends a blank line, so that idle
+/// limits (`listen`) and proxies see it alive.
+const EVENT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Refusals as they happen, as JSON lines, until the client goes away. A client too
-/// slow to keep up gets `{"lagged": n}` for the `n` refusals it missed.
+/// slow to keep up gets `{"lagged": n}` for the `n` refusals it missed; a blank line
+/// every `EVENT_KEEPALIVE` without refusals says the stream is alive.
 async fn stream_events(State(control): Shared) -> Response {
     let receiver = control.subscribe();
     let lines = futures_util::stream::unfold(receiver, |mut receiver| async move {
-        let line = match receiver.recv().await {
-            Ok(refusal) => serde_json::to_string(&refusal).unwrap_or_default(),
-            Err(RecvError::Lagged(n)) => json!({ "lagged": n }).to_string(),
-            Err(RecvError::Closed) => return None,
+        let next = tokio::time::timeout(EVENT_KEEPALIVE, receiver.recv()).await;
+        let line = match next {
+            Ok(Ok(refusal)) => serde_json::to_string(&refusal).unwrap_or_default(),
+            Ok(Err(RecvError::Lagged(n))) => json!({ "lagged": n }).to_string(),
+            Ok(Err(RecvError::Closed)) => return None,
+            // A blank line when nothing happened: the connection is not idle.
+            Err(_) => String::new(),
         };
         Some((
             Ok::<_, std::convert::Infallible>(Bytes::from(line + "\n")),

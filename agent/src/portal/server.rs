@@ -20,6 +20,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
 use super::{PageFacts, render};
+use crate::listen::Limited;
 
 /// Room for a burst of devices hitting the portal at once.
 const BACKLOG: i32 = 1024;
@@ -63,7 +64,7 @@ pub fn bind_transparent(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// addresses turned into IPv4 first. It runs on the blocking pool, so it may take locks.
 /// Connections still open [`DRAIN`] after `shutdown` are left behind.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Limited<TcpListener>,
     facts: Arc<dyn Fn(SocketAddr, SocketAddr) -> PageFacts + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
@@ -96,12 +97,13 @@ struct Ends {
     local: SocketAddr,
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for Ends {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+impl Connected<IncomingStream<'_, Limited<TcpListener>>> for Ends {
+    fn connect_info(stream: IncomingStream<'_, Limited<TcpListener>>) -> Self {
         Self {
             peer: *stream.remote_addr(),
             // getsockname fails only on a dead socket, whose request never comes.
             local: stream
+                .io()
                 .io()
                 .local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
@@ -149,6 +151,18 @@ mod tests {
 
     use super::*;
 
+    fn test_limits(listener: TcpListener) -> Limited<TcpListener> {
+        crate::listen::limited(
+            listener,
+            crate::listen::Limits {
+                name: "portal test",
+                total: 64,
+                per_client: 64,
+                idle: None,
+            },
+        )
+    }
+
     #[tokio::test]
     async fn every_request_gets_511_and_the_page() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -170,7 +184,7 @@ mod tests {
             }
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, facts, async {
+        let server = tokio::spawn(serve(test_limits(listener), facts, async {
             let _ = stopped.await;
         }));
 
@@ -219,7 +233,7 @@ mod tests {
         let portal = listener.local_addr().unwrap();
         let facts: Arc<FactsFn> = Arc::new(|_, _| unreachable!("no request is complete"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, facts, async {
+        let server = tokio::spawn(serve(test_limits(listener), facts, async {
             let _ = stopped.await;
         }));
         let mut client = tokio::net::TcpStream::connect(portal).await.unwrap();
