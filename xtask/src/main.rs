@@ -2,6 +2,7 @@
 //! doing its own set-up on a fresh machine.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -42,8 +43,18 @@ enum Task {
         #[arg(last = true)]
         bench_args: Vec<String>,
     },
+    /// Fuzz the parsers of everything an attacker or a typo controls (config, durations,
+    /// API bodies, import lines, the journal, etcd entries) with libFuzzer.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Run every check and test: formatting, clippy (host and eBPF), unit tests,
-    /// BPF_PROG_TEST_RUN tests, real-traffic tests and a benchmark smoke run.
+    /// BPF_PROG_TEST_RUN tests, real-traffic tests, a benchmark smoke run and a short
+    /// run of each fuzz target.
     Test {
         /// Skip fmt and clippy.
         #[arg(long)]
@@ -79,6 +90,10 @@ fn run_task(task: Task) -> anyhow::Result<()> {
         Task::Bench { quick, bench_args } => {
             setup::setup(false)?;
             bench(quick, &bench_args)
+        }
+        Task::Fuzz { seconds, targets } => {
+            setup::setup(false)?;
+            fuzz::run(seconds, &targets)
         }
         Task::Test {
             no_lint,
@@ -203,10 +218,17 @@ fn test(no_lint: bool, cargo_args: &[String]) -> anyhow::Result<()> {
             .arg("--agent")
             .arg(bin.join("sessiongate"));
         run(smoke)?;
+
+        step("fuzz targets, briefly (cargo xtask fuzz runs them longer)");
+        fuzz::run(FUZZ_SECONDS_IN_TEST, &[])?;
     }
     step("all tests passed");
     Ok(())
 }
+
+/// Seconds per fuzz target in `cargo xtask test`: enough to catch a parser that panics
+/// on shallow input, short enough for CI.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
 fn step(what: &str) {
     println!("\n==> {what}");

@@ -16,6 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// `cargo xtask fuzz` (and the short fuzz runs of `cargo xtask test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// A Debian package and the files of it that the build, the tests, the demo or the
 /// benchmark read. The package counts as present only when every one of them is
@@ -62,6 +64,8 @@ fn packages() -> Vec<Package> {
         // import these two well-known types, which Debian ships apart from protoc
         // (libprotobuf-dev is only a Recommends of protobuf-compiler).
         package("protobuf-compiler", &["/usr/bin/protoc"]),
+        // libfuzzer-sys compiles libFuzzer's C++ sources for the fuzz targets.
+        package("g++", &["/usr/bin/g++"]),
         package(
             "libprotobuf-dev",
             &[
@@ -95,8 +99,9 @@ pub fn path_with_tools() -> OsString {
 /// Installs whatever is missing. `verbose` also reports what was already there.
 pub fn setup(verbose: bool) -> anyhow::Result<()> {
     nightly_components(verbose)?;
-    bpf_linker(verbose)?;
     debian_packages(verbose)?;
+    bpf_linker(verbose)?;
+    cargo_fuzz(verbose)?;
     Ok(())
 }
 
@@ -238,6 +243,31 @@ fn dpkg_installed(package: &str) -> bool {
         .args(["-W", "-f=${Status}", package])
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).ends_with(" installed"))
+}
+
+/// cargo-fuzz, into `.tools/bin`: it builds the fuzz targets with libFuzzer (whose C++
+/// sources libfuzzer-sys compiles with g++) on the nightly toolchain.
+fn cargo_fuzz(verbose: bool) -> anyhow::Result<()> {
+    let fuzz = tools().join("bin/cargo-fuzz");
+    let works = Command::new(&fuzz)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        });
+    if works {
+        if verbose {
+            println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION}: present in .tools/bin");
+        }
+        return Ok(());
+    }
+    println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} into .tools (about a minute)");
+    let mut install = Command::new("cargo");
+    install
+        .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+        .args(["--locked", "--force", "--root"])
+        .arg(tools());
+    crate::run(install)
 }
 
 fn debian_packages(verbose: bool) -> anyhow::Result<()> {
