@@ -14,6 +14,7 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
     process::Command,
+    sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -167,6 +168,8 @@ impl FloodResult {
 pub struct FloodReport {
     /// Seconds each measurement lasts.
     pub seconds: f64,
+    /// `live frames` (BPF_PROG_TEST_RUN) or `AF_PACKET` where the kernel refuses those.
+    pub generator: &'static str,
     pub rounds: usize,
     pub results: Vec<FloodResult>,
 }
@@ -212,6 +215,7 @@ pub fn run(
     }
     Ok(FloodReport {
         seconds,
+        generator: generator_used(),
         rounds,
         results,
     })
@@ -441,6 +445,20 @@ fn rx_packets(lab: &Lab) -> anyhow::Result<u64> {
         .context("no rx packet count")
 }
 
+/// Set once a kernel refuses BPF_PROG_TEST_RUN's live-frames mode (some sandboxed
+/// kernels answer EPERM): the generator is then an AF_PACKET socket on the client's
+/// veth, slower but on the same receive path at the gateway.
+static LIVE_FRAMES_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Which generator the measurements used, for the report.
+pub fn generator_used() -> &'static str {
+    if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
+        "AF_PACKET"
+    } else {
+        "live frames"
+    }
+}
+
 /// Sends frames from the client's veth for `seconds`, from CPU 0.
 fn generate(
     lab: &Lab,
@@ -455,22 +473,63 @@ fn generate(
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    lab.client.run(|| {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let live = lab.client.run(|| {
         crate::pin_to_cpu(GENERATOR_CPU);
-        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-        while Instant::now() < deadline {
-            generator
-                .test_run(TestRunOptions {
-                    data_in: Some(packet),
-                    ctx_in: Some(&ctx),
-                    repeat: 100_000,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..Default::default()
-                })
-                .context("generating frames (BPF_PROG_TEST_RUN live frames)")?;
+        while !LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let sent = generator.test_run(TestRunOptions {
+                data_in: Some(packet),
+                ctx_in: Some(&ctx),
+                repeat: 100_000,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..Default::default()
+            });
+            match sent {
+                Ok(_) => {}
+                Err(e) if is_permission_denied(&e) => {
+                    eprintln!(
+                        "bench: this kernel refuses BPF_PROG_TEST_RUN live frames ({e}); generating with an AF_PACKET socket instead"
+                    );
+                    LIVE_FRAMES_REFUSED.store(true, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("generating frames (BPF_PROG_TEST_RUN live frames)"));
+                }
+            }
         }
         Ok(())
-    })
+    });
+    live?;
+    if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
+        let link = lab.client_link();
+        lab.client.run(|| {
+            crate::pin_to_cpu(GENERATOR_CPU);
+            while Instant::now() < deadline {
+                for _ in 0..1000 {
+                    // A full transmit queue drops the frame, as a NIC would.
+                    let _ = link.send(packet);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+fn is_permission_denied(e: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
+        }
+        if err.to_string().contains("Operation not permitted") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Busy clock ticks (USER_HZ) of one CPU so far, from /proc/stat.

@@ -28,6 +28,13 @@ pub fn targets(e: &FloodReport, targets: &mut Vec<Target>) {
 }
 
 pub fn section(e: &FloodReport, md: &mut String) {
+    if e.generator != "live frames" {
+        let _ = writeln!(
+            md,
+            "**Generator: {}.** This kernel refuses BPF_PROG_TEST_RUN's live-frames mode, so frames were sent from an AF_PACKET socket on the client's veth instead: fewer packets per second, the same receive path at the gateway. Rates below are the generator's limit, not the gateway's; the CPU cost per packet still compares the setups.\n",
+            e.generator
+        );
+    }
     let _ = writeln!(
         md,
         "## End to end\n\nA generator (an XDP program run in live-frames mode on the client's veth, CPU 0; it sends over 1.8 Mpps where trafgen, pinned to one CPU, sent 0.78 Mpps into an otherwise idle veth on this machine) floods the gateway namespace, which forwards to the server namespace. The gateway's receive work runs in a threaded-NAPI kernel thread pinned to CPU 1; CPU 1's busy time over each {:.1} s measurement is the gateway's cost. Figures are medians over {} rounds, each in a fresh set of namespaces with the setups in rotating order. Without sessiongate the gateway's XDP hook holds a do-nothing program, so frames become socket buffers as a driver would make them. nftables is set up as an expert would: an interval set of the application's CIDRs, a set of valid devices whose elements time out with their sessions, refused SYNs dropped in the raw prerouting hook before connection tracking, and `ct state established,related accept` first in the stateful chain.\n\n| traffic | setup | packets/s handled | vs nftables | gateway CPU ns/packet (min-max) | vs nftables | vs no filtering |\n|---|---|---|---|---|---|---|",
