@@ -38,8 +38,19 @@ fn packages() -> Vec<Package> {
         files: files.iter().map(|f| f.to_string()).collect(),
     };
     vec![
+        // The linker rustc calls, and the C runtime it links in.
+        package("gcc", &["/usr/bin/gcc"]),
+        package(
+            "libc6-dev",
+            &[&format!(
+                "/usr/lib/{}-linux-gnu/Scrt1.o",
+                std::env::consts::ARCH
+            )],
+        ),
         // Namespaces, veth, addresses, routing rules: the tests, the demo, the agent.
         package("iproute2", &["/bin/ip"]),
+        // bpffs mounts of the tests' labs.
+        package("mount", &["/bin/mount", "/bin/umount"]),
         // The labs turn on forwarding.
         package("procps", &["/sbin/sysctl"]),
         // HTTP checks of the portal and of etcd in the tests.
