@@ -187,18 +187,21 @@ fn nightly_llvm_major() -> anyhow::Result<String> {
     Ok(version.split('.').next().unwrap_or(version).to_string())
 }
 
-fn bpf_linker(verbose: bool) -> anyhow::Result<()> {
-    let linker = tools().join("bin/bpf-linker");
-    let works = Command::new(&linker)
+/// Whether `.tools/bin/{name}` runs and reports `version` (a tool that exists but does
+/// not run, say after its libLLVM went away, is missing).
+fn tool_present(name: &str, version: &str, verbose: bool) -> bool {
+    let works = Command::new(tools().join("bin").join(name))
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        });
-    if works {
-        if verbose {
-            println!("setup: bpf-linker {BPF_LINKER_VERSION}: present in .tools/bin");
-        }
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version));
+    if works && verbose {
+        println!("setup: {name} {version}: present in .tools/bin");
+    }
+    works
+}
+
+fn bpf_linker(verbose: bool) -> anyhow::Result<()> {
+    if tool_present("bpf-linker", BPF_LINKER_VERSION, verbose) {
         return Ok(());
     }
     let major = nightly_llvm_major()?;
@@ -259,17 +262,7 @@ fn dpkg_installed(package: &str) -> bool {
 /// cargo-fuzz, into `.tools/bin`: it builds the fuzz targets with libFuzzer (whose C++
 /// sources libfuzzer-sys compiles with g++) on the nightly toolchain.
 fn cargo_fuzz(verbose: bool) -> anyhow::Result<()> {
-    let fuzz = tools().join("bin/cargo-fuzz");
-    let works = Command::new(&fuzz)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
-        });
-    if works {
-        if verbose {
-            println!("setup: cargo-fuzz {CARGO_FUZZ_VERSION}: present in .tools/bin");
-        }
+    if tool_present("cargo-fuzz", CARGO_FUZZ_VERSION, verbose) {
         return Ok(());
     }
     println!("setup: building cargo-fuzz {CARGO_FUZZ_VERSION} into .tools (about a minute)");
