@@ -1,7 +1,15 @@
 //! The `sessiongate` command line without a running agent or root: `check` on good
-//! and bad configs, and client commands with no agent to talk to.
+//! and bad configs, client commands with no agent to talk to, and client commands
+//! against a stand-in for the agent's API.
 
-use std::process::{Command, Output};
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixListener,
+    process::{Command, Output},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
 
 fn sessiongate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sessiongate"))
@@ -128,5 +136,120 @@ fn client_commands_explain_a_missing_agent() {
     assert!(
         stderr.contains("cannot reach the agent") && stderr.contains("sessiongate run"),
         "{stderr}"
+    );
+}
+
+/// A stand-in for the agent's API on a unix socket: answers every request with
+/// `reply` (JSON) and passes on each request it got (head and body).
+fn fake_agent(reply: String) -> (tempfile::TempDir, String, mpsc::Receiver<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (sender, requests) = mpsc::channel();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = n.trim().parse().unwrap();
+                }
+                request.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            request.push_str(&String::from_utf8_lossy(&body));
+            let _ = sender.send(request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    let socket = socket.to_str().unwrap().to_string();
+    (dir, socket, requests)
+}
+
+fn session_json(ip: &str, user: &str) -> serde_json::Value {
+    serde_json::json!({
+        "ip": ip, "user": user, "idp": "okta",
+        "authenticated_at": "2026-11-23T09:30:00Z", "age": "1h0m0s", "age_seconds": 3600,
+    })
+}
+
+#[test]
+fn device_addresses_are_read_once_and_checked_before_asking_the_agent() {
+    let mut reply = session_json("198.18.1.2", "alice");
+    reply["policies"] = serde_json::json!([]);
+    let (_dir, socket, requests) = fake_agent(reply.to_string());
+    // An IPv4-mapped address is sent as the IPv4 device.
+    let out = sessiongate(&[
+        "session",
+        "login",
+        "::ffff:198.18.1.2",
+        "--user",
+        "alice",
+        "--socket",
+        &socket,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(request.contains("\"ip\":\"198.18.1.2\""), "{request}");
+    let out = sessiongate(&["session", "show", "::ffff:198.18.1.2", "--socket", &socket]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let request = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        request.starts_with("GET /v1/sessions/198.18.1.2 "),
+        "{request}"
+    );
+    // What cannot be a device, or reads two ways, never reaches the agent.
+    for (args, needle) in [
+        (&["session", "logout", "198.010.2.010"][..], "leading zero"),
+        (
+            &["session", "show", "224.0.0.1"],
+            "224.0.0.1 cannot be a device: it is a multicast address",
+        ),
+        (
+            &["session", "login", "255.255.255.255", "--user", "a"],
+            "broadcast",
+        ),
+        (
+            &["session", "login", "0.0.0.0", "--user", "a"],
+            "unspecified",
+        ),
+        (&["session", "login", "::1", "--user", "a"], "loopback"),
+        (
+            &["session", "show", "198.18.1.2/../../stats"],
+            "not an IPv4 or IPv6 address",
+        ),
+    ] {
+        let out = sessiongate(&[args, &["--socket", &socket]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        requests.try_recv().is_err(),
+        "nothing more reached the agent"
     );
 }

@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
     events::{self, Refusal},
-    policy,
+    input, policy,
 };
 
 const DEFAULT_CONFIG: &str = "/etc/sessiongate/sessiongate.toml";
@@ -116,7 +116,8 @@ pub struct Target {
 pub enum SessionCommand {
     /// Record an authentication: starts the device's session, or resets its timer.
     Login {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
         /// Who authenticated (for example an email address).
         #[arg(long)]
@@ -130,7 +131,8 @@ pub enum SessionCommand {
     },
     /// End a device's session and its binding to a user.
     Logout {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
     },
     /// Load sessions in bulk from a file: JSON lines ({"ip", "user", "idp", "authenticated_at"})
@@ -148,7 +150,8 @@ pub enum SessionCommand {
     },
     /// Show a session's age and which policies it currently satisfies.
     Show {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
         #[arg(long)]
         json: bool,

@@ -9,6 +9,7 @@ pub mod control;
 pub mod datapath;
 pub mod events;
 pub mod fleet;
+pub mod input;
 pub mod notify;
 pub mod policy;
 pub mod portal;

@@ -50,7 +50,7 @@ use crate::{
     control::{Control, ControlError, ImportError},
     datapath::DatapathError,
     fleet::FleetError,
-    policy,
+    input, policy,
     sessions::{LoginRequest, SessionError},
 };
 
@@ -125,7 +125,9 @@ const fn session_status(e: &SessionError) -> StatusCode {
         SessionError::OtherUser { .. } => StatusCode::CONFLICT,
         SessionError::WrongIdp { .. } => StatusCode::FORBIDDEN,
         SessionError::NotFound { .. } => StatusCode::NOT_FOUND,
-        SessionError::InFuture { .. } | SessionError::InvalidName { .. } => StatusCode::BAD_REQUEST,
+        SessionError::InFuture { .. }
+        | SessionError::InvalidName { .. }
+        | SessionError::NotADevice(_) => StatusCode::BAD_REQUEST,
         SessionError::Io { .. } | SessionError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -141,9 +143,10 @@ struct LoginBody {
     at: Option<String>,
 }
 
+/// A device address from a body or a path, by `input`'s rules (IPv4-mapped read as
+/// IPv4; no leading zeros; only addresses packets can come from).
 fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::bad_request(format!("{text:?} is not an IP address")))
+    input::parse_device(text).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// Who is calling, for the audit log: the peer's uid and pid on the unix socket, its

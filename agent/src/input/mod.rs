@@ -1,0 +1,9 @@
+//! The rules for what enters the agent from outside, in one place so that the API,
+//! the CLI, import files, the config, the journal and etcd entries agree: addresses
+//! (`address`) and names (`name`).
+
+pub mod address;
+pub mod name;
+
+pub use address::{AddressError, parse_device, parse_ip, parse_net};
+pub use name::{MAX_NAME_LEN, NameProblem, Spaces, check_name, printable};
