@@ -253,3 +253,20 @@ fn device_addresses_are_read_once_and_checked_before_asking_the_agent() {
         "nothing more reached the agent"
     );
 }
+
+#[test]
+fn names_are_printed_escaped() {
+    // An agent (an older one, say) that hands back names with invisible characters.
+    let sessions = vec![session_json(
+        "198.18.1.2",
+        "evil\u{202e}moc.elpmaxe\nforged",
+    )];
+    let (_dir, socket, _) = fake_agent(serde_json::Value::from(sessions).to_string());
+    let out = sessiongate(&["session", "list", "--socket", &socket]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("evil\\u{202e}moc.elpmaxe\\u{a}forged"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+}

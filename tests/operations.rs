@@ -607,3 +607,72 @@ fn an_ipv4_mapped_address_is_the_ipv4_device() {
     assert!(lab.tcp_blocked(device(1), APP, 443));
 }
 
+#[test]
+fn names_cannot_forge_metric_or_log_lines() {
+    if !privileged("names_cannot_forge_metric_or_log_lines") {
+        return;
+    }
+    let lab = lab();
+    // Quotes and braces are fine in a policy name; every output escapes them.
+    let policy = APP_POLICY.replace("name = \"App\"", r#"name = "App\"} 1 #""#);
+    let agent = lab.start_agent(&lab.config("metrics_listen = \"127.0.0.1:9464\"", &policy));
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    agent.wait_for_log(&["re-authentication required", r#"policy="App\"} 1 #""#]);
+    let (status, body) = http(&lab, "127.0.0.1:9464", &get("/metrics", ""));
+    assert_eq!(status, 200, "{body}");
+    let text = dechunk(&body);
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sessiongate_policy_refused_flows_total"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    assert!(
+        refused[0].starts_with(r#"sessiongate_policy_refused_flows_total{policy="App\"} 1 #"} "#),
+        "{text}"
+    );
+
+    // Names that would break a line are refused where they enter, and change nothing.
+    let before = agent.cli_ok(&["session", "list", "--json"]);
+    for user in [
+        "bob\\nINFO forged",
+        "bob\\u202e",
+        "\\ufeffbob",
+        "bob\\u200b",
+    ] {
+        let body = format!(r#"{{"ip": "198.18.1.11", "user": "{user}"}}"#);
+        let (status, reply) = unix_api(&agent, "POST", "/v1/sessions", Some(&body));
+        assert_eq!(status, 400, "{user}: {reply}");
+        assert!(reply.contains("control or invisible character"), "{reply}");
+    }
+    let long = format!(r#"{{"ip": "198.18.1.11", "user": "{}"}}"#, "b".repeat(300));
+    let (status, reply) = unix_api(&agent, "POST", "/v1/sessions", Some(&long));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply.contains("300 bytes long; the limit is 256"),
+        "{reply}"
+    );
+    assert_eq!(agent.cli_ok(&["session", "list", "--json"]), before);
+    std::fs::write(
+        &agent.config,
+        lab.config(
+            "",
+            &APP_POLICY.replace("name = \"App\"", r#"name = "App\n# forged""#),
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("U+000A"),
+        "{stderr}"
+    );
+    assert!(
+        !agent
+            .log_text()
+            .lines()
+            .any(|l| l.starts_with("INFO forged") || l.starts_with("# forged")),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -17,7 +17,8 @@ use crate::{
     config::Config,
     control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
     events::{self, Refusal},
-    input, policy,
+    input::{self, printable},
+    policy,
 };
 
 const DEFAULT_CONFIG: &str = "/etc/sessiongate/sessiongate.toml";
@@ -211,7 +212,11 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
             )?;
             println!(
                 "{} logged in as {} (IdP {}), authenticated at {}, session age {}",
-                view.ip, view.user, view.idp, view.authenticated_at, view.age
+                view.ip,
+                printable(&view.user),
+                printable(&view.idp),
+                view.authenticated_at,
+                view.age
             );
         }
         SessionCommand::Logout { ip } => {
@@ -220,7 +225,7 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
                     .call(Method::DELETE, &format!("/v1/sessions/{ip}"), None)
                     .await?,
             )?;
-            println!("{} logged out (was {})", view.ip, view.user);
+            println!("{} logged out (was {})", view.ip, printable(&view.user));
         }
         SessionCommand::Import { file, skip_bad } => {
             import(&client, file, *skip_bad).await?;
@@ -239,7 +244,11 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
             for s in sessions {
                 println!(
                     "{:<40} {:<30} {:<12} {:<26} {}",
-                    s.ip, s.user, s.idp, s.authenticated_at, s.age
+                    s.ip,
+                    printable(&s.user),
+                    printable(&s.idp),
+                    s.authenticated_at,
+                    s.age
                 );
             }
         }
@@ -252,8 +261,8 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
             let detail: SessionDetail = decode(value)?;
             let s = &detail.session;
             println!("device            {}", s.ip);
-            println!("user              {}", s.user);
-            println!("idp               {}", s.idp);
+            println!("user              {}", printable(&s.user));
+            println!("idp               {}", printable(&s.idp));
             println!("authenticated at  {} (age {})", s.authenticated_at, s.age);
             if detail.policies.is_empty() {
                 println!("no policy checks sessions");

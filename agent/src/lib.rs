@@ -11,6 +11,7 @@ pub mod events;
 pub mod fleet;
 pub mod input;
 pub mod notify;
+pub mod output;
 pub mod policy;
 pub mod portal;
 pub mod run;

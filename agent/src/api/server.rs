@@ -264,7 +264,7 @@ async fn login(
     let view = blocking(move || control.login(&request)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %ip, outcome = %e, "session change refused");
     })?;
-    tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = %view.user, idp = %view.idp, authenticated_at = %view.authenticated_at, "session changed");
+    tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = view.user.as_str(), idp = view.idp.as_str(), authenticated_at = %view.authenticated_at, "session changed");
     Ok(Json(view).into_response())
 }
 
@@ -355,7 +355,7 @@ async fn logout(
     let view = blocking(move || control.logout(ip)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, outcome = %e, "session change refused");
     })?;
-    tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = %view.user, "session changed");
+    tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = view.user.as_str(), "session changed");
     Ok(Json(view).into_response())
 }
 

@@ -280,7 +280,11 @@ impl Fleet {
         match entry::decode(ip, kv.value(), clock, boot_id) {
             Ok(record) => (Some(record), kv.mod_revision()),
             Err(reason) => {
-                tracing::warn!(key = %self.layout.key(ip), %reason, "the store's entry for this device is not a session; treating it as none");
+                tracing::warn!(
+                    key = self.layout.key(ip).as_str(),
+                    reason = reason.as_str(),
+                    "the store's entry for this device is not a session; treating it as none"
+                );
                 (None, kv.mod_revision())
             }
         }
