@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixListener,
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     sync::mpsc,
     thread,
     time::Duration,
@@ -139,6 +139,24 @@ fn client_commands_explain_a_missing_agent() {
     );
 }
 
+#[test]
+fn check_exits_quietly_when_its_reader_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sessiongate.toml");
+    std::fs::write(&path, "[agent]\ninterfaces = [\"eth0\"]\n").unwrap();
+    // A pipe whose reader has already closed, as after `| head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 /// A stand-in for the agent's API on a unix socket: answers every request with
 /// `reply` (JSON) and passes on each request it got (head and body).
 fn fake_agent(reply: String) -> (tempfile::TempDir, String, mpsc::Receiver<String>) {
@@ -185,6 +203,46 @@ fn session_json(ip: &str, user: &str) -> serde_json::Value {
         "ip": ip, "user": user, "idp": "okta",
         "authenticated_at": "2026-11-23T09:30:00Z", "age": "1h0m0s", "age_seconds": 3600,
     })
+}
+
+#[test]
+fn session_list_into_head_exits_quietly() {
+    // Far more than a pipe holds, so the CLI is still writing when the reader goes.
+    let sessions: Vec<_> = (0..5000)
+        .map(|i| {
+            session_json(
+                &format!("198.18.{}.{}", i / 250, i % 250 + 1),
+                "alice@example.com",
+            )
+        })
+        .collect();
+    let (_dir, socket, _) = fake_agent(serde_json::Value::from(sessions).to_string());
+    for args in [
+        &["session", "list"][..],
+        &["session", "list", "--json"],
+        &["stats", "--json"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .args(args)
+            .args(["--socket", &socket])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        // `head -1` has what it wants and goes away.
+        drop(stdout);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked"),
+            "{args:?} into a closed pipe: {:?}: {stderr}",
+            out.status
+        );
+        assert!(!first.is_empty(), "{args:?}");
+    }
 }
 
 #[test]

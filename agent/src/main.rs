@@ -3,6 +3,7 @@ use std::{io::IsTerminal, process::ExitCode};
 use clap::Parser;
 use sessiongate::{
     cli::{self, Cli, Command, LogFormat},
+    errln,
     output::OneLine,
 };
 use tracing_subscriber::EnvFilter;
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

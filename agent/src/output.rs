@@ -1,7 +1,46 @@
-//! What the agent writes: log lines that stay one line each whatever a field holds
-//! (`OneLine`).
+//! What the agent and the CLI write. Log lines stay one line each whatever a field
+//! holds (`OneLine`), and the CLI's own output ends the process quietly when its
+//! reader has gone (`sessiongate session list | head -1`), as Unix tools do, instead
+//! of panicking on the broken pipe.
 
-use std::io::{self, Write};
+use std::{
+    fmt,
+    io::{self, Write},
+};
+
+/// Prints a line on stdout (`outln!`) or stderr (`errln!`); see `write_or_exit`.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(&mut ::std::io::stdout().lock(), format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(&mut ::std::io::stderr().lock(), format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes and flushes. A reader that went away (EPIPE) ends the process with success
+/// and no message: it asked for no more. Any other failure (a full disk under a
+/// redirect) ends it with a failure, said on stderr if stderr still works.
+pub fn write_or_exit(out: &mut impl Write, args: fmt::Arguments<'_>) {
+    match write_flushed(out, args) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn write_flushed(out: &mut impl Write, args: fmt::Arguments<'_>) -> io::Result<()> {
+    out.write_fmt(args)?;
+    out.flush()
+}
 
 /// A log writer that keeps each event on one line: line breaks and other control
 /// characters inside an event are written escaped (`\n`, `\x1b`), so a field that
@@ -72,5 +111,20 @@ mod tests {
             "\u{1b}[33mWARN\u{1b}[0m\tü\n"
         );
         assert_eq!(one_line("plain line\n", false), "plain line\n");
+    }
+
+    #[test]
+    fn a_broken_pipe_is_told_apart() {
+        struct Gone;
+        impl Write for Gone {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let e = write_flushed(&mut Gone, format_args!("x\n")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
     }
 }
