@@ -8,7 +8,7 @@ use std::{
     process::{Command, Output, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 fn sessiongate(args: &[&str]) -> Output {
@@ -137,6 +137,61 @@ fn client_commands_explain_a_missing_agent() {
         stderr.contains("cannot reach the agent") && stderr.contains("sessiongate run"),
         "{stderr}"
     );
+}
+
+/// Runs `sessiongate ARGS` and gives up (killing it) after 10 s: (exited in time, output).
+fn sessiongate_within(args: &[&str]) -> (bool, Output) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sessiongate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            return (false, child.wait_with_output().unwrap());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    (true, child.wait_with_output().unwrap())
+}
+
+#[test]
+fn check_refuses_a_config_that_is_not_a_small_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, "#".repeat(2 << 20)).unwrap();
+    for (path, needle) in [
+        (
+            fifo.to_str().unwrap(),
+            "is a FIFO (named pipe), not a regular file",
+        ),
+        ("/dev/zero", "is a character device, not a regular file"),
+        (
+            dir.path().to_str().unwrap(),
+            "is a directory, not a regular file",
+        ),
+        (big.to_str().unwrap(), "is larger than 1048576 bytes"),
+    ] {
+        let (in_time, out) = sessiongate_within(&["check", "--config", path]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(in_time, "check --config {path} hung");
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(&format!("cannot read config {path}: it {needle}")),
+            "{path}: {stderr}"
+        );
+    }
 }
 
 #[test]

@@ -13,12 +13,15 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    api::client::{ApiClient, ClientError},
+    api::{
+        client::{ApiClient, ClientError},
+        server::MAX_IMPORT_BODY,
+    },
     config::Config,
     control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
     errln,
     events::{self, Refusal},
-    input::{self, printable},
+    input::{self, file::Accept, printable},
     outln, policy,
 };
 
@@ -363,7 +366,9 @@ fn describe_store(store: &crate::fleet::StoreStatus) -> String {
 /// `sessiongate session import`: uploads the file with a progress bar; the agent
 /// validates every line and applies all of it (or, with `--skip-bad`, the good lines).
 async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Result<()> {
-    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let data = input::file::read_bounded(file, MAX_IMPORT_BODY as u64, Accept::RegularFileOrPipe)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .bytes;
     let bar = indicatif::ProgressBar::new(data.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

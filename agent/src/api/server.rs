@@ -57,7 +57,7 @@ use crate::{
 /// Requests are tiny; anything bigger is a mistake or an attack.
 const MAX_BODY: usize = 16 * 1024;
 /// Bulk imports: room for a few million sessions.
-const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
+pub const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct ApiError {
