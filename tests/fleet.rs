@@ -584,3 +584,55 @@ fn tls_mistakes_are_reported() {
         stderr(&out)
     );
 }
+
+/// Keys and values written straight to etcd follow the API's input rules: another
+/// spelling of a device (`::ffff:198.18.1.11`) or an address that is no device names
+/// nothing, and a name with an invisible character is no session.
+#[test]
+fn other_spellings_and_invisible_names_in_etcd_are_bad_entries() {
+    if !privileged("other_spellings_and_invisible_names_in_etcd_are_bad_entries") {
+        return;
+    }
+    let etcd = Etcd::start(1);
+    let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+    etcd.connect(&lab.gateway);
+    let agent = lab.start_agent(&lab.config("", &format!("{}{APP_POLICY}", store_section(&etcd))));
+    let g = Gateway { lab, agent };
+    g.wait_connected(true);
+    let (expired, forged) = (device(1), device(2));
+    g.agent.login(expired, BOB, 2 * HOUR);
+    let mapped = format!("/fleet/devices/::ffff:{expired}");
+    etcd.etcdctl(&["put", &mapped, &entry(CAROL, NOW)]);
+    etcd.etcdctl(&["put", "/fleet/devices/224.0.0.1", &entry(CAROL, NOW)]);
+    etcd.etcdctl(&[
+        "put",
+        &format!("/fleet/devices/{forged}"),
+        &entry("carol\u{202e}", NOW),
+    ]);
+    let caught_up = |g: &Gateway| g.store()["revision"].as_i64() == Some(etcd.revision());
+    g.wait_until("the puts", caught_up);
+    assert_eq!(
+        g.user_of(expired).as_deref(),
+        Some(BOB),
+        "still bob's device"
+    );
+    assert!(g.blocked(expired), "the other spelling renews nothing");
+    assert!(
+        g.user_of(forged).is_none(),
+        "an invisible character: no session"
+    );
+    assert!(g.blocked(forged));
+    assert_eq!(g.store()["bad_entries"], 3, "{}", g.store());
+    assert!(
+        g.agent
+            .log_text()
+            .contains(&format!("key=\"{mapped}\" reason=\"\\\"::ffff:{expired}\\\" is not the canonical form of {expired}")),
+        "{}",
+        g.agent.log_text()
+    );
+    // Deleting the other spelling logs nobody out.
+    etcd.etcdctl(&["del", &mapped]);
+    g.wait_until("the delete", caught_up);
+    assert_eq!(g.user_of(expired).as_deref(), Some(BOB));
+    assert_eq!(g.store()["bad_entries"], 2);
+}

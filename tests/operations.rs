@@ -527,3 +527,152 @@ fn sessions(agent: &Agent) -> u64 {
         serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).unwrap();
     stats["sessions"].as_u64().unwrap()
 }
+
+/// One request to the agent's API on its unix socket: (status, body).
+fn unix_api(agent: &Agent, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-w", "\n%{http_code}", "-X", method, "--unix-socket"])
+        .arg(&agent.socket)
+        .arg(format!("http://agent{path}"));
+    if let Some(body) = body {
+        curl.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let out = curl.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').expect("a status line");
+    (status.parse().expect("a status"), body.to_string())
+}
+
+#[test]
+fn an_ipv4_mapped_address_is_the_ipv4_device() {
+    if !privileged("an_ipv4_mapped_address_is_the_ipv4_device") {
+        return;
+    }
+    let lab = lab();
+    let agent = lab.start_agent(&lab.config("", APP_POLICY));
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    let mapped = "::ffff:198.18.1.11";
+    let login = |user: &str, idp: &str| {
+        format!(r#"{{"ip": "{mapped}", "user": "{user}", "idp": "{idp}"}}"#)
+    };
+    let state = || agent.cli_ok(&["session", "list", "--json"]);
+    let before = state();
+
+    // Another user cannot take the device through its other spelling, by the API or
+    // the CLI.
+    let (status, body) = unix_api(
+        &agent,
+        "POST",
+        "/v1/sessions",
+        Some(&login("mallory@example.com", "evil")),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("198.18.1.11 is bound to user"), "{body}");
+    let out = agent.cli(&["session", "login", mapped, "--user", "mallory@example.com"]);
+    assert!(!out.status.success());
+    // Nor can addresses that are no device, or read two ways, be logged in.
+    for (ip, needle) in [
+        ("224.0.0.1", "multicast"),
+        ("255.255.255.255", "broadcast"),
+        ("0.0.0.0", "unspecified"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("198.018.1.11", "leading zero"),
+    ] {
+        let body = format!(r#"{{"ip": "{ip}", "user": "{BOB}"}}"#);
+        let (status, reply) = unix_api(&agent, "POST", "/v1/sessions", Some(&body));
+        assert_eq!(status, 400, "{ip}: {reply}");
+        assert!(reply.contains(needle), "{ip}: {reply}");
+    }
+    assert_eq!(state(), before, "no refused request changed anything");
+
+    // The device's own user re-authenticating through it resets the IPv4 session.
+    let (status, body) = unix_api(&agent, "POST", "/v1/sessions", Some(&login(BOB, "default")));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ip\":\"198.18.1.11\""), "{body}");
+    assert!(lab.tcp_works(device(1), APP, 443));
+    let list: serde_json::Value = serde_json::from_str(&state()).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let (status, body) = unix_api(&agent, "GET", &format!("/v1/sessions/{mapped}"), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ip\":\"198.18.1.11\""), "{body}");
+    let (status, body) = unix_api(&agent, "DELETE", &format!("/v1/sessions/{mapped}"), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sessions(&agent), 0);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+}
+
+#[test]
+fn names_cannot_forge_metric_or_log_lines() {
+    if !privileged("names_cannot_forge_metric_or_log_lines") {
+        return;
+    }
+    let lab = lab();
+    // Quotes and braces are fine in a policy name; every output escapes them.
+    let policy = APP_POLICY.replace("name = \"App\"", r#"name = "App\"} 1 #""#);
+    let agent = lab.start_agent(&lab.config("metrics_listen = \"127.0.0.1:9464\"", &policy));
+    agent.login(device(1), BOB, 2 * HOUR);
+    assert!(lab.tcp_blocked(device(1), APP, 443));
+    agent.wait_for_log(&["re-authentication required", r#"policy="App\"} 1 #""#]);
+    let (status, body) = http(&lab, "127.0.0.1:9464", &get("/metrics", ""));
+    assert_eq!(status, 200, "{body}");
+    let text = dechunk(&body);
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sessiongate_policy_refused_flows_total"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{text}");
+    assert!(
+        refused[0].starts_with(r#"sessiongate_policy_refused_flows_total{policy="App\"} 1 #"} "#),
+        "{text}"
+    );
+
+    // Names that would break a line are refused where they enter, and change nothing.
+    let before = agent.cli_ok(&["session", "list", "--json"]);
+    for user in [
+        "bob\\nINFO forged",
+        "bob\\u202e",
+        "\\ufeffbob",
+        "bob\\u200b",
+    ] {
+        let body = format!(r#"{{"ip": "198.18.1.11", "user": "{user}"}}"#);
+        let (status, reply) = unix_api(&agent, "POST", "/v1/sessions", Some(&body));
+        assert_eq!(status, 400, "{user}: {reply}");
+        assert!(reply.contains("control or invisible character"), "{reply}");
+    }
+    let long = format!(r#"{{"ip": "198.18.1.11", "user": "{}"}}"#, "b".repeat(300));
+    let (status, reply) = unix_api(&agent, "POST", "/v1/sessions", Some(&long));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply.contains("300 bytes long; the limit is 256"),
+        "{reply}"
+    );
+    assert_eq!(agent.cli_ok(&["session", "list", "--json"]), before);
+    std::fs::write(
+        &agent.config,
+        lab.config(
+            "",
+            &APP_POLICY.replace("name = \"App\"", r#"name = "App\n# forged""#),
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("U+000A"),
+        "{stderr}"
+    );
+    assert!(
+        !agent
+            .log_text()
+            .lines()
+            .any(|l| l.starts_with("INFO forged") || l.starts_with("# forged")),
+        "{}",
+        agent.log_text()
+    );
+}

@@ -66,7 +66,7 @@ fn expired_session_cannot_open_new_flows(f: Family) {
         "re-authentication required",
         ALICE,
         &alice.to_string(),
-        "policy=App",
+        "policy=\"App\"",
         &f.app.to_string(),
         "reason=session_expired",
     ]);

@@ -13,11 +13,16 @@ use hyper::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    api::client::{ApiClient, ClientError},
+    api::{
+        client::{ApiClient, ClientError},
+        server::MAX_IMPORT_BODY,
+    },
     config::Config,
     control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
+    errln,
     events::{self, Refusal},
-    policy,
+    input::{self, file::Accept, printable},
+    outln, policy,
 };
 
 const DEFAULT_CONFIG: &str = "/etc/sessiongate/sessiongate.toml";
@@ -116,7 +121,8 @@ pub struct Target {
 pub enum SessionCommand {
     /// Record an authentication: starts the device's session, or resets its timer.
     Login {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
         /// Who authenticated (for example an email address).
         #[arg(long)]
@@ -130,7 +136,8 @@ pub enum SessionCommand {
     },
     /// End a device's session and its binding to a user.
     Logout {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
     },
     /// Load sessions in bulk from a file: JSON lines ({"ip", "user", "idp", "authenticated_at"})
@@ -148,7 +155,8 @@ pub enum SessionCommand {
     },
     /// Show a session's age and which policies it currently satisfies.
     Show {
-        /// The device's address.
+        /// The device's address (an IPv4-mapped IPv6 address is its IPv4 address).
+        #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
         #[arg(long)]
         json: bool,
@@ -176,14 +184,14 @@ pub fn check(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
     let table = match policy::compile(&config) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: config {}: {e}", config.source);
+            errln!("error: config {}: {e}", config.source);
             return ExitCode::FAILURE;
         }
     };
@@ -191,14 +199,17 @@ pub fn check(path: &Path) -> ExitCode {
     if let (Some(_), Some(path)) = (config.agent.api_listen, &config.agent.api_token_file)
         && let Err(e) = crate::api::auth::read_token(path)
     {
-        eprintln!("error: config {}: {e:#}", config.source);
+        errln!("error: config {}: {e:#}", config.source);
         return ExitCode::FAILURE;
     }
-    println!("config {} is valid", config.source);
-    print!("{}", policy::describe(&config, &table));
+    outln!("config {} is valid", config.source);
+    crate::output::write_or_exit(
+        &mut std::io::stdout().lock(),
+        format_args!("{}", policy::describe(&config, &table)),
+    );
     let warnings = policy::lint(&config, &table);
     for w in &warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     ExitCode::SUCCESS
 }
@@ -213,9 +224,13 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
                     .call(Method::POST, "/v1/sessions", Some(body))
                     .await?,
             )?;
-            println!(
+            outln!(
                 "{} logged in as {} (IdP {}), authenticated at {}, session age {}",
-                view.ip, view.user, view.idp, view.authenticated_at, view.age
+                view.ip,
+                printable(&view.user),
+                printable(&view.idp),
+                view.authenticated_at,
+                view.age
             );
         }
         SessionCommand::Logout { ip } => {
@@ -224,7 +239,7 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
                     .call(Method::DELETE, &format!("/v1/sessions/{ip}"), None)
                     .await?,
             )?;
-            println!("{} logged out (was {})", view.ip, view.user);
+            outln!("{} logged out (was {})", view.ip, printable(&view.user));
         }
         SessionCommand::Import { file, skip_bad } => {
             import(&client, file, *skip_bad).await?;
@@ -232,35 +247,42 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
         SessionCommand::List { json } => {
             let value = client.get("/v1/sessions").await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                outln!("{}", serde_json::to_string_pretty(&value)?);
                 return Ok(());
             }
             let sessions: Vec<SessionView> = decode(value)?;
-            println!(
+            outln!(
                 "{:<40} {:<30} {:<12} {:<26} AGE",
-                "DEVICE", "USER", "IDP", "AUTHENTICATED AT"
+                "DEVICE",
+                "USER",
+                "IDP",
+                "AUTHENTICATED AT"
             );
             for s in sessions {
-                println!(
+                outln!(
                     "{:<40} {:<30} {:<12} {:<26} {}",
-                    s.ip, s.user, s.idp, s.authenticated_at, s.age
+                    s.ip,
+                    printable(&s.user),
+                    printable(&s.idp),
+                    s.authenticated_at,
+                    s.age
                 );
             }
         }
         SessionCommand::Show { ip, json } => {
             let value = client.get(&format!("/v1/sessions/{ip}")).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&value)?);
+                outln!("{}", serde_json::to_string_pretty(&value)?);
                 return Ok(());
             }
             let detail: SessionDetail = decode(value)?;
             let s = &detail.session;
-            println!("device            {}", s.ip);
-            println!("user              {}", s.user);
-            println!("idp               {}", s.idp);
-            println!("authenticated at  {} (age {})", s.authenticated_at, s.age);
+            outln!("device            {}", s.ip);
+            outln!("user              {}", printable(&s.user));
+            outln!("idp               {}", printable(&s.idp));
+            outln!("authenticated at  {} (age {})", s.authenticated_at, s.age);
             if detail.policies.is_empty() {
-                println!("no policy checks sessions");
+                outln!("no policy checks sessions");
             }
             for p in &detail.policies {
                 let standing = if p.satisfied {
@@ -268,7 +290,7 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
                 } else {
                     format!("EXPIRED {} ago: re-authentication required", p.margin)
                 };
-                println!(
+                outln!(
                     "policy {:<30} needs <= {:<12} {standing}",
                     format!("{:?}", p.policy),
                     p.duration
@@ -283,11 +305,11 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     let value = client.get("/v1/stats").await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     let stats: Stats = decode(value)?;
-    println!(
+    outln!(
         "interfaces: {}",
         stats
             .interfaces
@@ -296,21 +318,22 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!(
+    outln!(
         "sessions: {}   tracked UDP flows: {}",
-        stats.sessions, stats.udp_flows
+        stats.sessions,
+        stats.udp_flows
     );
-    println!("store: {}", describe_store(&stats.store));
+    outln!("store: {}", describe_store(&stats.store));
     for (name, value) in stats
         .verdicts
         .iter()
         .chain(&stats.events)
         .chain(&stats.replies)
     {
-        println!("  {name:<26} {value}");
+        outln!("  {name:<26} {value}");
     }
     for (name, drops) in &stats.policy_drops {
-        println!("  policy {:<30} {drops} refused", format!("{name:?}"));
+        outln!("  policy {:<30} {drops} refused", format!("{name:?}"));
     }
     Ok(())
 }
@@ -350,7 +373,9 @@ fn describe_store(store: &crate::fleet::StoreStatus) -> String {
 /// `sessiongate session import`: uploads the file with a progress bar; the agent
 /// validates every line and applies all of it (or, with `--skip-bad`, the good lines).
 async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Result<()> {
-    let data = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let data = input::file::read_bounded(file, MAX_IMPORT_BODY as u64, Accept::RegularFileOrPipe)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .bytes;
     let bar = indicatif::ProgressBar::new(data.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -373,7 +398,7 @@ async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Resu
     bar.finish_and_clear();
     let print_errors = |errors: &Value| {
         for e in errors.as_array().into_iter().flatten() {
-            eprintln!(
+            errln!(
                 "{}:{}: {}",
                 file.display(),
                 e["line"],
@@ -385,7 +410,7 @@ async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Resu
         Ok(value) => {
             let report: ImportReport = decode(value.clone())?;
             print_errors(&value["errors"]);
-            println!(
+            outln!(
                 "imported {} sessions from {} ({} new devices, {} reset){}",
                 report.imported,
                 file.display(),
@@ -409,7 +434,7 @@ async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Resu
             let shown = body["errors"].as_array().map_or(0, Vec::len);
             let total = body["error_count"].as_u64().unwrap_or(0) as usize;
             if total > shown {
-                eprintln!("... and {} more", total - shown);
+                errln!("... and {} more", total - shown);
             }
             anyhow::bail!("{}: {message}", file.display())
         }
@@ -423,12 +448,14 @@ pub async fn reload(target: &Target) -> anyhow::Result<()> {
     match client.call(Method::POST, "/v1/reload", None).await {
         Ok(value) => {
             let done: Reloaded = decode(value)?;
-            println!(
+            outln!(
                 "reloaded: generation {}, {} policies, {} prefixes",
-                done.generation, done.policies, done.prefixes
+                done.generation,
+                done.policies,
+                done.prefixes
             );
             for w in &done.warnings {
-                eprintln!("warning: {w}");
+                errln!("warning: {w}");
             }
             Ok(())
         }
@@ -449,12 +476,12 @@ pub async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
                 return;
             }
             if json {
-                println!("{line}");
+                outln!("{line}");
                 return;
             }
             match serde_json::from_str::<Refusal>(line) {
-                Ok(r) => println!("{}", events::describe(&r)),
-                Err(_) => println!("{line}"),
+                Ok(r) => outln!("{}", events::describe(&r)),
+                Err(_) => outln!("{line}"),
             }
         })
         .await?;
@@ -477,14 +504,14 @@ pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<(
     }
     let removed = crate::datapath::remove_pins(&agent.pin_dir)?;
     if removed.is_empty() {
-        println!("no pinned datapath under {}", agent.pin_dir.display());
+        outln!("no pinned datapath under {}", agent.pin_dir.display());
     }
     for dir in removed {
-        println!("removed {} (the program is detached)", dir.display());
+        outln!("removed {} (the program is detached)", dir.display());
     }
     if agent.portal_listen.is_some() {
         crate::portal::routing::remove();
-        println!("removed the portal's policy routing");
+        outln!("removed the portal's policy routing");
     }
     let mut gone = vec![agent.api_socket.clone()];
     if !keep_sessions {
@@ -492,7 +519,7 @@ pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<(
     }
     for path in gone {
         match std::fs::remove_file(&path) {
-            Ok(()) => println!("removed {}", path.display()),
+            Ok(()) => outln!("removed {}", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("cannot remove {}: {e}", path.display()),
         }

@@ -419,7 +419,7 @@ impl Control {
         if let Some(fleet) = &self.fleet {
             let boot_id = self.boot_id();
             let record = block_on(fleet.login(req, &boot_id))?;
-            tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
+            tracing::info!(device = %record.ip, user = record.user.as_str(), idp = record.idp.as_str(), authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
         let mut store = lock(&self.sessions);
@@ -440,7 +440,7 @@ impl Control {
             return Err(e.into());
         }
         drop(datapath);
-        tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login");
+        tracing::info!(device = %record.ip, user = record.user.as_str(), idp = record.idp.as_str(), authenticated_at = %rfc3339(record.authenticated_at), "login");
         Ok(view(&record, &clock, store.boot_id()))
     }
 
@@ -448,7 +448,7 @@ impl Control {
         if let Some(fleet) = &self.fleet {
             let boot_id = self.boot_id();
             let record = block_on(fleet.logout(ip, &boot_id))?;
-            tracing::info!(device = %ip, user = %record.user, "logout recorded in the fleet's store");
+            tracing::info!(device = %ip, user = record.user.as_str(), "logout recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
         let mut store = lock(&self.sessions);
@@ -464,7 +464,7 @@ impl Control {
             return Err(e.into());
         }
         drop(datapath);
-        tracing::info!(device = %ip, user = %record.user, "logout");
+        tracing::info!(device = %ip, user = record.user.as_str(), "logout");
         Ok(view(&record, &clock, store.boot_id()))
     }
 

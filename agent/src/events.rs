@@ -16,7 +16,7 @@ use agent_common::{
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{clock::ClockPair, config::GoDuration};
+use crate::{clock::ClockPair, config::GoDuration, input::printable};
 
 /// Refusals kept for `GET /v1/events`.
 pub const HISTORY: usize = 256;
@@ -165,7 +165,7 @@ pub fn describe(r: &Refusal) -> String {
         r.policy,
         r.reason,
         r.action,
-        r.user.as_deref().unwrap_or("-"),
+        r.user.as_deref().map_or("-".into(), printable),
         r.session_age.as_deref().unwrap_or("-"),
     )
 }
@@ -173,10 +173,11 @@ pub fn describe(r: &Refusal) -> String {
 /// Logs a refusal as one "re-authentication required" line.
 pub fn log(refusal: &Refusal) {
     let destination = destination(refusal);
+    // Names as `&str`: quoted and escaped in text logs, plain strings in JSON logs.
     tracing::warn!(
         user = refusal.user.as_deref().unwrap_or("(no session)"),
         device = %refusal.device,
-        policy = %refusal.policy,
+        policy = refusal.policy.as_str(),
         destination = %destination,
         reason = %refusal.reason,
         action = %refusal.action,

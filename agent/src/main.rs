@@ -1,7 +1,11 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use sessiongate::cli::{self, Cli, Command, LogFormat};
+use sessiongate::{
+    cli::{self, Cli, Command, LogFormat},
+    errln,
+    output::OneLine,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -38,7 +42,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -47,10 +51,11 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter =
         EnvFilter::try_from_env("SESSIONGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(move || OneLine::new(std::io::stderr(), ansi))
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -1,7 +1,7 @@
 //! The TCP API's bearer token: read from a file at start, required on every request,
 //! compared in constant time so that response timing reveals nothing about it.
 
-use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use axum::{
@@ -14,24 +14,27 @@ use axum::{
 use subtle::ConstantTimeEq;
 
 use super::server::ApiError;
+use crate::input::file::{self, Accept};
 
 /// Shortest token accepted: anything shorter is guessable.
 const MIN_TOKEN_LEN: usize = 16;
+/// A token file holds one word; 4 KiB is generous.
+const MAX_TOKEN_FILE: u64 = 4096;
 
 /// Reads the token: the file's content without surrounding whitespace. The file must
 /// not be readable by group or others.
 pub fn read_token(path: &Path) -> anyhow::Result<Arc<[u8]>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("api_token_file {}", path.display()))?;
-    if meta.mode() & 0o077 != 0 {
+    let content = file::read_bounded(path, MAX_TOKEN_FILE, Accept::RegularFile)
+        .with_context(|| format!("api_token_file {}", path.display()))?;
+    if content.mode & 0o077 != 0 {
         bail!(
             "api_token_file {} is readable by group or others (mode {:o}); chmod 600 it",
             path.display(),
-            meta.mode() & 0o777
+            content.mode & 0o777
         );
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("api_token_file {}", path.display()))?;
+    let text = std::str::from_utf8(&content.bytes)
+        .with_context(|| format!("api_token_file {}: not UTF-8 text", path.display()))?;
     let token = text.trim();
     if token.len() < MIN_TOKEN_LEN || token.contains(char::is_whitespace) {
         bail!(
@@ -105,4 +108,44 @@ fn unauthorized() -> Response {
         header::HeaderValue::from_static("Bearer"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn the_token_file_is_a_small_private_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(&*read_token(&path).unwrap(), b"0123456789abcdef0123");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(format!("{:#}", read_token(&path).unwrap_err()).contains("chmod 600"));
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for (path, needle) in [
+            (fifo.as_path(), "FIFO"),
+            (Path::new("/dev/zero"), "character device"),
+        ] {
+            let e = format!("{:#}", read_token(path).unwrap_err());
+            assert!(
+                e.starts_with(&format!("api_token_file {}: it is a", path.display()))
+                    && e.contains(needle),
+                "{e}"
+            );
+        }
+        std::fs::write(&path, "x".repeat(5000)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(format!("{:#}", read_token(&path).unwrap_err()).contains("larger than 4096"));
+    }
 }

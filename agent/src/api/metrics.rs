@@ -2,7 +2,7 @@
 //! format that Prometheus scrapes. Everything is read fresh from the kernel's maps and
 //! the agent's state on each scrape: nothing is cached between scrapes.
 
-use std::sync::Arc;
+use std::{fmt::Write as _, sync::Arc};
 
 use axum::{
     Router,
@@ -12,7 +12,7 @@ use axum::{
     routing::get,
 };
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
     registry::Registry,
 };
@@ -21,7 +21,31 @@ use crate::control::{Control, MetricsSnapshot};
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-type Labels = Vec<(&'static str, String)>;
+type Labels = Vec<(&'static str, LabelValue)>;
+
+/// A label value, escaped as the exposition format asks (`\\`, `\"`, `\n`): a policy
+/// name such as `Wiki"} 1` then stays inside its quotes. prometheus-client writes
+/// values as they are, so every label goes through this type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct LabelValue(String);
+
+impl EncodeLabelValue for LabelValue {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                c => encoder.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, LabelValue(value.into()))]
+}
 
 pub fn router(control: Arc<Control>) -> Router {
     Router::new()
@@ -52,7 +76,7 @@ fn counters(
 ) {
     let family = Family::<Labels, Counter>::default();
     for (value, n) in values {
-        family.get_or_create(&vec![(label, value)]).inc_by(n);
+        family.get_or_create(&self::label(label, value)).inc_by(n);
     }
     registry.register(name, help, family);
 }
@@ -70,8 +94,11 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         "sessiongate_build",
         "Version of the agent and of its pinned map layout",
         Info::new(vec![
-            ("version", env!("CARGO_PKG_VERSION").to_string()),
-            ("map_layout", agent_common::maps::LAYOUT.to_string()),
+            ("version", LabelValue(env!("CARGO_PKG_VERSION").to_string())),
+            (
+                "map_layout",
+                LabelValue(agent_common::maps::LAYOUT.to_string()),
+            ),
         ]),
     );
     counters(
@@ -112,10 +139,10 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let capacity = Family::<Labels, Gauge>::default();
     for (table, used, cap) in &s.occupancy {
         entries
-            .get_or_create(&vec![("table", table.to_string())])
+            .get_or_create(&label("table", *table))
             .set(*used as i64);
         capacity
-            .get_or_create(&vec![("table", table.to_string())])
+            .get_or_create(&label("table", *table))
             .set(*cap as i64);
     }
     registry.register(
@@ -189,7 +216,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let store = &s.stats.store;
     let connected = Family::<Labels, Gauge>::default();
     connected
-        .get_or_create(&vec![("kind", store.kind.clone())])
+        .get_or_create(&label("kind", store.kind.clone()))
         .set(i64::from(store.connected));
     registry.register(
         "sessiongate_store_connected",
@@ -225,8 +252,8 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     for (interface, mode) in &s.stats.interfaces {
         attached
             .get_or_create(&vec![
-                ("interface", interface.clone()),
-                ("mode", mode.clone()),
+                ("interface", LabelValue(interface.clone())),
+                ("mode", LabelValue(mode.clone())),
             ])
             .set(1);
     }
@@ -238,4 +265,93 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     encode(&mut text, &registry)?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        control::{ReloadStatus, Stats},
+        fleet::StoreStatus,
+    };
+
+    fn snapshot(policy: &str) -> MetricsSnapshot {
+        MetricsSnapshot {
+            stats: Stats {
+                verdicts: vec![("admitted_new_flow".into(), 5)],
+                events: vec![],
+                replies: vec![],
+                policy_drops: vec![(policy.into(), 3), ("App".into(), 1)],
+                sessions: 2,
+                udp_flows: 0,
+                interfaces: vec![("eth0".into(), "generic".into())],
+                store: StoreStatus::local(),
+            },
+            occupancy: vec![],
+            policies: 2,
+            generation: 1,
+            reloads: ReloadStatus::default(),
+            notify: None,
+        }
+    }
+
+    /// (name, labels, value)
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    /// A sample line read as the exposition format says.
+    fn sample(line: &str) -> Option<Sample> {
+        let (name, mut rest) = match line.split_once('{') {
+            Some((name, rest)) => (name, rest),
+            None => {
+                let (name, value) = line.split_once(' ')?;
+                return Some((name.into(), vec![], value.parse().ok()?));
+            }
+        };
+        let mut labels = Vec::new();
+        while !rest.starts_with('}') {
+            let (key, after) = rest.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        c @ ('\\' | '"') => value.push(c),
+                        _ => return None,
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.trim_start_matches(',').into(), value));
+            rest = &after[end + 1..];
+        }
+        let value = rest.strip_prefix("} ")?.parse().ok()?;
+        Some((name.into(), labels, value))
+    }
+
+    #[test]
+    fn a_label_value_cannot_forge_a_sample() {
+        // Config validation refuses the newline; the escaping holds without it.
+        let forged = "Wiki\"} 1\nsessiongate_sessions 99\n# \\";
+        let text = render(&snapshot(forged)).unwrap();
+        let samples: Vec<_> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| sample(l).unwrap_or_else(|| panic!("not a sample line: {l:?}")))
+            .collect();
+        let sessions: Vec<_> = samples
+            .iter()
+            .filter(|(name, ..)| name == "sessiongate_sessions")
+            .collect();
+        assert_eq!(sessions.len(), 1, "{text}");
+        assert_eq!(sessions[0].2, 2.0);
+        let mut refused: Vec<_> = samples
+            .iter()
+            .filter(|(name, ..)| name == "sessiongate_policy_refused_flows_total")
+            .map(|(_, labels, value)| (labels[0].1.as_str(), *value))
+            .collect();
+        refused.sort_by(|a, b| a.0.cmp(b.0));
+        assert_eq!(refused, [("App", 1.0), (forged, 3.0)], "{text}");
+    }
 }

@@ -50,6 +50,7 @@ use crate::{
     control::{Control, ControlError, ImportError},
     datapath::DatapathError,
     fleet::FleetError,
+    input,
     listen::Limited,
     policy,
     sessions::{LoginRequest, SessionError},
@@ -58,7 +59,7 @@ use crate::{
 /// Requests are tiny; anything bigger is a mistake or an attack.
 const MAX_BODY: usize = 16 * 1024;
 /// Bulk imports: room for a few million sessions.
-const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
+pub const MAX_IMPORT_BODY: usize = 512 * 1024 * 1024;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -126,7 +127,9 @@ const fn session_status(e: &SessionError) -> StatusCode {
         SessionError::OtherUser { .. } => StatusCode::CONFLICT,
         SessionError::WrongIdp { .. } => StatusCode::FORBIDDEN,
         SessionError::NotFound { .. } => StatusCode::NOT_FOUND,
-        SessionError::InFuture { .. } | SessionError::InvalidName { .. } => StatusCode::BAD_REQUEST,
+        SessionError::InFuture { .. }
+        | SessionError::InvalidName { .. }
+        | SessionError::NotADevice(_) => StatusCode::BAD_REQUEST,
         SessionError::Io { .. } | SessionError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -142,9 +145,10 @@ struct LoginBody {
     at: Option<String>,
 }
 
+/// A device address from a body or a path, by `input`'s rules (IPv4-mapped read as
+/// IPv4; no leading zeros; only addresses packets can come from).
 fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
-    text.parse()
-        .map_err(|_| ApiError::bad_request(format!("{text:?} is not an IP address")))
+    input::parse_device(text).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
 /// Who is calling, for the audit log: the peer's uid and pid on the unix socket, its
@@ -262,7 +266,7 @@ async fn login(
     let view = blocking(move || control.login(&request)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %ip, outcome = %e, "session change refused");
     })?;
-    tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = %view.user, idp = %view.idp, authenticated_at = %view.authenticated_at, "session changed");
+    tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %view.ip, user = view.user.as_str(), idp = view.idp.as_str(), authenticated_at = %view.authenticated_at, "session changed");
     Ok(Json(view).into_response())
 }
 
@@ -353,7 +357,7 @@ async fn logout(
     let view = blocking(move || control.logout(ip)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, outcome = %e, "session change refused");
     })?;
-    tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = %view.user, "session changed");
+    tracing::info!(target: "audit", caller = %caller.0, action = "logout", device = %ip, user = view.user.as_str(), "session changed");
     Ok(Json(view).into_response())
 }
 

@@ -15,6 +15,8 @@ use std::{
 use ipnet::IpNet;
 use thiserror::Error;
 
+use crate::input::file::{self, FileError};
+
 pub use duration::{DurationError, GoDuration};
 
 /// A validated configuration.
@@ -263,10 +265,7 @@ impl fmt::Display for Problem {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: FileError },
     #[error("config {path} is not valid TOML for sessiongate: {message}")]
     Syntax { path: String, message: String },
     #[error("config {path} has {} problem(s); nothing was loaded:\n{}", problems.len(), list(problems))]
@@ -285,13 +284,15 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file: a regular file of at most 1 MiB.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: source.clone(),
-            source: e,
-        })?;
+        let text = file::read_text(path, file::MAX_SMALL_FILE, file::Accept::RegularFile).map_err(
+            |e| ConfigError::Read {
+                path: source.clone(),
+                source: e,
+            },
+        )?;
         Self::parse(&text, &source)
     }
 

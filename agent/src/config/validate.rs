@@ -3,9 +3,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::PathBuf,
-    str::FromStr,
 };
 
 use agent_common::maps::{MAX_POLICIES, MAX_REDIRECT_PORTS};
@@ -17,6 +16,7 @@ use super::{
     ReplyLimit, StoreConfig, UnknownDevice, XdpMode,
     raw::{RawAgent, RawBypass, RawConfig, RawDns, RawLimits, RawPolicy, RawStore},
 };
+use crate::input::{self, Spaces, check_name, name::preview};
 
 /// Largest capacity accepted for any map: beyond it, preallocation alone would take
 /// gigabytes of kernel memory.
@@ -380,14 +380,10 @@ fn dns(raw: RawDns, problems: &mut Problems) -> DnsConfig {
         .resolvers
         .iter()
         .enumerate()
-        .filter_map(|(i, text)| match IpAddr::from_str(text.trim()) {
+        .filter_map(|(i, text)| match input::parse_ip(text.trim()) {
             Ok(ip) => Some(ip),
-            Err(_) => {
-                problems.add(
-                    PLACE,
-                    format!("resolvers[{i}]"),
-                    format!("{text:?} is not an IP address"),
-                );
+            Err(e) => {
+                problems.add(PLACE, format!("resolvers[{i}]"), e.to_string());
                 None
             }
         })
@@ -446,12 +442,17 @@ fn policies(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Policy> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, p) in raw.into_iter().enumerate() {
         let place = match &p.name {
-            Some(name) if !name.trim().is_empty() => format!("policy {name:?} (#{})", i + 1),
+            Some(name) if !name.trim().is_empty() => {
+                format!("policy {} (#{})", preview(name), i + 1)
+            }
             _ => format!("policy #{}", i + 1),
         };
         let name = match p.name {
             Some(name) if !name.trim().is_empty() => {
-                if let Some(first) = names.insert(name.clone(), i + 1) {
+                // Names go into metric labels, log lines and the portal's page.
+                if let Err(problem) = check_name(&name, Spaces::Allowed) {
+                    problems.add(&place, "name", problem.to_string());
+                } else if let Some(first) = names.insert(name.clone(), i + 1) {
                     problems.add(
                         &place,
                         "name",
@@ -765,33 +766,17 @@ fn port_list(ports: &[i64], place: &str, field: &str, problems: &mut Problems) -
     out
 }
 
-/// Parses CIDRs or plain addresses (a host route). A CIDR with host bits set is refused
-/// rather than silently widened or narrowed.
+/// Parses CIDRs or plain addresses (a host route), by `input::parse_net`'s rules.
 fn cidr_list(texts: &[String], place: &str, field: &str, problems: &mut Problems) -> Vec<IpNet> {
     let mut out = Vec::with_capacity(texts.len());
     for (i, text) in texts.iter().enumerate() {
         let field = format!("{field}[{i}]");
-        match parse_cidr(text.trim()) {
+        match input::parse_net(text.trim()) {
             Ok(net) => out.push(net),
-            Err(message) => problems.add(place, field, message),
+            Err(e) => problems.add(place, field, e.to_string()),
         }
     }
     out
-}
-
-pub(crate) fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    if let Ok(ip) = IpAddr::from_str(text) {
-        return Ok(IpNet::from(ip));
-    }
-    let net = IpNet::from_str(text)
-        .map_err(|_| format!("{text:?} is not a CIDR (like 198.18.0.0/24) or an IP address"))?;
-    if net.trunc() != net {
-        return Err(format!(
-            "{text:?} has host bits set; did you mean {}?",
-            net.trunc()
-        ));
-    }
-    Ok(net)
 }
 
 #[cfg(test)]
@@ -1233,6 +1218,120 @@ mod tests {
         assert_eq!(
             policy("").destinations,
             ["198.18.0.1/32".parse::<IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn addresses_are_read_as_the_api_reads_them() {
+        // Leading zeros are refused with the fix, as the API refuses them; an
+        // IPv4-mapped network is the IPv4 network it maps, as an IPv4-mapped device
+        // is the IPv4 device.
+        let p = problems(
+            r#"
+            [agent]
+            interfaces = ["eth0"]
+            [dns]
+            resolvers = ["198.019.10.53", "::ffff:198.19.10.53"]
+            [bypass]
+            destinations = ["198.010.2.010", "::ffff:198.19.0.10/128"]
+            [[policy]]
+            name = "App"
+            precedence = 1
+            destinations = ["198.010.2.0/24", "::ffff:198.19.10.0/120", "::ffff:198.19.11.1/120"]
+            "#,
+        );
+        assert_exactly(
+            &p,
+            &[
+                (
+                    "[dns]",
+                    "resolvers[0]",
+                    "\"198.019.10.53\" has a leading zero in an IPv4 part, which some tools read as octal and others as decimal; write each part without leading zeros (e.g. 198.19.10.53)",
+                ),
+                ("[bypass]", "destinations[0]", "(e.g. 198.10.2.10)"),
+                (
+                    "policy \"App\" (#1)",
+                    "destinations[0]",
+                    "(e.g. 198.10.2.0/24)",
+                ),
+                (
+                    "policy \"App\" (#1)",
+                    "destinations[2]",
+                    "has host bits set; did you mean 198.19.11.0/24?",
+                ),
+            ],
+        );
+        let config = Config::parse(
+            r#"
+            [agent]
+            interfaces = ["eth0"]
+            [dns]
+            resolvers = ["::ffff:198.19.10.53"]
+            [bypass]
+            destinations = ["::ffff:198.19.0.10/128"]
+            [[policy]]
+            name = "App"
+            precedence = 1
+            destinations = ["::ffff:198.19.10.0/120"]
+            "#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            config.dns.resolvers,
+            ["198.19.10.53".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(config.bypass, ["198.19.0.10/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            config.policies[0].destinations,
+            ["198.19.10.0/24".parse::<IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn policy_names_are_bounded_and_visible() {
+        let precedence = std::cell::Cell::new(0);
+        let policy = |name: &str| {
+            precedence.set(precedence.get() + 1);
+            format!(
+                "[[policy]]\nname = {}\nprecedence = {}\ndestinations = [\"198.19.10.0/24\"]\n",
+                toml::Value::String(name.into()),
+                precedence.get()
+            )
+        };
+        let long = "W".repeat(257);
+        let text = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\n{}{}{}{}{}{}",
+            policy("Wiki\n# forged"),
+            policy("Wiki\u{202e}"),
+            policy("\u{feff}Wiki"),
+            policy(&long),
+            policy(" Wiki"),
+            // Quotes and braces are fine in a name: outputs escape them.
+            policy("Wiki\"} 1"),
+        );
+        let p = problems(&text);
+        assert_exactly(
+            &p,
+            &[
+                (
+                    "policy \"Wiki\\n# forged\" (#1)",
+                    "name",
+                    "U+000A (at byte 4), a control or invisible character",
+                ),
+                ("policy \"Wiki\\u{202e}\" (#2)", "name", "U+202E"),
+                ("policy \"\\u{feff}Wiki\" (#3)", "name", "U+FEFF"),
+                (
+                    "policy \"WWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWW\"... (#4)",
+                    "name",
+                    "257 bytes long; the limit is 256",
+                ),
+                (
+                    "policy \" Wiki\" (#5)",
+                    "name",
+                    "starts or ends with whitespace",
+                ),
+            ],
         );
     }
 }

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use crate::{
     clock::ClockPair,
+    input::address,
     sessions::{DEFAULT_IDP, LoginRequest, SessionRecord, plan_login},
 };
 
@@ -56,16 +57,16 @@ impl Layout {
         format!("{}{ip}", self.devices)
     }
 
-    /// The device a key names, if it is a device key in canonical form.
+    /// The device a key names, if it is a device key in canonical form. Any other
+    /// spelling of an address (`2001:DB8::10`, `::ffff:198.18.1.10`, leading zeros) is
+    /// refused rather than read as that device: two keys must never hold one device.
     pub fn device(&self, key: &[u8]) -> Result<IpAddr, String> {
         let text = std::str::from_utf8(key).map_err(|_| "the key is not UTF-8".to_string())?;
         let rest = text
             .strip_prefix(&self.devices)
             .ok_or_else(|| format!("{text:?} is outside {}", self.devices))?;
-        let ip: IpAddr = rest
-            .parse()
-            .map_err(|_| format!("{rest:?} is not an IP address"))?;
-        if ip.to_string() != rest {
+        let ip = address::parse_device(rest).map_err(|e| e.to_string())?;
+        if !address::is_canonical_text(rest, ip) {
             return Err(format!(
                 "{rest:?} is not the canonical form of {ip} (write {:?})",
                 self.key(ip)
@@ -131,7 +132,7 @@ mod tests {
             layout
                 .device(b"/sg/devices/host")
                 .unwrap_err()
-                .contains("not an IP")
+                .contains("not an IPv4 or IPv6 address")
         );
         assert!(
             layout
@@ -139,6 +140,56 @@ mod tests {
                 .unwrap_err()
                 .contains("outside")
         );
+    }
+
+    #[test]
+    fn other_spellings_of_a_device_and_non_devices_are_not_device_keys() {
+        let layout = Layout::new("/sg");
+        let mapped = layout
+            .device(b"/sg/devices/::ffff:198.18.1.10")
+            .unwrap_err();
+        assert!(
+            mapped.contains("canonical") && mapped.contains("\"/sg/devices/198.18.1.10\""),
+            "{mapped}"
+        );
+        let zeros = layout.device(b"/sg/devices/198.018.1.10").unwrap_err();
+        assert!(zeros.contains("leading zero"), "{zeros}");
+        for key in [
+            "224.0.0.1",
+            "255.255.255.255",
+            "0.0.0.0",
+            "127.0.0.1",
+            "::1",
+            "ff02::1",
+        ] {
+            let e = layout
+                .device(format!("/sg/devices/{key}").as_bytes())
+                .unwrap_err();
+            assert!(e.contains("cannot be a device"), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn values_with_invisible_or_oversized_names_are_not_sessions() {
+        let clock = clock();
+        let ip: IpAddr = "198.18.1.10".parse().unwrap();
+        let at = "2020-01-01T00:00:00Z";
+        for (user, idp, needle) in [
+            ("alice\\u202e", "okta", "U+202E"),
+            ("alice\\u200b", "okta", "U+200B"),
+            ("\\ufeffalice", "okta", "U+FEFF"),
+            ("alice", "ok\\nta", "U+000A"),
+            ("alice", "ok\\u001bta", "U+001B"),
+        ] {
+            let value = format!(r#"{{"user":"{user}","idp":"{idp}","authenticated_at":"{at}"}}"#);
+            let e = decode(ip, value.as_bytes(), &clock, "boot").unwrap_err();
+            assert!(e.contains(needle), "{value}: {e}");
+            assert!(!e.contains('\n') && !e.contains('\u{1b}'), "{e:?}");
+        }
+        let long = "a".repeat(300);
+        let value = format!(r#"{{"user":"{long}","authenticated_at":"{at}"}}"#);
+        let e = decode(ip, value.as_bytes(), &clock, "boot").unwrap_err();
+        assert!(e.contains("300 bytes long") && e.len() < 200, "{e}");
     }
 
     #[test]

@@ -245,14 +245,22 @@ fn decoded(fleet: &Fleet, key: &[u8], value: &[u8], clock: &ClockPair, boot_id: 
     let ip = match fleet.layout.device(key) {
         Ok(ip) => ip,
         Err(reason) => {
-            tracing::warn!(key = %String::from_utf8_lossy(key), %reason, "ignoring a key under the devices prefix that names no device");
+            tracing::warn!(
+                key = String::from_utf8_lossy(key).as_ref(),
+                reason = reason.as_str(),
+                "ignoring a key under the devices prefix that names no device"
+            );
             return Decoded::BadKey;
         }
     };
     match entry::decode(ip, value, clock, boot_id) {
         Ok(record) => Decoded::Session(record),
         Err(reason) => {
-            tracing::error!(key = %fleet.layout.key(ip), %reason, "the store's entry for this device is not a session; the device is treated as having none");
+            tracing::error!(
+                key = fleet.layout.key(ip).as_str(),
+                reason = reason.as_str(),
+                "the store's entry for this device is not a session; the device is treated as having none"
+            );
             Decoded::BadValue(ip)
         }
     }

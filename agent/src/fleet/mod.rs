@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use crate::{
     clock::ClockPair,
     config::EtcdConfig,
+    input::file,
     sessions::{LoginRequest, SessionError, SessionRecord, plan_login},
 };
 pub use entry::Layout;
@@ -158,7 +159,8 @@ impl Fleet {
             .with_require_leader(true);
         if let Some(tls) = &config.tls {
             let read = |path: &std::path::Path, what: &str| {
-                std::fs::read(path)
+                file::read_bounded(path, file::MAX_SMALL_FILE, file::Accept::RegularFile)
+                    .map(|content| content.bytes)
                     .with_context(|| format!("[store] {what} {}: cannot read it", path.display()))
             };
             let mut tls_options = TlsOptions::new()
@@ -280,7 +282,11 @@ impl Fleet {
         match entry::decode(ip, kv.value(), clock, boot_id) {
             Ok(record) => (Some(record), kv.mod_revision()),
             Err(reason) => {
-                tracing::warn!(key = %self.layout.key(ip), %reason, "the store's entry for this device is not a session; treating it as none");
+                tracing::warn!(
+                    key = self.layout.key(ip).as_str(),
+                    reason = reason.as_str(),
+                    "the store's entry for this device is not a session; treating it as none"
+                );
                 (None, kv.mod_revision())
             }
         }

@@ -17,6 +17,7 @@ use thiserror::Error;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::{DEFAULT_IDP, check_name};
+use crate::input::parse_device;
 
 const CSV_COLUMNS: [&str; 4] = ["ip", "user", "idp", "authenticated_at"];
 
@@ -228,10 +229,7 @@ fn check(
     fields: Fields<'_>,
     seen: &mut HashMap<IpAddr, usize>,
 ) -> Result<ImportRecord, String> {
-    let ip: IpAddr = fields
-        .ip
-        .parse()
-        .map_err(|_| format!("ip {:?} is not an IPv4 or IPv6 address", fields.ip))?;
+    let ip = parse_device(&fields.ip).map_err(|e| format!("ip {e}"))?;
     match seen.entry(ip) {
         Entry::Occupied(first) => {
             return Err(format!(

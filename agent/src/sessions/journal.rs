@@ -215,6 +215,13 @@ fn replay(
         }
         match serde_json::from_str::<Entry>(&line) {
             Ok(Entry::Login(record)) => {
+                // Written by an older agent with looser rules, or edited: a session
+                // the rules refuse now is left out (and dropped by the next rewrite),
+                // never a reason not to start.
+                if let Err(e) = super::check_identity(record.ip, &record.user, &record.idp) {
+                    tracing::warn!(path = %path.display(), line = replayed.lines, device = %record.ip, reason = e.to_string().as_str(), "skipping a session journal line the session rules refuse");
+                    continue;
+                }
                 sessions.insert(record.ip, record);
             }
             Ok(Entry::Logout { ip }) => {

@@ -21,7 +21,14 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::OffsetDateTime;
 
-use crate::clock::{ClockPair, boot_id};
+use crate::{
+    clock::{ClockPair, boot_id},
+    input::{
+        AddressError, NameProblem, Spaces,
+        address::device,
+        name::{self, preview},
+    },
+};
 use import::{ImportRecord, LineError};
 use journal::Journal;
 
@@ -30,7 +37,6 @@ pub const DEFAULT_IDP: &str = "default";
 /// A login time this far ahead of the agent's clock is refused; closer ones are taken
 /// as "now" (small skew between the caller's clock and ours).
 const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
-const MAX_NAME_LEN: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -95,12 +101,15 @@ pub enum SessionError {
     },
     #[error("no session for device {ip}")]
     NotFound { ip: IpAddr },
-    #[error("{field} {value:?} is invalid: {reason}")]
+    /// `value` is the name as `input::name::preview` shows it.
+    #[error("{field} {value} is invalid: {reason}")]
     InvalidName {
         field: &'static str,
         value: String,
-        reason: &'static str,
+        reason: NameProblem,
     },
+    #[error(transparent)]
+    NotADevice(#[from] AddressError),
     #[error("session state {path}: {source}")]
     Io {
         path: PathBuf,
@@ -122,7 +131,7 @@ impl SessionError {
             Self::WrongIdp { .. } => "wrong_idp",
             Self::InFuture { .. } => "in_future",
             Self::NotFound { .. } => "not_found",
-            Self::InvalidName { .. } => "invalid",
+            Self::InvalidName { .. } | Self::NotADevice(_) => "invalid",
             Self::Io { .. } | Self::Corrupt { .. } => "state_error",
         }
     }
@@ -242,8 +251,10 @@ pub fn plan_login(
     boot_id: &str,
 ) -> Result<SessionRecord, SessionError> {
     let ip = req.ip;
-    let user = checked_name("user", &req.user)?;
-    let idp = checked_name("idp", req.idp.as_deref().unwrap_or(DEFAULT_IDP))?;
+    let idp = req.idp.as_deref().unwrap_or(DEFAULT_IDP);
+    check_identity(ip, &req.user, idp)?;
+    let user = req.user.clone();
+    let idp = idp.to_string();
     if let Some(current) = current {
         if current.user != user {
             return Err(SessionError::OtherUser {
@@ -331,27 +342,30 @@ pub fn state_files(state_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn checked_name(field: &'static str, value: &str) -> Result<String, SessionError> {
-    check_name(field, value)?;
-    Ok(value.to_string())
+/// What every session must be, however it arrives (a login, an import line, an etcd
+/// entry, a journal line): a device address in the one form `input` reads it in, and
+/// a user and IdP by the name rules.
+pub fn check_identity(ip: IpAddr, user: &str, idp: &str) -> Result<(), SessionError> {
+    let device = device(ip)?;
+    if device != ip {
+        // One device, one identity: callers pass the address as `input` reads it.
+        return Err(AddressError::NotCanonical {
+            ip,
+            canonical: device,
+        }
+        .into());
+    }
+    check_name("user", user)?;
+    check_name("idp", idp)
 }
 
-fn check_name(field: &'static str, value: &str) -> Result<(), SessionError> {
-    let invalid = |reason| SessionError::InvalidName {
+/// A user or IdP by the rules of `input::name`: one word, bounded, visible.
+pub(crate) fn check_name(field: &'static str, value: &str) -> Result<(), SessionError> {
+    name::check_name(value, Spaces::Refused).map_err(|reason| SessionError::InvalidName {
         field,
-        value: value.to_string(),
+        value: preview(value),
         reason,
-    };
-    if value.is_empty() {
-        return Err(invalid("it is empty"));
-    }
-    if value.len() > MAX_NAME_LEN {
-        return Err(invalid("it is longer than 256 bytes"));
-    }
-    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(invalid("it contains spaces or control characters"));
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]

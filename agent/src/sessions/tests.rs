@@ -403,3 +403,79 @@ fn a_million_sessions_import_in_seconds() {
     eprintln!("reopening (journal replay) {:.2?}", start.elapsed());
     assert_eq!(store.len(), N as usize);
 }
+
+#[test]
+fn logins_for_addresses_that_are_not_one_devices_one_form_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SessionStore::open(dir.path()).unwrap();
+    // Callers read addresses through `input`, which gives the IPv4 form; a mapped
+    // address reaching the rules is refused rather than kept as a second identity.
+    let err = apply(
+        &mut store,
+        &login("::ffff:198.18.1.2", "mallory@example.com", None),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SessionError::NotADevice(AddressError::NotCanonical { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("198.18.1.2"), "{err}");
+    for ip in [
+        "224.0.0.1",
+        "255.255.255.255",
+        "0.0.0.0",
+        "127.0.0.1",
+        "ff02::1",
+    ] {
+        let err = apply(&mut store, &login(ip, "alice@example.com", None)).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot be a device"),
+            "{ip}: {err}"
+        );
+        assert_eq!(err.code(), "invalid");
+    }
+    assert!(store.is_empty());
+}
+
+#[test]
+fn replay_skips_sessions_the_rules_refuse_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = {
+        let mut store = SessionStore::open(dir.path()).unwrap();
+        apply(&mut store, &login("198.18.1.10", "alice@example.com", None)).unwrap()
+    };
+    // Lines an older agent (or an editor) could have left: a mapped twin of a device,
+    // a multicast "device", a user with a bidi override and one with a newline.
+    let path = dir.path().join("sessions.jsonl");
+    let line = |ip: &str, user: &str| {
+        let mut record = good.clone();
+        record.ip = ip.parse().unwrap();
+        record.user = user.into();
+        let mut value = serde_json::to_value(&record).unwrap();
+        value["op"] = "login".into();
+        value.to_string() + "\n"
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    for (ip, user) in [
+        ("::ffff:198.18.1.10", "mallory@example.com"),
+        ("224.0.0.1", "bob@example.com"),
+        ("198.18.1.11", "carol\u{202e}"),
+        ("198.18.1.12", "dave\nINFO forged"),
+    ] {
+        file.write_all(line(ip, user).as_bytes()).unwrap();
+    }
+    drop(file);
+
+    let store = SessionStore::open(dir.path()).expect("a refused line never stops a start");
+    assert_eq!(store.len(), 1);
+    assert_eq!(store.get(&good.ip), Some(&good));
+    // The next rewrite leaves them out.
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+}

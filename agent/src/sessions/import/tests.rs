@@ -99,7 +99,7 @@ fn every_bad_line_is_reported_with_its_number() {
             "line 7: authenticated_at \"yesterday\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
             "line 8: authenticated_at \"2026-11-23 09:30\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
             "line 9: CSV fields cannot be quoted; write them bare, or use JSON lines for a name with a comma",
-            "line 10: idp \"bad\\u{7}idp\" is invalid: it contains spaces or control characters",
+            "line 10: idp \"bad\\u{7}idp\" is invalid: it contains U+0007 (at byte 3), a control or invisible character; names may hold only visible characters",
             "line 11: a JSON object in a CSV file (the first line decides the format, and it was CSV)",
         ]
     );
@@ -145,7 +145,7 @@ fn bad_json_lines_are_reported_with_their_numbers() {
     assert!(got[5].contains("invalid type"), "{}", got[5]);
     assert_eq!(
         got[6],
-        "line 8: user \"two words\" is invalid: it contains spaces or control characters"
+        "line 8: user \"two words\" is invalid: it contains whitespace (at byte 3); write it as one word"
     );
     assert_eq!(parsed.records.len(), 1);
 }
@@ -195,4 +195,98 @@ fn a_wrong_csv_header_is_refused_and_only_the_first_line_can_be_one() {
 fn an_empty_file_has_nothing_and_no_errors() {
     assert_eq!(parse(""), ParsedImport::default());
     assert_eq!(parse("\n# nothing\n  \n"), ParsedImport::default());
+}
+
+#[test]
+fn one_device_has_one_spelling_in_csv_and_json_lines() {
+    // An IPv4-mapped address is the IPv4 device, so a second line for it is a
+    // duplicate, not a second device.
+    let csv = parse(
+        "198.18.1.2,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+         ::ffff:198.18.1.2,mallory@example.com,evil,2026-11-23T09:30:00Z\n\
+         ::ffff:198.18.1.3,bob@example.com,okta,2026-11-23T09:30:00Z\n",
+    );
+    assert_eq!(
+        messages(&csv),
+        ["line 2: ip 198.18.1.2 already appears on line 1 (one session per device)"]
+    );
+    assert_eq!(csv.records[1].ip, "198.18.1.3".parse::<IpAddr>().unwrap());
+    let json = parse(
+        "{\"ip\":\"::ffff:198.18.1.2\",\"user\":\"a\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+         {\"ip\":\"198.18.1.2\",\"user\":\"b\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n",
+    );
+    assert_eq!(json.records.len(), 1);
+    assert_eq!(json.records[0].ip, "198.18.1.2".parse::<IpAddr>().unwrap());
+    assert!(messages(&json)[0].contains("already appears on line 1"));
+}
+
+#[test]
+fn leading_zeros_and_addresses_that_cannot_be_devices_are_refused() {
+    let parsed = parse(
+        "198.010.2.010,alice@example.com,okta,2026-11-23T09:30:00Z\n\
+         224.0.0.1,bob@example.com,okta,2026-11-23T09:30:00Z\n\
+         255.255.255.255,carol@example.com,okta,2026-11-23T09:30:00Z\n\
+         0.0.0.0,dave@example.com,okta,2026-11-23T09:30:00Z\n\
+         ::1,erin@example.com,okta,2026-11-23T09:30:00Z\n\
+         ff02::1,frank@example.com,okta,2026-11-23T09:30:00Z\n",
+    );
+    let got = messages(&parsed);
+    assert_eq!(
+        got[0],
+        "line 1: ip \"198.010.2.010\" has a leading zero in an IPv4 part, which some tools read as octal and others as decimal; write each part without leading zeros (e.g. 198.10.2.10)"
+    );
+    assert_eq!(
+        got[1],
+        "line 2: ip 224.0.0.1 cannot be a device: it is a multicast address"
+    );
+    assert!(got[2].contains("broadcast"), "{}", got[2]);
+    assert!(got[3].contains("unspecified"), "{}", got[3]);
+    assert!(got[4].contains("loopback"), "{}", got[4]);
+    assert!(got[5].contains("multicast"), "{}", got[5]);
+    assert!(parsed.records.is_empty());
+}
+
+#[test]
+fn invisible_characters_in_names_are_refused_in_both_formats() {
+    let parsed = parse(
+        "198.18.1.2,alice\u{202e}moc.elpmaxe,okta,2026-11-23T09:30:00Z\n\
+         198.18.1.3,bob@example.com,ok\u{200b}ta,2026-11-23T09:30:00Z\n",
+    );
+    let got = messages(&parsed);
+    assert!(
+        got[0].contains("user \"alice\\u{202e}moc.elpmaxe\" is invalid: it contains U+202E"),
+        "{}",
+        got[0]
+    );
+    assert!(
+        got[1].contains("idp \"ok\\u{200b}ta\" is invalid: it contains U+200B"),
+        "{}",
+        got[1]
+    );
+    let long = "a".repeat(257);
+    let parsed = parse(&format!(
+        "{{\"ip\":\"198.18.1.2\",\"user\":\"al\\u001bice\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}}\n\
+         {{\"ip\":\"198.18.1.3\",\"user\":\"{long}\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}}\n\
+         {{\"ip\":\"198.18.1.4\",\"user\":\"\\ufeffbob\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}}\n"
+    ));
+    let got = messages(&parsed);
+    assert!(got[0].contains("U+001B"), "{}", got[0]);
+    assert!(
+        got[1].contains("257 bytes long; the limit is 256"),
+        "{}",
+        got[1]
+    );
+    assert!(
+        got[1].len() < 200,
+        "a long name is not repeated whole: {}",
+        got[1]
+    );
+    assert!(got[2].contains("U+FEFF"), "{}", got[2]);
+    assert!(parsed.records.is_empty());
+    for message in got {
+        assert!(
+            !message.contains(['\n', '\u{1b}', '\u{feff}']),
+            "{message:?}"
+        );
+    }
 }
