@@ -10,7 +10,13 @@ use anyhow::{Context as _, bail};
 use crate::setup;
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 4] = ["config", "duration", "import_lines", "etcd_entry"];
+pub const TARGETS: [&str; 5] = [
+    "config",
+    "duration",
+    "api_login",
+    "import_lines",
+    "etcd_entry",
+];
 
 pub fn run(seconds: u64, only: &[String]) -> anyhow::Result<()> {
     for target in only {

@@ -145,6 +145,30 @@ struct LoginBody {
     at: Option<String>,
 }
 
+/// A `POST /v1/sessions` body as a login request, or a 400 saying what is wrong.
+pub fn login_request(body: &[u8]) -> Result<LoginRequest, ApiError> {
+    let body: LoginBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid login request: {e}")))?;
+    let ip = parse_ip(&body.ip)?;
+    let at = body
+        .at
+        .as_deref()
+        .map(|text| {
+            OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "at: {text:?} is not an RFC 3339 time like 2026-11-23T09:30:00Z"
+                ))
+            })
+        })
+        .transpose()?;
+    Ok(LoginRequest {
+        ip,
+        user: body.user,
+        idp: body.idp,
+        at,
+    })
+}
+
 /// A device address from a body or a path, by `input`'s rules (IPv4-mapped read as
 /// IPv4; no leading zeros; only addresses packets can come from).
 fn parse_ip(text: &str) -> Result<IpAddr, ApiError> {
@@ -242,27 +266,8 @@ async fn login(
     ConnectInfo(caller): ConnectInfo<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_within_limit(body)?;
-    let body: LoginBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("invalid login request: {e}")))?;
-    let ip = parse_ip(&body.ip)?;
-    let at = body
-        .at
-        .as_deref()
-        .map(|text| {
-            OffsetDateTime::parse(text, &Rfc3339).map_err(|_| {
-                ApiError::bad_request(format!(
-                    "at: {text:?} is not an RFC 3339 time like 2026-11-23T09:30:00Z"
-                ))
-            })
-        })
-        .transpose()?;
-    let request = LoginRequest {
-        ip,
-        user: body.user,
-        idp: body.idp,
-        at,
-    };
+    let request = login_request(&body_within_limit(body)?)?;
+    let ip = request.ip;
     let view = blocking(move || control.login(&request)).await.inspect_err(|e| {
         tracing::info!(target: "audit", caller = %caller.0, action = "login", device = %ip, outcome = %e, "session change refused");
     })?;
