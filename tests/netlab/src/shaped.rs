@@ -94,7 +94,7 @@ pub fn fragmented_syn(
     first_bytes: usize,
 ) -> Vec<Vec<u8>> {
     assert!(
-        first_bytes % 8 == 0 && first_bytes < 20,
+        first_bytes.is_multiple_of(8) && first_bytes < 20,
         "fragments are whole 8-byte units"
     );
     let tcp = syn_header(src.into(), dst.into(), sport, dport);
