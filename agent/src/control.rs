@@ -1,6 +1,7 @@
-//! The running agent's state and the operations the API exposes on it. Every session
-//! change keeps the kernel map and the durable store equal: a change the store cannot
-//! record is rolled back in the kernel, and a refused request changes neither.
+//! The running agent's state and the operations the API exposes on it. Session
+//! changes go through the store, which keeps the kernel map and the journal equal
+//! (`SessionStore::login` and the like); they are answered once durable, the wait for
+//! the sync taken without any lock so that concurrent changes share it.
 
 use std::{
     collections::BTreeMap,
@@ -26,7 +27,7 @@ use crate::{
     policy::{self, PolicyTable},
     portal::PageFacts,
     sessions::{
-        LoginRequest, SessionError, SessionRecord, SessionStore,
+        ChangeError, LoginRequest, SessionError, SessionRecord, SessionStore, Syncer, Ticket,
         import::{self, LineError},
     },
 };
@@ -49,6 +50,15 @@ pub enum ControlError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Store(#[from] FleetError),
+}
+
+impl From<ChangeError> for ControlError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Session(e) => Self::Session(e),
+            ChangeError::Kernel(e) => Self::Datapath(e),
+        }
+    }
 }
 
 /// The configuration in force and its compiled table.
@@ -95,6 +105,8 @@ pub struct Control {
     interfaces: RwLock<Vec<(String, String)>>,
     // Lock order: sessions, then datapath.
     sessions: Mutex<SessionStore>,
+    /// Acknowledges the store's changes once durable; waited on without any lock.
+    syncer: Arc<Syncer>,
     /// The program and its maps.
     datapath: Mutex<Datapath>,
     history: Mutex<History>,
@@ -200,6 +212,7 @@ impl Control {
             })),
             config_path,
             interfaces: RwLock::new(interfaces),
+            syncer: sessions.syncer(),
             sessions: Mutex::new(sessions),
             datapath: Mutex::new(datapath),
             history: Mutex::new(History::default()),
@@ -417,26 +430,16 @@ impl Control {
             tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let record = store.plan_login(req, &clock)?;
-        let mut datapath = lock(&self.datapath);
-        let maps = &mut datapath.maps;
-        let previous = maps.session(req.ip)?;
-        maps.set_session(req.ip, record.kernel_value(&clock, store.boot_id()))?;
-        if let Err(e) = store.commit_login(record.clone()) {
-            let restored = match previous {
-                Some(s) => maps.set_session(req.ip, s),
-                None => maps.remove_session(req.ip),
-            };
-            if let Err(r) = restored {
-                tracing::error!(device = %req.ip, error = %r, "could not roll back the kernel session after a failed write");
-            }
-            return Err(e.into());
-        }
-        drop(datapath);
+        let (record, ticket, boot_id) = {
+            let mut store = lock(&self.sessions);
+            let mut datapath = lock(&self.datapath);
+            let (record, ticket) = store.login(req, &clock, &mut datapath.maps)?;
+            (record, ticket, store.boot_id().to_string())
+        };
+        self.durable(ticket)?;
         tracing::info!(device = %record.ip, user = %record.user, idp = %record.idp, authenticated_at = %rfc3339(record.authenticated_at), "login");
-        Ok(view(&record, &clock, store.boot_id()))
+        Ok(view(&record, &clock, &boot_id))
     }
 
     pub fn logout(&self, ip: IpAddr) -> Result<SessionView, ControlError> {
@@ -446,21 +449,32 @@ impl Control {
             tracing::info!(device = %ip, user = %record.user, "logout recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let record = store.plan_logout(&ip)?.clone();
-        let mut datapath = lock(&self.datapath);
-        let maps = &mut datapath.maps;
-        maps.remove_session(ip)?;
-        if let Err(e) = store.commit_logout(&ip) {
-            if let Err(r) = maps.set_session(ip, record.kernel_value(&clock, store.boot_id())) {
-                tracing::error!(device = %ip, error = %r, "could not roll back the kernel session after a failed write");
-            }
-            return Err(e.into());
-        }
-        drop(datapath);
+        let (record, ticket, boot_id) = {
+            let mut store = lock(&self.sessions);
+            let mut datapath = lock(&self.datapath);
+            let (record, ticket) = store.logout(&ip, &clock, &mut datapath.maps)?;
+            (record, ticket, store.boot_id().to_string())
+        };
+        self.durable(ticket)?;
         tracing::info!(device = %ip, user = %record.user, "logout");
-        Ok(view(&record, &clock, store.boot_id()))
+        Ok(view(&record, &clock, &boot_id))
+    }
+
+    /// Waits until a change of the local store is durable (sharing the sync with
+    /// concurrent changes). If the sync fails, every change not yet durable is undone
+    /// and its caller gets an error.
+    fn durable(&self, ticket: Ticket) -> Result<(), SessionError> {
+        self.syncer
+            .wait(ticket, |error| {
+                let mut store = lock(&self.sessions);
+                let mut datapath = lock(&self.datapath);
+                store.recover(&mut datapath.maps, &ClockPair::now(), error);
+            })
+            .map_err(|failed| SessionError::NotDurable {
+                dir: self.active().config.agent.state_dir.clone(),
+                reason: failed.reason,
+            })
     }
 
     /// Imports sessions in bulk from a JSON-lines or CSV file's text (`sessions::import`).
@@ -471,48 +485,20 @@ impl Control {
         if let Some(fleet) = &self.fleet {
             return self.import_to_fleet(fleet, parsed, skip_bad);
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
-        let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
-        let boot_id = store.boot_id().to_string();
-        let previous: Vec<(IpAddr, Option<agent_common::maps::Session>)> = planned
-            .iter()
-            .map(|r| {
-                (
-                    r.ip,
-                    store
-                        .get(&r.ip)
-                        .map(|old| old.kernel_value(&clock, &boot_id)),
-                )
-            })
-            .collect();
-        let reset = previous.iter().filter(|(_, p)| p.is_some()).count();
-        let values: Vec<_> = planned
-            .iter()
-            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
-            .collect();
-        let mut datapath = lock(&self.datapath);
-        let rollback = |maps: &mut crate::datapath::Maps| {
-            for (ip, old) in &previous {
-                let restored = match old {
-                    Some(s) => maps.set_session(*ip, *s),
-                    None => maps.remove_session(*ip),
-                };
-                if let Err(e) = restored {
-                    tracing::error!(device = %ip, error = %e, "could not roll back an imported kernel session");
-                }
-            }
+        let (imported, reset, error_count, errors, ticket) = {
+            let mut store = lock(&self.sessions);
+            let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
+            let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
+            let imported = planned.len();
+            let mut datapath = lock(&self.datapath);
+            let (reset, ticket) = store
+                .import(planned, &clock, &mut datapath.maps)
+                .map_err(|e| ImportError::Control(e.into()))?;
+            (imported, reset, error_count, errors, ticket)
         };
-        if let Err(e) = datapath.maps.load_sessions(&values) {
-            rollback(&mut datapath.maps);
-            return Err(ImportError::Control(e.into()));
-        }
-        let imported = planned.len();
-        if let Err(e) = store.commit_import(planned) {
-            rollback(&mut datapath.maps);
-            return Err(ImportError::Control(e.into()));
-        }
+        self.durable(ticket)
+            .map_err(|e| ImportError::Control(e.into()))?;
         Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 

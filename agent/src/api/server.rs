@@ -126,7 +126,11 @@ const fn session_status(e: &SessionError) -> StatusCode {
         SessionError::WrongIdp { .. } => StatusCode::FORBIDDEN,
         SessionError::NotFound { .. } => StatusCode::NOT_FOUND,
         SessionError::InFuture { .. } | SessionError::InvalidName { .. } => StatusCode::BAD_REQUEST,
-        SessionError::Io { .. } | SessionError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        SessionError::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        SessionError::NotRecorded { .. } | SessionError::NotDurable { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        SessionError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
