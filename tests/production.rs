@@ -763,3 +763,86 @@ fn an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restar
     assert_eq!(kernel_sessions(&lab), N + 1);
     assert!(lab.tcp_works(device(0), APP, 443));
 }
+
+/// Refused new flows per policy (`stats --json`), and the `dropped_expired` counter.
+fn refusals(agent: &Agent) -> (std::collections::BTreeMap<String, u64>, u64) {
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).expect("stats JSON");
+    let per_policy = stats["policy_drops"]
+        .as_array()
+        .expect("policy_drops")
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().unwrap().to_string(),
+                pair[1].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (per_policy, agent.counter("dropped_expired"))
+}
+
+#[test]
+fn per_policy_refusals_survive_restarts_and_reloads() {
+    if !privileged("per_policy_refusals_survive_restarts_and_reloads") {
+        return;
+    }
+    let lab = lab();
+    let small = lab.config("", APP_POLICY);
+    // "Open host" comes first: "App" moves to another index of the other set.
+    let large = lab.config("", &format!("{OPEN_POLICY}\n{APP_POLICY}"));
+    let config_path = lab.dir.path().join("sessiongate.toml");
+    let mut agent = lab.start_agent(&small);
+    let expired = device(1);
+    agent.login(expired, BOB, 2 * HOUR);
+    // Every refusal here is an expired device's: the per-policy counts add up to
+    // `dropped_expired`, whatever happens to the agent.
+    let check = |agent: &Agent, what: &str| {
+        let (per_policy, dropped) = refusals(agent);
+        let total: u64 = per_policy.values().sum();
+        assert_eq!(
+            total, dropped,
+            "{what}: {per_policy:?} against dropped_expired {dropped}"
+        );
+        per_policy
+    };
+    let refuse = |dst| assert!(lab.tcp_blocked(expired, dst, 443));
+
+    refuse(APP);
+    let first = check(&agent, "at first");
+    assert!(first["App"] > 0, "{first:?}");
+
+    agent.kill();
+    let mut agent = lab.start_agent(&small);
+    assert_eq!(check(&agent, "after kill -9 and a restart"), first);
+
+    std::fs::write(&config_path, &large).unwrap();
+    agent.cli_ok(&["reload"]);
+    assert_eq!(check(&agent, "after a reload"), {
+        let mut kept = first.clone();
+        kept.insert("Open host".into(), 0);
+        kept
+    });
+    refuse(APP);
+    refuse(OPEN);
+    let counted = check(&agent, "refusals after the reload");
+    assert!(
+        counted["App"] > first["App"] && counted["Open host"] > 0,
+        "{counted:?}"
+    );
+
+    assert!(agent.stop().success());
+    let agent = lab.start_agent(&large);
+    assert_eq!(check(&agent, "after a restart"), counted);
+    // Two more reloads overwrite both sets the counts were made in.
+    for config in [&small, &large] {
+        std::fs::write(&config_path, config).unwrap();
+        agent.cli_ok(&["reload"]);
+        assert_eq!(check(&agent, "after reloads"), counted);
+    }
+    let text = agent.cli_ok(&["stats"]);
+    assert!(
+        text.contains(&format!("{} refused", counted["App"])),
+        "`sessiongate stats` shows it too: {text}"
+    );
+}

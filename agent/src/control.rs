@@ -4,16 +4,12 @@
 //! the sync taken without any lock so that concurrent changes share it.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
-use agent_common::{
-    maps::config_set,
-    verdict::{Verdict, counter},
-};
+use agent_common::verdict::{Verdict, counter};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
@@ -22,6 +18,7 @@ use crate::{
     clock::ClockPair,
     config::{Config, Protocol},
     datapath::{Datapath, DatapathError, settings},
+    drops::PolicyDrops,
     events::{self, History, RawRefusal, Refusal},
     fleet::{Fleet, FleetError, StoreChange, StoreStatus},
     policy::{self, PolicyTable},
@@ -110,10 +107,9 @@ pub struct Control {
     /// The program and its maps.
     datapath: Mutex<Datapath>,
     history: Mutex<History>,
-    /// Policy names of each configuration set, for refusal events that name a set.
-    set_policies: Mutex<[Vec<String>; 2]>,
-    /// Refused flows counted under configurations no longer in force, by policy name.
-    retired_drops: Mutex<BTreeMap<String, u64>>,
+    /// Which policy each configuration set's slots count for, and the totals of sets
+    /// since overwritten. Lock order: datapath, then drops.
+    drops: Mutex<PolicyDrops>,
     reloads: Mutex<ReloadStatus>,
     live_events: broadcast::Sender<Refusal>,
     notifier: Option<crate::notify::Notifier>,
@@ -186,7 +182,7 @@ fn unix_now() -> i64 {
 }
 
 impl Control {
-    /// `datapath` must hold `config` in force already (`Maps::apply`).
+    /// `datapath` must hold `config` in force already (`PolicyDrops::apply`).
     #[expect(
         clippy::too_many_arguments,
         reason = "each is a separate part of the agent, set up by `run` in order"
@@ -198,12 +194,11 @@ impl Control {
         interfaces: Vec<(String, String)>,
         sessions: SessionStore,
         datapath: Datapath,
+        drops: PolicyDrops,
         notifier: Option<crate::notify::Notifier>,
         fleet: Option<Arc<Fleet>>,
     ) -> Self {
         let generation = datapath.maps.generation();
-        let mut set_policies: [Vec<String>; 2] = Default::default();
-        set_policies[config_set(generation) as usize] = policy_names(&config);
         Self {
             active: RwLock::new(Arc::new(Active {
                 config,
@@ -216,8 +211,7 @@ impl Control {
             sessions: Mutex::new(sessions),
             datapath: Mutex::new(datapath),
             history: Mutex::new(History::default()),
-            set_policies: Mutex::new(set_policies),
-            retired_drops: Mutex::new(BTreeMap::new()),
+            drops: Mutex::new(drops),
             reloads: Mutex::new(ReloadStatus::default()),
             live_events: broadcast::channel(EVENT_STREAM_BUFFER).0,
             notifier,
@@ -356,24 +350,15 @@ impl Control {
         }
 
         let mut datapath = lock(&self.datapath);
-        let retired = datapath
-            .maps
-            .apply(settings(&config), &table)
+        lock(&self.drops)
+            .apply(
+                &mut datapath.maps,
+                settings(&config),
+                &table,
+                policy_names(&config),
+            )
             .map_err(|e| reject(vec![format!("writing the policy maps failed: {e}")]))?;
         let generation = datapath.maps.generation();
-        let set = config_set(generation) as usize;
-        {
-            let mut names = lock(&self.set_policies);
-            let mut totals = lock(&self.retired_drops);
-            for (index, n) in retired.into_iter().enumerate() {
-                if n > 0
-                    && let Some(name) = names[set].get(index)
-                {
-                    *totals.entry(name.clone()).or_default() += n;
-                }
-            }
-            names[set] = policy_names(&config);
-        }
         // Interfaces added are attached, interfaces removed detached.
         let mut interfaces = Vec::new();
         for name in &config.agent.interfaces {
@@ -721,7 +706,7 @@ impl Control {
         let active = self.active();
         let maps = &datapath.maps;
         let counters = maps.counters()?;
-        let drops = self.policy_drops_of(maps, &active)?;
+        let drops = self.policy_drops_of(maps)?;
         let flows = maps.flow_count(crate::clock::boot_now_ns() as u64);
         drop(datapath);
         let stats = Stats {
@@ -750,29 +735,18 @@ impl Control {
         })
     }
 
-    /// Refused new flows per policy name since the agent started: the configuration
-    /// in force plus those retired by reloads.
+    /// Refused new flows per policy name since the datapath was loaded: the counts of
+    /// both configuration sets plus those of sets since overwritten (`PolicyDrops`).
     fn policy_drops_of(
         &self,
         maps: &crate::datapath::Maps,
-        active: &Active,
     ) -> Result<Vec<(String, u64)>, ControlError> {
-        let current = maps.policy_drops(active.config.policies.len())?;
-        let mut totals = lock(&self.retired_drops).clone();
-        for (p, n) in active.config.policies.iter().zip(current) {
-            *totals.entry(p.name.clone()).or_default() += n;
-        }
-        // The set a reload left still holds its counts until the next reload retires
-        // them: without them the totals would dip between two reloads.
-        let left = 1 - config_set(maps.generation());
-        let left_names = lock(&self.set_policies)[left as usize].clone();
-        let previous = maps.set_policy_drops(left, left_names.len())?;
-        for (name, n) in left_names.into_iter().zip(previous) {
-            if n > 0 {
-                *totals.entry(name).or_default() += n;
-            }
-        }
-        Ok(totals.into_iter().collect())
+        let drops = lock(&self.drops);
+        let live = [
+            maps.set_policy_drops(0, drops.known(0))?,
+            maps.set_policy_drops(1, drops.known(1))?,
+        ];
+        Ok(drops.totals([&live[0], &live[1]]))
     }
 
     /// Everything `/metrics` shows, read in one go.
@@ -805,10 +779,9 @@ impl Control {
         let user = lock(&self.sessions)
             .get(&raw.device)
             .map(|r| r.user.clone());
-        let policy = lock(&self.set_policies)[raw.set as usize & 1]
-            .get(raw.policy as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("#{}", raw.policy));
+        let policy = lock(&self.drops)
+            .name(u32::from(raw.set), raw.policy)
+            .map_or_else(|| format!("#{}", raw.policy), str::to_string);
         let refusal = raw.resolve(&ClockPair::now(), user, policy);
         events::log(&refusal);
         if let Some(notifier) = &self.notifier {
@@ -969,7 +942,7 @@ pub struct MetricsSnapshot {
     pub notify: Option<crate::notify::NotifyStats>,
 }
 
-fn policy_names(config: &Config) -> Vec<String> {
+pub fn policy_names(config: &Config) -> Vec<String> {
     config.policies.iter().map(|p| p.name.clone()).collect()
 }
 

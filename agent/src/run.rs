@@ -17,8 +17,9 @@ use crate::{
     api,
     clock::ClockPair,
     config::{Config, OnExpired, StoreConfig},
-    control::Control,
+    control::{Control, policy_names},
     datapath::{AttachedMode, Datapath, Origin, interface_exists, is_veth, settings},
+    drops::PolicyDrops,
     events,
     fleet::Fleet,
     notify::{Notifier, NotifyConfig},
@@ -94,7 +95,18 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         None => None,
     };
     // Atomic: an adopted datapath keeps its previous policy until this one value flips.
-    datapath.maps.apply(settings(&config), &table)?;
+    // The refusal counts it carries are kept, by policy name.
+    let mut drops = PolicyDrops::open(
+        &config.agent.state_dir,
+        datapath.maps.policy_drops_map_id()?,
+        datapath.maps.generation(),
+    );
+    drops.apply(
+        &mut datapath.maps,
+        settings(&config),
+        &table,
+        policy_names(&config),
+    )?;
     if portal_listener.is_none() {
         datapath.disable_portal()?;
     }
@@ -155,6 +167,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         interfaces,
         store,
         datapath,
+        drops,
         notifier,
         fleet.clone(),
     ));
