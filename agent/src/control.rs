@@ -630,6 +630,11 @@ impl Control {
         }
     }
 
+    /// When the agent stops: leaves the journal readable by earlier versions.
+    pub fn close(&self) {
+        lock(&self.sessions).close();
+    }
+
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
     }

@@ -250,6 +250,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&socket);
+    control.close();
     drop(control);
     result?;
     tracing::info!(

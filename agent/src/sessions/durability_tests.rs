@@ -260,6 +260,26 @@ fn an_import_cut_short_by_a_crash_replays_as_nothing_and_a_whole_one_as_everythi
 }
 
 #[test]
+fn closing_leaves_a_journal_without_batches_for_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SessionStore::open(dir.path()).unwrap();
+    let mut kernel = FakeKernel::default();
+    let (_, ticket) = store
+        .import(planned(&store, 10), &ClockPair::now(), &mut kernel)
+        .unwrap();
+    store.syncer().wait(ticket, |e| panic!("{e}")).unwrap();
+    assert!(journal(dir.path()).contains(r#""op":"begin""#));
+    store.close();
+    drop(store);
+    let text = journal(dir.path());
+    assert_eq!(text.lines().count(), 10, "{text}");
+    assert!(
+        text.lines().all(|l| l.starts_with(r#"{"op":"login""#)),
+        "{text}"
+    );
+}
+
+#[test]
 fn replay_skips_what_it_cannot_read_says_which_lines_and_keeps_everything_else() {
     let dir = tempfile::tempdir().unwrap();
     let entry = |ip: &str, user: &str| {

@@ -154,6 +154,8 @@ pub(super) struct Journal {
     /// A failed write could not be cut back off: the file must be rewritten before
     /// anything else is appended.
     stump: bool,
+    /// The file holds batch markers, which versions before them cannot read.
+    batches: bool,
     syncer: Arc<Syncer>,
 }
 
@@ -195,6 +197,7 @@ impl Journal {
             len,
             seq: 0,
             stump: false,
+            batches: false,
             syncer,
         };
         if let Some(replayed) = replayed {
@@ -249,7 +252,9 @@ impl Journal {
             }
             write_line(out, &Entry::Commit { batch })
         });
-        self.appended(written, records.len() + 2)
+        let ticket = self.appended(written, records.len() + 2)?;
+        self.batches = true;
+        Ok(ticket)
     }
 
     fn append_line(&mut self, entry: &impl Serialize) -> Result<Ticket, SessionError> {
@@ -289,6 +294,11 @@ impl Journal {
                 tracing::error!(path = %self.path.display(), error = %e, "could not cut undone changes back off the session journal");
             }
         }
+    }
+
+    /// Whether the file holds batch markers (an import since the last rewrite).
+    pub(super) fn has_batches(&self) -> bool {
+        self.batches
     }
 
     /// Whether dead lines have piled up enough to rewrite the file.
@@ -332,6 +342,7 @@ impl Journal {
         // open and its directory entry durable, nothing more is appended to it.
         self.lines = count;
         self.len = len;
+        self.batches = false;
         self.stump = true;
         let file = (self.open)(&self.path, false).map_err(io)?;
         self.file = Arc::clone(&file);

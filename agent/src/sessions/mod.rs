@@ -436,6 +436,16 @@ impl SessionStore {
         Ok(())
     }
 
+    /// When the agent stops: rewrites a journal that holds batches (imports) as plain
+    /// logins, so that a version from before batches can read it (a rollback).
+    pub fn close(&mut self) {
+        if self.journal.has_batches()
+            && let Err(e) = self.journal.compact(self.sessions.values())
+        {
+            tracing::warn!(error = %e, "could not rewrite the session journal without its import batches; an earlier version of sessiongate (a rollback) cannot read it until this one has run again");
+        }
+    }
+
     /// Before an append: forgets the undo of changes now durable, and rewrites the
     /// journal if a failed write left it needing that.
     fn prepare_write(&mut self) -> Result<(), SessionError> {
