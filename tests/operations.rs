@@ -676,3 +676,119 @@ fn names_cannot_forge_metric_or_log_lines() {
         agent.log_text()
     );
 }
+
+/// A tmpfs of `size` mounted at `path` for a test's lifetime (unmounted on drop).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs at {}", path.display());
+        Self(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `POST /v1/sessions` on the agent's socket with curl: (status, body).
+fn login_status(agent: &Agent, ip: IpAddr, user: &str) -> (u16, serde_json::Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&agent.socket)
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(format!(r#"{{"ip":"{ip}","user":"{user}"}}"#))
+        .arg("http://agent/v1/sessions")
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = text.rsplit_once('\n').expect("curl output");
+    (
+        status.parse().expect("status"),
+        serde_json::from_str(body).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_full_disk_refuses_logins_whole_with_507_and_every_acknowledged_one_survives() {
+    if !privileged("a_full_disk_refuses_logins_whole_with_507_and_every_acknowledged_one_survives")
+    {
+        return;
+    }
+    let lab = lab();
+    let state = Tmpfs::mount(lab.dir.path().join("state"), "64k");
+    let config = lab.config("", APP_POLICY);
+    let mut agent = lab.start_agent(&config);
+    agent.login(device(0), ALICE, NOW);
+    // Fill the file system, then log in until the journal's last page is full too.
+    let filler = state.0.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).unwrap();
+        while file.write_all(&[0; 4096]).is_ok() {}
+    }
+    let mut acknowledged = 0;
+    let full = loop {
+        let (status, body) = login_status(&agent, device(0), ALICE);
+        if status != 200 {
+            break (status, body);
+        }
+        acknowledged += 1;
+        assert!(acknowledged < 100, "the disk never filled up");
+    };
+    assert_eq!(full.0, 507, "{}", full.1);
+    assert_eq!(full.1["code"], "storage_full", "{}", full.1);
+    let message = full.1["error"].as_str().unwrap();
+    assert!(
+        message.contains("out of space") && message.contains("Free space"),
+        "says what was wrong and what to do: {message}"
+    );
+    agent.wait_for_log(&["ERROR", "could not write to the session journal"]);
+
+    // Another device's login: refused, and nothing of it is in force.
+    let (status, _) = login_status(&agent, device(1), BOB);
+    assert_eq!(status, 507);
+    assert!(
+        !agent
+            .cli(&["session", "show", &device(1).to_string()])
+            .status
+            .success()
+    );
+    assert!(
+        lab.tcp_blocked(device(1), APP, 443),
+        "the kernel write was undone"
+    );
+
+    // Space again: logins work, and a crash loses none of the acknowledged ones.
+    std::fs::remove_file(&filler).unwrap();
+    let (status, body) = login_status(&agent, device(1), BOB);
+    assert_eq!(status, 200, "{body}");
+    agent.kill();
+    let agent = lab.start_agent(&config);
+    let sessions = agent.cli_ok(&["session", "list"]);
+    assert!(
+        sessions.contains(ALICE) && sessions.contains(BOB),
+        "{sessions}"
+    );
+    assert!(
+        !agent.log_text().contains("skipped"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(lab.tcp_works(device(1), APP, 443));
+    drop(agent);
+    drop(state);
+}

@@ -781,3 +781,219 @@ fn a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing() {
     agent.login(device(1), BOB, 2 * HOUR);
     assert!(lab.tcp_blocked(device(1), APP, 443));
 }
+
+/// Devices with a session in the kernel's authoritative maps (both families), read
+/// from the pinned maps.
+fn kernel_sessions(lab: &Lab) -> usize {
+    use agent_common::{
+        addr::{Ip4, Ip6},
+        maps::{LAYOUT, Session, names},
+    };
+    use aya::maps::{HashMap, Map, MapData};
+    let dir = lab.pin_dir().join(format!("layout-{LAYOUT}")).join("maps");
+    let open = |name: &str| Map::HashMap(MapData::from_pin(dir.join(name)).expect(name));
+    let v4: HashMap<_, Ip4, Session> = HashMap::try_from(open(names::SESSIONS_V4)).unwrap();
+    let v6: HashMap<_, Ip6, Session> = HashMap::try_from(open(names::SESSIONS_V6)).unwrap();
+    v4.keys().count() + v6.keys().count()
+}
+
+/// The sessions the agent holds (`stats --json`).
+fn agent_sessions(agent: &Agent) -> usize {
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).expect("stats JSON");
+    stats["sessions"].as_u64().expect("sessions") as usize
+}
+
+#[test]
+fn an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restart() {
+    if !privileged("an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restart")
+    {
+        return;
+    }
+    const N: usize = 200_000;
+    let lab = lab();
+    let config = lab
+        .config("", APP_POLICY)
+        .replace("max_sessions = 4096", "max_sessions = 262144");
+    let mut agent = lab.start_agent(&config);
+    // One acknowledged login before the import: it must survive whatever happens.
+    agent.login(device(5), ALICE, NOW);
+    let fresh = time_ago(NOW);
+    let mut text = String::from("ip,user,idp,authenticated_at\n");
+    for n in 0..4 {
+        text.push_str(&format!("{},user{n}@example.com,okta,{fresh}\n", device(n)));
+    }
+    for i in 0..N - 4 {
+        text.push_str(&format!(
+            "2001:db8:100:{:x}::{:x},user{i}@example.com,okta,{fresh}\n",
+            i >> 16,
+            i & 0xffff
+        ));
+    }
+    let file = lab.dir.path().join("sessions.csv");
+    std::fs::write(&file, &text).unwrap();
+    let journal = lab.dir.path().join("state").join("sessions.jsonl");
+
+    // Killed while the import is being written to the journal: the first megabyte of
+    // it is there, its end is not. (The kernel already holds all of it by then.)
+    let mut cut = false;
+    for attempt in 0..3 {
+        let before = std::fs::metadata(&journal).unwrap().len();
+        let import = std::process::Command::new(env!("CARGO_BIN_EXE_sessiongate"))
+            .args(["session", "import", file.to_str().unwrap(), "--socket"])
+            .arg(&agent.socket)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::fs::metadata(&journal).unwrap().len() < before + (1 << 20) {
+            assert!(
+                Instant::now() < deadline,
+                "the import never reached the journal"
+            );
+            thread::sleep(Duration::from_micros(200));
+        }
+        agent.kill();
+        let out = import.wait_with_output().unwrap();
+        let written = std::fs::read_to_string(&journal).unwrap();
+        let tail = &written[written.len().saturating_sub(4096)..];
+        cut = !tail.contains(r#""op":"commit""#);
+        eprintln!(
+            "attempt {attempt}: killed with {} bytes written, the import {}; the CLI said: {}",
+            written.len(),
+            if cut { "cut short" } else { "already whole" },
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+
+        agent = lab.start_agent(&config);
+        let sessions = agent_sessions(&agent);
+        assert_eq!(
+            kernel_sessions(&lab),
+            sessions,
+            "the kernel holds what the journal holds"
+        );
+        if cut {
+            assert!(
+                !out.status.success(),
+                "the CLI was never told the import worked"
+            );
+            assert_eq!(sessions, 1, "nothing of the cut import is left");
+            assert!(
+                lab.tcp_blocked(device(0), APP, 443),
+                "an imported device is refused"
+            );
+            assert!(
+                agent.log_text().contains("not whole"),
+                "{}",
+                agent.log_text()
+            );
+            break;
+        }
+        assert_eq!(sessions, N + 1, "a whole import is kept whole");
+        // Too late: start again without it (a restart on an empty journal empties the
+        // kernel too).
+        agent.kill();
+        std::fs::remove_dir_all(lab.dir.path().join("state")).unwrap();
+        agent = lab.start_agent(&config);
+        assert_eq!(kernel_sessions(&lab), 0);
+        agent.login(device(5), ALICE, NOW);
+    }
+    assert!(cut, "the kill never fell inside the import's journal write");
+    assert!(
+        lab.tcp_works(device(5), APP, 443),
+        "the acknowledged login survived"
+    );
+
+    // The same import, not interrupted: all of it, and still after another restart.
+    agent.cli_ok(&["session", "import", file.to_str().unwrap()]);
+    assert_eq!(agent_sessions(&agent), N + 1);
+    agent.kill();
+    let agent = lab.start_agent(&config);
+    assert_eq!(agent_sessions(&agent), N + 1);
+    assert_eq!(kernel_sessions(&lab), N + 1);
+    assert!(lab.tcp_works(device(0), APP, 443));
+}
+
+/// Refused new flows per policy (`stats --json`), and the `dropped_expired` counter.
+fn refusals(agent: &Agent) -> (std::collections::BTreeMap<String, u64>, u64) {
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent.cli_ok(&["stats", "--json"])).expect("stats JSON");
+    let per_policy = stats["policy_drops"]
+        .as_array()
+        .expect("policy_drops")
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().unwrap().to_string(),
+                pair[1].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (per_policy, agent.counter("dropped_expired"))
+}
+
+#[test]
+fn per_policy_refusals_survive_restarts_and_reloads() {
+    if !privileged("per_policy_refusals_survive_restarts_and_reloads") {
+        return;
+    }
+    let lab = lab();
+    let small = lab.config("", APP_POLICY);
+    // "Open host" comes first: "App" moves to another index of the other set.
+    let large = lab.config("", &format!("{OPEN_POLICY}\n{APP_POLICY}"));
+    let config_path = lab.dir.path().join("sessiongate.toml");
+    let mut agent = lab.start_agent(&small);
+    let expired = device(1);
+    agent.login(expired, BOB, 2 * HOUR);
+    // Every refusal here is an expired device's: the per-policy counts add up to
+    // `dropped_expired`, whatever happens to the agent.
+    let check = |agent: &Agent, what: &str| {
+        let (per_policy, dropped) = refusals(agent);
+        let total: u64 = per_policy.values().sum();
+        assert_eq!(
+            total, dropped,
+            "{what}: {per_policy:?} against dropped_expired {dropped}"
+        );
+        per_policy
+    };
+    let refuse = |dst| assert!(lab.tcp_blocked(expired, dst, 443));
+
+    refuse(APP);
+    let first = check(&agent, "at first");
+    assert!(first["App"] > 0, "{first:?}");
+
+    agent.kill();
+    let mut agent = lab.start_agent(&small);
+    assert_eq!(check(&agent, "after kill -9 and a restart"), first);
+
+    std::fs::write(&config_path, &large).unwrap();
+    agent.cli_ok(&["reload"]);
+    assert_eq!(check(&agent, "after a reload"), {
+        let mut kept = first.clone();
+        kept.insert("Open host".into(), 0);
+        kept
+    });
+    refuse(APP);
+    refuse(OPEN);
+    let counted = check(&agent, "refusals after the reload");
+    assert!(
+        counted["App"] > first["App"] && counted["Open host"] > 0,
+        "{counted:?}"
+    );
+
+    assert!(agent.stop().success());
+    let agent = lab.start_agent(&large);
+    assert_eq!(check(&agent, "after a restart"), counted);
+    // Two more reloads overwrite both sets the counts were made in.
+    for config in [&small, &large] {
+        std::fs::write(&config_path, config).unwrap();
+        agent.cli_ok(&["reload"]);
+        assert_eq!(check(&agent, "after reloads"), counted);
+    }
+    let text = agent.cli_ok(&["stats"]);
+    assert!(
+        text.contains(&format!("{} refused", counted["App"])),
+        "`sessiongate stats` shows it too: {text}"
+    );
+}

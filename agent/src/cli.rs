@@ -513,7 +513,11 @@ pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<(
         crate::portal::routing::remove();
         outln!("removed the portal's policy routing");
     }
-    let mut gone = vec![agent.api_socket.clone()];
+    // The per-policy refusal counts belong to the datapath just removed.
+    let mut gone = vec![
+        agent.api_socket.clone(),
+        agent.state_dir.join(crate::drops::FILE_NAME),
+    ];
     if !keep_sessions {
         gone.extend(crate::sessions::state_files(&agent.state_dir));
     }

@@ -1,18 +1,15 @@
-//! The running agent's state and the operations the API exposes on it. Every session
-//! change keeps the kernel map and the durable store equal: a change the store cannot
-//! record is rolled back in the kernel, and a refused request changes neither.
+//! The running agent's state and the operations the API exposes on it. Session
+//! changes go through the store, which keeps the kernel map and the journal equal
+//! (`SessionStore::login` and the like); they are answered once durable, the wait for
+//! the sync taken without any lock so that concurrent changes share it.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard, RwLock},
 };
 
-use agent_common::{
-    maps::config_set,
-    verdict::{Verdict, counter},
-};
+use agent_common::verdict::{Verdict, counter};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
@@ -21,12 +18,13 @@ use crate::{
     clock::ClockPair,
     config::{Config, Protocol},
     datapath::{Datapath, DatapathError, settings},
+    drops::PolicyDrops,
     events::{self, History, RawRefusal, Refusal},
     fleet::{Fleet, FleetError, StoreChange, StoreStatus},
     policy::{self, PolicyTable},
     portal::PageFacts,
     sessions::{
-        LoginRequest, SessionError, SessionRecord, SessionStore,
+        ChangeError, LoginRequest, SessionError, SessionRecord, SessionStore, Syncer, Ticket,
         import::{self, LineError},
     },
 };
@@ -49,6 +47,15 @@ pub enum ControlError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Store(#[from] FleetError),
+}
+
+impl From<ChangeError> for ControlError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Session(e) => Self::Session(e),
+            ChangeError::Kernel(e) => Self::Datapath(e),
+        }
+    }
 }
 
 /// The configuration in force and its compiled table.
@@ -95,13 +102,14 @@ pub struct Control {
     interfaces: RwLock<Vec<(String, String)>>,
     // Lock order: sessions, then datapath.
     sessions: Mutex<SessionStore>,
+    /// Acknowledges the store's changes once durable; waited on without any lock.
+    syncer: Arc<Syncer>,
     /// The program and its maps.
     datapath: Mutex<Datapath>,
     history: Mutex<History>,
-    /// Policy names of each configuration set, for refusal events that name a set.
-    set_policies: Mutex<[Vec<String>; 2]>,
-    /// Refused flows counted under configurations no longer in force, by policy name.
-    retired_drops: Mutex<BTreeMap<String, u64>>,
+    /// Which policy each configuration set's slots count for, and the totals of sets
+    /// since overwritten. Lock order: datapath, then drops.
+    drops: Mutex<PolicyDrops>,
     reloads: Mutex<ReloadStatus>,
     live_events: broadcast::Sender<Refusal>,
     notifier: Option<crate::notify::Notifier>,
@@ -174,7 +182,7 @@ fn unix_now() -> i64 {
 }
 
 impl Control {
-    /// `datapath` must hold `config` in force already (`Maps::apply`).
+    /// `datapath` must hold `config` in force already (`PolicyDrops::apply`).
     #[expect(
         clippy::too_many_arguments,
         reason = "each is a separate part of the agent, set up by `run` in order"
@@ -186,12 +194,11 @@ impl Control {
         interfaces: Vec<(String, String)>,
         sessions: SessionStore,
         datapath: Datapath,
+        drops: PolicyDrops,
         notifier: Option<crate::notify::Notifier>,
         fleet: Option<Arc<Fleet>>,
     ) -> Self {
         let generation = datapath.maps.generation();
-        let mut set_policies: [Vec<String>; 2] = Default::default();
-        set_policies[config_set(generation) as usize] = policy_names(&config);
         Self {
             active: RwLock::new(Arc::new(Active {
                 config,
@@ -200,11 +207,11 @@ impl Control {
             })),
             config_path,
             interfaces: RwLock::new(interfaces),
+            syncer: sessions.syncer(),
             sessions: Mutex::new(sessions),
             datapath: Mutex::new(datapath),
             history: Mutex::new(History::default()),
-            set_policies: Mutex::new(set_policies),
-            retired_drops: Mutex::new(BTreeMap::new()),
+            drops: Mutex::new(drops),
             reloads: Mutex::new(ReloadStatus::default()),
             live_events: broadcast::channel(EVENT_STREAM_BUFFER).0,
             notifier,
@@ -343,24 +350,15 @@ impl Control {
         }
 
         let mut datapath = lock(&self.datapath);
-        let retired = datapath
-            .maps
-            .apply(settings(&config), &table)
+        lock(&self.drops)
+            .apply(
+                &mut datapath.maps,
+                settings(&config),
+                &table,
+                policy_names(&config),
+            )
             .map_err(|e| reject(vec![format!("writing the policy maps failed: {e}")]))?;
         let generation = datapath.maps.generation();
-        let set = config_set(generation) as usize;
-        {
-            let mut names = lock(&self.set_policies);
-            let mut totals = lock(&self.retired_drops);
-            for (index, n) in retired.into_iter().enumerate() {
-                if n > 0
-                    && let Some(name) = names[set].get(index)
-                {
-                    *totals.entry(name.clone()).or_default() += n;
-                }
-            }
-            names[set] = policy_names(&config);
-        }
         // Interfaces added are attached, interfaces removed detached.
         let mut interfaces = Vec::new();
         let replies = config
@@ -422,26 +420,16 @@ impl Control {
             tracing::info!(device = %record.ip, user = record.user.as_str(), idp = record.idp.as_str(), authenticated_at = %rfc3339(record.authenticated_at), "login recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let record = store.plan_login(req, &clock)?;
-        let mut datapath = lock(&self.datapath);
-        let maps = &mut datapath.maps;
-        let previous = maps.session(req.ip)?;
-        maps.set_session(req.ip, record.kernel_value(&clock, store.boot_id()))?;
-        if let Err(e) = store.commit_login(record.clone()) {
-            let restored = match previous {
-                Some(s) => maps.set_session(req.ip, s),
-                None => maps.remove_session(req.ip),
-            };
-            if let Err(r) = restored {
-                tracing::error!(device = %req.ip, error = %r, "could not roll back the kernel session after a failed write");
-            }
-            return Err(e.into());
-        }
-        drop(datapath);
+        let (record, ticket, boot_id) = {
+            let mut store = lock(&self.sessions);
+            let mut datapath = lock(&self.datapath);
+            let (record, ticket) = store.login(req, &clock, &mut datapath.maps)?;
+            (record, ticket, store.boot_id().to_string())
+        };
+        self.durable(ticket)?;
         tracing::info!(device = %record.ip, user = record.user.as_str(), idp = record.idp.as_str(), authenticated_at = %rfc3339(record.authenticated_at), "login");
-        Ok(view(&record, &clock, store.boot_id()))
+        Ok(view(&record, &clock, &boot_id))
     }
 
     pub fn logout(&self, ip: IpAddr) -> Result<SessionView, ControlError> {
@@ -451,21 +439,32 @@ impl Control {
             tracing::info!(device = %ip, user = record.user.as_str(), "logout recorded in the fleet's store");
             return Ok(view(&record, &ClockPair::now(), &boot_id));
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let record = store.plan_logout(&ip)?.clone();
-        let mut datapath = lock(&self.datapath);
-        let maps = &mut datapath.maps;
-        maps.remove_session(ip)?;
-        if let Err(e) = store.commit_logout(&ip) {
-            if let Err(r) = maps.set_session(ip, record.kernel_value(&clock, store.boot_id())) {
-                tracing::error!(device = %ip, error = %r, "could not roll back the kernel session after a failed write");
-            }
-            return Err(e.into());
-        }
-        drop(datapath);
+        let (record, ticket, boot_id) = {
+            let mut store = lock(&self.sessions);
+            let mut datapath = lock(&self.datapath);
+            let (record, ticket) = store.logout(&ip, &clock, &mut datapath.maps)?;
+            (record, ticket, store.boot_id().to_string())
+        };
+        self.durable(ticket)?;
         tracing::info!(device = %ip, user = record.user.as_str(), "logout");
-        Ok(view(&record, &clock, store.boot_id()))
+        Ok(view(&record, &clock, &boot_id))
+    }
+
+    /// Waits until a change of the local store is durable (sharing the sync with
+    /// concurrent changes). If the sync fails, every change not yet durable is undone
+    /// and its caller gets an error.
+    fn durable(&self, ticket: Ticket) -> Result<(), SessionError> {
+        self.syncer
+            .wait(ticket, |error| {
+                let mut store = lock(&self.sessions);
+                let mut datapath = lock(&self.datapath);
+                store.recover(&mut datapath.maps, &ClockPair::now(), error);
+            })
+            .map_err(|failed| SessionError::NotDurable {
+                dir: self.active().config.agent.state_dir.clone(),
+                reason: failed.reason,
+            })
     }
 
     /// Imports sessions in bulk from a JSON-lines or CSV file's text (`sessions::import`).
@@ -476,48 +475,20 @@ impl Control {
         if let Some(fleet) = &self.fleet {
             return self.import_to_fleet(fleet, parsed, skip_bad);
         }
-        let mut store = lock(&self.sessions);
         let clock = ClockPair::now();
-        let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
-        let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
-        let boot_id = store.boot_id().to_string();
-        let previous: Vec<(IpAddr, Option<agent_common::maps::Session>)> = planned
-            .iter()
-            .map(|r| {
-                (
-                    r.ip,
-                    store
-                        .get(&r.ip)
-                        .map(|old| old.kernel_value(&clock, &boot_id)),
-                )
-            })
-            .collect();
-        let reset = previous.iter().filter(|(_, p)| p.is_some()).count();
-        let values: Vec<_> = planned
-            .iter()
-            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
-            .collect();
-        let mut datapath = lock(&self.datapath);
-        let rollback = |maps: &mut crate::datapath::Maps| {
-            for (ip, old) in &previous {
-                let restored = match old {
-                    Some(s) => maps.set_session(*ip, *s),
-                    None => maps.remove_session(*ip),
-                };
-                if let Err(e) = restored {
-                    tracing::error!(device = %ip, error = %e, "could not roll back an imported kernel session");
-                }
-            }
+        let (imported, reset, error_count, errors, ticket) = {
+            let mut store = lock(&self.sessions);
+            let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
+            let (error_count, errors) = line_errors(parsed.errors, plan_errors, skip_bad)?;
+            let imported = planned.len();
+            let mut datapath = lock(&self.datapath);
+            let (reset, ticket) = store
+                .import(planned, &clock, &mut datapath.maps)
+                .map_err(|e| ImportError::Control(e.into()))?;
+            (imported, reset, error_count, errors, ticket)
         };
-        if let Err(e) = datapath.maps.load_sessions(&values) {
-            rollback(&mut datapath.maps);
-            return Err(ImportError::Control(e.into()));
-        }
-        let imported = planned.len();
-        if let Err(e) = store.commit_import(planned) {
-            rollback(&mut datapath.maps);
-            return Err(ImportError::Control(e.into()));
-        }
+        self.durable(ticket)
+            .map_err(|e| ImportError::Control(e.into()))?;
         Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 
@@ -664,6 +635,11 @@ impl Control {
         }
     }
 
+    /// When the agent stops: leaves the journal readable by earlier versions.
+    pub fn close(&self) {
+        lock(&self.sessions).close();
+    }
+
     pub fn session_count(&self) -> usize {
         lock(&self.sessions).len()
     }
@@ -740,7 +716,7 @@ impl Control {
         let active = self.active();
         let maps = &datapath.maps;
         let counters = maps.counters()?;
-        let drops = self.policy_drops_of(maps, &active)?;
+        let drops = self.policy_drops_of(maps)?;
         let flows = maps.flow_count(crate::clock::boot_now_ns() as u64);
         drop(datapath);
         let stats = Stats {
@@ -769,29 +745,18 @@ impl Control {
         })
     }
 
-    /// Refused new flows per policy name since the agent started: the configuration
-    /// in force plus those retired by reloads.
+    /// Refused new flows per policy name since the datapath was loaded: the counts of
+    /// both configuration sets plus those of sets since overwritten (`PolicyDrops`).
     fn policy_drops_of(
         &self,
         maps: &crate::datapath::Maps,
-        active: &Active,
     ) -> Result<Vec<(String, u64)>, ControlError> {
-        let current = maps.policy_drops(active.config.policies.len())?;
-        let mut totals = lock(&self.retired_drops).clone();
-        for (p, n) in active.config.policies.iter().zip(current) {
-            *totals.entry(p.name.clone()).or_default() += n;
-        }
-        // The set a reload left still holds its counts until the next reload retires
-        // them: without them the totals would dip between two reloads.
-        let left = 1 - config_set(maps.generation());
-        let left_names = lock(&self.set_policies)[left as usize].clone();
-        let previous = maps.set_policy_drops(left, left_names.len())?;
-        for (name, n) in left_names.into_iter().zip(previous) {
-            if n > 0 {
-                *totals.entry(name).or_default() += n;
-            }
-        }
-        Ok(totals.into_iter().collect())
+        let drops = lock(&self.drops);
+        let live = [
+            maps.set_policy_drops(0, drops.known(0))?,
+            maps.set_policy_drops(1, drops.known(1))?,
+        ];
+        Ok(drops.totals([&live[0], &live[1]]))
     }
 
     /// Everything `/metrics` shows, read in one go.
@@ -824,10 +789,9 @@ impl Control {
         let user = lock(&self.sessions)
             .get(&raw.device)
             .map(|r| r.user.clone());
-        let policy = lock(&self.set_policies)[raw.set as usize & 1]
-            .get(raw.policy as usize)
-            .cloned()
-            .unwrap_or_else(|| format!("#{}", raw.policy));
+        let policy = lock(&self.drops)
+            .name(u32::from(raw.set), raw.policy)
+            .map_or_else(|| format!("#{}", raw.policy), str::to_string);
         let refusal = raw.resolve(&ClockPair::now(), user, policy);
         events::log(&refusal);
         if let Some(notifier) = &self.notifier {
@@ -988,7 +952,7 @@ pub struct MetricsSnapshot {
     pub notify: Option<crate::notify::NotifyStats>,
 }
 
-fn policy_names(config: &Config) -> Vec<String> {
+pub fn policy_names(config: &Config) -> Vec<String> {
     config.policies.iter().map(|p| p.name.clone()).collect()
 }
 

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod drops;
 pub mod events;
 pub mod fleet;
 pub mod input;

@@ -17,8 +17,9 @@ use crate::{
     api,
     clock::ClockPair,
     config::{Config, OnExpired, StoreConfig},
-    control::Control,
+    control::{Control, policy_names},
     datapath::{AttachedMode, Datapath, Origin, attach_mode, interface_exists, is_veth, settings},
+    drops::PolicyDrops,
     events,
     fleet::Fleet,
     listen::{self, Limits},
@@ -90,8 +91,8 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
 
     let pin_dir = config.agent.pin_dir.clone();
     let (mut datapath, origin) = Datapath::open(&pin_dir, &config.limits, replace)?;
-    let interfaces = match bring_up(&mut datapath, &origin, &config, &table, &store) {
-        Ok(interfaces) => interfaces,
+    let (interfaces, drops) = match bring_up(&mut datapath, &origin, &config, &table, &store) {
+        Ok(up) => up,
         Err(e) => {
             if !matches!(origin, Origin::Adopted) && config.agent.portal_listen.is_some() {
                 portal::routing::remove();
@@ -128,6 +129,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         interfaces,
         store,
         datapath,
+        drops,
         notifier,
         fleet.clone(),
     ));
@@ -208,6 +210,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    control.close();
     drop(control);
     result?;
     tracing::info!(
@@ -218,14 +221,15 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
 }
 
 /// Brings an opened datapath up to date with `config` and attaches it; returns the
-/// interfaces and their modes. On error the caller abandons what was started.
+/// interfaces and their modes, and the per-policy refusal totals. On error the caller
+/// abandons what was started.
 fn bring_up(
     datapath: &mut Datapath,
     origin: &Origin,
     config: &Config,
     table: &policy::PolicyTable,
     store: &SessionStore,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<(Vec<(String, String)>, PolicyDrops)> {
     // Sessions are in place before the new policy is, and before a new datapath is
     // attached, so no device with a valid session is ever refused.
     let clock = ClockPair::now();
@@ -253,7 +257,18 @@ fn bring_up(
         datapath.enable_portal()?;
     }
     // Atomic: an adopted datapath keeps its previous policy until this one value flips.
-    datapath.maps.apply(settings(config), table)?;
+    // The refusal counts it carries are kept, by policy name.
+    let mut drops = PolicyDrops::open(
+        &config.agent.state_dir,
+        datapath.maps.policy_drops_map_id()?,
+        datapath.maps.generation(),
+    );
+    drops.apply(
+        &mut datapath.maps,
+        settings(config),
+        table,
+        policy_names(config),
+    )?;
     if config.agent.portal_listen.is_none() {
         datapath.disable_portal()?;
     }
@@ -278,7 +293,7 @@ fn bring_up(
         datapath.finish_replace(&config.agent.pin_dir)?;
         tracing::info!(replaced = ?old, "replaced the pinned datapath in one step");
     }
-    Ok(interfaces)
+    Ok((interfaces, drops))
 }
 
 /// The API socket's file, removed when the agent stops or fails to start.

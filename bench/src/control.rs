@@ -39,6 +39,8 @@ pub struct ControlReport {
     /// Milliseconds from a login request to agent A to the first SYN that gateway B's
     /// kernel admits, A and B (in two labs) sharing sessions through one etcd member.
     pub fleet_login_to_admitted: Sample,
+    /// Acknowledged logins per second with concurrent clients (`concurrent_logins`).
+    pub logins: LoginRate,
     pub cidrs: usize,
     /// Seconds to parse, validate and compile a config of `cidrs` CIDRs.
     pub policy_compile: Sample,
@@ -86,6 +88,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     let login_runs = if quick { 3 } else { 15 };
     let login_to_admitted = Sample::of(&single_agent_logins(agent, login_runs)?);
     let fleet_login_to_admitted = Sample::of(&fleet_logins(agent, login_runs)?);
+    let logins = login_rate(quick, agent)?;
     let (bulk_import, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
     let fleet = fleet_at_scale(if quick { 5_000 } else { FLEET_SESSIONS }, agent)?;
     Ok(ControlReport {
@@ -94,6 +97,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         agent_start,
         login_to_admitted,
         fleet_login_to_admitted,
+        logins,
         cidrs,
         policy_compile: Sample::of(&compile),
         policy_write: Sample::of(&write),
@@ -109,6 +113,73 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         fleet_join_rss_bytes: fleet.join_rss_bytes,
         fleet_etcd_bytes: fleet.etcd_bytes,
     })
+}
+
+/// Acknowledged logins per second through the API of one agent (local store), with
+/// `clients` clients each sending its next login as soon as the last is answered.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoginRate {
+    pub clients: usize,
+    /// Seconds each run lasts.
+    pub seconds: f64,
+    /// Logins per second, one value per run.
+    pub per_second: Sample,
+}
+
+/// Concurrent clients of `login_rate`.
+const LOGIN_CLIENTS: usize = 16;
+
+/// `cargo xtask bench -- --part logins`, and a row of the control part: logins per
+/// second with `LOGIN_CLIENTS` concurrent clients, three runs of 5 s (1 s when quick).
+pub fn login_rate(quick: bool, agent: &Path) -> anyhow::Result<LoginRate> {
+    let (runs, seconds) = if quick { (2, 1.0) } else { (3, 5.0) };
+    eprintln!("bench: {LOGIN_CLIENTS} concurrent clients logging in");
+    let lab = netlab::Lab::new(agent);
+    let agent = lab.start_agent(&lab.config("", scenario::APP_POLICY));
+    let rates = repeat(runs, || {
+        concurrent_logins(
+            &agent.socket,
+            LOGIN_CLIENTS,
+            Duration::from_secs_f64(seconds),
+        )
+    })?;
+    Ok(LoginRate {
+        clients: LOGIN_CLIENTS,
+        seconds,
+        per_second: Sample::of(&rates),
+    })
+}
+
+/// Logins per second over `length`: `clients` tasks, each logging its own device in
+/// again and again (a login resets the session: one journal record each).
+fn concurrent_logins(socket: &Path, clients: usize, length: Duration) -> anyhow::Result<f64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let deadline = started + length;
+    let done: usize = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, device) in scenario::devices(clients).enumerate() {
+            let api = ApiClient::new(socket);
+            tasks.spawn(async move {
+                let body = serde_json::json!({ "ip": device.to_string(), "user": format!("bench{i}@example.com") });
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    api.call(hyper::Method::POST, "/v1/sessions", Some(body.clone()))
+                        .await?;
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            });
+        }
+        let mut total = 0;
+        while let Some(n) = tasks.join_next().await {
+            total += n??;
+        }
+        anyhow::Ok(total)
+    })?;
+    Ok(done as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Seconds to import `n` sessions through the CLI, and `runs` timings of reloading a

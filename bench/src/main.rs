@@ -30,6 +30,8 @@ enum Part {
     PerPacket,
     EndToEnd,
     Control,
+    /// Only the control part's concurrent login rate.
+    Logins,
 }
 
 #[derive(Parser)]
@@ -85,12 +87,17 @@ fn main() -> anyhow::Result<()> {
     let control = wanted(Part::Control)
         .then(|| control::run(args.quick, &agent))
         .transpose()?;
+    // The control part measures it too.
+    let logins = (control.is_none() && wanted(Part::Logins))
+        .then(|| control::login_rate(args.quick, &agent))
+        .transpose()?;
     let report = report::Report {
         quick: args.quick,
         machine,
         per_packet,
         end_to_end,
         control,
+        logins,
     };
     let command = if args.quick {
         "cargo xtask bench --quick"

@@ -130,7 +130,11 @@ const fn session_status(e: &SessionError) -> StatusCode {
         SessionError::InFuture { .. }
         | SessionError::InvalidName { .. }
         | SessionError::NotADevice(_) => StatusCode::BAD_REQUEST,
-        SessionError::Io { .. } | SessionError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        SessionError::JournalFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        SessionError::NotRecorded { .. } | SessionError::NotDurable { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        SessionError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -78,7 +78,7 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
 }
 
 /// The generation after `g`; 0 is skipped (it marks empty destination-cache entries).
-const fn next_generation(g: u32) -> u32 {
+pub const fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
         // u32::MAX is odd: the next set is set 0, and 0 itself is reserved.
         0 => 2,
@@ -163,14 +163,59 @@ impl Maps {
 
     /// Puts a configuration in force atomically: writes its settings and compiled
     /// policy table into the set not in force, then switches `SG_GENERATION` to it, a
-    /// single value the program reads once per packet. Returns the refused-flow counts
-    /// the overwritten set had collected, by its policy index (the caller knows which
-    /// config that set held); they restart from zero.
+    /// single value the program reads once per packet. The overwritten set's per-policy
+    /// refusal counts restart from zero (`outgoing_policy_drops` reads them first).
     pub fn apply(
         &mut self,
         mut settings: Settings,
         table: &PolicyTable,
-    ) -> Result<Vec<u64>, DatapathError> {
+    ) -> Result<(), DatapathError> {
+        self.settle()?;
+        let next = next_generation(self.generation);
+        let set = config_set(next);
+        self.zero_policy_drops(set)?;
+        self.clear_set(set)?;
+        self.write_set(set, table)?;
+        self.geometry.apply(&mut settings);
+        self.settings
+            .set(set, settings, 0)
+            .map_err(map_err(names::SETTINGS))?;
+        // The switch: from here on every new packet uses set `set`.
+        self.generation_map
+            .set(0, next, 0)
+            .map_err(map_err(names::GENERATION))?;
+        self.generation = next;
+        self.switched_at = std::time::Instant::now();
+        self.current = settings;
+        self.policy_counts[set as usize] = Some(table.params.len() as u32);
+        Ok(())
+    }
+
+    /// Before `apply`: the generation it will switch to, and the refusal counts of the
+    /// first `count` policies of the set it will overwrite, final by then (no packet
+    /// counts into a set not in force once the switch grace has passed).
+    pub fn outgoing_policy_drops(
+        &mut self,
+        count: usize,
+    ) -> Result<(u32, Vec<u64>), DatapathError> {
+        self.settle()?;
+        let next = next_generation(self.generation);
+        Ok((next, self.set_policy_drops(config_set(next), count)?))
+    }
+
+    /// The kernel id of `SG_POLICY_DROPS`: which datapath counted.
+    pub fn policy_drops_map_id(&self) -> Result<u32, DatapathError> {
+        Ok(self
+            .policy_drops
+            .map()
+            .info()
+            .map_err(map_err(names::POLICY_DROPS))?
+            .id())
+    }
+
+    /// Makes sure this agent alone writes the sets, and that the set not in force is
+    /// no longer read by any packet.
+    fn settle(&mut self) -> Result<(), DatapathError> {
         // Another agent on the same pins would have moved the generation on: writing
         // "our" inactive set would then overwrite the set in force.
         let in_force = self
@@ -189,34 +234,16 @@ impl Maps {
         if let Some(left) = SWITCH_GRACE.checked_sub(self.switched_at.elapsed()) {
             std::thread::sleep(left);
         }
-        let next = next_generation(self.generation);
-        let set = config_set(next);
-        let retired = self.retire_policy_drops(set)?;
-        self.clear_set(set)?;
-        self.write_set(set, table)?;
-        self.geometry.apply(&mut settings);
-        self.settings
-            .set(set, settings, 0)
-            .map_err(map_err(names::SETTINGS))?;
-        // The switch: from here on every new packet uses set `set`.
-        self.generation_map
-            .set(0, next, 0)
-            .map_err(map_err(names::GENERATION))?;
-        self.generation = next;
-        self.switched_at = std::time::Instant::now();
-        self.current = settings;
-        self.policy_counts[set as usize] = Some(table.params.len() as u32);
-        Ok(retired)
+        Ok(())
     }
 
-    /// Reads and zeroes a set's per-policy drop counters.
-    fn retire_policy_drops(&mut self, set: u32) -> Result<Vec<u64>, DatapathError> {
+    /// Zeroes a set's per-policy refusal counters.
+    fn zero_policy_drops(&mut self, set: u32) -> Result<(), DatapathError> {
         let count = self.policy_counts[set as usize].unwrap_or(MAX_POLICIES);
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DatapathError::Batch {
             map: names::POLICY_DROPS,
             source,
         })?;
-        let mut retired = Vec::with_capacity(count as usize);
         for policy in 0..count {
             let slot = policy_slot(set, policy);
             let n = sum(&self.policy_drops, slot).map_err(map_err(names::POLICY_DROPS))?;
@@ -229,12 +256,8 @@ impl Maps {
                     )
                     .map_err(map_err(names::POLICY_DROPS))?;
             }
-            retired.push(n);
         }
-        while retired.last() == Some(&0) {
-            retired.pop();
-        }
-        Ok(retired)
+        Ok(())
     }
 
     /// Empties a set's destination tables and port rules (its policies and settings

@@ -25,7 +25,7 @@ use aya_obj::programs::XdpAttachType;
 use thiserror::Error;
 
 use crate::config::{Limits, XdpMode};
-pub use maps::{Counters, Maps, settings};
+pub use maps::{Counters, Maps, next_generation, settings};
 use pins::LayoutDir;
 
 /// The program object, built by `build.rs`; empty when built with `AYA_BUILD_SKIP`.

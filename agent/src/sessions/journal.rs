@@ -1,32 +1,68 @@
 //! Durable session state: an append-only journal of logins and logouts
 //! (`state_dir/sessions.jsonl`, one JSON object per line), so a login costs one short
 //! append whatever the number of sessions. It is rewritten compactly when dead lines
-//! pile up, and at start-up when it has any (or a last line torn by a crash).
+//! pile up, and at start-up when it has any (or anything replay had to leave out).
+//!
+//! - A record is written whole or not at all: a failed write is cut back off the file
+//!   (and if even that fails, the file is rewritten from memory before anything else
+//!   is appended), so a later record never lands on the stump of a failed one.
+//! - A batch (an import) is framed by `begin` and `commit` lines: replay applies it
+//!   only if its `commit` is there, so a batch cut short by a crash counts as never
+//!   written.
+//! - Appends are made durable by `durable::Syncer` (group commit); a compaction
+//!   writes and syncs a new file, renames it into place and syncs the directory.
+//! - No content stops a replay: a line it cannot read (damage, a stump left by an
+//!   older version, an entry the current rules refuse) is skipped and named in the
+//!   log, and the file as it was is kept beside the journal (`sessions.jsonl.damaged`).
 
 use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
-    io::{BufRead, BufReader, BufWriter, Write},
+    io::{self, BufRead, BufReader, BufWriter, Read as _, Write},
     net::IpAddr,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{SessionError, SessionRecord};
+use super::{
+    SessionError, SessionRecord, check_replayed,
+    durable::{Syncer, Ticket, sync_dir},
+};
 
 const FILE_NAME: &str = "sessions.jsonl";
-/// Everything the journal may leave in the state directory (compaction's temporary file too).
-pub(super) const FILES: [&str; 2] = [FILE_NAME, "sessions.jsonl.tmp"];
+const TMP_NAME: &str = "sessions.jsonl.tmp";
+/// The journal as it was before a replay that had to skip lines rewrote it.
+const DAMAGED_NAME: &str = "sessions.jsonl.damaged";
+/// Everything the journal may leave in the state directory.
+pub(super) const FILES: [&str; 3] = [FILE_NAME, TMP_NAME, DAMAGED_NAME];
 /// Dead lines tolerated before a rewrite, beyond one per live session.
 const SLACK_LINES: usize = 1024;
+/// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
+const MAX_LINE: usize = 64 * 1024;
+/// Skipped lines named one by one in the log; the rest are counted.
+const SKIPPED_LOGGED: usize = 20;
+/// Bulk writes go out in pieces of this size.
+const CHUNK: usize = 1 << 20;
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Entry {
     Login(SessionRecord),
-    Logout { ip: IpAddr },
+    Logout {
+        ip: IpAddr,
+    },
+    /// The start of a batch of `count` entries, which count only if the batch's
+    /// `commit` follows them.
+    Begin {
+        batch: u64,
+        count: usize,
+    },
+    Commit {
+        batch: u64,
+    },
 }
 
 /// `Entry::Login` written from a borrowed record (bulk writes would clone otherwise).
@@ -36,15 +72,98 @@ enum LoginRef<'a> {
     Login(&'a SessionRecord),
 }
 
+/// What the journal does to its file. Tests put a file that fails on demand in its
+/// place (`Opener`).
+pub(super) trait JournalFile: Send + Sync {
+    /// Writes all of `bytes` at the end of the file. On error, part of it may be there.
+    fn append(&self, bytes: &[u8]) -> io::Result<()>;
+    fn truncate(&self, len: u64) -> io::Result<()>;
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        (&*self).write_all(bytes)
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// Opens a journal file for writing at its end, creating it; `fresh` empties it.
+pub(super) type Opener = Arc<dyn Fn(&Path, bool) -> io::Result<Arc<dyn JournalFile>> + Send + Sync>;
+
+pub(super) fn open_file(path: &Path, fresh: bool) -> io::Result<Arc<dyn JournalFile>> {
+    let mut options = OpenOptions::new();
+    if fresh {
+        options.write(true).truncate(true);
+    } else {
+        options.append(true);
+    }
+    let file = options.create(true).mode(0o600).open(path)?;
+    Ok(Arc::new(file))
+}
+
+/// `Write` onto a `JournalFile`, counting what got there.
+struct Appender<'a> {
+    file: &'a dyn JournalFile,
+    written: u64,
+}
+
+impl Write for Appender<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.append(buf)?;
+        self.written += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes through `write` into `file` in `CHUNK` pieces; returns the bytes written,
+/// or the error with what did get there (a buffered rest is dropped, never written
+/// after the caller cut the file back).
+fn write_chunked(
+    file: &dyn JournalFile,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<u64, io::Error> {
+    let mut out = BufWriter::with_capacity(CHUNK, Appender { file, written: 0 });
+    let result = write(&mut out).and_then(|()| out.flush());
+    let (appender, _unwritten) = out.into_parts();
+    result.map(|()| appender.written)
+}
+
 pub(super) struct Journal {
     path: PathBuf,
-    file: File,
+    dir: PathBuf,
+    file: Arc<dyn JournalFile>,
+    open: Opener,
+    /// Lines in the file (for compaction).
     lines: usize,
+    /// Bytes of whole records: where a failed write is cut back to.
+    len: u64,
+    /// Changes appended (the numbers of their tickets).
+    seq: u64,
+    /// A failed write could not be cut back off: the file must be rewritten before
+    /// anything else is appended.
+    stump: bool,
+    /// The file holds batch markers, which versions before them cannot read.
+    batches: bool,
+    syncer: Arc<Syncer>,
 }
 
 impl Journal {
+    /// Opens the journal in `state_dir` (creating both if needed) and replays it.
     pub(super) fn open(
         state_dir: &Path,
+        open: Opener,
     ) -> Result<(Self, BTreeMap<IpAddr, SessionRecord>), SessionError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -57,63 +176,129 @@ impl Journal {
             .map_err(io(state_dir))?;
         let path = state_dir.join(FILE_NAME);
         let mut sessions = BTreeMap::new();
-        let mut replayed = Replayed {
-            lines: 0,
-            torn_tail: false,
-        };
-        match File::open(&path) {
-            Ok(file) => replayed = replay(&path, file, &mut sessions)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let replayed = match File::open(&path) {
+            Ok(file) => Some(replay(&path, file, &mut sessions)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&path)(e)),
+        };
+        let file = open(&path, false).map_err(io(&path))?;
+        if replayed.is_none() {
+            // A new file: its directory entry must be as durable as what it will hold.
+            sync_dir(state_dir).map_err(io(state_dir))?;
         }
-        let file = open_append(&path).map_err(io(&path))?;
+        let len = fs::metadata(&path).map_err(io(&path))?.len();
+        let syncer = Arc::new(Syncer::new(state_dir, Arc::clone(&file), len));
         let mut journal = Self {
             path,
+            dir: state_dir.to_path_buf(),
             file,
-            lines: replayed.lines,
+            open,
+            lines: replayed.as_ref().map_or(0, |r| r.lines),
+            len,
+            seq: 0,
+            stump: false,
+            batches: false,
+            syncer,
         };
-        // A torn last line must go before anything is appended; dead lines are
-        // dropped too while at it.
-        if replayed.torn_tail || replayed.lines > sessions.len() {
-            journal.compact(sessions.values())?;
+        if let Some(replayed) = replayed {
+            if !replayed.skipped.is_empty() {
+                journal.keep_damaged();
+            }
+            // Whatever replay left out goes before anything is appended; dead lines
+            // are dropped too while at it.
+            if replayed.needs_rewrite() || replayed.lines > sessions.len() {
+                journal.compact(sessions.values())?;
+            }
         }
         Ok((journal, sessions))
     }
 
-    pub(super) fn append_login(&mut self, record: &SessionRecord) -> Result<(), SessionError> {
-        self.append(&LoginRef::Login(record))
+    pub(super) fn syncer(&self) -> &Arc<Syncer> {
+        &self.syncer
     }
 
-    pub(super) fn append_logout(&mut self, ip: &IpAddr) -> Result<(), SessionError> {
-        self.append(&Entry::Logout { ip: *ip })
+    /// Whether the file must be rewritten before anything is appended: a failed write
+    /// left a stump that could not be cut off, or a rewrite stopped half-way.
+    pub(super) fn needs_rewrite(&self) -> bool {
+        self.stump
     }
 
-    /// Appends many logins through one buffer and makes them durable with one fsync.
-    /// On failure the file is cut back to where it was, so that no partial batch
-    /// replays as sessions the caller was told were not recorded.
-    pub(super) fn append_logins(&mut self, records: &[SessionRecord]) -> Result<(), SessionError> {
-        let io = |source| SessionError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        let before = self.file.metadata().map_err(io)?.len();
-        let written = (|| {
-            let mut out = BufWriter::with_capacity(1 << 20, &self.file);
+    pub(super) fn append_login(&mut self, record: &SessionRecord) -> Result<Ticket, SessionError> {
+        self.append_line(&LoginRef::Login(record))
+    }
+
+    pub(super) fn append_logout(&mut self, ip: &IpAddr) -> Result<Ticket, SessionError> {
+        self.append_line(&Entry::Logout { ip: *ip })
+    }
+
+    /// Appends many logins as one batch (`begin`, the logins, `commit`): replay
+    /// applies all of them or, if the batch is not whole, none.
+    pub(super) fn append_logins(
+        &mut self,
+        records: &[SessionRecord],
+    ) -> Result<Ticket, SessionError> {
+        let batch = self.lines as u64 + 1;
+        let file = Arc::clone(&self.file);
+        let written = write_chunked(&*file, |out| {
+            write_line(
+                out,
+                &Entry::Begin {
+                    batch,
+                    count: records.len(),
+                },
+            )?;
             for record in records {
-                serde_json::to_writer(&mut out, &LoginRef::Login(record))?;
-                out.write_all(b"\n")?;
+                write_line(out, &LoginRef::Login(record))?;
             }
-            out.into_inner().map_err(|e| e.into_error())?;
-            self.file.sync_data()
-        })();
-        if let Err(source) = written {
-            if let Err(e) = self.file.set_len(before) {
-                tracing::error!(path = %self.path.display(), error = %e, "could not cut a failed session import out of the journal");
+            write_line(out, &Entry::Commit { batch })
+        });
+        let ticket = self.appended(written, records.len() + 2)?;
+        self.batches = true;
+        Ok(ticket)
+    }
+
+    fn append_line(&mut self, entry: &impl Serialize) -> Result<Ticket, SessionError> {
+        let mut line = serde_json::to_vec(entry).expect("entries always serialize");
+        line.push(b'\n');
+        let written = self.file.append(&line).map(|()| line.len() as u64);
+        self.appended(written, 1)
+    }
+
+    /// Accounts for a write of `lines` lines, or cuts a failed one back off.
+    fn appended(&mut self, written: io::Result<u64>, lines: usize) -> Result<Ticket, SessionError> {
+        match written {
+            Ok(bytes) => {
+                self.len += bytes;
+                self.lines += lines;
+                self.seq += 1;
+                Ok(self.syncer.wrote(self.seq, self.len))
             }
-            return Err(io(source));
+            Err(source) => {
+                if let Err(e) = self.file.truncate(self.len) {
+                    self.stump = true;
+                    tracing::error!(path = %self.path.display(), error = %e, "could not cut a failed write back off the session journal; it is rewritten before the next change");
+                }
+                tracing::error!(path = %self.path.display(), error = %source, "could not write to the session journal; the change is refused and undone");
+                Err(SessionError::not_recorded(self.path.clone(), source))
+            }
         }
-        self.lines += records.len();
-        Ok(())
+    }
+
+    /// Cuts the file back to `len` bytes (the changes after it were undone), to be
+    /// rewritten before anything else is appended.
+    pub(super) fn cut_back(&mut self, len: u64) {
+        self.stump = true;
+        match self.file.truncate(len) {
+            Ok(()) => self.len = len,
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "could not cut undone changes back off the session journal");
+            }
+        }
+    }
+
+    /// Whether the file holds batch markers (an import since the last rewrite).
+    pub(super) fn has_batches(&self) -> bool {
+        self.batches
     }
 
     /// Whether dead lines have piled up enough to rewrite the file.
@@ -121,20 +306,9 @@ impl Journal {
         self.lines > 2 * live + SLACK_LINES
     }
 
-    fn append(&mut self, entry: &impl Serialize) -> Result<(), SessionError> {
-        let mut line = serde_json::to_vec(entry).expect("entries always serialize");
-        line.push(b'\n');
-        self.file
-            .write_all(&line)
-            .map_err(|source| SessionError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        self.lines += 1;
-        Ok(())
-    }
-
-    /// Rewrites the file with one login line per live session, atomically.
+    /// Rewrites the file with one login line per live session: a new file, synced,
+    /// renamed into place, and the directory synced. Every change so far is then
+    /// durable.
     pub(super) fn compact<'a>(
         &mut self,
         live: impl Iterator<Item = &'a SessionRecord>,
@@ -143,102 +317,270 @@ impl Journal {
             path: self.path.clone(),
             source,
         };
-        let tmp = self.path.with_extension("jsonl.tmp");
+        let tmp = self.dir.join(TMP_NAME);
         let mut count = 0;
-        {
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            let mut out = BufWriter::new(file);
-            for record in live {
-                serde_json::to_writer(&mut out, &LoginRef::Login(record))
-                    .map_err(|e| io(e.into()))?;
-                out.write_all(b"\n").map_err(io)?;
-                count += 1;
+        let written = (|| {
+            let file = (self.open)(&tmp, true)?;
+            let len = write_chunked(&*file, |out| {
+                for record in live {
+                    write_line(out, &LoginRef::Login(record))?;
+                    count += 1;
+                }
+                Ok(())
+            })?;
+            file.sync_data()?;
+            Ok(len)
+        })();
+        let len = match written.and_then(|len| fs::rename(&tmp, &self.path).map(|()| len)) {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io(e));
             }
-            let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-            file.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io)?;
-        self.file = open_append(&self.path).map_err(io)?;
+        };
+        // From here the new file is the journal, whatever else fails; until it is
+        // open and its directory entry durable, nothing more is appended to it.
         self.lines = count;
+        self.len = len;
+        self.batches = false;
+        self.stump = true;
+        let file = (self.open)(&self.path, false).map_err(io)?;
+        self.file = Arc::clone(&file);
+        let synced = sync_dir(&self.dir);
+        self.syncer.switch(file, len, synced.is_ok());
+        synced.map_err(io)?;
+        self.stump = false;
         Ok(())
+    }
+
+    /// Keeps the journal as it is now beside it, before a rewrite drops what replay
+    /// could not read.
+    fn keep_damaged(&self) {
+        let damaged = self.dir.join(DAMAGED_NAME);
+        let _ = fs::remove_file(&damaged);
+        match fs::hard_link(&self.path, &damaged) {
+            Ok(()) => {
+                tracing::warn!(path = %damaged.display(), "kept the session journal as it was, with the lines skipped")
+            }
+            Err(e) => {
+                tracing::warn!(path = %damaged.display(), error = %e, "could not keep a copy of the session journal as it was")
+            }
+        }
     }
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
+fn write_line(out: &mut dyn Write, entry: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, entry)?;
+    out.write_all(b"\n")
 }
 
 /// What replaying a journal found.
-struct Replayed {
-    lines: usize,
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Replayed {
+    pub lines: usize,
+    /// Lines left out, by number, and why.
+    pub skipped: Vec<(usize, String)>,
     /// The last line was cut short by a crash (and ignored).
-    torn_tail: bool,
+    pub torn_tail: bool,
+    /// Batches left out because they were not whole: (first line, entries announced).
+    pub cut_batches: Vec<(usize, usize)>,
 }
 
-/// Applies every line of the journal, streaming. A last line cut short by a crash is
-/// ignored; any other bad line is an error naming it.
-fn replay(
+impl Replayed {
+    fn needs_rewrite(&self) -> bool {
+        self.torn_tail || !self.skipped.is_empty() || !self.cut_batches.is_empty()
+    }
+}
+
+/// A batch being read: its number, first line, announced size and entries so far.
+struct OpenBatch {
+    batch: u64,
+    line: usize,
+    count: usize,
+    entries: Vec<Entry>,
+}
+
+/// Applies every line of the journal it can read, streaming, and says in the log
+/// what it left out. Only an error reading the file itself is an error.
+pub(super) fn replay(
     path: &Path,
-    file: File,
+    file: impl io::Read,
     sessions: &mut BTreeMap<IpAddr, SessionRecord>,
 ) -> Result<Replayed, SessionError> {
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut line = String::new();
-    let mut replayed = Replayed {
-        lines: 0,
-        torn_tail: false,
+    let mut reader = BufReader::with_capacity(CHUNK, file);
+    let mut line = Vec::new();
+    let mut replayed = Replayed::default();
+    let mut batch: Option<OpenBatch> = None;
+    let apply = |sessions: &mut BTreeMap<IpAddr, SessionRecord>, entry: Entry| match entry {
+        Entry::Login(record) => {
+            sessions.insert(record.ip, record);
+        }
+        Entry::Logout { ip } => {
+            sessions.remove(&ip);
+        }
+        Entry::Begin { .. } | Entry::Commit { .. } => {}
     };
     loop {
         line.clear();
-        let n = reader
-            .read_line(&mut line)
-            .map_err(|source| SessionError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let (n, whole) = read_line(&mut reader, &mut line).map_err(|source| SessionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if n == 0 {
-            return Ok(replayed);
+            break;
         }
         replayed.lines += 1;
-        if line.trim().is_empty() {
+        let number = replayed.lines;
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_str::<Entry>(&line) {
-            Ok(Entry::Login(record)) => {
-                // Written by an older agent with looser rules, or edited: a session
-                // the rules refuse now is left out (and dropped by the next rewrite),
-                // never a reason not to start.
-                if let Err(e) = super::check_identity(record.ip, &record.user, &record.idp) {
-                    tracing::warn!(path = %path.display(), line = replayed.lines, device = %record.ip, reason = e.to_string().as_str(), "skipping a session journal line the session rules refuse");
-                    continue;
-                }
-                sessions.insert(record.ip, record);
-            }
-            Ok(Entry::Logout { ip }) => {
-                sessions.remove(&ip);
-            }
-            // Only the last line can lack its newline.
-            Err(_) if !line.ends_with('\n') => {
-                tracing::warn!(path = %path.display(), line = replayed.lines, "ignoring a session journal line cut short by a crash");
+        let entry = match decode(&line, n, whole) {
+            Ok(entry) => entry,
+            // Only the last line can lack its newline: a write a crash cut short.
+            Err(_) if !line.ends_with(b"\n") && whole => {
                 replayed.torn_tail = true;
+                tracing::warn!(path = %path.display(), line = number, "ignoring a session journal line cut short by a crash");
+                continue;
             }
-            Err(e) => {
-                return Err(SessionError::Corrupt {
-                    path: path.to_path_buf(),
-                    line: replayed.lines,
-                    message: e.to_string(),
+            Err(reason) => {
+                replayed.skipped.push((number, reason));
+                continue;
+            }
+        };
+        match entry {
+            Entry::Begin { batch: id, count } => {
+                if let Some(open) = batch.take() {
+                    replayed.cut_batches.push((open.line, open.count));
+                }
+                batch = Some(OpenBatch {
+                    batch: id,
+                    line: number,
+                    count,
+                    entries: Vec::with_capacity(count.min(1 << 20)),
                 });
             }
+            Entry::Commit { batch: id } => match batch.take() {
+                Some(open) if open.batch == id => {
+                    for entry in open.entries {
+                        apply(sessions, entry);
+                    }
+                }
+                Some(open) => {
+                    replayed.cut_batches.push((open.line, open.count));
+                    replayed.skipped.push((
+                        number,
+                        format!("the end of batch {id}, which did not begin here"),
+                    ));
+                }
+                None => replayed
+                    .skipped
+                    .push((number, format!("the end of batch {id}, which never began"))),
+            },
+            entry => match &mut batch {
+                Some(open) => open.entries.push(entry),
+                None => apply(sessions, entry),
+            },
         }
+    }
+    if let Some(open) = batch {
+        replayed.cut_batches.push((open.line, open.count));
+    }
+    report(path, &replayed);
+    Ok(replayed)
+}
+
+/// Reads one line of at most `MAX_LINE` bytes into `line` (its newline included); a
+/// longer one is read to its end but not kept. Returns the bytes read and whether
+/// all of them are in `line`.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<(usize, bool)> {
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', line)?;
+    if n < MAX_LINE || line.ends_with(b"\n") {
+        return Ok((n, true));
+    }
+    // Too long: skip to the end of the line.
+    let mut rest = n;
+    loop {
+        let (done, used) = {
+            let available = reader.fill_buf()?;
+            match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (available.is_empty(), available.len()),
+            }
+        };
+        reader.consume(used);
+        rest += used;
+        if done {
+            return Ok((rest, false));
+        }
+    }
+}
+
+/// One line as an entry, or why it is not one. A line that an older version's failed
+/// write left a stump of, with a whole entry glued after it, yields that entry.
+fn decode(line: &[u8], n: usize, whole: bool) -> Result<Entry, String> {
+    if !whole {
+        return Err(format!(
+            "{n} bytes long, beyond the {MAX_LINE} bytes of any entry"
+        ));
+    }
+    let checked = |entry: Entry| match &entry {
+        Entry::Login(record) => check_replayed(record)
+            .map(|()| entry)
+            .map_err(|e| e.to_string()),
+        _ => Ok(entry),
+    };
+    match serde_json::from_slice::<Entry>(line) {
+        Ok(entry) => checked(entry),
+        Err(e) => {
+            let glued = find_last(line, br#"{"op":"#)
+                .filter(|&at| at > 0)
+                .and_then(|at| serde_json::from_slice::<Entry>(&line[at..]).ok());
+            match glued {
+                Some(entry) => checked(entry),
+                None => {
+                    // serde_json's position is within the line; keep the column.
+                    let message = e.to_string();
+                    let suffix = format!(" at line {} column {}", e.line(), e.column());
+                    let what = message.strip_suffix(&suffix).unwrap_or(&message);
+                    Err(format!(
+                        "not a journal entry: {what} (column {})",
+                        e.column()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// Says in the log what replay left out.
+fn report(path: &Path, replayed: &Replayed) {
+    for (line, reason) in replayed.skipped.iter().take(SKIPPED_LOGGED) {
+        tracing::warn!(path = %path.display(), line, "skipped a session journal line: {reason}");
+    }
+    if !replayed.skipped.is_empty() {
+        let lines: Vec<String> = replayed
+            .skipped
+            .iter()
+            .take(SKIPPED_LOGGED)
+            .map(|(line, _)| line.to_string())
+            .collect();
+        let more = replayed.skipped.len().saturating_sub(SKIPPED_LOGGED);
+        tracing::warn!(
+            path = %path.display(),
+            skipped = replayed.skipped.len(),
+            "the session journal had lines that could not be read (lines {}{}); every other line was kept, and the devices of the skipped ones have no session until they log in again",
+            lines.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() },
+        );
+    }
+    for (line, count) in &replayed.cut_batches {
+        tracing::warn!(path = %path.display(), line, entries = count, "ignoring a batch of session changes (an import) that is not whole: the agent stopped while writing it, and it was never acknowledged");
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Target;
-use crate::control::ControlReport;
+use crate::control::{ControlReport, LoginRate};
 
 pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
     targets.push(Target {
@@ -86,6 +86,7 @@ pub fn section(c: &ControlReport, md: &mut String) {
                 c.fleet_login_to_admitted.min, c.fleet_login_to_admitted.max
             ),
         ),
+        login_rate_row(&c.logins),
         (
             format!("parse and compile {} policy CIDRs", c.cidrs),
             format!("{:.3} s", c.policy_compile.median),
@@ -176,4 +177,25 @@ pub fn section(c: &ControlReport, md: &mut String) {
         let _ = writeln!(md, "| {measure} | {median} | {range} |");
     }
     md.push('\n');
+}
+
+/// The concurrent login rate (`--part logins` run alone).
+pub fn logins_section(l: &LoginRate, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Control plane: logins\n\n| measure | median | min-max |\n|---|---|---|"
+    );
+    let (measure, median, range) = login_rate_row(l);
+    let _ = writeln!(md, "| {measure} | {median} | {range} |\n");
+}
+
+fn login_rate_row(l: &LoginRate) -> (String, String, String) {
+    (
+        format!(
+            "concurrent logins/s (durable): {} clients through the API, runs of {:.0} s",
+            l.clients, l.seconds
+        ),
+        format!("{:.0} logins/s", l.per_second.median),
+        format!("{:.0}-{:.0}", l.per_second.min, l.per_second.max),
+    )
 }

@@ -10,7 +10,12 @@ use std::{fmt::Write as _, fs, path::Path};
 
 use serde::Serialize;
 
-use crate::{control::ControlReport, flood::FloodReport, progrun::ProgRunReport, svg::Chart};
+use crate::{
+    control::{ControlReport, LoginRate},
+    flood::FloodReport,
+    progrun::ProgRunReport,
+    svg::Chart,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
@@ -58,6 +63,8 @@ pub struct Report {
     pub per_packet: Option<ProgRunReport>,
     pub end_to_end: Option<FloodReport>,
     pub control: Option<ControlReport>,
+    /// `--part logins` alone (the control part includes it).
+    pub logins: Option<LoginRate>,
 }
 
 /// A target of the benchmark and whether this run met it.
@@ -98,6 +105,9 @@ impl Report {
         }
         if let Some(c) = &self.control {
             control::section(c, &mut sections);
+        }
+        if let Some(l) = &self.logins {
+            control::logins_section(l, &mut sections);
         }
         for (file, chart) in &charts {
             fs::write(dir.join(file), chart.render())?;

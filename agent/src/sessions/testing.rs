@@ -1,0 +1,174 @@
+//! Test doubles for the store: kernel maps and journal files that fail on demand.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{self, Write as _},
+    net::IpAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use agent_common::maps::Session;
+
+use super::{
+    KernelSessions,
+    journal::{JournalFile, Opener},
+};
+use crate::datapath::DatapathError;
+
+/// Kernel session maps in memory; every write fails while `fail` is set.
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    pub sessions: BTreeMap<IpAddr, Session>,
+    pub fail: bool,
+}
+
+impl FakeKernel {
+    fn check(&self) -> Result<(), DatapathError> {
+        if self.fail {
+            Err(DatapathError::SessionsFull {
+                family: "IPv4",
+                limit: 0,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn at(&self, ip: &str) -> Option<i64> {
+        self.sessions
+            .get(&ip.parse().unwrap())
+            .map(|s| s.authenticated_at_ns)
+    }
+}
+
+impl KernelSessions for FakeKernel {
+    fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
+        self.check()?;
+        self.sessions.insert(ip, session);
+        Ok(())
+    }
+
+    fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.check()?;
+        self.sessions.remove(&ip);
+        Ok(())
+    }
+
+    fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+        self.check()?;
+        self.sessions.extend(sessions.iter().copied());
+        Ok(())
+    }
+}
+
+/// Faults for the journal's files (`faulty`), shared by every file it opens.
+#[derive(Default)]
+pub struct Faults {
+    /// Bytes writes may still add before the disk is full (`None`: no limit). A write
+    /// that does not fit writes what fits, then fails with ENOSPC, as a full disk does.
+    pub space: Mutex<Option<u64>>,
+    pub fail_truncate: AtomicBool,
+    pub fail_sync: AtomicBool,
+    /// How long a sync takes.
+    pub sync_delay: Mutex<Duration>,
+    pub syncs: AtomicU64,
+    /// The journal's length at the end of the last sync that succeeded.
+    pub synced_len: AtomicU64,
+}
+
+impl Faults {
+    pub fn space(&self, bytes: Option<u64>) {
+        *self.space.lock().unwrap() = bytes;
+    }
+}
+
+struct FaultyFile {
+    file: File,
+    faults: Arc<Faults>,
+}
+
+impl JournalFile for FaultyFile {
+    fn append(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut space = self.faults.space.lock().unwrap();
+        match *space {
+            Some(left) if (bytes.len() as u64) > left => {
+                (&self.file).write_all(&bytes[..left as usize])?;
+                *space = Some(0);
+                Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            }
+            Some(left) => {
+                *space = Some(left - bytes.len() as u64);
+                (&self.file).write_all(bytes)
+            }
+            None => (&self.file).write_all(bytes),
+        }
+    }
+
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        if self.faults.fail_truncate.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let delay = *self.faults.sync_delay.lock().unwrap();
+        std::thread::sleep(delay);
+        self.faults.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let len = self.file.metadata()?.len();
+        self.file.sync_data()?;
+        self.faults.synced_len.store(len, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Opens journal files as the agent does, wrapped to fail as `faults` say.
+pub fn faulty(faults: &Arc<Faults>) -> Opener {
+    let faults = Arc::clone(faults);
+    Arc::new(move |path: &Path, fresh: bool| {
+        super::journal::open_file(path, fresh)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(!fresh)
+            .write(fresh)
+            .open(path)?;
+        Ok(Arc::new(FaultyFile {
+            file,
+            faults: Arc::clone(&faults),
+        }) as Arc<dyn JournalFile>)
+    })
+}
+
+/// Runs `f` with the log captured at every level; returns what it logged.
+pub fn logs_of(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buffer.0.lock().unwrap().clone();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
