@@ -10,11 +10,12 @@ use anyhow::{Context as _, bail};
 use crate::setup;
 
 /// Every target, as `fuzz/Cargo.toml` names them.
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "config",
     "duration",
     "api_login",
     "import_lines",
+    "journal",
     "etcd_entry",
 ];
 
