@@ -284,15 +284,14 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl Config {
-    /// Reads and validates a config file: a regular file of at most 1 MiB.
+    /// Reads and validates a config file: a regular file of at most 64 MiB.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let source = path.display().to_string();
-        let text = file::read_text(path, file::MAX_SMALL_FILE, file::Accept::RegularFile).map_err(
-            |e| ConfigError::Read {
+        let text = file::read_text(path, file::MAX_CONFIG_FILE, file::Accept::RegularFile)
+            .map_err(|e| ConfigError::Read {
                 path: source.clone(),
                 source: e,
-            },
-        )?;
+            })?;
         Self::parse(&text, &source)
     }
 

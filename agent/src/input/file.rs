@@ -12,8 +12,11 @@ use std::{
 
 use thiserror::Error;
 
-/// The config, the token and TLS files are small: this is far beyond any real one.
+/// The token and TLS files are small: this is far beyond any real one.
 pub const MAX_SMALL_FILE: u64 = 1 << 20;
+/// A config may hold up to 16,384 policies with their destinations (a 10,000-policy
+/// config is over 1 MiB): this leaves room for the largest a config can be.
+pub const MAX_CONFIG_FILE: u64 = 64 << 20;
 
 /// What a file may be besides a regular file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
