@@ -394,7 +394,7 @@ fn api_misuse_gets_a_clear_error_and_changes_nothing() {
     );
     refused(
         &["session", "login", "300.1.1.1", "--user", BOB],
-        "invalid IP address",
+        "is not an IPv4 or IPv6 address",
     );
     refused(
         &["session", "logout", &device(9).to_string()],
