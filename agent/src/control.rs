@@ -292,25 +292,8 @@ impl Control {
         })?;
         let table = policy::compile(&config).map_err(|e| reject(vec![e.to_string()]))?;
         let old = self.active();
-        let mut problems = Vec::new();
-        if config.agent.portal_listen != old.config.agent.portal_listen {
-            problems.push(
-                "[agent] portal_listen cannot change while running: the portal's socket and TC program are set up at start; restart the agent"
-                    .to_string(),
-            );
-        }
-        if config.store != old.config.store {
-            problems.push(
-                "[store] cannot change while running: the agent follows one store from start; restart the agent"
-                    .to_string(),
-            );
-        }
-        if config.limits != old.config.limits {
-            problems.push(
-                "[limits] cannot change while running: the maps are sized by them; restart with --replace"
-                    .to_string(),
-            );
-        }
+        let restart_only = crate::config::restart_only_changes(&old.config, &config);
+        let mut problems = restart_only.refused;
         let missing: Vec<&str> = config
             .agent
             .interfaces
@@ -331,23 +314,7 @@ impl Control {
             .iter()
             .map(ToString::to_string)
             .collect();
-        let (a, b) = (&old.config.agent, &config.agent);
-        for (field, changed) in [
-            ("api_socket", a.api_socket != b.api_socket),
-            ("state_dir", a.state_dir != b.state_dir),
-            ("pin_dir", a.pin_dir != b.pin_dir),
-            ("metrics_listen", a.metrics_listen != b.metrics_listen),
-            ("api_listen", a.api_listen != b.api_listen),
-            ("api_token_file", a.api_token_file != b.api_token_file),
-            ("notify_url", a.notify != b.notify),
-            ("xdp_mode", a.xdp_mode != b.xdp_mode),
-        ] {
-            if changed {
-                warnings.push(format!(
-                    "[agent] {field} changed: it takes effect at the next restart"
-                ));
-            }
-        }
+        warnings.extend(restart_only.deferred);
 
         let mut datapath = lock(&self.datapath);
         lock(&self.drops)

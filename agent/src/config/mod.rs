@@ -4,6 +4,7 @@
 
 mod duration;
 mod raw;
+mod reload;
 mod validate;
 
 use std::{
@@ -18,6 +19,7 @@ use thiserror::Error;
 use crate::input::file::{self, FileError};
 
 pub use duration::{DurationError, GoDuration};
+pub use reload::{RestartOnly, restart_only_changes};
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
