@@ -328,12 +328,11 @@ impl Control {
         let generation = datapath.maps.generation();
         // Interfaces added are attached, interfaces removed detached.
         let mut interfaces = Vec::new();
-        let replies = config
-            .policies
-            .iter()
-            .any(|p| p.on_expired != crate::config::OnExpired::Drop);
+        let replies = config.answers_refusals();
         for name in &config.agent.interfaces {
-            let mode = crate::datapath::attach_mode(old.config.agent.xdp_mode, replies, name);
+            let replies_on_veth = replies && crate::datapath::is_veth(name);
+            let mode =
+                crate::datapath::attach_mode(old.config.agent.xdp_mode, replies_on_veth, name);
             match datapath.attach(name, mode) {
                 Ok(mode) => interfaces.push((name.clone(), mode.name().to_string())),
                 Err(e) => warnings.push(format!("interface {name}: {e}")),

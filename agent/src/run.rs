@@ -16,7 +16,7 @@ use tokio::{
 use crate::{
     api,
     clock::ClockPair,
-    config::{Config, OnExpired, StoreConfig},
+    config::{Config, StoreConfig},
     control::{Control, policy_names},
     datapath::{AttachedMode, Datapath, Origin, attach_mode, interface_exists, is_veth, settings},
     drops::PolicyDrops,
@@ -273,14 +273,13 @@ fn bring_up(
         datapath.disable_portal()?;
     }
     let mut interfaces = Vec::new();
-    let replies = config
-        .policies
-        .iter()
-        .any(|p| p.on_expired != OnExpired::Drop);
+    let replies = config.answers_refusals();
     for name in &config.agent.interfaces {
-        let mode = datapath.attach(name, attach_mode(config.agent.xdp_mode, replies, name))?;
+        let replies_on_veth = replies && is_veth(name);
+        let mode = attach_mode(config.agent.xdp_mode, replies_on_veth, name);
+        let mode = datapath.attach(name, mode)?;
         tracing::info!(interface = %name, mode = mode.name(), "attached");
-        if replies && mode == AttachedMode::Native && is_veth(name) {
+        if replies_on_veth && mode == AttachedMode::Native {
             tracing::warn!(
                 interface = %name,
                 "this veth is in native XDP mode: the RSTs and ICMP errors of reject and redirect policies reach its peer only if the peer runs an XDP program too; otherwise set xdp_mode = \"generic\""

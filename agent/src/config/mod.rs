@@ -309,6 +309,14 @@ impl Config {
         })
     }
 
+    /// Whether some policy answers its refusals (reject or redirect) rather than
+    /// dropping them: replies leave through the interface, which decides its XDP mode.
+    pub fn answers_refusals(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.on_expired != OnExpired::Drop)
+    }
+
     /// The policy a packet to `dst` meets, by the reference semantics the compiled
     /// tables implement: bypass destinations first (`None`), then the first matching
     /// policy by precedence. For explanations (the portal), not for the datapath.

@@ -832,11 +832,12 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
 }
 
 /// The mode to attach `interface` in: as configured, except that `auto` picks generic
-/// on a veth when some policy answers refusals (`replies`: reject or redirect), since
-/// in native mode a veth hands the program's replies (XDP_TX) to its peer only if the
-/// peer runs XDP too, and `auto` must pick a mode in which every configured action works.
-pub fn attach_mode(configured: XdpMode, replies: bool, interface: &str) -> XdpMode {
-    let mode = choose_mode(configured, replies, replies && is_veth(interface));
+/// on a veth when some policy answers refusals (`replies_on_veth`: reject or redirect
+/// on a veth, `is_veth`), since in native mode a veth hands the program's replies
+/// (XDP_TX) to its peer only if the peer runs XDP too, and `auto` must pick a mode in
+/// which every configured action works.
+pub fn attach_mode(configured: XdpMode, replies_on_veth: bool, interface: &str) -> XdpMode {
+    let mode = choose_mode(configured, replies_on_veth);
     if mode != configured {
         tracing::info!(
             interface,
@@ -846,9 +847,9 @@ pub fn attach_mode(configured: XdpMode, replies: bool, interface: &str) -> XdpMo
     mode
 }
 
-const fn choose_mode(configured: XdpMode, replies: bool, veth: bool) -> XdpMode {
+const fn choose_mode(configured: XdpMode, replies_on_veth: bool) -> XdpMode {
     match configured {
-        XdpMode::Auto if replies && veth => XdpMode::Generic,
+        XdpMode::Auto if replies_on_veth => XdpMode::Generic,
         other => other,
     }
 }
@@ -883,14 +884,10 @@ mod tests {
 
     #[test]
     fn auto_picks_generic_on_a_veth_only_when_policies_answer_refusals() {
-        assert_eq!(choose_mode(XdpMode::Auto, true, true), XdpMode::Generic);
-        assert_eq!(choose_mode(XdpMode::Auto, true, false), XdpMode::Auto);
-        assert_eq!(choose_mode(XdpMode::Auto, false, true), XdpMode::Auto);
+        assert_eq!(choose_mode(XdpMode::Auto, true), XdpMode::Generic);
+        assert_eq!(choose_mode(XdpMode::Auto, false), XdpMode::Auto);
         // An explicit mode is the operator's: native stays native (with a warning).
-        assert_eq!(choose_mode(XdpMode::Native, true, true), XdpMode::Native);
-        assert_eq!(
-            choose_mode(XdpMode::Generic, false, false),
-            XdpMode::Generic
-        );
+        assert_eq!(choose_mode(XdpMode::Native, true), XdpMode::Native);
+        assert_eq!(choose_mode(XdpMode::Generic, false), XdpMode::Generic);
     }
 }
