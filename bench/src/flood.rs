@@ -524,9 +524,6 @@ fn is_permission_denied(e: &aya::programs::ProgramError) -> bool {
         {
             return true;
         }
-        if err.to_string().contains("Operation not permitted") {
-            return true;
-        }
         source = err.source();
     }
     false
