@@ -136,24 +136,23 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
             .copied()
             .collect();
         let mut answers = Vec::new();
+        // Every answer some packet to this prefix gets.
         let mut reached = vec![rule.tcp, rule.udp];
         for port in named_ports {
             for (proto, default) in [(Protocol::Tcp, rule.tcp), (Protocol::Udp, rule.udp)] {
                 let answer = first(proto, Some(port));
                 reached.push(answer);
-                if region_nonempty {
-                    mark_reachable(&mut table.reachable, answer);
-                }
                 if answer != default {
                     answers.push((port, proto, answer));
                 }
             }
         }
-        rule.unreadable = strictest(config, reached);
         if region_nonempty {
-            mark_reachable(&mut table.reachable, rule.tcp);
-            mark_reachable(&mut table.reachable, rule.udp);
+            for &answer in &reached {
+                mark_reachable(&mut table.reachable, answer);
+            }
         }
+        rule.unreadable = strictest(config, reached);
         if !answers.is_empty() {
             let next_id = port_tables.len() as u32 + 1;
             let id = *port_tables.entry(ranks).or_insert_with(|| {
