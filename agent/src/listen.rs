@@ -13,10 +13,7 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -28,8 +25,26 @@ use tokio::{
     time::Sleep,
 };
 
-/// How often a listener may log that a limit was reached.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often a flood of one kind may write a log line.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts events that each deserve a log line and lets a line through at most every
+/// `LOG_EVERY`, with the count since the last one: a flood must not flood the log.
+#[derive(Default)]
+pub struct LogThrottle(Mutex<(Option<Instant>, u64)>);
+
+impl LogThrottle {
+    /// Counts one event; `Some(n)` when a line is due, `n` the events it stands for.
+    pub fn hit(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        state.1 += 1;
+        if state.0.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            return None;
+        }
+        state.0 = Some(Instant::now());
+        Some(std::mem::take(&mut state.1))
+    }
+}
 
 /// The limits of one listener.
 #[derive(Clone, Copy, Debug)]
@@ -67,8 +82,7 @@ pub fn limited<L: Listener>(inner: L, limits: Limits) -> Limited<L> {
             slots: Arc::new(Semaphore::new(limits.total)),
             limits,
             clients: Mutex::new(HashMap::new()),
-            warned: Mutex::new(None),
-            turned_away: AtomicU64::new(0),
+            warnings: LogThrottle::default(),
         }),
     }
 }
@@ -78,32 +92,20 @@ pub struct Limited<L> {
     shared: Arc<Shared>,
 }
 
-impl<L> Limited<L> {
-    /// The listener underneath (for what it knows of its connections).
-    pub fn inner(&self) -> &L {
-        &self.inner
-    }
-}
-
 struct Shared {
     limits: Limits,
     slots: Arc<Semaphore>,
     /// Open connections per client address (entries at zero are removed).
     clients: Mutex<HashMap<IpAddr, usize>>,
-    warned: Mutex<Option<Instant>>,
-    turned_away: AtomicU64,
+    warnings: LogThrottle,
 }
 
 impl Shared {
-    /// Logs `what`, unless this listener logged less than `WARN_EVERY` ago.
+    /// Logs `what`, unless this listener logged less than `LOG_EVERY` ago.
     fn warn(&self, what: std::fmt::Arguments<'_>) {
-        self.turned_away.fetch_add(1, Ordering::Relaxed);
-        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
-        if warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+        let Some(count) = self.warnings.hit() else {
             return;
-        }
-        *warned = Some(Instant::now());
-        let count = self.turned_away.swap(0, Ordering::Relaxed);
+        };
         tracing::warn!(
             listener = self.limits.name,
             connections_held_back = count,
@@ -298,6 +300,16 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(1), client.read(&mut byte)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+
+    #[test]
+    fn a_throttled_log_lets_the_first_line_through_and_counts_the_rest() {
+        let throttle = LogThrottle::default();
+        assert_eq!(throttle.hit(), Some(1));
+        assert_eq!((throttle.hit(), throttle.hit()), (None, None));
+        // Due again: the line stands for the two held back and this one.
+        throttle.0.lock().unwrap().0 = Some(Instant::now() - LOG_EVERY);
+        assert_eq!(throttle.hit(), Some(3));
     }
 
     #[tokio::test]

@@ -14,7 +14,10 @@ use axum::{
 use subtle::ConstantTimeEq;
 
 use super::server::ApiError;
-use crate::input::file::{self, Accept};
+use crate::{
+    input::file::{self, Accept},
+    listen::LogThrottle,
+};
 
 /// Shortest token accepted: anything shorter is guessable.
 const MIN_TOKEN_LEN: usize = 16;
@@ -48,7 +51,8 @@ pub fn read_token(path: &Path) -> anyhow::Result<Arc<[u8]>> {
 /// `router`, answering 401 to any request without `Authorization: Bearer <token>`
 /// before it reaches a handler.
 pub fn require_token(router: Router, token: Arc<[u8]>) -> Router {
-    let refusals = Arc::new(RefusalLog::default());
+    // A scanner or a misconfigured client must not flood the log.
+    let refusals = Arc::new(LogThrottle::default());
     router.layer(middleware::from_fn(move |request: Request, next: Next| {
         let token = Arc::clone(&token);
         let refusals = Arc::clone(&refusals);
@@ -61,39 +65,17 @@ pub fn require_token(router: Router, token: Arc<[u8]>) -> Router {
             if ok {
                 next.run(request).await
             } else {
-                refusals.log(request.uri().path());
+                if let Some(refused) = refusals.hit() {
+                    tracing::warn!(
+                        path = request.uri().path(),
+                        refused,
+                        "API requests without a valid bearer token refused (logged at most every 10 s)"
+                    );
+                }
                 unauthorized()
             }
         }
     }))
-}
-
-/// Requests refused for want of a token are logged at most once every
-/// `REFUSAL_LOG_EVERY`, with how many there were: a scanner or a misconfigured client
-/// must not flood the log.
-#[derive(Default)]
-struct RefusalLog(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
-
-const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-impl RefusalLog {
-    fn log(&self, path: &str) {
-        let mut state = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.1 += 1;
-        if state.0.is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY) {
-            return;
-        }
-        let refused = std::mem::take(&mut state.1);
-        state.0 = Some(std::time::Instant::now());
-        tracing::warn!(
-            path,
-            refused,
-            "API requests without a valid bearer token refused (logged at most every 10 s)"
-        );
-    }
 }
 
 fn unauthorized() -> Response {
