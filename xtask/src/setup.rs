@@ -2,7 +2,8 @@
 //! - the nightly toolchain's rust-src and clippy (the eBPF program builds with
 //!   `-Z build-std=core` for `bpfel-unknown-none`);
 //! - bpf-linker, built against the nightly toolchain's own libLLVM (there is no
-//!   Debian package of the LLVM version rustc uses) into `.tools/`;
+//!   Debian package of the LLVM version rustc uses) into `.tools/`, and cargo-fuzz
+//!   (`cargo xtask fuzz`) beside it;
 //! - the Debian packages the build, the tests, the demo and the benchmark use, each
 //!   judged present by the files the project reads from it, not by a command on PATH.
 
