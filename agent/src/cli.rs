@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     api::{
@@ -18,11 +18,11 @@ use crate::{
         server::MAX_IMPORT_BODY,
     },
     config::Config,
-    control::{ImportReport, Reloaded, SessionDetail, SessionView, Stats},
     errln,
     events::{self, Refusal},
     input::{self, file::Accept, printable},
     outln, policy,
+    wire::{ImportReport, LoginBody, Reloaded, SessionDetail, SessionView, Stats, StoreStatus},
 };
 
 const DEFAULT_CONFIG: &str = "/etc/sessiongate/sessiongate.toml";
@@ -218,7 +218,12 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
     let client = ApiClient::new(&target.socket()?);
     match command {
         SessionCommand::Login { ip, user, idp, at } => {
-            let body = json!({ "ip": ip.to_string(), "user": user, "idp": idp, "at": at });
+            let body = serde_json::to_value(LoginBody {
+                ip: ip.to_string(),
+                user: user.clone(),
+                idp: idp.clone(),
+                at: at.clone(),
+            })?;
             let view: SessionView = decode(
                 client
                     .call(Method::POST, "/v1/sessions", Some(body))
@@ -339,7 +344,7 @@ pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
 }
 
 /// One line on the session store: kind, and for etcd whether it is followed.
-fn describe_store(store: &crate::fleet::StoreStatus) -> String {
+fn describe_store(store: &StoreStatus) -> String {
     if store.kind != "etcd" {
         return store.kind.clone();
     }

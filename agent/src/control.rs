@@ -10,7 +10,6 @@ use std::{
 };
 
 use agent_common::verdict::{Verdict, counter};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
@@ -20,12 +19,16 @@ use crate::{
     datapath::{Datapath, DatapathError, settings},
     drops::PolicyDrops,
     events::{self, History, RawRefusal, Refusal},
-    fleet::{Fleet, FleetError, StoreChange, StoreStatus},
+    fleet::{Fleet, FleetError, StoreChange},
     policy::{self, PolicyTable},
     portal::PageFacts,
     sessions::{
         ChangeError, LoginRequest, SessionError, SessionRecord, SessionStore, Syncer, Ticket,
         import::{self, LineError},
+    },
+    wire::{
+        ImportReport, PolicyStanding, ReloadRejected, ReloadStatus, Reloaded, SessionDetail,
+        SessionView, Stats, StoreStatus,
     },
 };
 
@@ -66,34 +69,6 @@ pub struct Active {
     pub generation: u32,
 }
 
-/// Reloads so far and how the last one went.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ReloadStatus {
-    pub succeeded: u64,
-    pub failed: u64,
-    /// Unix time of the last attempt, and its problems (empty when it succeeded).
-    pub last_at: Option<i64>,
-    pub last_ok: Option<bool>,
-    pub last_problems: Vec<String>,
-}
-
-/// What a successful reload did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Reloaded {
-    pub generation: u32,
-    pub policies: usize,
-    pub prefixes: usize,
-    /// Changes that only a restart applies, and `check`'s warnings.
-    pub warnings: Vec<String>,
-}
-
-/// A reload that changed nothing, with every reason.
-#[derive(Clone, Debug, Error, PartialEq, Serialize, Deserialize)]
-#[error("reload rejected; the running policy stays:\n  {}", .problems.join("\n  "))]
-pub struct ReloadRejected {
-    pub problems: Vec<String>,
-}
-
 pub struct Control {
     active: RwLock<Arc<Active>>,
     /// The config file `reload` reads.
@@ -116,53 +91,6 @@ pub struct Control {
     /// The fleet's shared store; `None` with the local store.
     fleet: Option<Arc<Fleet>>,
     started: std::time::Instant,
-}
-
-/// A session as the API shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SessionView {
-    pub ip: IpAddr,
-    pub user: String,
-    pub idp: String,
-    pub authenticated_at: String,
-    /// Age by the kernel's clock, Go format, to the second.
-    pub age: String,
-    pub age_seconds: i64,
-}
-
-/// `session show`: the session and how it stands against each session-checked policy.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SessionDetail {
-    #[serde(flatten)]
-    pub session: SessionView,
-    pub policies: Vec<PolicyStanding>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PolicyStanding {
-    pub policy: String,
-    pub duration: String,
-    pub satisfied: bool,
-    /// Time left while satisfied, or time since it expired.
-    pub margin: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Verdict counters by name, in code order.
-    pub verdicts: Vec<(String, u64)>,
-    pub events: Vec<(String, u64)>,
-    /// Visible refusals: RSTs and ICMP errors sent or not, portal hand-overs.
-    #[serde(default)]
-    pub replies: Vec<(String, u64)>,
-    /// Refused new flows per policy.
-    pub policy_drops: Vec<(String, u64)>,
-    pub sessions: usize,
-    pub udp_flows: usize,
-    pub interfaces: Vec<(String, String)>,
-    /// Where sessions come from and how that stands.
-    #[serde(default)]
-    pub store: StoreStatus,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -770,30 +698,6 @@ impl Control {
 
     pub fn recent_refusals(&self) -> Vec<Refusal> {
         lock(&self.history).snapshot()
-    }
-}
-
-/// What an import did.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ImportReport {
-    pub imported: usize,
-    /// Devices that had no session before, and devices whose session was reset.
-    pub new_devices: usize,
-    pub reset_devices: usize,
-    /// Bad lines left out (`skip_bad`), and the first of them.
-    pub skipped_lines: usize,
-    pub errors: Vec<LineError>,
-}
-
-impl ImportReport {
-    fn new(imported: usize, reset: usize, skipped: usize, errors: Vec<LineError>) -> Self {
-        Self {
-            imported,
-            new_devices: imported - reset,
-            reset_devices: reset,
-            skipped_lines: skipped,
-            errors,
-        }
     }
 }
 

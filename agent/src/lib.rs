@@ -18,3 +18,4 @@ pub mod policy;
 pub mod portal;
 pub mod run;
 pub mod sessions;
+pub mod wire;

@@ -270,10 +270,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        control::{ReloadStatus, Stats},
-        fleet::StoreStatus,
-    };
+    use crate::wire::{ReloadStatus, Stats, StoreStatus};
 
     fn snapshot(policy: &str) -> MetricsSnapshot {
         MetricsSnapshot {

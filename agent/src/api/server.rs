@@ -54,6 +54,7 @@ use crate::{
     listen::Limited,
     policy,
     sessions::{LoginRequest, SessionError},
+    wire::LoginBody,
 };
 
 /// Requests are tiny; anything bigger is a mistake or an attack.
@@ -136,17 +137,6 @@ const fn session_status(e: &SessionError) -> StatusCode {
         }
         SessionError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
-}
-
-/// Body of `POST /v1/sessions`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoginBody {
-    ip: String,
-    user: String,
-    idp: Option<String>,
-    /// RFC 3339; absent means now.
-    at: Option<String>,
 }
 
 /// A `POST /v1/sessions` body as a login request, or a 400 saying what is wrong.

@@ -27,7 +27,6 @@ use etcd_client::{
     Certificate, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue, TlsOptions,
     Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -36,6 +35,7 @@ use crate::{
     config::EtcdConfig,
     input::file,
     sessions::{LoginRequest, SessionError, SessionRecord, plan_login},
+    wire::StoreStatus,
 };
 pub use entry::Layout;
 pub use follow::supervise;
@@ -82,48 +82,6 @@ impl FleetError {
             Self::Unreachable { .. } => "store_unavailable",
             Self::Contended { .. } => "store_contended",
             Self::Session(e) => e.code(),
-        }
-    }
-}
-
-/// How the store stands, for status and metrics.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StoreStatus {
-    /// "local" or "etcd".
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub endpoints: Vec<String>,
-    /// The follower is watching the store (always true for "local").
-    pub connected: bool,
-    /// Unix time of the last change of `connected`.
-    #[serde(default)]
-    pub since: Option<i64>,
-    /// The store revision the kernel reflects.
-    #[serde(default)]
-    pub revision: i64,
-    #[serde(default)]
-    pub last_error: Option<String>,
-    /// Connections lost, full snapshots taken (the first one included), watch events
-    /// applied, device keys whose value is not a session (now), and writes through
-    /// this agent that lost a compare-and-swap to another writer and were judged again.
-    #[serde(default)]
-    pub disconnects: u64,
-    #[serde(default)]
-    pub resyncs: u64,
-    #[serde(default)]
-    pub events: u64,
-    #[serde(default)]
-    pub bad_entries: u64,
-    #[serde(default)]
-    pub lost_races: u64,
-}
-
-impl StoreStatus {
-    pub fn local() -> Self {
-        Self {
-            kind: "local".to_string(),
-            connected: true,
-            ..Self::default()
         }
     }
 }
