@@ -601,7 +601,7 @@ fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
     }
     // Logging a device out removes it from wherever it lives.
     for (device, _) in &devices {
-        h.dp.maps.remove_session(*device).unwrap();
+        h.sessions.remove_session(*device).unwrap();
         drops(
             &h,
             &Packet::syn(*device, app, 443),

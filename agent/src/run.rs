@@ -15,17 +15,16 @@ use tokio::{
 
 use crate::{
     api,
-    clock::ClockPair,
     config::{Config, StoreConfig},
-    control::{Control, policy_names},
-    datapath::{AttachedMode, Datapath, Origin, attach_mode, interface_exists, is_veth, settings},
+    control::{Control, attach_interfaces, missing_interfaces, policy_names},
+    datapath::{AttachedMode, Datapath, Origin, SessionMaps, is_veth},
     drops::PolicyDrops,
     events,
     fleet::Fleet,
     listen::{self, Limits},
     notify::{Notifier, NotifyConfig},
     policy, portal,
-    sessions::SessionStore,
+    sessions::{SessionMirror, SessionStore},
 };
 
 pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
@@ -35,13 +34,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     for warning in policy::lint(&config, &table) {
         tracing::warn!("{warning}");
     }
-    let missing: Vec<&str> = config
-        .agent
-        .interfaces
-        .iter()
-        .map(String::as_str)
-        .filter(|name| !interface_exists(name))
-        .collect();
+    let missing = missing_interfaces(&config);
     if !missing.is_empty() {
         bail!(
             "config {}: [agent] interfaces: {} not found on this host; nothing was attached",
@@ -91,7 +84,10 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
 
     let pin_dir = config.agent.pin_dir.clone();
     let (mut datapath, origin) = Datapath::open(&pin_dir, &config.limits, replace)?;
-    let (interfaces, drops) = match bring_up(&mut datapath, &origin, &config, &table, &store) {
+    let session_maps = datapath.take_sessions().expect("taken once");
+    let up = start_sessions(store, session_maps, &config, &origin, &datapath)
+        .and_then(|mirror| Ok((bring_up(&mut datapath, &origin, &config, &table)?, mirror)));
+    let (drops, sessions) = match up {
         Ok(up) => up,
         Err(e) => {
             if !matches!(origin, Origin::Adopted) && config.agent.portal_listen.is_some() {
@@ -114,7 +110,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     tracing::info!(
         policies = config.policies.len(),
         prefixes = table.dest.len(),
-        sessions = store.len(),
+        sessions = sessions.read(|store| store.len()),
         api_socket = %socket.display(),
         api_listen = ?config.agent.api_listen,
         metrics_listen = ?config.agent.metrics_listen,
@@ -124,12 +120,9 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     );
     let control = Arc::new(Control::new(
         config_path.to_path_buf(),
-        config,
-        table,
-        interfaces,
-        store,
-        datapath,
-        drops,
+        (config, table),
+        Arc::clone(&sessions),
+        (datapath, drops),
         notifier,
         fleet.clone(),
     ));
@@ -147,7 +140,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     if let Some(fleet) = fleet {
         tasks.spawn(crate::fleet::supervise(
             Arc::clone(&fleet),
-            Arc::clone(&control),
+            Arc::clone(&sessions),
         ));
         // Serve once this host matches the store, unless etcd is down: then serve the
         // local mirror of the last state known (fail-static) while the follower retries.
@@ -220,36 +213,40 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Brings an opened datapath up to date with `config` and attaches it; returns the
-/// interfaces and their modes, and the per-policy refusal totals. On error the caller
-/// abandons what was started.
+/// Hands the store and the kernel's session maps to their one owner, which puts the
+/// sessions in place before the new policy is, and before a new datapath is attached,
+/// so no device with a valid session is ever refused.
+fn start_sessions(
+    store: SessionStore,
+    maps: SessionMaps,
+    config: &Config,
+    origin: &Origin,
+    datapath: &Datapath,
+) -> anyhow::Result<Arc<SessionMirror>> {
+    let adopted = matches!(origin, Origin::Adopted);
+    let sessions = store.len();
+    let (mirror, removed) = SessionMirror::start(store, maps, &config.agent.state_dir, adopted)?;
+    if adopted {
+        tracing::info!(
+            dir = %config.agent.pin_dir.display(),
+            generation = datapath.maps.generation(),
+            sessions,
+            removed,
+            "adopted the pinned datapath"
+        );
+    }
+    Ok(Arc::new(mirror))
+}
+
+/// Brings an opened datapath (its sessions in place) up to date with `config` and
+/// attaches it; returns the per-policy refusal totals. On error the caller abandons
+/// what was started.
 fn bring_up(
     datapath: &mut Datapath,
     origin: &Origin,
     config: &Config,
     table: &policy::PolicyTable,
-    store: &SessionStore,
-) -> anyhow::Result<(Vec<(String, String)>, PolicyDrops)> {
-    // Sessions are in place before the new policy is, and before a new datapath is
-    // attached, so no device with a valid session is ever refused.
-    let clock = ClockPair::now();
-    let sessions: Vec<_> = store
-        .iter()
-        .map(|r| (r.ip, r.kernel_value(&clock, store.boot_id())))
-        .collect();
-    match origin {
-        Origin::Adopted => {
-            let removed = datapath.maps.sync_sessions(&sessions)?;
-            tracing::info!(
-                dir = %config.agent.pin_dir.display(),
-                generation = datapath.maps.generation(),
-                sessions = sessions.len(),
-                removed,
-                "adopted the pinned datapath"
-            );
-        }
-        Origin::Loaded | Origin::Replacing(_) => datapath.maps.load_sessions(&sessions)?,
-    }
+) -> anyhow::Result<PolicyDrops> {
     // The portal is ready (listening, routed, its TC program attached) before any
     // settings that name it are in force: a handed-over connection always finds it.
     if config.agent.portal_listen.is_some() {
@@ -265,34 +262,30 @@ fn bring_up(
     );
     drops.apply(
         &mut datapath.maps,
-        settings(config),
+        policy::settings(config),
         table,
         policy_names(config),
     )?;
     if config.agent.portal_listen.is_none() {
         datapath.disable_portal()?;
     }
-    let mut interfaces = Vec::new();
     let replies = config.answers_refusals();
-    for name in &config.agent.interfaces {
-        let replies_on_veth = replies && is_veth(name);
-        let mode = attach_mode(config.agent.xdp_mode, replies_on_veth, name);
-        let mode = datapath.attach(name, mode)?;
+    for (name, attached) in attach_interfaces(datapath, config, config.agent.xdp_mode) {
+        let mode = attached?;
         tracing::info!(interface = %name, mode = mode.name(), "attached");
-        if replies_on_veth && mode == AttachedMode::Native {
+        if replies && mode == AttachedMode::Native && is_veth(&name) {
             tracing::warn!(
                 interface = %name,
                 "this veth is in native XDP mode: the RSTs and ICMP errors of reject and redirect policies reach its peer only if the peer runs an XDP program too; otherwise set xdp_mode = \"generic\""
             );
         }
-        interfaces.push((name.clone(), mode.name().to_string()));
     }
     datapath.detach_others(&config.agent.interfaces)?;
     if let Origin::Replacing(old) = origin {
         datapath.finish_replace(&config.agent.pin_dir)?;
         tracing::info!(replaced = ?old, "replaced the pinned datapath in one step");
     }
-    Ok((interfaces, drops))
+    Ok(drops)
 }
 
 /// The API socket's file, removed when the agent stops or fails to start.

@@ -19,7 +19,7 @@ use sessiongate::{
     api::client::{ApiClient, ClientError},
     clock::{ClockPair, boot_id, boot_now_ns},
     config::{Config, Limits},
-    datapath::{Datapath, settings},
+    datapath::Datapath,
     policy,
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -407,7 +407,8 @@ fn session_load(n: usize) -> anyhow::Result<f64> {
     };
     let all: Vec<_> = scenario::devices(n).map(|d| (d, session)).collect();
     let started = Instant::now();
-    dp.maps.load_sessions(&all)?;
+    let mut sessions = dp.take_sessions().expect("not taken yet");
+    sessions.load_sessions(&all)?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -423,7 +424,7 @@ fn policy_load(cidrs: usize) -> anyhow::Result<(f64, f64)> {
     let compiled = started.elapsed().as_secs_f64();
     let mut dp = Datapath::load(&limits(1024))?;
     let started = Instant::now();
-    dp.maps.apply(settings(&config), &table)?;
+    dp.maps.apply(policy::settings(&config), &table)?;
     Ok((compiled, started.elapsed().as_secs_f64()))
 }
 

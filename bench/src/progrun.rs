@@ -19,7 +19,7 @@ use serde::Serialize;
 use sessiongate::{
     clock::boot_now_ns,
     config::{Config, Limits},
-    datapath::{Datapath, settings},
+    datapath::Datapath,
     policy,
 };
 
@@ -296,10 +296,11 @@ impl Loaded {
             max_port_rules: 65_536,
         };
         let mut dp = Datapath::load(&limits)?;
-        dp.maps.apply(settings(&config), &table)?;
+        dp.maps.apply(policy::settings(&config), &table)?;
+        let mut sessions = dp.take_sessions().expect("not taken yet");
         let now = boot_now_ns();
         for device in scenario::devices(size.sessions) {
-            dp.maps.set_session(
+            sessions.set_session(
                 device,
                 Session {
                     authenticated_at_ns: now,
@@ -313,7 +314,7 @@ impl Loaded {
             (IpAddr::V4(scenario::EXPIRED_DEVICE), expired),
             (IpAddr::V6(scenario::EXPIRED_DEVICE6), expired),
         ] {
-            dp.maps.set_session(
+            sessions.set_session(
                 device,
                 Session {
                     authenticated_at_ns: at,
@@ -343,7 +344,7 @@ impl Loaded {
     }
 
     fn set_renewal(&mut self, renew: bool) -> anyhow::Result<()> {
-        let mut s = settings(&self.config);
+        let mut s = policy::settings(&self.config);
         if renew {
             s.udp_idle_ns = 0;
         }

@@ -15,9 +15,9 @@ use netlab::packets::Packet;
 use sessiongate::{
     clock::boot_now_ns,
     config::{Config, Limits},
-    datapath::{Datapath, settings},
+    datapath::{Datapath, SessionMaps},
     events::{RawRefusal, decode},
-    policy,
+    policy::{self, settings},
 };
 
 pub const XDP_ABORTED: u32 = 0;
@@ -117,6 +117,7 @@ pub fn ip(s: &str) -> IpAddr {
 
 pub struct Harness {
     pub dp: Datapath,
+    pub sessions: SessionMaps,
     pub config: Config,
     events: RingBuf<MapData>,
 }
@@ -149,7 +150,13 @@ impl Harness {
         let mut dp = Datapath::load(&limits).expect("the kernel accepts the program");
         dp.maps.apply(settings(&config), &table).unwrap();
         let events = dp.take_events().unwrap();
-        let mut h = Self { dp, config, events };
+        let sessions = dp.take_sessions().unwrap();
+        let mut h = Self {
+            dp,
+            sessions,
+            config,
+            events,
+        };
         for (device, age) in DEVICES {
             if let Some(age) = age {
                 h.login(v4(device), age);
@@ -162,8 +169,7 @@ impl Harness {
     /// Gives a device a session authenticated `age` ago.
     pub fn login(&mut self, device: IpAddr, age: Duration) {
         let authenticated_at_ns = boot_now_ns() - age.as_nanos() as i64;
-        self.dp
-            .maps
+        self.sessions
             .set_session(
                 device,
                 Session {

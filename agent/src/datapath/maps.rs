@@ -1,35 +1,28 @@
 //! Typed handles on the program's maps (layouts in `agent_common::maps`) and the
-//! agent's writes to them.
-
-use std::net::IpAddr;
+//! agent's writes to them: the two configuration sets, counters and flow tables. The
+//! session maps have their own owner (`sessions.rs`).
 
 use std::os::fd::AsFd;
 
 use agent_common::{
     addr::{Ip4, Ip6},
     hashing::bucket,
-    logic::{flow_active, reply_tolerance},
+    logic::flow_active,
     maps::{
         DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, MAX_POLICIES, PORT_TABLE_SET_BIT,
-        PolicyParams, PortRuleKey, Session, SessionBucketV4, SessionBucketV6, Settings,
-        UNKNOWN_DEVICE_ALLOW, UNKNOWN_DEVICE_ENFORCE, WAYS, add_port, config_set, names,
-        policy_slot,
+        PolicyParams, PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
     },
-    tables::{FlowSlot, SessionSlot},
+    tables::FlowSlot,
     verdict::counter,
 };
 use aya::maps::{
     Array, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     RingBuf, lpm_trie::Key,
 };
-use bytemuck::Zeroable;
 use ipnet::IpNet;
 
 use super::{DatapathError, Geometry, sys};
-use crate::{
-    config::{Config, Limits, OnExpired, UnknownDevice},
-    policy::PolicyTable,
-};
+use crate::{config::Limits, policy::PolicyTable};
 
 pub struct Maps {
     generation_map: Array<MapData, u32>,
@@ -38,10 +31,6 @@ pub struct Maps {
     dest_v6: [LpmTrie<MapData, Ip6, DestRule>; 2],
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     policies: Array<MapData, PolicyParams>,
-    sessions_v4: HashMap<MapData, Ip4, Session>,
-    sessions_v6: HashMap<MapData, Ip6, Session>,
-    session_table_v4: Array<MapData, SessionBucketV4>,
-    session_table_v6: Array<MapData, SessionBucketV6>,
     flows_v4: Array<MapData, FlowBucketV4>,
     flows_v6: Array<MapData, FlowBucketV6>,
     counters: PerCpuArray<MapData, u64>,
@@ -54,8 +43,6 @@ pub struct Maps {
     current: Settings,
     /// Policies written to each set, when known (not for sets found pinned).
     policy_counts: [Option<u32>; 2],
-    /// The session maps are known to be empty (a new datapath before its first load).
-    sessions_empty: bool,
     /// When `SG_GENERATION` last changed (see `SWITCH_GRACE`).
     switched_at: std::time::Instant,
 }
@@ -66,14 +53,14 @@ pub type Counters = Vec<u64>;
 /// Where the maps come from: a freshly loaded object, or pins of an earlier agent.
 pub(super) type MapSource<'a> = dyn FnMut(&'static str) -> Result<Map, DatapathError> + 'a;
 
-fn typed<T: TryFrom<Map, Error = MapError>>(
+pub(super) fn typed<T: TryFrom<Map, Error = MapError>>(
     source: &mut MapSource<'_>,
     name: &'static str,
 ) -> Result<T, DatapathError> {
     T::try_from(source(name)?).map_err(|source| DatapathError::Map { map: name, source })
 }
 
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+pub(super) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
@@ -114,10 +101,6 @@ impl Maps {
             ],
             port_rules: typed(source, names::PORT_RULES)?,
             policies: typed(source, names::POLICIES)?,
-            sessions_v4: typed(source, names::SESSIONS_V4)?,
-            sessions_v6: typed(source, names::SESSIONS_V6)?,
-            session_table_v4: typed(source, names::SESSION_TABLE_V4)?,
-            session_table_v6: typed(source, names::SESSION_TABLE_V6)?,
             flows_v4: typed(source, names::FLOWS_V4)?,
             flows_v6: typed(source, names::FLOWS_V6)?,
             counters: typed(source, names::COUNTERS)?,
@@ -127,8 +110,6 @@ impl Maps {
             generation,
             current,
             policy_counts: [None, None],
-            // Generation 0: never configured, so never given sessions either.
-            sessions_empty: generation == 0,
             // Unknown for adopted pins: assume just now.
             switched_at: std::time::Instant::now(),
         })
@@ -338,188 +319,6 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes (or replaces) a device's session: the authoritative hash map first, then
-    /// its copy in the session table, so a reader always finds one of them.
-    pub fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
-        let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.insert(Ip4::from(a), session, 0),
-            IpAddr::V6(a) => self.sessions_v6.insert(Ip6::from(a), session, 0),
-        };
-        result.map_err(|source| match &source {
-            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                DatapathError::SessionsFull {
-                    family: if ip.is_ipv4() { "IPv4" } else { "IPv6" },
-                    limit: self.limits.max_sessions,
-                }
-            }
-            _ => DatapathError::Map {
-                map: session_map_name(ip),
-                source,
-            },
-        })?;
-        self.update_session_table(ip, Some(session.authenticated_at_ns))
-    }
-
-    /// Removes a device's session (absent is fine): the table copy first, then the
-    /// hash map.
-    pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
-        self.update_session_table(ip, None)?;
-        let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.remove(&Ip4::from(a)),
-            IpAddr::V6(a) => self.sessions_v6.remove(&Ip6::from(a)),
-        };
-        match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map {
-                map: session_map_name(ip),
-                source,
-            }),
-        }
-    }
-
-    /// Writes many sessions at once (start-up, bulk import, benchmarks): batched writes
-    /// of the session-table buckets they fall in, then of the hash maps. Buckets are
-    /// rebuilt from the sessions given plus the sessions already in them.
-    pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
-        let mask = self.geometry.session_buckets - 1;
-        let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
-        let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
-        let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
-        for (ip, session) in sessions {
-            let at = Some(session.authenticated_at_ns);
-            match ip {
-                IpAddr::V4(a) => {
-                    let addr = Ip4::from(*a);
-                    keys4.push(addr);
-                    values4.push(*session);
-                    let index = bucket(addr.fold(), mask);
-                    let b = buckets4.entry(index).or_insert_with(|| {
-                        existing(&self.session_table_v4, index, self.sessions_empty)
-                    });
-                    place_session(&mut b.slots, &addr, at);
-                }
-                IpAddr::V6(a) => {
-                    let addr = Ip6::from(*a);
-                    keys6.push(addr);
-                    values6.push(*session);
-                    let index = bucket(addr.fold(), mask);
-                    let b = buckets6.entry(index).or_insert_with(|| {
-                        existing(&self.session_table_v6, index, self.sessions_empty)
-                    });
-                    place_session(&mut b.slots, &addr, at);
-                }
-            }
-        }
-        let full = |family: &'static str, limit: u32| {
-            move |e: std::io::Error| match e.raw_os_error() {
-                Some(libc::E2BIG) => DatapathError::SessionsFull { family, limit },
-                _ => DatapathError::Batch {
-                    map: if family == "IPv4" {
-                        names::SESSIONS_V4
-                    } else {
-                        names::SESSIONS_V6
-                    },
-                    source: e,
-                },
-            }
-        };
-        self.sessions_empty = false;
-        // The session table first: the program looks there before the hash map, so a
-        // renewed device's old (perhaps expired) copy must not outlive the batch.
-        let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
-        sys::update_batch(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
-            |source| DatapathError::Batch {
-                map: names::SESSION_TABLE_V4,
-                source,
-            },
-        )?;
-        let (index6, bucket6): (Vec<u32>, Vec<SessionBucketV6>) = buckets6.into_iter().unzip();
-        sys::update_batch(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
-            |source| DatapathError::Batch {
-                map: names::SESSION_TABLE_V6,
-                source,
-            },
-        )?;
-        let limit = self.limits.max_sessions;
-        sys::update_batch(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
-            .map_err(full("IPv4", limit))?;
-        sys::update_batch(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
-            .map_err(full("IPv6", limit))?;
-        Ok(())
-    }
-
-    /// Makes the kernel's sessions equal to `sessions` (an adopted datapath, whose maps
-    /// may hold a change the journal never recorded): removes devices not listed, then
-    /// writes every listed one. Every device listed has a session throughout.
-    pub fn sync_sessions(
-        &mut self,
-        sessions: &[(IpAddr, Session)],
-    ) -> Result<usize, DatapathError> {
-        let listed: std::collections::HashSet<IpAddr> =
-            sessions.iter().map(|(ip, _)| *ip).collect();
-        let extra: Vec<IpAddr> = self
-            .session_devices()?
-            .into_iter()
-            .filter(|ip| !listed.contains(ip))
-            .collect();
-        for ip in &extra {
-            self.remove_session(*ip)?;
-        }
-        self.load_sessions(sessions)?;
-        Ok(extra.len())
-    }
-
-    /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session
-    /// table. A device whose bucket is full stays in the hash map only.
-    fn update_session_table(&mut self, ip: IpAddr, at: Option<i64>) -> Result<(), DatapathError> {
-        let mask = self.geometry.session_buckets - 1;
-        match ip {
-            IpAddr::V4(a) => {
-                let addr = Ip4::from(a);
-                let index = bucket(addr.fold(), mask);
-                let table = &mut self.session_table_v4;
-                let mut b = table
-                    .get(&index, 0)
-                    .map_err(map_err(names::SESSION_TABLE_V4))?;
-                if place_session(&mut b.slots, &addr, at) {
-                    table
-                        .set(index, b, 0)
-                        .map_err(map_err(names::SESSION_TABLE_V4))?;
-                }
-            }
-            IpAddr::V6(a) => {
-                let addr = Ip6::from(a);
-                let index = bucket(addr.fold(), mask);
-                let table = &mut self.session_table_v6;
-                let mut b = table
-                    .get(&index, 0)
-                    .map_err(map_err(names::SESSION_TABLE_V6))?;
-                if place_session(&mut b.slots, &addr, at) {
-                    table
-                        .set(index, b, 0)
-                        .map_err(map_err(names::SESSION_TABLE_V6))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The kernel's session for a device, if any.
-    pub fn session(&self, ip: IpAddr) -> Result<Option<Session>, DatapathError> {
-        let result = match ip {
-            IpAddr::V4(a) => self.sessions_v4.get(&Ip4::from(a), 0),
-            IpAddr::V6(a) => self.sessions_v6.get(&Ip6::from(a), 0),
-        };
-        match result {
-            Ok(s) => Ok(Some(s)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map {
-                map: session_map_name(ip),
-                source,
-            }),
-        }
-    }
-
     /// Every counter slot, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DatapathError> {
         (0..counter::SLOTS)
@@ -541,25 +340,6 @@ impl Maps {
                 sum(&self.policy_drops, policy_slot(set, i)).map_err(map_err(names::POLICY_DROPS))
             })
             .collect()
-    }
-
-    /// Devices with a session in the kernel (both families). Walks the hash maps.
-    pub fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
-        let v4: Vec<Ip4> = self
-            .sessions_v4
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::SESSIONS_V4))?;
-        let v6: Vec<Ip6> = self
-            .sessions_v6
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::SESSIONS_V6))?;
-        Ok(v4
-            .into_iter()
-            .map(|a| IpAddr::V4(a.into()))
-            .chain(v6.into_iter().map(|a| IpAddr::V6(a.into())))
-            .collect())
     }
 
     /// Entries in use and capacity of each sized table, for metrics, from the counts of
@@ -693,15 +473,6 @@ impl Maps {
     }
 }
 
-/// A session-table bucket as the kernel holds it (empty when the table is known empty
-/// or unreadable: the hash map stays authoritative either way).
-fn existing<B: aya::Pod + Default>(table: &Array<MapData, B>, index: u32, empty: bool) -> B {
-    if empty {
-        return B::default();
-    }
-    table.get(&index, 0).unwrap_or_default()
-}
-
 /// Puts a flow slot (if in use) into its bucket under `mask`, replacing the least
 /// recently seen slot when the bucket is full.
 fn rehash<B: Default, S: FlowSlot>(
@@ -734,65 +505,6 @@ fn active_flows<S: FlowSlot>(slots: &[S], now_ns: u64, idle_ns: u64) -> usize {
         .count()
 }
 
-/// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;
-/// returns whether the bucket changed. A new device takes a free slot if there is one.
-fn place_session<S: SessionSlot + Default>(
-    slots: &mut [S; WAYS],
-    addr: &S::Addr,
-    at: Option<i64>,
-) -> bool {
-    let own = slots.iter().position(|s| s.is_valid() && s.addr() == addr);
-    match (at, own) {
-        (Some(at), Some(i)) => slots[i] = S::new(addr, at),
-        (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {
-            Some(free) => slots[free] = S::new(addr, at),
-            None => return false,
-        },
-        (None, Some(i)) => slots[i] = S::default(),
-        (None, None) => return false,
-    }
-    true
-}
-
-/// `SG_SETTINGS` for a config.
-pub fn settings(config: &Config) -> Settings {
-    let mut settings = Settings::zeroed();
-    settings.udp_idle_ns = config.agent.udp_idle_timeout.as_nanos_u64();
-    settings.unknown_device = match config.agent.unknown_device {
-        UnknownDevice::Enforce => UNKNOWN_DEVICE_ENFORCE,
-        UnknownDevice::Allow => UNKNOWN_DEVICE_ALLOW,
-    };
-    for &port in &config.dns.ports {
-        settings.set_dns_port(port);
-    }
-    let replies = config.agent.replies;
-    settings.reply_interval_ns = 1_000_000_000 / u64::from(replies.rate.max(1));
-    settings.reply_tolerance_ns = reply_tolerance(settings.reply_interval_ns, replies.burst);
-    if let Some(portal) = config.agent.portal_listen {
-        settings.portal_port = portal.port();
-        // The TC program looks the listener up by this address; a `[::]` listener
-        // takes IPv4 too.
-        match portal.ip() {
-            IpAddr::V4(v4) => settings.portal_v4 = Ip4::from_octets(v4.octets()),
-            IpAddr::V6(v6) => {
-                settings.portal_v6 = Ip6::from_octets(v6.octets());
-                if let Some(v4) = v6.to_ipv4_mapped() {
-                    settings.portal_v4 = Ip4::from_octets(v4.octets());
-                }
-            }
-        }
-        let redirecting = config
-            .policies
-            .iter()
-            .filter(|p| p.on_expired == OnExpired::Redirect);
-        for port in redirecting.flat_map(|p| &p.redirect_ports) {
-            add_port(&mut settings.redirect_ports, *port);
-        }
-    }
-    Geometry::of(&config.limits).apply(&mut settings);
-    settings
-}
-
 /// The set a port-table id belongs to.
 const fn port_table_set(id: u32) -> u32 {
     (id & PORT_TABLE_SET_BIT != 0) as u32
@@ -807,11 +519,4 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 fn sum(map: &PerCpuArray<MapData, u64>, slot: u32) -> Result<u64, MapError> {
     Ok(map.get(&slot, 0)?.iter().sum())
-}
-
-const fn session_map_name(ip: IpAddr) -> &'static str {
-    match ip {
-        IpAddr::V4(_) => names::SESSIONS_V4,
-        IpAddr::V6(_) => names::SESSIONS_V6,
-    }
 }

@@ -4,12 +4,18 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use etcd_client::{EventType, WatchOptions};
 
-use super::{Fleet, StoreChange, entry, lock, members::short, unix_now};
-use crate::{clock::ClockPair, control::Control, sessions::SessionRecord};
+use super::{Fleet, entry, lock, members::short, unix_now};
+use crate::{
+    clock::ClockPair,
+    sessions::{SessionMirror, SessionRecord, StoreChange},
+};
 
 /// Reconnection backoff: doubles from the first to the last, then stays there.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// After a change this host could not record (its disk is failing), a full snapshot
+/// is taken again after this long: not sooner, since a snapshot is not free.
+const NOT_APPLIED_RETRY: Duration = Duration::from_secs(30);
 
 /// Why a watch ended.
 enum Ended {
@@ -17,13 +23,15 @@ enum Ended {
     Lost(String),
     /// The revision to resume from has been compacted away: take a snapshot again.
     Compacted(i64),
+    /// Changes could not be applied here (logged): take a snapshot again later.
+    NotApplied(usize),
 }
 
 /// Runs the follower. Should it ever stop (a bug: it panicked), this host no longer
 /// follows the store: say so in status, metrics and the log, and keep enforcing what
 /// it has, as in an outage.
-pub async fn supervise(fleet: Arc<Fleet>, control: Arc<Control>) {
-    let follower = tokio::spawn(follow(Arc::clone(&fleet), control));
+pub async fn supervise(fleet: Arc<Fleet>, mirror: Arc<SessionMirror>) {
+    let follower = tokio::spawn(follow(Arc::clone(&fleet), mirror));
     // Stopping the supervisor (at shutdown) stops the follower too.
     let _stop = AbortOnDrop(follower.abort_handle());
     let ended = follower.await;
@@ -49,7 +57,7 @@ impl Drop for AbortOnDrop {
 
 /// Keeps this host equal to the store, forever: snapshot, watch, and after any failure
 /// the same again from where it stopped.
-async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
+async fn follow(fleet: Arc<Fleet>, mirror: Arc<SessionMirror>) {
     let mut backoff = BACKOFF_FIRST;
     let mut snapshot_needed = true;
     // Keys under the prefix that are not sessions now (for `bad_entries`).
@@ -57,7 +65,7 @@ async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
     loop {
         let ended = follow_once(
             &fleet,
-            &control,
+            &mirror,
             &mut snapshot_needed,
             &mut backoff,
             &mut bad,
@@ -71,6 +79,16 @@ async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
                     "the store was compacted past the revision this host has; taking a full snapshot"
                 );
                 snapshot_needed = true;
+                continue;
+            }
+            Ended::NotApplied(changes) => {
+                tracing::warn!(
+                    changes,
+                    retry_in = ?NOT_APPLIED_RETRY,
+                    "changes from the store could not be applied here; taking a full snapshot again"
+                );
+                snapshot_needed = true;
+                tokio::time::sleep(NOT_APPLIED_RETRY).await;
                 continue;
             }
             Ended::Lost(cause) => cause,
@@ -102,7 +120,7 @@ async fn follow(fleet: Arc<Fleet>, control: Arc<Control>) {
 
 async fn follow_once(
     fleet: &Fleet,
-    control: &Arc<Control>,
+    mirror: &SessionMirror,
     snapshot_needed: &mut bool,
     backoff: &mut Duration,
     bad: &mut HashSet<Vec<u8>>,
@@ -114,11 +132,11 @@ async fn follow_once(
             Err(e) => return Ended::Lost(e),
         };
         let clock = ClockPair::now();
-        let boot_id = control.boot_id();
+        let boot_id = mirror.boot_id();
         let mut records = Vec::with_capacity(kvs.len());
         bad.clear();
         for kv in &kvs {
-            match decoded(fleet, kv.key(), kv.value(), &clock, &boot_id) {
+            match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
                 Decoded::Session(record) => records.push(record),
                 // Left out of the snapshot, so the resync removes any session it had.
                 Decoded::BadValue(_) | Decoded::BadKey => {
@@ -127,12 +145,13 @@ async fn follow_once(
             }
         }
         drop(kvs);
-        let diff = tokio::task::block_in_place(|| control.resync_store(records));
+        let diff = tokio::task::block_in_place(|| mirror.resync(records));
         tracing::info!(
             revision,
             added = diff.added,
             changed = diff.changed,
             removed = diff.removed,
+            not_applied = diff.not_applied,
             bad_entries = bad.len(),
             "applied a full snapshot of the session store"
         );
@@ -144,6 +163,9 @@ async fn follow_once(
         }
         fleet.applied.send_replace(revision);
         *snapshot_needed = false;
+        if diff.not_applied > 0 {
+            return Ended::NotApplied(diff.not_applied);
+        }
     }
     let start = *fleet.applied.borrow() + 1;
     // The watch stays on one member; when it fails, the next attempt tries another.
@@ -192,7 +214,7 @@ async fn follow_once(
             continue;
         }
         let clock = ClockPair::now();
-        let boot_id = control.boot_id();
+        let boot_id = mirror.boot_id();
         let mut changes = Vec::with_capacity(response.events().len());
         let mut last = 0;
         for event in response.events() {
@@ -205,7 +227,7 @@ async fn follow_once(
                 }
                 continue;
             }
-            match decoded(fleet, kv.key(), kv.value(), &clock, &boot_id) {
+            match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
                 Decoded::Session(record) => {
                     bad.remove(kv.key());
                     changes.push(StoreChange::Put(record));
@@ -221,7 +243,7 @@ async fn follow_once(
             }
         }
         let applied = changes.len() as u64;
-        tokio::task::block_in_place(|| control.apply_store(changes, last));
+        let failed = tokio::task::block_in_place(|| mirror.apply(changes, last));
         {
             let mut status = lock(&fleet.status);
             status.events += applied;
@@ -229,6 +251,9 @@ async fn follow_once(
             status.revision = last;
         }
         fleet.applied.send_replace(last);
+        if failed > 0 {
+            return Ended::NotApplied(failed);
+        }
     }
 }
 

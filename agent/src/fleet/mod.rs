@@ -55,13 +55,6 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// Compare-and-swap attempts before a login gives up on a device that keeps changing.
 const CAS_ATTEMPTS: usize = 5;
 
-/// One change from the store, in revision order.
-#[derive(Clone, Debug)]
-pub enum StoreChange {
-    Put(SessionRecord),
-    Delete(IpAddr),
-}
-
 #[derive(Debug, Error)]
 pub enum FleetError {
     #[error(

@@ -11,6 +11,7 @@
 //! other ports (which only port-less policies can match).
 
 mod lint;
+mod settings;
 mod table;
 
 use std::collections::{BTreeSet, HashMap};
@@ -25,6 +26,7 @@ use thiserror::Error;
 use crate::config::{CheckSession, Config, OnExpired, Protocol};
 
 pub use lint::{Warning, lint};
+pub use settings::settings;
 pub use table::describe;
 
 /// The compiled tables, ready to be written to the maps.

@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::{
+    import::ImportRecord,
     testing::{FakeKernel, Faults, faulty, logs_of},
     *,
 };

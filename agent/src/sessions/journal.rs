@@ -28,8 +28,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{
-    SessionError, SessionRecord, check_replayed,
+    SessionError, SessionRecord,
     durable::{Syncer, Ticket, sync_dir},
+    rules::check_replayed,
 };
 
 const FILE_NAME: &str = "sessions.jsonl";

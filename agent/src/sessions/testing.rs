@@ -21,11 +21,13 @@ use super::{
 };
 use crate::datapath::DatapathError;
 
-/// Kernel session maps in memory; every write fails while `fail` is set.
+/// Kernel session maps in memory; every write fails while `fail` is set, batches
+/// while `fail_batches` is.
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     pub sessions: BTreeMap<IpAddr, Session>,
     pub fail: bool,
+    pub fail_batches: bool,
 }
 
 impl FakeKernel {
@@ -62,8 +64,47 @@ impl KernelSessions for FakeKernel {
 
     fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
         self.check()?;
+        if self.fail_batches {
+            return Err(DatapathError::SessionsFull {
+                family: "IPv4",
+                limit: 0,
+            });
+        }
         self.sessions.extend(sessions.iter().copied());
         Ok(())
+    }
+
+    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        self.check()?;
+        Ok(self.sessions.keys().copied().collect())
+    }
+}
+
+/// A fake kernel the test keeps a handle on while the session mirror owns it.
+#[derive(Clone, Debug, Default)]
+pub struct SharedKernel(pub Arc<Mutex<FakeKernel>>);
+
+impl SharedKernel {
+    pub fn with<R>(&self, f: impl FnOnce(&mut FakeKernel) -> R) -> R {
+        f(&mut self.0.lock().unwrap())
+    }
+}
+
+impl KernelSessions for SharedKernel {
+    fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
+        self.with(|k| k.set_session(ip, session))
+    }
+
+    fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.with(|k| k.remove_session(ip))
+    }
+
+    fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+        self.with(|k| k.load_sessions(sessions))
+    }
+
+    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        self.with(|k| k.session_devices())
     }
 }
 

@@ -1,6 +1,7 @@
 use std::io::Write as _;
 
-use super::{testing::FakeKernel, *};
+use super::{import::ImportRecord, testing::FakeKernel, *};
+use crate::input::AddressError;
 
 fn login(ip: &str, user: &str, idp: Option<&str>) -> LoginRequest {
     LoginRequest {

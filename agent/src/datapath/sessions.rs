@@ -1,0 +1,270 @@
+//! The kernel's session maps (`SG_SESSIONS_V4/V6`, the authoritative hash maps, and
+//! their copies in the bucketed session tables `SG_SESSION_TABLE_V4/V6` that the
+//! program reads first; layouts in `agent_common::maps`). Split from `Maps` so that
+//! they have one owner, the session mirror (`sessions::SessionMirror`).
+
+use std::{net::IpAddr, os::fd::AsFd};
+
+use agent_common::{
+    addr::{Ip4, Ip6},
+    hashing::bucket,
+    maps::{Session, SessionBucketV4, SessionBucketV6, WAYS, names},
+    tables::SessionSlot,
+};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
+
+use super::{
+    DatapathError, Geometry,
+    maps::{MapSource, map_err, typed},
+    sys,
+};
+use crate::config::Limits;
+
+pub struct SessionMaps {
+    sessions_v4: HashMap<MapData, Ip4, Session>,
+    sessions_v6: HashMap<MapData, Ip6, Session>,
+    session_table_v4: Array<MapData, SessionBucketV4>,
+    session_table_v6: Array<MapData, SessionBucketV6>,
+    /// Capacity of each hash map, for the error that says it is full.
+    max_sessions: u32,
+    /// Buckets of each session table (a power of two).
+    buckets: u32,
+    /// The maps are known to be empty (a new datapath before its first load), so
+    /// `load_sessions` need not read buckets back.
+    empty: bool,
+}
+
+impl SessionMaps {
+    /// `empty`: the datapath was never configured, so never given sessions either.
+    pub(super) fn open(
+        source: &mut MapSource<'_>,
+        limits: &Limits,
+        empty: bool,
+    ) -> Result<Self, DatapathError> {
+        Ok(Self {
+            sessions_v4: typed(source, names::SESSIONS_V4)?,
+            sessions_v6: typed(source, names::SESSIONS_V6)?,
+            session_table_v4: typed(source, names::SESSION_TABLE_V4)?,
+            session_table_v6: typed(source, names::SESSION_TABLE_V6)?,
+            max_sessions: limits.max_sessions,
+            buckets: Geometry::of(limits).session_buckets,
+            empty,
+        })
+    }
+
+    /// Writes (or replaces) a device's session: the authoritative hash map first, then
+    /// its copy in the session table, so a reader always finds one of them.
+    pub fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
+        let result = match ip {
+            IpAddr::V4(a) => self.sessions_v4.insert(Ip4::from(a), session, 0),
+            IpAddr::V6(a) => self.sessions_v6.insert(Ip6::from(a), session, 0),
+        };
+        result.map_err(|source| match &source {
+            MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                DatapathError::SessionsFull {
+                    family: if ip.is_ipv4() { "IPv4" } else { "IPv6" },
+                    limit: self.max_sessions,
+                }
+            }
+            _ => DatapathError::Map {
+                map: session_map_name(ip),
+                source,
+            },
+        })?;
+        self.update_session_table(ip, Some(session.authenticated_at_ns))
+    }
+
+    /// Removes a device's session (absent is fine): the table copy first, then the
+    /// hash map.
+    pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.update_session_table(ip, None)?;
+        let result = match ip {
+            IpAddr::V4(a) => self.sessions_v4.remove(&Ip4::from(a)),
+            IpAddr::V6(a) => self.sessions_v6.remove(&Ip6::from(a)),
+        };
+        match result {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map {
+                map: session_map_name(ip),
+                source,
+            }),
+        }
+    }
+
+    /// Writes many sessions at once (start-up, bulk import, benchmarks): batched writes
+    /// of the session-table buckets they fall in, then of the hash maps. Buckets are
+    /// rebuilt from the sessions given plus the sessions already in them.
+    pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+        let mask = self.buckets - 1;
+        let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
+        let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
+        let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
+        for (ip, session) in sessions {
+            let at = Some(session.authenticated_at_ns);
+            match ip {
+                IpAddr::V4(a) => {
+                    let addr = Ip4::from(*a);
+                    keys4.push(addr);
+                    values4.push(*session);
+                    let index = bucket(addr.fold(), mask);
+                    let b = buckets4
+                        .entry(index)
+                        .or_insert_with(|| existing(&self.session_table_v4, index, self.empty));
+                    place_session(&mut b.slots, &addr, at);
+                }
+                IpAddr::V6(a) => {
+                    let addr = Ip6::from(*a);
+                    keys6.push(addr);
+                    values6.push(*session);
+                    let index = bucket(addr.fold(), mask);
+                    let b = buckets6
+                        .entry(index)
+                        .or_insert_with(|| existing(&self.session_table_v6, index, self.empty));
+                    place_session(&mut b.slots, &addr, at);
+                }
+            }
+        }
+        let full = |family: &'static str, limit: u32| {
+            move |e: std::io::Error| match e.raw_os_error() {
+                Some(libc::E2BIG) => DatapathError::SessionsFull { family, limit },
+                _ => DatapathError::Batch {
+                    map: if family == "IPv4" {
+                        names::SESSIONS_V4
+                    } else {
+                        names::SESSIONS_V6
+                    },
+                    source: e,
+                },
+            }
+        };
+        self.empty = false;
+        // The session table first: the program looks there before the hash map, so a
+        // renewed device's old (perhaps expired) copy must not outlive the batch.
+        let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
+        sys::update_batch(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
+            |source| DatapathError::Batch {
+                map: names::SESSION_TABLE_V4,
+                source,
+            },
+        )?;
+        let (index6, bucket6): (Vec<u32>, Vec<SessionBucketV6>) = buckets6.into_iter().unzip();
+        sys::update_batch(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
+            |source| DatapathError::Batch {
+                map: names::SESSION_TABLE_V6,
+                source,
+            },
+        )?;
+        let limit = self.max_sessions;
+        sys::update_batch(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
+            .map_err(full("IPv4", limit))?;
+        sys::update_batch(self.sessions_v6.map().fd().as_fd(), &keys6, &values6)
+            .map_err(full("IPv6", limit))?;
+        Ok(())
+    }
+
+    /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session
+    /// table. A device whose bucket is full stays in the hash map only.
+    fn update_session_table(&mut self, ip: IpAddr, at: Option<i64>) -> Result<(), DatapathError> {
+        let mask = self.buckets - 1;
+        match ip {
+            IpAddr::V4(a) => {
+                let addr = Ip4::from(a);
+                let index = bucket(addr.fold(), mask);
+                let table = &mut self.session_table_v4;
+                let mut b = table
+                    .get(&index, 0)
+                    .map_err(map_err(names::SESSION_TABLE_V4))?;
+                if place_session(&mut b.slots, &addr, at) {
+                    table
+                        .set(index, b, 0)
+                        .map_err(map_err(names::SESSION_TABLE_V4))?;
+                }
+            }
+            IpAddr::V6(a) => {
+                let addr = Ip6::from(a);
+                let index = bucket(addr.fold(), mask);
+                let table = &mut self.session_table_v6;
+                let mut b = table
+                    .get(&index, 0)
+                    .map_err(map_err(names::SESSION_TABLE_V6))?;
+                if place_session(&mut b.slots, &addr, at) {
+                    table
+                        .set(index, b, 0)
+                        .map_err(map_err(names::SESSION_TABLE_V6))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's session for a device, if any.
+    pub fn session(&self, ip: IpAddr) -> Result<Option<Session>, DatapathError> {
+        let result = match ip {
+            IpAddr::V4(a) => self.sessions_v4.get(&Ip4::from(a), 0),
+            IpAddr::V6(a) => self.sessions_v6.get(&Ip6::from(a), 0),
+        };
+        match result {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map {
+                map: session_map_name(ip),
+                source,
+            }),
+        }
+    }
+
+    /// Devices with a session in the kernel (both families). Walks the hash maps.
+    pub fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
+        let v4: Vec<Ip4> = self
+            .sessions_v4
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SESSIONS_V4))?;
+        let v6: Vec<Ip6> = self
+            .sessions_v6
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::SESSIONS_V6))?;
+        Ok(v4
+            .into_iter()
+            .map(|a| IpAddr::V4(a.into()))
+            .chain(v6.into_iter().map(|a| IpAddr::V6(a.into())))
+            .collect())
+    }
+}
+
+/// A session-table bucket as the kernel holds it (empty when the table is known empty
+/// or unreadable: the hash map stays authoritative either way).
+fn existing<B: aya::Pod + Default>(table: &Array<MapData, B>, index: u32, empty: bool) -> B {
+    if empty {
+        return B::default();
+    }
+    table.get(&index, 0).unwrap_or_default()
+}
+
+/// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;
+/// returns whether the bucket changed. A new device takes a free slot if there is one.
+fn place_session<S: SessionSlot + Default>(
+    slots: &mut [S; WAYS],
+    addr: &S::Addr,
+    at: Option<i64>,
+) -> bool {
+    let own = slots.iter().position(|s| s.is_valid() && s.addr() == addr);
+    match (at, own) {
+        (Some(at), Some(i)) => slots[i] = S::new(addr, at),
+        (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {
+            Some(free) => slots[free] = S::new(addr, at),
+            None => return false,
+        },
+        (None, Some(i)) => slots[i] = S::default(),
+        (None, None) => return false,
+    }
+    true
+}
+
+const fn session_map_name(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => names::SESSIONS_V4,
+        IpAddr::V6(_) => names::SESSIONS_V6,
+    }
+}

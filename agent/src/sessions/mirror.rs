@@ -1,0 +1,219 @@
+//! The session mirror: the one owner of session state. It holds the local store and
+//! the kernel's session maps under one lock, and nothing else changes either: logins,
+//! logouts and imports through the API, and the fleet store's changes and snapshots,
+//! each take the store's single write path (kernel, then journal, undone together).
+//! Local changes are answered once durable, the wait for the sync taken without the
+//! lock so that concurrent changes share it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use super::{
+    ChangeError, KernelSessions, LoginRequest, SessionError, SessionRecord, SessionStore,
+    StoreChange, StoreDiff, Syncer, Ticket,
+};
+use crate::{clock::ClockPair, datapath::DatapathError, datapath::SessionMaps};
+
+/// Changes from the fleet's store in one batch beyond which they are logged as one
+/// line (each at debug level).
+const BULK_CHANGES: usize = 16;
+
+pub struct SessionMirror<K = SessionMaps> {
+    /// Lock order: this before the datapath's.
+    sides: Mutex<Sides<K>>,
+    /// Acknowledges the store's changes once durable; waited on without the lock.
+    syncer: Arc<Syncer>,
+    state_dir: PathBuf,
+    boot_id: String,
+}
+
+/// What the mirror keeps equal.
+struct Sides<K> {
+    store: SessionStore,
+    kernel: K,
+}
+
+/// What an import recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub sessions: usize,
+    /// Of those, devices whose session was reset (the others had none).
+    pub reset: usize,
+}
+
+impl<K: KernelSessions> SessionMirror<K> {
+    /// Takes over the store (opened from `state_dir`) and the kernel's session maps,
+    /// and puts every session of the store in the kernel. Maps `adopted` from an
+    /// earlier agent may hold a change its journal never recorded: devices the store
+    /// does not have are removed (returned: how many), and every device the store has
+    /// keeps a session throughout.
+    pub fn start(
+        store: SessionStore,
+        mut kernel: K,
+        state_dir: &Path,
+        adopted: bool,
+    ) -> Result<(Self, usize), DatapathError> {
+        let clock = ClockPair::now();
+        let boot_id = store.boot_id().to_string();
+        let sessions: Vec<_> = store
+            .iter()
+            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
+            .collect();
+        let mut removed = 0;
+        if adopted {
+            for ip in kernel.session_devices()? {
+                if store.get(&ip).is_none() {
+                    kernel.remove_session(ip)?;
+                    removed += 1;
+                }
+            }
+        }
+        kernel.load_sessions(&sessions)?;
+        let mirror = Self {
+            syncer: store.syncer(),
+            sides: Mutex::new(Sides { store, kernel }),
+            state_dir: state_dir.to_path_buf(),
+            boot_id,
+        };
+        Ok((mirror, removed))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sides<K>> {
+        // A panic while holding the lock leaves both sides consistent: each change puts
+        // the kernel back before it returns an error, and nothing else panics midway.
+        self.sides
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The boot the kernel's session times belong to.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    /// Reads the sessions (briefly: changes wait meanwhile).
+    pub fn read<R>(&self, f: impl FnOnce(&SessionStore) -> R) -> R {
+        f(&self.lock().store)
+    }
+
+    /// A login by the rules, answered once durable.
+    pub fn login(
+        &self,
+        req: &LoginRequest,
+        clock: &ClockPair,
+    ) -> Result<SessionRecord, ChangeError> {
+        let (record, ticket) = {
+            let sides = &mut *self.lock();
+            sides.store.login(req, clock, &mut sides.kernel)?
+        };
+        self.durable(ticket)?;
+        Ok(record)
+    }
+
+    /// A logout, answered once durable; returns the session it ended.
+    pub fn logout(&self, ip: IpAddr, clock: &ClockPair) -> Result<SessionRecord, ChangeError> {
+        let (record, ticket) = {
+            let sides = &mut *self.lock();
+            sides.store.logout(&ip, clock, &mut sides.kernel)?
+        };
+        self.durable(ticket)?;
+        Ok(record)
+    }
+
+    /// An import, answered once durable: `plan` checks it against the sessions as they
+    /// are (under the lock, so nothing changes in between) and returns the records to
+    /// write, or refuses it whole; they are then written as one batch.
+    pub fn import<T, E: From<ChangeError>>(
+        &self,
+        clock: &ClockPair,
+        plan: impl FnOnce(&SessionStore) -> Result<(Vec<SessionRecord>, T), E>,
+    ) -> Result<(Imported, T), E> {
+        let (imported, ticket, planned) = {
+            let sides = &mut *self.lock();
+            let (records, planned) = plan(&sides.store)?;
+            let sessions = records.len();
+            let (reset, ticket) = sides.store.import(records, clock, &mut sides.kernel)?;
+            (Imported { sessions, reset }, ticket, planned)
+        };
+        self.durable(ticket).map_err(ChangeError::from)?;
+        Ok((imported, planned))
+    }
+
+    /// Applies the fleet store's changes, in revision order, up to `revision`. A change
+    /// that cannot be applied here leaves the device as it was and is logged; returns
+    /// how many could not (the follower then takes a full snapshot again).
+    pub fn apply(&self, changes: Vec<StoreChange>, revision: i64) -> usize {
+        let sides = &mut *self.lock();
+        let clock = ClockPair::now();
+        // Each change is logged, at info level unless it came in bulk (an import); its
+        // description is only written when it will be logged.
+        let bulk = changes.len() > BULK_CHANGES;
+        let described = !bulk || tracing::enabled!(tracing::Level::DEBUG);
+        let (mut applied, mut failed) = (0, 0);
+        for change in changes {
+            let what = match &change {
+                _ if !described => String::new(),
+                StoreChange::Put(r) => format!("session of {} for {} via {}", r.ip, r.user, r.idp),
+                StoreChange::Delete(ip) => format!("logout of {ip}"),
+            };
+            match sides.store.apply(change, &clock, &mut sides.kernel) {
+                Ok(false) => {}
+                Ok(true) if bulk => {
+                    applied += 1;
+                    tracing::debug!(revision, "applied from the fleet's store: {what}");
+                }
+                Ok(true) => {
+                    applied += 1;
+                    tracing::info!(revision, "applied from the fleet's store: {what}");
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(revision, error = %e, "could not apply a change from the fleet's store here; the device keeps its previous state until the next full snapshot");
+                }
+            }
+        }
+        if bulk {
+            tracing::info!(
+                revision,
+                applied,
+                failed,
+                "applied a batch of changes from the fleet's store"
+            );
+        }
+        failed
+    }
+
+    /// Makes this host equal to a full snapshot of the fleet's store
+    /// (`SessionStore::resync`).
+    pub fn resync(&self, snapshot: Vec<SessionRecord>) -> StoreDiff {
+        let sides = &mut *self.lock();
+        sides
+            .store
+            .resync(snapshot, &ClockPair::now(), &mut sides.kernel)
+    }
+
+    /// When the agent stops: leaves the journal readable by earlier versions.
+    pub fn close(&self) {
+        self.lock().store.close();
+    }
+
+    /// Waits until a change is durable (sharing the sync with concurrent changes). If
+    /// the sync fails, every change not yet durable is undone, here and in the
+    /// kernel, and its caller gets an error.
+    fn durable(&self, ticket: Ticket) -> Result<(), SessionError> {
+        self.syncer
+            .wait(ticket, |error| {
+                let sides = &mut *self.lock();
+                sides
+                    .store
+                    .recover(&mut sides.kernel, &ClockPair::now(), error);
+            })
+            .map_err(|failed| SessionError::NotDurable {
+                dir: self.state_dir.clone(),
+                reason: failed.reason,
+            })
+    }
+}

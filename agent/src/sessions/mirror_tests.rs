@@ -1,0 +1,220 @@
+//! The session mirror keeps its two sides equal: every change that fails, in the kernel
+//! or in the journal, leaves both as they were, whether it came from the API (login,
+//! logout, import) or from the fleet's store (a change, a full snapshot).
+
+use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, sync::Arc};
+
+use agent_common::maps::Session;
+
+use super::{
+    testing::{Faults, SharedKernel, faulty},
+    *,
+};
+
+/// A mirror over a journal that fails on demand and a kernel the test can see.
+struct Fixture {
+    dir: tempfile::TempDir,
+    mirror: SessionMirror<SharedKernel>,
+    kernel: SharedKernel,
+    faults: Arc<Faults>,
+}
+
+/// Everything the two sides hold: the kernel's sessions, the store's, the journal.
+#[derive(Debug, PartialEq)]
+struct Sides {
+    kernel: BTreeMap<IpAddr, Session>,
+    store: Vec<SessionRecord>,
+    journal: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let store = SessionStore::open_with(dir.path(), faulty(&faults)).unwrap();
+        let kernel = SharedKernel::default();
+        let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
+        Self {
+            dir,
+            mirror,
+            kernel,
+            faults,
+        }
+    }
+
+    fn sides(&self) -> Sides {
+        Sides {
+            kernel: self.kernel.with(|k| k.sessions.clone()),
+            store: self.mirror.read(|s| s.iter().cloned().collect()),
+            journal: journal(self.dir.path()),
+        }
+    }
+
+    fn login(&self, ip: &str, user: &str) -> Result<SessionRecord, ChangeError> {
+        self.mirror.login(&request(ip, user), &ClockPair::now())
+    }
+
+    /// A session as the fleet's store would send it.
+    fn store_session(&self, ip: &str, user: &str) -> SessionRecord {
+        plan_login(
+            None,
+            &request(ip, user),
+            &ClockPair::now(),
+            self.mirror.boot_id(),
+        )
+        .unwrap()
+    }
+
+    /// Every kind of change, each expected to fail and to leave both sides as they
+    /// were.
+    fn every_change_fails_and_changes_nothing(&self, alice: &SessionRecord) {
+        let before = self.sides();
+        let clock = ClockPair::now();
+        assert!(self.login("198.18.1.11", "bob@example.com").is_err());
+        assert_eq!(self.sides(), before, "a login");
+        assert!(self.mirror.logout(alice.ip, &clock).is_err());
+        assert_eq!(self.sides(), before, "a logout");
+        let carol = self.store_session("198.18.1.12", "carol@example.com");
+        let imported = self
+            .mirror
+            .import(&clock, |_| Ok::<_, ChangeError>((vec![carol.clone()], ())));
+        assert!(imported.is_err());
+        assert_eq!(self.sides(), before, "an import");
+        assert_eq!(self.mirror.apply(vec![StoreChange::Put(carol)], 7), 1);
+        assert_eq!(self.sides(), before, "a session from the fleet's store");
+        assert_eq!(self.mirror.apply(vec![StoreChange::Delete(alice.ip)], 8), 1);
+        assert_eq!(self.sides(), before, "a logout from the fleet's store");
+        let diff = self.mirror.resync(Vec::new());
+        assert_eq!(diff.not_applied, 1, "{diff:?}");
+        assert_eq!(self.sides(), before, "a snapshot of the fleet's store");
+    }
+}
+
+fn request(ip: &str, user: &str) -> LoginRequest {
+    LoginRequest {
+        ip: ip.parse().unwrap(),
+        user: user.into(),
+        idp: None,
+        at: None,
+    }
+}
+
+fn journal(dir: &Path) -> String {
+    fs::read_to_string(dir.join("sessions.jsonl")).unwrap_or_default()
+}
+
+#[test]
+fn a_failing_kernel_write_leaves_both_sides_as_they_were() {
+    let f = Fixture::new();
+    let alice = f.login("198.18.1.10", "alice@example.com").unwrap();
+    f.kernel.with(|k| k.fail = true);
+    f.every_change_fails_and_changes_nothing(&alice);
+}
+
+#[test]
+fn a_failing_journal_write_leaves_both_sides_as_they_were() {
+    let f = Fixture::new();
+    let alice = f.login("198.18.1.10", "alice@example.com").unwrap();
+    f.faults.space(Some(0));
+    f.every_change_fails_and_changes_nothing(&alice);
+
+    // Room again: every kind of change goes through on both sides.
+    f.faults.space(None);
+    let bob = f.login("198.18.1.11", "bob@example.com").unwrap();
+    let carol = f.store_session("198.18.1.12", "carol@example.com");
+    assert_eq!(f.mirror.apply(vec![StoreChange::Put(carol)], 9), 0);
+    f.mirror.logout(alice.ip, &ClockPair::now()).unwrap();
+    let sides = f.sides();
+    let devices: Vec<IpAddr> = sides.kernel.keys().copied().collect();
+    let stored: Vec<IpAddr> = sides.store.iter().map(|r| r.ip).collect();
+    assert_eq!(devices, [bob.ip, "198.18.1.12".parse().unwrap()]);
+    assert_eq!(stored, devices);
+    drop(f.mirror);
+    let replayed = SessionStore::open(f.dir.path()).unwrap();
+    assert_eq!(replayed.iter().cloned().collect::<Vec<_>>(), sides.store);
+}
+
+#[test]
+fn the_fleet_store_s_changes_reach_both_sides_and_a_known_session_is_left_alone() {
+    let f = Fixture::new();
+    let bob = f.store_session("198.18.1.11", "bob@example.com");
+    assert_eq!(f.mirror.apply(vec![StoreChange::Put(bob.clone())], 3), 0);
+    let after_put = f.sides();
+    assert_eq!(after_put.store, std::slice::from_ref(&bob));
+    assert!(after_put.kernel.contains_key(&bob.ip));
+
+    // The same session again (a snapshot after a reconnect) writes nothing.
+    let mut again = bob.clone();
+    again.authenticated_at_boot_ns += 1;
+    assert_eq!(f.mirror.apply(vec![StoreChange::Put(again)], 4), 0);
+    assert_eq!(f.sides(), after_put);
+
+    assert_eq!(f.mirror.apply(vec![StoreChange::Delete(bob.ip)], 5), 0);
+    let sides = f.sides();
+    assert!(
+        sides.kernel.is_empty() && sides.store.is_empty(),
+        "{sides:?}"
+    );
+}
+
+#[test]
+fn a_snapshot_removes_adds_and_falls_back_to_one_device_at_a_time() {
+    let f = Fixture::new();
+    let alice = f.login("198.18.1.10", "alice@example.com").unwrap();
+    let bob = f.login("198.18.1.11", "bob@example.com").unwrap();
+    let carol = f.store_session("198.18.1.12", "carol@example.com");
+    // A kernel that refuses batches (a full map): each device goes on its own.
+    f.kernel.with(|k| k.fail_batches = true);
+    let diff = f.mirror.resync(vec![bob.clone(), carol.clone()]);
+    assert_eq!(
+        diff,
+        StoreDiff {
+            added: 1,
+            changed: 0,
+            removed: 1,
+            not_applied: 0
+        }
+    );
+    let sides = f.sides();
+    assert!(!sides.kernel.contains_key(&alice.ip));
+    assert_eq!(sides.store, [bob, carol]);
+    assert_eq!(
+        sides.kernel.keys().collect::<Vec<_>>(),
+        sides.store.iter().map(|r| &r.ip).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_adopted_kernel_is_made_equal_to_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).unwrap();
+    let kernel = SharedKernel::default();
+    let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
+    let alice = mirror
+        .login(
+            &request("198.18.1.10", "alice@example.com"),
+            &ClockPair::now(),
+        )
+        .unwrap();
+    mirror.close();
+    drop(mirror);
+
+    // An earlier agent's maps: a change its journal never recorded, and a stale time.
+    let stray: IpAddr = "198.18.1.99".parse().unwrap();
+    kernel.with(|k| {
+        k.sessions.insert(
+            stray,
+            Session {
+                authenticated_at_ns: 1,
+            },
+        );
+        k.sessions.get_mut(&alice.ip).unwrap().authenticated_at_ns = 2;
+    });
+    let store = SessionStore::open(dir.path()).unwrap();
+    let (mirror, removed) = SessionMirror::start(store, kernel.clone(), dir.path(), true).unwrap();
+    assert_eq!(removed, 1);
+    let clock = ClockPair::now();
+    let expected: BTreeMap<IpAddr, Session> =
+        BTreeMap::from([(alice.ip, alice.kernel_value(&clock, mirror.boot_id()))]);
+    assert_eq!(kernel.with(|k| k.sessions.clone()), expected);
+}

@@ -1,0 +1,455 @@
+//! The local session store: the sessions in memory, their journal on disk, and the
+//! one write path that keeps the kernel's session maps equal to both. Every change
+//! (`login`, `logout`, `import`, and `apply`/`resync` from the fleet's store) checks
+//! first, writes the kernel (`KernelSessions`), then appends to the journal, and puts
+//! the kernel back if the append fails.
+
+use std::{
+    collections::{BTreeMap, HashSet, VecDeque},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+};
+
+use super::{
+    ChangeError, KernelSessions, LoginRequest, SessionError, SessionRecord, StoreChange, StoreDiff,
+    Syncer, Ticket,
+    import::{ImportRecord, LineError},
+    journal::{self, Journal},
+    rules::{plan_import, plan_login},
+};
+use crate::clock::{ClockPair, boot_id};
+
+/// How to undo a change not yet durable: sessions to remove, and sessions to put back.
+#[derive(Debug, Default)]
+struct Undo {
+    added: Vec<IpAddr>,
+    replaced: Vec<SessionRecord>,
+}
+
+impl Undo {
+    /// The undo of writing a session for `ip`, whose session now is `old`.
+    fn of_writing(old: Option<&SessionRecord>, ip: IpAddr) -> Self {
+        match old {
+            Some(old) => Self {
+                added: Vec::new(),
+                replaced: vec![old.clone()],
+            },
+            None => Self {
+                added: vec![ip],
+                replaced: Vec::new(),
+            },
+        }
+    }
+}
+
+pub struct SessionStore {
+    sessions: BTreeMap<IpAddr, SessionRecord>,
+    journal: Journal,
+    boot_id: String,
+    /// Changes made through `login`, `logout` and `import` that are not known durable
+    /// yet, by ticket, with how to undo each (`recover`).
+    pending: VecDeque<(Ticket, Undo)>,
+}
+
+impl SessionStore {
+    /// Opens (creating if needed) the store in `state_dir` and replays its journal.
+    pub fn open(state_dir: &Path) -> Result<Self, SessionError> {
+        Self::open_with(state_dir, Arc::new(journal::open_file))
+    }
+
+    pub(super) fn open_with(state_dir: &Path, open: journal::Opener) -> Result<Self, SessionError> {
+        let (journal, sessions) = Journal::open(state_dir, open)?;
+        Ok(Self {
+            sessions,
+            journal,
+            boot_id: boot_id(),
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// What acknowledges changes: wait on it (without holding the store) for a ticket.
+    pub fn syncer(&self) -> Arc<Syncer> {
+        Arc::clone(self.journal.syncer())
+    }
+
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    pub fn get(&self, ip: &IpAddr) -> Option<&SessionRecord> {
+        self.sessions.get(ip)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &SessionRecord> {
+        self.sessions.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Checks a login against the rules and returns the record it would write.
+    pub fn plan_login(
+        &self,
+        req: &LoginRequest,
+        clock: &ClockPair,
+    ) -> Result<SessionRecord, SessionError> {
+        plan_login(self.sessions.get(&req.ip), req, clock, &self.boot_id)
+    }
+
+    /// Checks every line of an import against the login rules and this store's state
+    /// (`plan_import`).
+    pub fn plan_import(
+        &self,
+        records: &[ImportRecord],
+        clock: &ClockPair,
+    ) -> (Vec<SessionRecord>, Vec<LineError>) {
+        plan_import(|ip| self.sessions.get(ip), records, clock, &self.boot_id)
+    }
+
+    /// Checks a logout: the device must have a session.
+    pub fn plan_logout(&self, ip: &IpAddr) -> Result<&SessionRecord, SessionError> {
+        self.sessions
+            .get(ip)
+            .ok_or(SessionError::NotFound { ip: *ip })
+    }
+
+    /// A login by the rules: the kernel, then the journal. Acknowledge it once the
+    /// ticket is durable.
+    pub fn login(
+        &mut self,
+        req: &LoginRequest,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<(SessionRecord, Ticket), ChangeError> {
+        let record = self.plan_login(req, clock)?;
+        self.prepare_write()?;
+        let ip = record.ip;
+        let undo = Undo::of_writing(self.sessions.get(&ip), ip);
+        kernel.set_session(ip, record.kernel_value(clock, &self.boot_id))?;
+        let ticket = match self.journal.append_login(&record) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+                return Err(e.into());
+            }
+        };
+        self.sessions.insert(ip, record.clone());
+        self.pending.push_back((ticket, undo));
+        self.compact_if_needed();
+        Ok((record, ticket))
+    }
+
+    /// A logout: the kernel, then the journal. Acknowledge it once the ticket is
+    /// durable.
+    pub fn logout(
+        &mut self,
+        ip: &IpAddr,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<(SessionRecord, Ticket), ChangeError> {
+        let record = self.plan_logout(ip)?.clone();
+        self.prepare_write()?;
+        kernel.remove_session(*ip)?;
+        let ticket = match self.journal.append_logout(ip) {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.restore_kernel(kernel, clock, &[], std::slice::from_ref(&record));
+                return Err(e.into());
+            }
+        };
+        self.sessions.remove(ip);
+        self.pending.push_back((
+            ticket,
+            Undo {
+                added: Vec::new(),
+                replaced: vec![record.clone()],
+            },
+        ));
+        self.compact_if_needed();
+        Ok((record, ticket))
+    }
+
+    /// Records planned sessions (`plan_import`) all together: one batched kernel write,
+    /// one journal batch that replay takes whole or not at all. Returns how many of
+    /// them reset an existing session. Acknowledge it once the ticket is durable.
+    pub fn import(
+        &mut self,
+        planned: Vec<SessionRecord>,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<(usize, Ticket), ChangeError> {
+        self.prepare_write()?;
+        let mut undo = Undo::default();
+        for record in &planned {
+            match self.sessions.get(&record.ip) {
+                Some(old) => undo.replaced.push(old.clone()),
+                None => undo.added.push(record.ip),
+            }
+        }
+        let values: Vec<_> = planned
+            .iter()
+            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id)))
+            .collect();
+        let written = kernel
+            .load_sessions(&values)
+            .map_err(ChangeError::from)
+            .and_then(|()| Ok(self.journal.append_logins(&planned)?));
+        let ticket = match written {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+                return Err(e);
+            }
+        };
+        let reset = undo.replaced.len();
+        for record in planned {
+            self.sessions.insert(record.ip, record);
+        }
+        self.pending.push_back((ticket, undo));
+        self.compact_if_needed();
+        Ok((reset, ticket))
+    }
+
+    /// After a failed sync (`Syncer::wait`): undoes every change not yet durable, in
+    /// memory and in the kernel, newest first; tells their waiters; and rewrites the
+    /// journal from what is left, which is then durable.
+    pub fn recover(
+        &mut self,
+        kernel: &mut impl KernelSessions,
+        clock: &ClockPair,
+        error: &std::io::Error,
+    ) {
+        let (durable, durable_len) = self.journal.syncer().durable();
+        let mut undone = 0;
+        while let Some((ticket, undo)) = self.pending.pop_back() {
+            if ticket.0 <= durable {
+                break;
+            }
+            for ip in &undo.added {
+                self.sessions.remove(ip);
+            }
+            for record in &undo.replaced {
+                self.sessions.insert(record.ip, record.clone());
+            }
+            self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+            undone += 1;
+        }
+        self.pending.clear();
+        self.journal.syncer().undone(&error.to_string());
+        tracing::error!(changes = undone, error = %error, "undid the session changes the journal could not make durable");
+        // What the file holds beyond the last sync is unknown: cut it off, then
+        // rewrite the file from what is left (tried again before the next change if
+        // this fails).
+        self.journal.cut_back(durable_len);
+        if let Err(e) = self.journal.compact(self.sessions.values()) {
+            tracing::error!(error = %e, "could not rewrite the session journal after a failed sync; it is tried again before the next change");
+        }
+    }
+
+    /// One change from the fleet's store, by the same path as a login: the kernel, then
+    /// the journal, the kernel undone if the journal fails. Nothing waits for the
+    /// journal's sync (etcd holds the change durably). Returns whether it changed
+    /// anything: a session already as the store has it stays as it is, with the
+    /// boot-clock time it was first applied with.
+    pub fn apply(
+        &mut self,
+        change: StoreChange,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<bool, ChangeError> {
+        match change {
+            StoreChange::Put(record) => {
+                let old = self.sessions.get(&record.ip);
+                if old.is_some_and(|old| old.same_session(&record)) {
+                    return Ok(false);
+                }
+                let undo = Undo::of_writing(old, record.ip);
+                self.prepare_write()?;
+                kernel.set_session(record.ip, record.kernel_value(clock, &self.boot_id))?;
+                if let Err(e) = self.journal.append_login(&record) {
+                    self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+                    return Err(e.into());
+                }
+                self.sessions.insert(record.ip, record);
+            }
+            StoreChange::Delete(ip) => {
+                let Some(old) = self.sessions.get(&ip).cloned() else {
+                    return Ok(false);
+                };
+                self.prepare_write()?;
+                kernel.remove_session(ip)?;
+                if let Err(e) = self.journal.append_logout(&ip) {
+                    self.restore_kernel(kernel, clock, &[], std::slice::from_ref(&old));
+                    return Err(e.into());
+                }
+                self.sessions.remove(&ip);
+            }
+        }
+        self.compact_if_needed();
+        Ok(true)
+    }
+
+    /// Makes this store and the kernel equal to a full snapshot of the fleet's store:
+    /// devices not in it are removed, then new and changed sessions go in as one batch
+    /// (one kernel write, one journal batch, the kernel undone if the journal fails).
+    /// Should the kernel refuse the batch (a full map), each goes on its own so that
+    /// all that fit are in. Changes that fail are logged and counted.
+    pub fn resync(
+        &mut self,
+        snapshot: Vec<SessionRecord>,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> StoreDiff {
+        let wanted: HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
+        let gone: Vec<IpAddr> = self
+            .sessions
+            .keys()
+            .filter(|ip| !wanted.contains(ip))
+            .copied()
+            .collect();
+        let mut diff = StoreDiff::default();
+        for ip in gone {
+            match self.apply(StoreChange::Delete(ip), clock, kernel) {
+                Ok(changed) => diff.removed += usize::from(changed),
+                Err(e) => diff.failed(ip, &e),
+            }
+        }
+        let changed: Vec<SessionRecord> = snapshot
+            .into_iter()
+            .filter(|r| {
+                !self
+                    .sessions
+                    .get(&r.ip)
+                    .is_some_and(|old| old.same_session(r))
+            })
+            .collect();
+        let replaced = changed
+            .iter()
+            .filter(|r| self.sessions.contains_key(&r.ip))
+            .count();
+        match self.write_batch(&changed, clock, kernel) {
+            Ok(()) => {
+                diff.changed += replaced;
+                diff.added += changed.len() - replaced;
+            }
+            Err(ChangeError::Kernel(e)) => {
+                tracing::error!(error = %e, "could not write the store's snapshot to the kernel in one batch; writing it device by device");
+                for record in changed {
+                    let (ip, known) = (record.ip, self.sessions.contains_key(&record.ip));
+                    match self.apply(StoreChange::Put(record), clock, kernel) {
+                        Ok(true) if known => diff.changed += 1,
+                        Ok(true) => diff.added += 1,
+                        Ok(false) => {}
+                        Err(e) => diff.failed(ip, &e),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(devices = changed.len(), error = %e, "could not record the store's snapshot here; these devices keep their previous state");
+                diff.not_applied += changed.len();
+            }
+        }
+        diff
+    }
+
+    /// Records sessions as one batch: one kernel write, one journal append, the
+    /// kernel undone if the append fails. Not waited on (`apply`).
+    fn write_batch(
+        &mut self,
+        records: &[SessionRecord],
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<(), ChangeError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut undo = Undo::default();
+        for record in records {
+            match self.sessions.get(&record.ip) {
+                Some(old) => undo.replaced.push(old.clone()),
+                None => undo.added.push(record.ip),
+            }
+        }
+        self.prepare_write()?;
+        let values: Vec<_> = records
+            .iter()
+            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id)))
+            .collect();
+        kernel.load_sessions(&values)?;
+        if let Err(e) = self.journal.append_logins(records) {
+            self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+            return Err(e.into());
+        }
+        for record in records {
+            self.sessions.insert(record.ip, record.clone());
+        }
+        self.compact_if_needed();
+        Ok(())
+    }
+
+    /// When the agent stops: rewrites a journal that holds batches (imports) as plain
+    /// logins, so that a version from before batches can read it (a rollback).
+    pub fn close(&mut self) {
+        if self.journal.has_batches()
+            && let Err(e) = self.journal.compact(self.sessions.values())
+        {
+            tracing::warn!(error = %e, "could not rewrite the session journal without its import batches; an earlier version of sessiongate (a rollback) cannot read it until this one has run again");
+        }
+    }
+
+    /// Before an append: forgets the undo of changes now durable, and rewrites the
+    /// journal if a failed write left it needing that.
+    fn prepare_write(&mut self) -> Result<(), SessionError> {
+        let (durable, _) = self.journal.syncer().durable();
+        while self.pending.front().is_some_and(|(t, _)| t.0 <= durable) {
+            self.pending.pop_front();
+        }
+        if self.journal.needs_rewrite() {
+            self.journal
+                .compact(self.sessions.values())
+                .map_err(|e| match e {
+                    SessionError::Io { path, source } => SessionError::not_recorded(path, source),
+                    other => other,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Puts the kernel back as this store has it for these devices: `added` removed,
+    /// `replaced` written back. Errors are logged: the caller is already failing.
+    pub(super) fn restore_kernel(
+        &self,
+        kernel: &mut impl KernelSessions,
+        clock: &ClockPair,
+        added: &[IpAddr],
+        replaced: &[SessionRecord],
+    ) {
+        for ip in added {
+            if let Err(e) = kernel.remove_session(*ip) {
+                tracing::error!(device = %ip, error = %e, "could not undo a kernel session write");
+            }
+        }
+        for record in replaced {
+            if let Err(e) = kernel.set_session(record.ip, record.kernel_value(clock, &self.boot_id))
+            {
+                tracing::error!(device = %record.ip, error = %e, "could not undo a kernel session write");
+            }
+        }
+    }
+
+    /// A change is already in the journal; a failed rewrite only leaves it longer
+    /// than it needs to be, so it is logged rather than failing the change.
+    fn compact_if_needed(&mut self) {
+        if self.journal.needs_compaction(self.sessions.len())
+            && let Err(e) = self.journal.compact(self.sessions.values())
+        {
+            tracing::warn!(error = %e, "could not compact the session journal");
+        }
+    }
+}
