@@ -1,9 +1,11 @@
 //! The TCP API's bearer token: read from a file at start, required on every request,
 //! compared in constant time so that response timing reveals nothing about it.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use anyhow::{Context as _, bail};
 use axum::{
     Router,
     extract::Request,
@@ -12,10 +14,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use subtle::ConstantTimeEq;
+use thiserror::Error;
 
 use super::server::ApiError;
 use crate::{
-    input::file::{self, Accept},
+    input::file::{self, Accept, FileError},
     listen::LogThrottle,
 };
 
@@ -24,26 +27,45 @@ const MIN_TOKEN_LEN: usize = 16;
 /// A token file holds one word; 4 KiB is generous.
 const MAX_TOKEN_FILE: u64 = 4096;
 
+/// Why the token file cannot be used.
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("api_token_file {}", path.display())]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        cause: FileError,
+    },
+    #[error("api_token_file {} is readable by group or others (mode {mode:o}); chmod 600 it", path.display())]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("api_token_file {}: not UTF-8 text", path.display())]
+    NotText { path: PathBuf },
+    #[error("api_token_file {}: the token must be one word of at least {MIN_TOKEN_LEN} characters (for example `openssl rand -hex 32`)", path.display())]
+    Weak { path: PathBuf },
+}
+
 /// Reads the token: the file's content without surrounding whitespace. The file must
 /// not be readable by group or others.
-pub fn read_token(path: &Path) -> anyhow::Result<Arc<[u8]>> {
-    let content = file::read_bounded(path, MAX_TOKEN_FILE, Accept::RegularFile)
-        .with_context(|| format!("api_token_file {}", path.display()))?;
+pub fn read_token(path: &Path) -> Result<Arc<[u8]>, TokenError> {
+    let path_buf = || path.to_path_buf();
+    let content =
+        file::read_bounded(path, MAX_TOKEN_FILE, Accept::RegularFile).map_err(|cause| {
+            TokenError::Unreadable {
+                path: path_buf(),
+                cause,
+            }
+        })?;
     if content.mode & 0o077 != 0 {
-        bail!(
-            "api_token_file {} is readable by group or others (mode {:o}); chmod 600 it",
-            path.display(),
-            content.mode & 0o777
-        );
+        return Err(TokenError::Exposed {
+            path: path_buf(),
+            mode: content.mode & 0o777,
+        });
     }
     let text = std::str::from_utf8(&content.bytes)
-        .with_context(|| format!("api_token_file {}: not UTF-8 text", path.display()))?;
+        .map_err(|_| TokenError::NotText { path: path_buf() })?;
     let token = text.trim();
     if token.len() < MIN_TOKEN_LEN || token.contains(char::is_whitespace) {
-        bail!(
-            "api_token_file {}: the token must be one word of at least {MIN_TOKEN_LEN} characters (for example `openssl rand -hex 32`)",
-            path.display()
-        );
+        return Err(TokenError::Weak { path: path_buf() });
     }
     Ok(token.as_bytes().into())
 }

@@ -69,6 +69,24 @@ pub enum FleetError {
     Session(#[from] SessionError),
 }
 
+/// Why the store's client cannot be set up (nothing needs etcd to be up for it).
+#[derive(Debug, Error)]
+pub enum SetupError {
+    #[error("[store] {field} {}: cannot read it", path.display())]
+    TlsFile {
+        field: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        cause: file::FileError,
+    },
+    #[error("[store] endpoints {endpoints}")]
+    Endpoints {
+        endpoints: String,
+        #[source]
+        cause: etcd_client::Error,
+    },
+}
+
 impl FleetError {
     pub const fn code(&self) -> &'static str {
         match self {
@@ -98,8 +116,7 @@ fn unix_now() -> i64 {
 impl Fleet {
     /// Reads the TLS files and sets up the client. Connections are made lazily and
     /// again after failures; nothing here needs etcd to be up.
-    pub async fn new(config: &EtcdConfig) -> anyhow::Result<Self> {
-        use anyhow::Context;
+    pub async fn new(config: &EtcdConfig) -> Result<Self, SetupError> {
         let mut options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(REQUEST_TIMEOUT)
@@ -109,10 +126,14 @@ impl Fleet {
             // A member cut off from the quorum refuses instead of serving stale data.
             .with_require_leader(true);
         if let Some(tls) = &config.tls {
-            let read = |path: &std::path::Path, what: &str| {
+            let read = |path: &std::path::Path, field: &'static str| {
                 file::read_bounded(path, file::MAX_SMALL_FILE, file::Accept::RegularFile)
                     .map(|content| content.bytes)
-                    .with_context(|| format!("[store] {what} {}: cannot read it", path.display()))
+                    .map_err(|cause| SetupError::TlsFile {
+                        field,
+                        path: path.to_path_buf(),
+                        cause,
+                    })
             };
             let mut tls_options = TlsOptions::new()
                 .ca_certificate(Certificate::from_pem(read(&tls.ca_file, "ca_file")?));
@@ -127,7 +148,10 @@ impl Fleet {
         let bulk = options.clone().with_timeout(BULK_TIMEOUT);
         let members = Members::new(&config.endpoints, &options, &bulk)
             .await
-            .with_context(|| format!("[store] endpoints {}", config.endpoints.join(", ")))?;
+            .map_err(|cause| SetupError::Endpoints {
+                endpoints: config.endpoints.join(", "),
+                cause,
+            })?;
         Ok(Self {
             members,
             layout: Layout::new(&config.prefix),

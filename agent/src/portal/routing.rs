@@ -8,7 +8,17 @@
 use std::process::Command;
 
 use agent_common::maps::{PORTAL_MARK, PORTAL_TABLE};
-use anyhow::{Context as _, bail};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum RoutingError {
+    #[error("cannot run `ip` (iproute2)")]
+    NoIp(#[source] std::io::Error),
+    #[error("ip {command}: {stderr}")]
+    Refused { command: String, stderr: String },
+    #[error("installing the portal's policy routing")]
+    Install(#[source] Box<RoutingError>),
+}
 
 /// The rule's priority: ahead of the main table (32766), behind the local one (0).
 const RULE_PRIORITY: &str = "1000";
@@ -17,7 +27,7 @@ const RULE_PRIORITY: &str = "1000";
 const FAMILIES: [(&str, &str); 2] = [("-4", "0.0.0.0/0"), ("-6", "::/0")];
 
 /// `ip FAMILY rule ACTION` of the portal's rule.
-fn rule(family: &str, action: &str) -> anyhow::Result<()> {
+fn rule(family: &str, action: &str) -> Result<(), RoutingError> {
     let (mark, table) = (format!("{PORTAL_MARK:#x}"), PORTAL_TABLE.to_string());
     ip(&[
         family,
@@ -34,7 +44,7 @@ fn rule(family: &str, action: &str) -> anyhow::Result<()> {
 
 /// Adds the local route and the mark rule for both families. A host without IPv6 gets
 /// a warning, not an error.
-pub fn install() -> anyhow::Result<()> {
+pub fn install() -> Result<(), RoutingError> {
     let table = PORTAL_TABLE.to_string();
     for (family, default) in FAMILIES {
         let route = ip(&[
@@ -43,7 +53,7 @@ pub fn install() -> anyhow::Result<()> {
         let rule = route.and_then(|()| {
             rule(family, "add").or_else(|e| {
                 // `ip rule add` refuses an identical rule: it is already there.
-                if e.to_string().contains("File exists") {
+                if matches!(&e, RoutingError::Refused { stderr, .. } if stderr.contains("File exists")) {
                     Ok(())
                 } else {
                     Err(e)
@@ -55,7 +65,7 @@ pub fn install() -> anyhow::Result<()> {
             ("-6", Err(e)) => {
                 tracing::warn!(error = %e, "cannot route IPv6 portal connections; IPv6 devices of redirect policies are dropped instead")
             }
-            (_, Err(e)) => return Err(e).context("installing the portal's policy routing"),
+            (_, Err(e)) => return Err(RoutingError::Install(Box::new(e))),
         }
     }
     Ok(())
@@ -73,17 +83,16 @@ pub fn remove() {
     }
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+fn ip(args: &[&str]) -> Result<(), RoutingError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .context("cannot run `ip` (iproute2)")?;
+        .map_err(RoutingError::NoIp)?;
     if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(RoutingError::Refused {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
