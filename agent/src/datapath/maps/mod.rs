@@ -2,17 +2,14 @@
 //! agent's writes to them: the two configuration sets, counters and flow tables. The
 //! session maps have their own owner (`sessions.rs`).
 
-use std::os::fd::AsFd;
+mod flows;
 
 use agent_common::{
     addr::{Ip4, Ip6},
-    hashing::bucket,
-    logic::flow_active,
     maps::{
-        DestRule, FlowBucketV4, FlowBucketV6, FlowKeyV4, MAX_POLICIES, PORT_TABLE_SET_BIT,
-        PolicyParams, PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
+        DestRule, FlowBucketV4, FlowBucketV6, MAX_POLICIES, PORT_TABLE_SET_BIT, PolicyParams,
+        PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
     },
-    tables::FlowSlot,
     verdict::counter,
 };
 use aya::maps::{
@@ -21,7 +18,7 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 
-use super::{DatapathError, Geometry, sys};
+use super::{DatapathError, Geometry};
 use crate::{config::Limits, policy::PolicyTable};
 
 pub struct Maps {
@@ -133,6 +130,7 @@ impl Maps {
 
     /// Overwrites the settings of the set in force as given (benchmarks set values no
     /// config can); the table geometry is always the loaded one.
+    #[cfg(feature = "bench")]
     pub fn write_raw_settings(&mut self, mut settings: Settings) -> Result<(), DatapathError> {
         self.geometry.apply(&mut settings);
         self.settings
@@ -379,130 +377,6 @@ impl Maps {
             ("udp_flows_v6", flows6, flow_capacity),
         ]
     }
-
-    /// Adds tracked IPv4 UDP flows as the program would have admitted them at
-    /// `last_seen_ns` (benchmarks fill the table with this). Flows whose bucket is
-    /// full are left out, as the program would have evicted them.
-    pub fn track_flows_v4(
-        &mut self,
-        flows: impl IntoIterator<Item = FlowKeyV4>,
-        last_seen_ns: u64,
-    ) -> Result<(), DatapathError> {
-        let mask = self.geometry.flow_buckets - 1;
-        let mut buckets: std::collections::HashMap<u32, FlowBucketV4> =
-            std::collections::HashMap::new();
-        for key in flows {
-            let folded = <agent_common::maps::FlowSlotV4 as FlowSlot>::fold(&key);
-            let b = buckets.entry(bucket(folded, mask)).or_default();
-            if let Some(free) = b.slots.iter_mut().find(|s| s.check == 0) {
-                *free = FlowSlot::new(&key, folded, last_seen_ns);
-            }
-        }
-        for (index, b) in buckets {
-            self.flows_v4
-                .set(index, b, 0)
-                .map_err(map_err(names::FLOWS_V4))?;
-        }
-        Ok(())
-    }
-
-    /// Copies the tracked UDP flows of another datapath of this layout (pinned in
-    /// `flows_v4`/`flows_v6`, any size) into these flow tables, each into its bucket
-    /// under this geometry; a bucket that overflows keeps its most recently seen flows.
-    /// Returns how many flows were copied.
-    pub fn copy_flows_from(
-        &mut self,
-        flows_v4: &Array<MapData, FlowBucketV4>,
-        flows_v6: &Array<MapData, FlowBucketV6>,
-    ) -> Result<usize, DatapathError> {
-        let mask = self.geometry.flow_buckets - 1;
-        let read_error = |map| move |source| DatapathError::Batch { map, source };
-        let mut buckets4: std::collections::HashMap<u32, FlowBucketV4> = Default::default();
-        sys::read_array(flows_v4.map().fd().as_fd(), |chunk: &[FlowBucketV4]| {
-            for slot in chunk.iter().flat_map(|b| b.slots) {
-                rehash(&mut buckets4, slot, mask, |b| &mut b.slots);
-            }
-        })
-        .map_err(read_error(names::FLOWS_V4))?;
-        let mut buckets6: std::collections::HashMap<u32, FlowBucketV6> = Default::default();
-        sys::read_array(flows_v6.map().fd().as_fd(), |chunk: &[FlowBucketV6]| {
-            for slot in chunk.iter().flat_map(|b| b.slots) {
-                rehash(&mut buckets6, slot, mask, |b| &mut b.slots);
-            }
-        })
-        .map_err(read_error(names::FLOWS_V6))?;
-        let copied = buckets4
-            .values()
-            .map(|b| b.slots.iter().filter(|s| s.check != 0).count())
-            .sum::<usize>()
-            + buckets6
-                .values()
-                .map(|b| b.slots.iter().filter(|s| s.check != 0).count())
-                .sum::<usize>();
-        let (index4, values4): (Vec<u32>, Vec<FlowBucketV4>) = buckets4.into_iter().unzip();
-        sys::update_batch(self.flows_v4.map().fd().as_fd(), &index4, &values4)
-            .map_err(read_error(names::FLOWS_V4))?;
-        let (index6, values6): (Vec<u32>, Vec<FlowBucketV6>) = buckets6.into_iter().unzip();
-        sys::update_batch(self.flows_v6.map().fd().as_fd(), &index6, &values6)
-            .map_err(read_error(names::FLOWS_V6))?;
-        Ok(copied)
-    }
-
-    /// Tracked UDP flows (IPv4, IPv6) still active at boot-clock `now_ns`. Reads the
-    /// flow tables with batched lookups: cheap enough for every metrics scrape.
-    pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
-        let idle = self.current.udp_idle_ns;
-        let mut v4 = 0;
-        let read4 = sys::read_array(self.flows_v4.map().fd().as_fd(), |b: &[FlowBucketV4]| {
-            v4 += b
-                .iter()
-                .map(|b| active_flows(&b.slots, now_ns, idle))
-                .sum::<usize>();
-        });
-        let mut v6 = 0;
-        let read6 = sys::read_array(self.flows_v6.map().fd().as_fd(), |b: &[FlowBucketV6]| {
-            v6 += b
-                .iter()
-                .map(|b| active_flows(&b.slots, now_ns, idle))
-                .sum::<usize>();
-        });
-        if let Err(e) = read4.and(read6) {
-            tracing::warn!(error = %e, "cannot read the flow tables; flow counts are partial");
-        }
-        (v4, v6)
-    }
-}
-
-/// Puts a flow slot (if in use) into its bucket under `mask`, replacing the least
-/// recently seen slot when the bucket is full.
-fn rehash<B: Default, S: FlowSlot>(
-    buckets: &mut std::collections::HashMap<u32, B>,
-    slot: S,
-    mask: u32,
-    slots: impl Fn(&mut B) -> &mut [S; WAYS],
-) {
-    if slot.check() == 0 {
-        return;
-    }
-    let index = bucket(S::fold(slot.key()), mask);
-    let ways = slots(buckets.entry(index).or_default());
-    let target = ways.iter().position(|s| s.check() == 0).or_else(|| {
-        let (oldest, s) = ways
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, s)| s.last_seen_ns())?;
-        (s.last_seen_ns() < slot.last_seen_ns()).then_some(oldest)
-    });
-    if let Some(i) = target {
-        ways[i] = slot;
-    }
-}
-
-fn active_flows<S: FlowSlot>(slots: &[S], now_ns: u64, idle_ns: u64) -> usize {
-    slots
-        .iter()
-        .filter(|s| s.check() != 0 && flow_active(now_ns, s.last_seen_ns(), idle_ns))
-        .count()
 }
 
 /// The set a port-table id belongs to.
