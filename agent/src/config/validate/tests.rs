@@ -1,8 +1,11 @@
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
-use super::super::{Config, ConfigError};
-use super::*;
-use crate::config::{DEFAULT_ETCD_PREFIX, EtcdConfig, StoreConfig};
+use ipnet::IpNet;
+
+use crate::config::{
+    CheckSession, Config, ConfigError, DEFAULT_ETCD_PREFIX, EtcdConfig, GoDuration, Limits,
+    OnExpired, Problem, Protocol, ReplyLimit, StoreConfig, UnknownDevice, XdpMode,
+};
 
 const EXAMPLE: &str = r#"
     [agent]

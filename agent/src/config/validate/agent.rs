@@ -1,0 +1,198 @@
+//! The `[agent]` section: interfaces, local paths, listeners, re-authentication prompts
+//! and the per-device reply limit.
+
+use std::{collections::HashSet, path::PathBuf};
+
+use super::{
+    Problems,
+    fields::{choice, http_url, listen_address, path},
+};
+use crate::config::{
+    AgentConfig, GoDuration, NotifySettings, ReplyLimit, UnknownDevice, XdpMode, raw::RawAgent,
+};
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+/// Longest unix socket path: `sun_path` holds 108 bytes, NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
+pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
+    const PLACE: &str = "[agent]";
+    if raw.interfaces.is_empty() {
+        problems.add(
+            PLACE,
+            "interfaces",
+            "list at least one interface that carries device traffic, e.g. [\"eth0\"]",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in raw.interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}]");
+        if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ']) {
+            problems.add(
+                PLACE,
+                field,
+                format!(
+                    "{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+                ),
+            );
+        } else if !seen.insert(name) {
+            problems.add(PLACE, field, format!("{name:?} is listed twice"));
+        }
+    }
+    let xdp_mode = choice(
+        raw.xdp_mode.as_deref(),
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
+        XdpMode::Auto,
+        (PLACE, "xdp_mode"),
+        problems,
+    );
+    let unknown_device = choice(
+        raw.unknown_device.as_deref(),
+        &[
+            ("enforce", UnknownDevice::Enforce),
+            ("allow", UnknownDevice::Allow),
+        ],
+        UnknownDevice::Enforce,
+        (PLACE, "unknown_device"),
+        problems,
+    );
+    let api_socket = path(
+        raw.api_socket,
+        "/run/sessiongate/api.sock",
+        (PLACE, "api_socket"),
+        problems,
+    );
+    // A unix socket's path lives in `sockaddr_un.sun_path`: 108 bytes with its NUL.
+    let socket_len = api_socket.as_os_str().len();
+    if socket_len > MAX_SOCKET_PATH {
+        problems.add(
+            PLACE,
+            "api_socket",
+            format!(
+                "{} is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
+                api_socket.display()
+            ),
+        );
+    }
+    let state_dir = path(
+        raw.state_dir,
+        "/var/lib/sessiongate",
+        (PLACE, "state_dir"),
+        problems,
+    );
+    let default_idle = GoDuration(std::time::Duration::from_secs(120));
+    let udp_idle_timeout = match raw.udp_idle_timeout {
+        None => default_idle,
+        Some(text) => text.parse().unwrap_or_else(|e| {
+            problems.add(
+                PLACE,
+                "udp_idle_timeout",
+                format!("invalid duration {text:?}: {e}"),
+            );
+            default_idle
+        }),
+    };
+    let pin_dir = path(
+        raw.pin_dir,
+        "/sys/fs/bpf/sessiongate",
+        (PLACE, "pin_dir"),
+        problems,
+    );
+    if !pin_dir.is_absolute() {
+        problems.add(
+            PLACE,
+            "pin_dir",
+            "must be an absolute path on a bpf filesystem",
+        );
+    }
+    let metrics_listen = listen_address(raw.metrics_listen, (PLACE, "metrics_listen"), problems);
+    let api_listen = listen_address(raw.api_listen, (PLACE, "api_listen"), problems);
+    let api_token_file = raw.api_token_file.map(PathBuf::from);
+    if api_listen.is_some() && api_token_file.is_none() {
+        problems.add(
+            PLACE,
+            "api_token_file",
+            "api_listen needs a bearer token: name a file that holds it (mode 0600)",
+        );
+    }
+    let reauth_url = raw.reauth_url.clone();
+    let notify = notify(
+        raw.notify_url,
+        raw.notify_interval,
+        raw.reauth_url,
+        problems,
+    );
+    let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
+    let defaults = ReplyLimit::default();
+    let mut per_device = |value: Option<i64>, field: &str, default: u32| match value {
+        None => default,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            problems.add(PLACE, field, format!("{n} is out of range (1 to 1000)"));
+            default
+        }
+    };
+    let replies = ReplyLimit {
+        rate: per_device(raw.reply_rate, "reply_rate", defaults.rate),
+        burst: per_device(raw.reply_burst, "reply_burst", defaults.burst),
+    };
+    AgentConfig {
+        interfaces: raw.interfaces,
+        xdp_mode,
+        unknown_device,
+        api_socket,
+        state_dir,
+        udp_idle_timeout,
+        pin_dir,
+        metrics_listen,
+        api_listen,
+        api_token_file,
+        notify,
+        reauth_url,
+        portal_listen,
+        replies,
+    }
+}
+
+fn notify(
+    url: Option<String>,
+    interval: Option<String>,
+    reauth_url: Option<String>,
+    problems: &mut Problems,
+) -> Option<NotifySettings> {
+    const PLACE: &str = "[agent]";
+    let default = GoDuration(std::time::Duration::from_secs(300));
+    let interval = match &interval {
+        None => default,
+        Some(text) => match text.parse::<GoDuration>() {
+            Ok(d) if d.0.is_zero() => {
+                problems.add(PLACE, "notify_interval", "must be longer than 0s");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                problems.add(
+                    PLACE,
+                    "notify_interval",
+                    format!("invalid duration {text:?}: {e}"),
+                );
+                default
+            }
+        },
+    };
+    if let Some(url) = &reauth_url {
+        http_url(url, (PLACE, "reauth_url"), problems);
+    }
+    let url = url?;
+    http_url(&url, (PLACE, "notify_url"), problems).then_some(NotifySettings {
+        url,
+        interval,
+        reauth_url,
+    })
+}
