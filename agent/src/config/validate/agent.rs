@@ -1,7 +1,7 @@
 //! The `[agent]` section: interfaces, local paths, listeners, re-authentication prompts
 //! and the per-device reply limit.
 
-use std::{collections::HashSet, path::PathBuf};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf};
 
 use super::{
     Problems,
@@ -11,6 +11,8 @@ use crate::config::{
     AgentConfig, GoDuration, NotifySettings, ReplyLimit, UnknownDevice, XdpMode, raw::RawAgent,
 };
 
+const PLACE: &str = "[agent]";
+
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const MAX_IFNAME: usize = 15;
 
@@ -18,109 +20,21 @@ const MAX_IFNAME: usize = 15;
 const MAX_SOCKET_PATH: usize = 107;
 
 pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
-    const PLACE: &str = "[agent]";
-    if raw.interfaces.is_empty() {
-        problems.add(
-            PLACE,
-            "interfaces",
-            "list at least one interface that carries device traffic, e.g. [\"eth0\"]",
-        );
-    }
-    let mut seen = HashSet::new();
-    for (i, name) in raw.interfaces.iter().enumerate() {
-        let field = format!("interfaces[{i}]");
-        if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ']) {
-            problems.add(
-                PLACE,
-                field,
-                format!(
-                    "{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
-                ),
-            );
-        } else if !seen.insert(name) {
-            problems.add(PLACE, field, format!("{name:?} is listed twice"));
-        }
-    }
-    let xdp_mode = choice(
-        raw.xdp_mode.as_deref(),
-        &[
-            ("auto", XdpMode::Auto),
-            ("native", XdpMode::Native),
-            ("generic", XdpMode::Generic),
-        ],
-        XdpMode::Auto,
-        (PLACE, "xdp_mode"),
-        problems,
-    );
-    let unknown_device = choice(
-        raw.unknown_device.as_deref(),
-        &[
-            ("enforce", UnknownDevice::Enforce),
-            ("allow", UnknownDevice::Allow),
-        ],
-        UnknownDevice::Enforce,
-        (PLACE, "unknown_device"),
-        problems,
-    );
-    let api_socket = path(
-        raw.api_socket,
-        "/run/sessiongate/api.sock",
-        (PLACE, "api_socket"),
-        problems,
-    );
-    // A unix socket's path lives in `sockaddr_un.sun_path`: 108 bytes with its NUL.
-    let socket_len = api_socket.as_os_str().len();
-    if socket_len > MAX_SOCKET_PATH {
-        problems.add(
-            PLACE,
-            "api_socket",
-            format!(
-                "{} is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
-                api_socket.display()
-            ),
-        );
-    }
+    interfaces(&raw.interfaces, problems);
+    let xdp_mode = xdp_mode(raw.xdp_mode.as_deref(), problems);
+    let unknown_device = unknown_device(raw.unknown_device.as_deref(), problems);
+    let api_socket = api_socket(raw.api_socket, problems);
     let state_dir = path(
         raw.state_dir,
         "/var/lib/sessiongate",
         (PLACE, "state_dir"),
         problems,
     );
-    let default_idle = GoDuration(std::time::Duration::from_secs(120));
-    let udp_idle_timeout = match raw.udp_idle_timeout {
-        None => default_idle,
-        Some(text) => text.parse().unwrap_or_else(|e| {
-            problems.add(
-                PLACE,
-                "udp_idle_timeout",
-                format!("invalid duration {text:?}: {e}"),
-            );
-            default_idle
-        }),
-    };
-    let pin_dir = path(
-        raw.pin_dir,
-        "/sys/fs/bpf/sessiongate",
-        (PLACE, "pin_dir"),
-        problems,
-    );
-    if !pin_dir.is_absolute() {
-        problems.add(
-            PLACE,
-            "pin_dir",
-            "must be an absolute path on a bpf filesystem",
-        );
-    }
+    let udp_idle_timeout = udp_idle_timeout(raw.udp_idle_timeout, problems);
+    let pin_dir = pin_dir(raw.pin_dir, problems);
     let metrics_listen = listen_address(raw.metrics_listen, (PLACE, "metrics_listen"), problems);
     let api_listen = listen_address(raw.api_listen, (PLACE, "api_listen"), problems);
-    let api_token_file = raw.api_token_file.map(PathBuf::from);
-    if api_listen.is_some() && api_token_file.is_none() {
-        problems.add(
-            PLACE,
-            "api_token_file",
-            "api_listen needs a bearer token: name a file that holds it (mode 0600)",
-        );
-    }
+    let api_token_file = api_token_file(raw.api_token_file, api_listen, problems);
     let reauth_url = raw.reauth_url.clone();
     let notify = notify(
         raw.notify_url,
@@ -129,19 +43,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         problems,
     );
     let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
-    let defaults = ReplyLimit::default();
-    let mut per_device = |value: Option<i64>, field: &str, default: u32| match value {
-        None => default,
-        Some(n) if (1..=1000).contains(&n) => n as u32,
-        Some(n) => {
-            problems.add(PLACE, field, format!("{n} is out of range (1 to 1000)"));
-            default
-        }
-    };
-    let replies = ReplyLimit {
-        rate: per_device(raw.reply_rate, "reply_rate", defaults.rate),
-        burst: per_device(raw.reply_burst, "reply_burst", defaults.burst),
-    };
+    let replies = replies(raw.reply_rate, raw.reply_burst, problems);
     AgentConfig {
         interfaces: raw.interfaces,
         xdp_mode,
@@ -160,15 +62,157 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
     }
 }
 
+/// At least one interface, each a name Linux could give, none twice.
+fn interfaces(names: &[String], problems: &mut Problems) {
+    if names.is_empty() {
+        problems.add(
+            PLACE,
+            "interfaces",
+            "list at least one interface that carries device traffic, e.g. [\"eth0\"]",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("interfaces[{i}]");
+        if name.is_empty() || name.len() > MAX_IFNAME || name.contains(['/', ' ']) {
+            problems.add(
+                PLACE,
+                field,
+                format!(
+                    "{name:?} is not a valid interface name (1 to 15 characters, no '/' or spaces)"
+                ),
+            );
+        } else if !seen.insert(name) {
+            problems.add(PLACE, field, format!("{name:?} is listed twice"));
+        }
+    }
+}
+
+fn xdp_mode(value: Option<&str>, problems: &mut Problems) -> XdpMode {
+    choice(
+        value,
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
+        XdpMode::Auto,
+        (PLACE, "xdp_mode"),
+        problems,
+    )
+}
+
+fn unknown_device(value: Option<&str>, problems: &mut Problems) -> UnknownDevice {
+    choice(
+        value,
+        &[
+            ("enforce", UnknownDevice::Enforce),
+            ("allow", UnknownDevice::Allow),
+        ],
+        UnknownDevice::Enforce,
+        (PLACE, "unknown_device"),
+        problems,
+    )
+}
+
+/// A path the API's unix socket can be bound at.
+fn api_socket(value: Option<String>, problems: &mut Problems) -> PathBuf {
+    let api_socket = path(
+        value,
+        "/run/sessiongate/api.sock",
+        (PLACE, "api_socket"),
+        problems,
+    );
+    // A unix socket's path lives in `sockaddr_un.sun_path`: 108 bytes with its NUL.
+    let socket_len = api_socket.as_os_str().len();
+    if socket_len > MAX_SOCKET_PATH {
+        problems.add(
+            PLACE,
+            "api_socket",
+            format!(
+                "{} is {socket_len} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
+                api_socket.display()
+            ),
+        );
+    }
+    api_socket
+}
+
+fn udp_idle_timeout(value: Option<String>, problems: &mut Problems) -> GoDuration {
+    let default_idle = GoDuration(std::time::Duration::from_secs(120));
+    match value {
+        None => default_idle,
+        Some(text) => text.parse().unwrap_or_else(|e| {
+            problems.add(
+                PLACE,
+                "udp_idle_timeout",
+                format!("invalid duration {text:?}: {e}"),
+            );
+            default_idle
+        }),
+    }
+}
+
+/// The bpffs directory the datapath is pinned under: absolute, so that it never
+/// depends on the directory the agent was started in.
+fn pin_dir(value: Option<String>, problems: &mut Problems) -> PathBuf {
+    let pin_dir = path(
+        value,
+        "/sys/fs/bpf/sessiongate",
+        (PLACE, "pin_dir"),
+        problems,
+    );
+    if !pin_dir.is_absolute() {
+        problems.add(
+            PLACE,
+            "pin_dir",
+            "must be an absolute path on a bpf filesystem",
+        );
+    }
+    pin_dir
+}
+
+/// The TCP API is never open without a bearer token.
+fn api_token_file(
+    value: Option<String>,
+    api_listen: Option<SocketAddr>,
+    problems: &mut Problems,
+) -> Option<PathBuf> {
+    let api_token_file = value.map(PathBuf::from);
+    if api_listen.is_some() && api_token_file.is_none() {
+        problems.add(
+            PLACE,
+            "api_token_file",
+            "api_listen needs a bearer token: name a file that holds it (mode 0600)",
+        );
+    }
+    api_token_file
+}
+
+/// Prompts are off without a URL; the interval and `reauth_url` are checked all the
+/// same, as the portal uses `reauth_url` too.
 fn notify(
     url: Option<String>,
     interval: Option<String>,
     reauth_url: Option<String>,
     problems: &mut Problems,
 ) -> Option<NotifySettings> {
-    const PLACE: &str = "[agent]";
+    let interval = notify_interval(interval, problems);
+    if let Some(url) = &reauth_url {
+        http_url(url, (PLACE, "reauth_url"), problems);
+    }
+    let url = url?;
+    http_url(&url, (PLACE, "notify_url"), problems).then_some(NotifySettings {
+        url,
+        interval,
+        reauth_url,
+    })
+}
+
+/// At most one prompt per device and policy per interval: zero would be no bound.
+fn notify_interval(value: Option<String>, problems: &mut Problems) -> GoDuration {
     let default = GoDuration(std::time::Duration::from_secs(300));
-    let interval = match &interval {
+    match &value {
         None => default,
         Some(text) => match text.parse::<GoDuration>() {
             Ok(d) if d.0.is_zero() => {
@@ -185,14 +229,21 @@ fn notify(
                 default
             }
         },
-    };
-    if let Some(url) = &reauth_url {
-        http_url(url, (PLACE, "reauth_url"), problems);
     }
-    let url = url?;
-    http_url(&url, (PLACE, "notify_url"), problems).then_some(NotifySettings {
-        url,
-        interval,
-        reauth_url,
-    })
+}
+
+fn replies(rate: Option<i64>, burst: Option<i64>, problems: &mut Problems) -> ReplyLimit {
+    let defaults = ReplyLimit::default();
+    let mut per_device = |value: Option<i64>, field: &str, default: u32| match value {
+        None => default,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            problems.add(PLACE, field, format!("{n} is out of range (1 to 1000)"));
+            default
+        }
+    };
+    ReplyLimit {
+        rate: per_device(rate, "reply_rate", defaults.rate),
+        burst: per_device(burst, "reply_burst", defaults.burst),
+    }
 }
