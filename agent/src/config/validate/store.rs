@@ -5,30 +5,49 @@ use std::path::PathBuf;
 use super::{Problems, fields::choice};
 use crate::config::{DEFAULT_ETCD_PREFIX, EtcdConfig, EtcdTls, StoreConfig, raw::RawStore};
 
+const PLACE: &str = "[store]";
+
 pub(super) fn section(raw: RawStore, problems: &mut Problems) -> StoreConfig {
-    const PLACE: &str = "[store]";
-    let kind = choice(
+    let is_etcd = choice(
         raw.kind.as_deref(),
         &[("local", false), ("etcd", true)],
         false,
         (PLACE, "kind"),
         problems,
     );
-    if !kind {
-        for (field, given) in [
-            ("endpoints", raw.endpoints.is_some()),
-            ("prefix", raw.prefix.is_some()),
-            ("ca_file", raw.ca_file.is_some()),
-            ("cert_file", raw.cert_file.is_some()),
-            ("key_file", raw.key_file.is_some()),
-        ] {
-            if given && matches!(raw.kind.as_deref(), None | Some("local")) {
-                problems.add(PLACE, field, "only applies with kind = \"etcd\"");
-            }
-        }
+    if !is_etcd {
+        etcd_fields_unused(&raw, problems);
         return StoreConfig::Local;
     }
-    let endpoints = raw.endpoints.unwrap_or_default();
+    let (endpoints, secure) = endpoints(raw.endpoints.unwrap_or_default(), problems);
+    let prefix = prefix(raw.prefix, problems);
+    let client = client_identity(raw.cert_file, raw.key_file, problems);
+    let tls = tls(secure, raw.ca_file.map(PathBuf::from), client, problems);
+    StoreConfig::Etcd(EtcdConfig {
+        endpoints,
+        prefix,
+        tls,
+    })
+}
+
+/// etcd's fields would go unused by a local store: say so rather than ignore them.
+/// After an unknown kind only the kind is reported, as it may be the mistake.
+fn etcd_fields_unused(raw: &RawStore, problems: &mut Problems) {
+    for (field, given) in [
+        ("endpoints", raw.endpoints.is_some()),
+        ("prefix", raw.prefix.is_some()),
+        ("ca_file", raw.ca_file.is_some()),
+        ("cert_file", raw.cert_file.is_some()),
+        ("key_file", raw.key_file.is_some()),
+    ] {
+        if given && matches!(raw.kind.as_deref(), None | Some("local")) {
+            problems.add(PLACE, field, "only applies with kind = \"etcd\"");
+        }
+    }
+}
+
+/// The members' client URLs, and whether they are https: all of them or none.
+fn endpoints(endpoints: Vec<String>, problems: &mut Problems) -> (Vec<String>, bool) {
     if endpoints.is_empty() {
         problems.add(
             PLACE,
@@ -55,9 +74,12 @@ pub(super) fn section(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             "mixes http:// and https:// URLs; use one scheme for every member",
         );
     }
-    let prefix = raw
-        .prefix
-        .unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
+    (endpoints, secure)
+}
+
+/// Keys live under `{prefix}/devices/`, so the prefix is one clean absolute key path.
+fn prefix(value: Option<String>, problems: &mut Problems) -> String {
+    let prefix = value.unwrap_or_else(|| DEFAULT_ETCD_PREFIX.to_string());
     if !prefix.starts_with('/')
         || prefix.len() < 2
         || prefix.ends_with('/')
@@ -69,8 +91,16 @@ pub(super) fn section(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             format!("{prefix:?} is not a key prefix like \"/sessiongate\" (starts with '/', no trailing '/', no spaces)"),
         );
     }
-    let ca_file = raw.ca_file.map(PathBuf::from);
-    let client = match (raw.cert_file, raw.key_file) {
+    prefix
+}
+
+/// The agent's client certificate and its key: both or neither.
+fn client_identity(
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    problems: &mut Problems,
+) -> Option<(PathBuf, PathBuf)> {
+    match (cert_file, key_file) {
         (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
         (None, None) => None,
         (Some(_), None) => {
@@ -89,8 +119,17 @@ pub(super) fn section(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             );
             None
         }
-    };
-    let tls = match (secure, ca_file) {
+    }
+}
+
+/// https needs the CA to check the members by; over http the TLS files would go unused.
+fn tls(
+    secure: bool,
+    ca_file: Option<PathBuf>,
+    client: Option<(PathBuf, PathBuf)>,
+    problems: &mut Problems,
+) -> Option<EtcdTls> {
+    match (secure, ca_file) {
         (true, Some(ca_file)) => Some(EtcdTls { ca_file, client }),
         (true, None) => {
             problems.add(
@@ -110,12 +149,7 @@ pub(super) fn section(raw: RawStore, problems: &mut Problems) -> StoreConfig {
             }
             None
         }
-    };
-    StoreConfig::Etcd(EtcdConfig {
-        endpoints,
-        prefix,
-        tls,
-    })
+    }
 }
 
 /// Whether an etcd client URL is https (`Ok(true)`) or http; why it is neither.
