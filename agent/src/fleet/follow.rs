@@ -125,46 +125,14 @@ async fn follow_once(
     backoff: &mut Duration,
     bad: &mut HashSet<Vec<u8>>,
 ) -> Ended {
-    let prefix = fleet.layout.devices();
     if *snapshot_needed {
-        let (revision, kvs) = match fleet.snapshot_kvs().await {
-            Ok(snapshot) => snapshot,
+        let not_applied = match apply_snapshot(fleet, mirror, bad).await {
+            Ok(not_applied) => not_applied,
             Err(e) => return Ended::Lost(e),
         };
-        let clock = ClockPair::now();
-        let boot_id = mirror.boot_id();
-        let mut records = Vec::with_capacity(kvs.len());
-        bad.clear();
-        for kv in &kvs {
-            match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
-                Decoded::Session(record) => records.push(record),
-                // Left out of the snapshot, so the resync removes any session it had.
-                Decoded::BadValue(_) | Decoded::BadKey => {
-                    bad.insert(kv.key().to_vec());
-                }
-            }
-        }
-        drop(kvs);
-        let diff = tokio::task::block_in_place(|| mirror.resync(records));
-        tracing::info!(
-            revision,
-            added = diff.added,
-            changed = diff.changed,
-            removed = diff.removed,
-            not_applied = diff.not_applied,
-            bad_entries = bad.len(),
-            "applied a full snapshot of the session store"
-        );
-        {
-            let mut status = lock(&fleet.status);
-            status.resyncs += 1;
-            status.bad_entries = bad.len() as u64;
-            status.revision = revision;
-        }
-        fleet.applied.send_replace(revision);
         *snapshot_needed = false;
-        if diff.not_applied > 0 {
-            return Ended::NotApplied(diff.not_applied);
+        if not_applied > 0 {
+            return Ended::NotApplied(not_applied);
         }
     }
     let start = *fleet.applied.borrow() + 1;
@@ -175,13 +143,8 @@ async fn follow_once(
         fleet.members.avoid(member);
         Ended::Lost(format!("{endpoint}: {cause}"))
     };
-    let mut stream = match client
-        .watch(
-            prefix,
-            Some(WatchOptions::new().with_prefix().with_start_revision(start)),
-        )
-        .await
-    {
+    let options = WatchOptions::new().with_prefix().with_start_revision(start);
+    let mut stream = match client.watch(fleet.layout.devices(), Some(options)).await {
         Ok(s) => s,
         Err(e) => return lost(short(&e)),
     };
@@ -201,60 +164,118 @@ async fn follow_once(
             ));
         }
         if response.created() {
-            let mut status = lock(&fleet.status);
-            if !status.connected {
-                status.connected = true;
-                status.since = Some(unix_now());
-                status.last_error = None;
-                tracing::info!(member = %endpoint, resume_from = start, "watching the session store");
-            }
+            watching(fleet, endpoint, start);
             *backoff = BACKOFF_FIRST;
         }
         if response.events().is_empty() {
             continue;
         }
-        let clock = ClockPair::now();
-        let boot_id = mirror.boot_id();
-        let mut changes = Vec::with_capacity(response.events().len());
-        let mut last = 0;
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            last = kv.mod_revision();
-            if event.event_type() == EventType::Delete {
-                bad.remove(kv.key());
-                if let Ok(ip) = fleet.layout.device(kv.key()) {
-                    changes.push(StoreChange::Delete(ip));
-                }
-                continue;
-            }
-            match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
-                Decoded::Session(record) => {
-                    bad.remove(kv.key());
-                    changes.push(StoreChange::Put(record));
-                }
-                // A broken entry never leaves a stale session behind.
-                Decoded::BadValue(ip) => {
-                    bad.insert(kv.key().to_vec());
-                    changes.push(StoreChange::Delete(ip));
-                }
-                Decoded::BadKey => {
-                    bad.insert(kv.key().to_vec());
-                }
-            }
-        }
-        let applied = changes.len() as u64;
-        let failed = tokio::task::block_in_place(|| mirror.apply(changes, last));
-        {
-            let mut status = lock(&fleet.status);
-            status.events += applied;
-            status.bad_entries = bad.len() as u64;
-            status.revision = last;
-        }
-        fleet.applied.send_replace(last);
+        let failed = apply_events(fleet, mirror, response.events(), bad);
         if failed > 0 {
             return Ended::NotApplied(failed);
         }
     }
+}
+
+/// Makes this host equal to a full snapshot of the store, read at one revision; how
+/// many devices could not be changed here.
+async fn apply_snapshot(
+    fleet: &Fleet,
+    mirror: &SessionMirror,
+    bad: &mut HashSet<Vec<u8>>,
+) -> Result<usize, String> {
+    let (revision, kvs) = fleet.snapshot_kvs().await?;
+    let clock = ClockPair::now();
+    let boot_id = mirror.boot_id();
+    let mut records = Vec::with_capacity(kvs.len());
+    bad.clear();
+    for kv in &kvs {
+        match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
+            Decoded::Session(record) => records.push(record),
+            // Left out of the snapshot, so the resync removes any session it had.
+            Decoded::BadValue(_) | Decoded::BadKey => {
+                bad.insert(kv.key().to_vec());
+            }
+        }
+    }
+    drop(kvs);
+    let diff = tokio::task::block_in_place(|| mirror.resync(records));
+    tracing::info!(
+        revision,
+        added = diff.added,
+        changed = diff.changed,
+        removed = diff.removed,
+        not_applied = diff.not_applied,
+        bad_entries = bad.len(),
+        "applied a full snapshot of the session store"
+    );
+    {
+        let mut status = lock(&fleet.status);
+        status.resyncs += 1;
+        status.bad_entries = bad.len() as u64;
+        status.revision = revision;
+    }
+    fleet.applied.send_replace(revision);
+    Ok(diff.not_applied)
+}
+
+/// The watch is established: the store counts as connected again.
+fn watching(fleet: &Fleet, endpoint: &str, start: i64) {
+    let mut status = lock(&fleet.status);
+    if !status.connected {
+        status.connected = true;
+        status.since = Some(unix_now());
+        status.last_error = None;
+        tracing::info!(member = %endpoint, resume_from = start, "watching the session store");
+    }
+}
+
+/// Applies one watch response's events here, in revision order; how many could not be.
+fn apply_events(
+    fleet: &Fleet,
+    mirror: &SessionMirror,
+    events: &[etcd_client::Event],
+    bad: &mut HashSet<Vec<u8>>,
+) -> usize {
+    let clock = ClockPair::now();
+    let boot_id = mirror.boot_id();
+    let mut changes = Vec::with_capacity(events.len());
+    let mut last = 0;
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        last = kv.mod_revision();
+        if event.event_type() == EventType::Delete {
+            bad.remove(kv.key());
+            if let Ok(ip) = fleet.layout.device(kv.key()) {
+                changes.push(StoreChange::Delete(ip));
+            }
+            continue;
+        }
+        match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
+            Decoded::Session(record) => {
+                bad.remove(kv.key());
+                changes.push(StoreChange::Put(record));
+            }
+            // A broken entry never leaves a stale session behind.
+            Decoded::BadValue(ip) => {
+                bad.insert(kv.key().to_vec());
+                changes.push(StoreChange::Delete(ip));
+            }
+            Decoded::BadKey => {
+                bad.insert(kv.key().to_vec());
+            }
+        }
+    }
+    let applied = changes.len() as u64;
+    let failed = tokio::task::block_in_place(|| mirror.apply(changes, last));
+    {
+        let mut status = lock(&fleet.status);
+        status.events += applied;
+        status.bad_entries = bad.len() as u64;
+        status.revision = last;
+    }
+    fleet.applied.send_replace(last);
+    failed
 }
 
 /// A put key and value as the store means them for this host.
