@@ -11,22 +11,9 @@ use std::{
 
 use super::{
     import::ImportRecord,
-    testing::{FakeKernel, Faults, faulty, logs_of},
+    testing::{FakeKernel, Faults, faulty, journal, logs_of, request},
     *,
 };
-
-fn request(ip: &str, user: &str) -> LoginRequest {
-    LoginRequest {
-        ip: ip.parse().unwrap(),
-        user: user.into(),
-        idp: None,
-        at: None,
-    }
-}
-
-fn journal(dir: &Path) -> String {
-    fs::read_to_string(dir.join("sessions.jsonl")).unwrap()
-}
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()

@@ -2,12 +2,12 @@
 //! or in the journal, leaves both as they were, whether it came from the API (login,
 //! logout, import) or from the fleet's store (a change, a full snapshot).
 
-use std::{collections::BTreeMap, fs, net::IpAddr, path::Path, sync::Arc};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use agent_common::maps::Session;
 
 use super::{
-    testing::{Faults, SharedKernel, faulty},
+    testing::{Faults, SharedKernel, faulty, journal, request},
     *,
 };
 
@@ -88,19 +88,6 @@ impl Fixture {
         assert_eq!(diff.not_applied, 1, "{diff:?}");
         assert_eq!(self.sides(), before, "a snapshot of the fleet's store");
     }
-}
-
-fn request(ip: &str, user: &str) -> LoginRequest {
-    LoginRequest {
-        ip: ip.parse().unwrap(),
-        user: user.into(),
-        idp: None,
-        at: None,
-    }
-}
-
-fn journal(dir: &Path) -> String {
-    fs::read_to_string(dir.join("sessions.jsonl")).unwrap_or_default()
 }
 
 #[test]

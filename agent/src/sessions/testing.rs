@@ -16,10 +16,25 @@ use std::{
 use agent_common::maps::Session;
 
 use super::{
-    KernelSessions,
+    KernelSessions, LoginRequest,
     journal::{JournalFile, Opener},
 };
 use crate::datapath::DatapathError;
+
+/// A login request for now, through the default IdP.
+pub fn request(ip: &str, user: &str) -> LoginRequest {
+    LoginRequest {
+        ip: ip.parse().unwrap(),
+        user: user.into(),
+        idp: None,
+        at: None,
+    }
+}
+
+/// The journal's text in `dir` (empty when there is none yet).
+pub fn journal(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("sessions.jsonl")).unwrap_or_default()
+}
 
 /// Kernel session maps in memory; every write fails while `fail` is set, batches
 /// while `fail_batches` is.
