@@ -106,6 +106,54 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// How `run` logs; the other commands log plain text.
+    pub fn log_format(&self) -> LogFormat {
+        match self {
+            Command::Run { log_format, .. } => *log_format,
+            _ => LogFormat::Text,
+        }
+    }
+}
+
+/// Runs a parsed command and says how the process exits. `check` runs without an async
+/// runtime; the other commands run on a small one and report their error, with its
+/// causes, here.
+pub fn execute(command: &Command) -> ExitCode {
+    if let Command::Check { config } = command {
+        return check(config);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(dispatch(command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            errln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: &Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            config, replace, ..
+        } => crate::run::run(config, *replace).await,
+        Command::Detach {
+            config,
+            keep_sessions,
+        } => detach(config, *keep_sessions).await,
+        Command::Reload { target } => reload(target).await,
+        Command::Events { target, json } => events(target, *json).await,
+        Command::Session { target, command } => session(target, command).await,
+        Command::Stats { target, json } => stats(target, *json).await,
+        Command::Check { .. } => unreachable!("execute runs check without a runtime"),
+    }
+}
+
 /// Where the running agent listens.
 #[derive(Debug, clap::Args)]
 pub struct Target {
@@ -180,7 +228,7 @@ impl Target {
 }
 
 /// `sessiongate check`.
-pub fn check(path: &Path) -> ExitCode {
+fn check(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -214,7 +262,7 @@ pub fn check(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Result<()> {
+async fn session(target: &Target, command: &SessionCommand) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     match command {
         SessionCommand::Login { ip, user, idp, at } => {
@@ -306,7 +354,7 @@ pub async fn session(target: &Target, command: &SessionCommand) -> anyhow::Resul
     Ok(())
 }
 
-pub async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
+async fn stats(target: &Target, json: bool) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     let value = client.get("/v1/stats").await?;
     if json {
@@ -448,7 +496,7 @@ async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Resu
 }
 
 /// `sessiongate reload`.
-pub async fn reload(target: &Target) -> anyhow::Result<()> {
+async fn reload(target: &Target) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     match client.call(Method::POST, "/v1/reload", None).await {
         Ok(value) => {
@@ -472,7 +520,7 @@ pub async fn reload(target: &Target) -> anyhow::Result<()> {
 }
 
 /// `sessiongate events`: one line per refusal until interrupted.
-pub async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
+async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
     let client = ApiClient::new(&target.socket()?);
     client
         .stream_lines("/v1/events/stream", |line| {
@@ -494,7 +542,7 @@ pub async fn events(target: &Target, json: bool) -> anyhow::Result<()> {
 }
 
 /// `sessiongate detach`.
-pub async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<()> {
+async fn detach(config_path: &Path, keep_sessions: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let agent = &config.agent;
     if ApiClient::new(&agent.api_socket)
