@@ -1,0 +1,184 @@
+//! `sessiongate session`: record, end, list, show and import device sessions on a
+//! running agent.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use hyper::Method;
+use serde_json::Value;
+
+use super::{SessionCommand, Target, target::decode};
+use crate::{
+    api::{
+        client::{ApiClient, ClientError},
+        server::MAX_IMPORT_BODY,
+    },
+    errln,
+    input::{self, file::Accept, printable},
+    outln,
+    wire::{ImportReport, LoginBody, SessionDetail, SessionView},
+};
+
+pub(super) async fn execute(target: &Target, command: &SessionCommand) -> anyhow::Result<()> {
+    let client = ApiClient::new(&target.socket()?);
+    match command {
+        SessionCommand::Login { ip, user, idp, at } => {
+            let body = serde_json::to_value(LoginBody {
+                ip: ip.to_string(),
+                user: user.clone(),
+                idp: idp.clone(),
+                at: at.clone(),
+            })?;
+            let view: SessionView = decode(
+                client
+                    .call(Method::POST, "/v1/sessions", Some(body))
+                    .await?,
+            )?;
+            outln!(
+                "{} logged in as {} (IdP {}), authenticated at {}, session age {}",
+                view.ip,
+                printable(&view.user),
+                printable(&view.idp),
+                view.authenticated_at,
+                view.age
+            );
+        }
+        SessionCommand::Logout { ip } => {
+            let view: SessionView = decode(
+                client
+                    .call(Method::DELETE, &format!("/v1/sessions/{ip}"), None)
+                    .await?,
+            )?;
+            outln!("{} logged out (was {})", view.ip, printable(&view.user));
+        }
+        SessionCommand::Import { file, skip_bad } => {
+            import(&client, file, *skip_bad).await?;
+        }
+        SessionCommand::List { json } => {
+            let value = client.get("/v1/sessions").await?;
+            if *json {
+                outln!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(());
+            }
+            let sessions: Vec<SessionView> = decode(value)?;
+            outln!(
+                "{:<40} {:<30} {:<12} {:<26} AGE",
+                "DEVICE",
+                "USER",
+                "IDP",
+                "AUTHENTICATED AT"
+            );
+            for s in sessions {
+                outln!(
+                    "{:<40} {:<30} {:<12} {:<26} {}",
+                    s.ip,
+                    printable(&s.user),
+                    printable(&s.idp),
+                    s.authenticated_at,
+                    s.age
+                );
+            }
+        }
+        SessionCommand::Show { ip, json } => {
+            let value = client.get(&format!("/v1/sessions/{ip}")).await?;
+            if *json {
+                outln!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(());
+            }
+            let detail: SessionDetail = decode(value)?;
+            let s = &detail.session;
+            outln!("device            {}", s.ip);
+            outln!("user              {}", printable(&s.user));
+            outln!("idp               {}", printable(&s.idp));
+            outln!("authenticated at  {} (age {})", s.authenticated_at, s.age);
+            if detail.policies.is_empty() {
+                outln!("no policy checks sessions");
+            }
+            for p in &detail.policies {
+                let standing = if p.satisfied {
+                    format!("satisfied, {} left", p.margin)
+                } else {
+                    format!("EXPIRED {} ago: re-authentication required", p.margin)
+                };
+                outln!(
+                    "policy {:<30} needs <= {:<12} {standing}",
+                    format!("{:?}", p.policy),
+                    p.duration
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `sessiongate session import`: uploads the file with a progress bar; the agent
+/// validates every line and applies all of it (or, with `--skip-bad`, the good lines).
+async fn import(client: &ApiClient, file: &Path, skip_bad: bool) -> anyhow::Result<()> {
+    let data = input::file::read_bounded(file, MAX_IMPORT_BODY as u64, Accept::RegularFileOrPipe)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .bytes;
+    let bar = indicatif::ProgressBar::new(data.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {elapsed}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message("uploading");
+    let progress = bar.clone();
+    let path = format!("/v1/sessions/import?skip_bad={skip_bad}");
+    let pending = client.upload(&path, data.into(), move |sent| {
+        progress.set_position(sent);
+        if sent == progress.length().unwrap_or(0) {
+            progress.set_message("applying");
+        }
+    });
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let result = pending.await;
+    bar.finish_and_clear();
+    let print_errors = |errors: &Value| {
+        for e in errors.as_array().into_iter().flatten() {
+            errln!(
+                "{}:{}: {}",
+                file.display(),
+                e["line"],
+                e["message"].as_str().unwrap_or("?")
+            );
+        }
+    };
+    match result {
+        Ok(value) => {
+            let report: ImportReport = decode(value.clone())?;
+            print_errors(&value["errors"]);
+            outln!(
+                "imported {} sessions from {} ({} new devices, {} reset){}",
+                report.imported,
+                file.display(),
+                report.new_devices,
+                report.reset_devices,
+                if report.skipped_lines > 0 {
+                    format!("; skipped {} bad lines", report.skipped_lines)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Err(ClientError::Api {
+            code,
+            message,
+            body,
+            ..
+        }) if code == "import_rejected" => {
+            print_errors(&body["errors"]);
+            let shown = body["errors"].as_array().map_or(0, Vec::len);
+            let total = body["error_count"].as_u64().unwrap_or(0) as usize;
+            if total > shown {
+                errln!("... and {} more", total - shown);
+            }
+            anyhow::bail!("{}: {message}", file.display())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
