@@ -2,14 +2,13 @@
 
 use super::Target;
 use crate::{
-    api::client::ApiClient,
     events::{self, Refusal},
     outln,
 };
 
 /// `sessiongate events`: one line per refusal until interrupted.
 pub(super) async fn execute(target: &Target, json: bool) -> anyhow::Result<()> {
-    let client = ApiClient::new(&target.socket()?);
+    let client = target.client()?;
     client
         .stream_lines("/v1/events/stream", |line| {
             // Blank lines are the stream's keep-alives.

@@ -3,15 +3,11 @@
 use hyper::Method;
 
 use super::{Target, target::decode};
-use crate::{
-    api::client::{ApiClient, ClientError},
-    errln, outln,
-    wire::Reloaded,
-};
+use crate::{api::client::ClientError, errln, outln, wire::Reloaded};
 
 /// `sessiongate reload`.
 pub(super) async fn execute(target: &Target) -> anyhow::Result<()> {
-    let client = ApiClient::new(&target.socket()?);
+    let client = target.client()?;
     match client.call(Method::POST, "/v1/reload", None).await {
         Ok(value) => {
             let done: Reloaded = decode(value)?;

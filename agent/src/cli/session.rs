@@ -7,7 +7,10 @@ use anyhow::Context as _;
 use hyper::Method;
 use serde_json::Value;
 
-use super::{SessionCommand, Target, target::decode};
+use super::{
+    SessionCommand, Target,
+    target::{decode, print_json},
+};
 use crate::{
     api::{
         client::{ApiClient, ClientError},
@@ -19,8 +22,9 @@ use crate::{
     wire::{ImportReport, LoginBody, SessionDetail, SessionView},
 };
 
+/// `sessiongate session`.
 pub(super) async fn execute(target: &Target, command: &SessionCommand) -> anyhow::Result<()> {
-    let client = ApiClient::new(&target.socket()?);
+    let client = target.client()?;
     match command {
         SessionCommand::Login { ip, user, idp, at } => {
             let body = serde_json::to_value(LoginBody {
@@ -57,8 +61,7 @@ pub(super) async fn execute(target: &Target, command: &SessionCommand) -> anyhow
         SessionCommand::List { json } => {
             let value = client.get("/v1/sessions").await?;
             if *json {
-                outln!("{}", serde_json::to_string_pretty(&value)?);
-                return Ok(());
+                return print_json(&value);
             }
             let sessions: Vec<SessionView> = decode(value)?;
             outln!(
@@ -82,8 +85,7 @@ pub(super) async fn execute(target: &Target, command: &SessionCommand) -> anyhow
         SessionCommand::Show { ip, json } => {
             let value = client.get(&format!("/v1/sessions/{ip}")).await?;
             if *json {
-                outln!("{}", serde_json::to_string_pretty(&value)?);
-                return Ok(());
+                return print_json(&value);
             }
             let detail: SessionDetail = decode(value)?;
             let s = &detail.session;

@@ -1,18 +1,20 @@
 //! `sessiongate stats`: the datapath's counters and the session store's state.
 
-use super::{Target, target::decode};
+use super::{
+    Target,
+    target::{decode, print_json},
+};
 use crate::{
-    api::client::ApiClient,
     outln,
     wire::{Stats, StoreStatus},
 };
 
+/// `sessiongate stats`.
 pub(super) async fn execute(target: &Target, json: bool) -> anyhow::Result<()> {
-    let client = ApiClient::new(&target.socket()?);
+    let client = target.client()?;
     let value = client.get("/v1/stats").await?;
     if json {
-        outln!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+        return print_json(&value);
     }
     let stats: Stats = decode(value)?;
     outln!(
