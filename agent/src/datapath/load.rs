@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use agent_common::maps::names;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData},
@@ -11,9 +12,12 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 
 use super::{
+    Datapath, DatapathError, Geometry, Origin, PORTAL_PROGRAM_NAME, PROGRAM, PROGRAM_NAME, Program,
+    SessionMaps,
     attach::{LinkKind, interface_index, parse_link_name},
-    pins::LayoutDir,
-    *,
+    maps::Maps,
+    pins::{self, LayoutDir},
+    sys,
 };
 use crate::config::Limits;
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use agent_common::{
     hashing::buckets_for,
-    maps::{LAYOUT, Settings, WAYS, names},
+    maps::{LAYOUT, Settings, WAYS},
 };
 use aya::{
     Ebpf,
