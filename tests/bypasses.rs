@@ -14,10 +14,6 @@ use std::{
 
 use netlab::{shaped, *};
 
-fn lab() -> Lab {
-    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
 /// Whether `frames` (captured on `cli0`) hold a SYN-ACK from `app:443` to port `sport`.
 fn syn_ack_from(frames: &[Vec<u8>], app: IpAddr, sport: u16) -> bool {
     frames.iter().any(|f| {
@@ -64,7 +60,7 @@ fn a_syn_split_into_tiny_fragments_is_refused() {
     if !privileged("a_syn_split_into_tiny_fragments_is_refused") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let (fresh, stale) = (device(0), device(1));
     agent.login(fresh, ALICE, NOW);
@@ -89,7 +85,7 @@ fn a_syn_behind_a_long_ipv6_header_chain_is_refused() {
     if !privileged("a_syn_behind_a_long_ipv6_header_chain_is_refused") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let (fresh, stale) = (device6(0), device6(1));
     agent.login(fresh, ALICE, NOW);

@@ -31,7 +31,7 @@ fn store_section(etcd: &Etcd) -> String {
 /// Two gateways following `etcd`.
 fn fleet(etcd: &Etcd) -> [Gateway; 2] {
     [(), ()].map(|()| {
-        let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+        let lab = lab!();
         etcd.connect(&lab.gateway);
         let config = lab.config(
             "metrics_listen = \"127.0.0.1:9464\"",
@@ -545,7 +545,7 @@ fn tls_mistakes_are_reported() {
         return;
     }
     let etcd = Etcd::start_tls(1);
-    let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+    let lab = lab!();
     etcd.connect(&lab.gateway);
     let tls = etcd.tls().expect("a TLS cluster");
     let good = store_section(&etcd);
@@ -594,7 +594,7 @@ fn other_spellings_and_invisible_names_in_etcd_are_bad_entries() {
         return;
     }
     let etcd = Etcd::start(1);
-    let lab = Lab::new(env!("CARGO_BIN_EXE_sessiongate"));
+    let lab = lab!();
     etcd.connect(&lab.gateway);
     let agent = lab.start_agent(&lab.config("", &format!("{}{APP_POLICY}", store_section(&etcd))));
     let g = Gateway { lab, agent };

@@ -14,10 +14,6 @@ use std::{
 
 use netlab::*;
 
-fn lab() -> Lab {
-    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
 /// One HTTP/1.1 exchange from inside the gateway namespace: (status, body).
 fn http(lab: &Lab, addr: &str, request: &str) -> (u16, String) {
     let addr: SocketAddr = addr.parse().unwrap();
@@ -105,7 +101,7 @@ fn metrics_are_prometheus_text_and_move_with_traffic() {
     if !privileged("metrics_are_prometheus_text_and_move_with_traffic") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("metrics_listen = \"127.0.0.1:9464\"", APP_POLICY));
     agent.login(device(0), ALICE, NOW);
     agent.login(device(1), BOB, 2 * HOUR);
@@ -256,7 +252,7 @@ fn events_stream_live_and_prompts_are_sent_once_per_interval() {
     if !privileged("events_stream_live_and_prompts_are_sent_once_per_interval") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let prompts = receiver(&lab, 8701);
     let agent = lab.start_agent_with(&lab.config(
             "notify_url = \"http://127.0.0.1:8701/prompt\"\nnotify_interval = \"2s\"\nreauth_url = \"https://198.18.0.1/reauth\"",
@@ -352,7 +348,7 @@ fn tcp_api_needs_the_token_and_bad_requests_change_nothing() {
     if !privileged("tcp_api_needs_the_token_and_bad_requests_change_nothing") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let token_file = lab.dir.path().join("api-token");
     let token = "c2Vzc2lvbmdhdGUtdGVzdC10b2tlbi0xMjM0";
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
@@ -448,7 +444,7 @@ fn a_million_sessions_import_in_bulk() {
     if !privileged("a_million_sessions_import_in_bulk") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab
         .config("", APP_POLICY)
         .replace("max_sessions = 4096", "max_sessions = 1100000");
@@ -553,7 +549,7 @@ fn an_ipv4_mapped_address_is_the_ipv4_device() {
     if !privileged("an_ipv4_mapped_address_is_the_ipv4_device") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     agent.login(device(1), BOB, 2 * HOUR);
     assert!(lab.tcp_blocked(device(1), APP, 443));
@@ -612,7 +608,7 @@ fn names_cannot_forge_metric_or_log_lines() {
     if !privileged("names_cannot_forge_metric_or_log_lines") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     // Quotes and braces are fine in a policy name; every output escapes them.
     let policy = APP_POLICY.replace("name = \"App\"", r#"name = "App\"} 1 #""#);
     let agent = lab.start_agent(&lab.config("metrics_listen = \"127.0.0.1:9464\"", &policy));
@@ -729,7 +725,7 @@ fn a_full_disk_refuses_logins_whole_with_507_and_every_acknowledged_one_survives
     {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let state = Tmpfs::mount(lab.dir.path().join("state"), "64k");
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);

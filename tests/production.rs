@@ -83,10 +83,6 @@ fn under_traffic<R>(probes: &[Probe<'_>], min_rounds: usize, during: impl FnOnce
     result
 }
 
-fn lab() -> Lab {
-    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
 /// A TCP connection that must open and echo.
 fn opens(lab: &Lab, src: IpAddr, dst: IpAddr, port: u16) -> bool {
     lab.tcp_connect(src, dst, port, PASS_WAIT)
@@ -176,7 +172,7 @@ fn kill_9_and_restarts_open_no_gap() {
     if !privileged("kill_9_and_restarts_open_no_gap") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     let traffic = RestartTraffic::start(&lab, &agent);
@@ -289,7 +285,7 @@ fn reloads_swap_10_and_10000_policies_under_traffic() {
     if !privileged("reloads_swap_10_and_10000_policies_under_traffic") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let small = sized(lab.config("", &policies(9, "")));
     let large = sized(lab.config("", &policies(9_999, OPEN_POLICY)));
     let mut agent = lab.start_agent(&small);
@@ -364,7 +360,7 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
     if !privileged("pins_of_another_layout_are_refused_and_replace_swaps_in_one_step") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     let traffic = RestartTraffic::start(&lab, &agent);
@@ -432,7 +428,7 @@ fn detach_removes_the_program_pins_and_state() {
     if !privileged("detach_removes_the_program_pins_and_state") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     agent.login(device(1), BOB, 2 * HOUR);
@@ -496,7 +492,7 @@ fn the_systemd_units_capabilities_are_enough() {
     if !privileged("the_systemd_units_capabilities_are_enough") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     // The agent (and its CLI) with no capability beyond the unit's bounding set.
     let wrapper = lab.dir.path().join("sessiongate-confined");
     std::fs::write(
@@ -537,7 +533,7 @@ fn an_interface_recreated_while_the_agent_is_down_is_attached_again() {
     if !privileged("an_interface_recreated_while_the_agent_is_down_is_attached_again") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     agent.login(device(1), BOB, 2 * HOUR);
@@ -561,7 +557,7 @@ fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
     if !privileged("replace_after_a_limits_change_keeps_sessions_and_tracked_flows") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     let traffic = RestartTraffic::start(&lab, &agent);
@@ -594,7 +590,7 @@ fn a_second_agent_on_the_same_state_is_refused() {
     if !privileged("a_second_agent_on_the_same_state_is_refused") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let agent = lab.start_agent(&config);
     agent.login(device(1), BOB, 2 * HOUR);
@@ -615,7 +611,7 @@ fn reloads_fit_port_rules_of_both_configurations() {
     if !privileged("reloads_fit_port_rules_of_both_configurations") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     // 700 explicit ports: more than half of max_port_rules = 1024, and during a reload
     // both configurations' rules are in the kernel.
     let ports: Vec<String> = (10_000..10_700).map(|p| p.to_string()).collect();
@@ -674,7 +670,7 @@ fn an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing() {
     if !privileged("an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let host = HostPinDir::new(&lab);
     // netlab starts agents with `ip netns exec`, whose private mount namespace has a
     // fresh /sys: a bpffs the agent mounted at /sys/fs/bpf would vanish with it.
@@ -724,7 +720,7 @@ fn a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing() {
     if !privileged("a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     // A port already taken in the gateway namespace, where the agent runs.
     let busy = lab
         .gateway
@@ -811,7 +807,7 @@ fn an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restar
         return;
     }
     const N: usize = 200_000;
-    let lab = lab();
+    let lab = lab!();
     let config = lab
         .config("", APP_POLICY)
         .replace("max_sessions = 4096", "max_sessions = 262144");
@@ -938,7 +934,7 @@ fn per_policy_refusals_survive_restarts_and_reloads() {
     if !privileged("per_policy_refusals_survive_restarts_and_reloads") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let small = lab.config("", APP_POLICY);
     // "Open host" comes first: "App" moves to another index of the other set.
     let large = lab.config("", &format!("{OPEN_POLICY}\n{APP_POLICY}"));

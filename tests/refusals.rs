@@ -14,10 +14,6 @@ use std::{
 
 use netlab::{packets::Packet, *};
 
-fn lab() -> Lab {
-    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
 /// `APP_POLICY` with an action for expired devices.
 fn app_policy(on_expired: &str) -> String {
     format!("{APP_POLICY}on_expired = \"{on_expired}\"\n")
@@ -60,7 +56,7 @@ const V6: Family = Family {
 for_each_family!(reject_refuses_at_once: reject_refuses_at_once_v4, reject_refuses_at_once_v6);
 
 fn reject_refuses_at_once(f: Family) {
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config(GENERIC, &app_policy("reject")));
     let (fresh, stale) = ((f.device)(0), (f.device)(1));
     agent.login(fresh, ALICE, NOW);
@@ -107,7 +103,7 @@ fn replies_on_a_native_veth_are_warned_about() {
     if !privileged("replies_on_a_native_veth_are_warned_about") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let mut agent = lab.start_agent(&lab.config("xdp_mode = \"native\"", &app_policy("reject")));
     agent.wait_for_log(&["WARN", "native XDP mode", "xdp_mode = \"generic\""]);
     agent.stop();
@@ -141,7 +137,7 @@ fn a_syn_flood_gets_resets_only_at_the_configured_rate() {
     if !privileged("a_syn_flood_gets_resets_only_at_the_configured_rate") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config(
         &format!("{GENERIC}\nreply_rate = 5\nreply_burst = 5"),
         &app_policy("reject"),
@@ -230,7 +226,7 @@ fn url(app: IpAddr) -> String {
 for_each_family!(redirect_sends_http_to_the_portal: redirect_sends_http_to_the_portal_v4, redirect_sends_http_to_the_portal_v6);
 
 fn redirect_sends_http_to_the_portal(f: Family) {
-    let lab = lab();
+    let lab = lab!();
     let mut agent = lab.start_agent(&lab.config(PORTAL, &app_policy("redirect")));
     let (fresh, stale, long) = ((f.device)(0), (f.device)(1), (f.device)(2));
     let app = url(f.app);
@@ -305,7 +301,7 @@ fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
     if !privileged("auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     // xdp_mode is left to its default, auto.
     let agent = lab.start_agent(&lab.config("", &app_policy("reject")));
     let stale = device(1);
@@ -324,7 +320,7 @@ fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
     agent.wait_for_log(&["xdp_mode auto: generic mode on this veth"]);
     // With only drop policies, auto still prefers native.
     drop(agent);
-    let lab = self::lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", &app_policy("drop")));
     assert!(agent.cli_ok(&["stats"]).contains("(native)"));
 }
@@ -334,7 +330,7 @@ fn a_device_flooding_the_portal_with_idle_connections_starves_no_one() {
     if !privileged("a_device_flooding_the_portal_with_idle_connections_starves_no_one") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config(PORTAL, &app_policy("redirect")));
     let portal = SocketAddr::new("198.18.1.1".parse().unwrap(), 8511);
     let (flooder, other) = (device(1), device(2));

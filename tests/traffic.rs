@@ -29,12 +29,8 @@ const V6: Family = Family {
     open: OPEN6,
 };
 
-fn lab() -> Lab {
-    Lab::new(env!("CARGO_BIN_EXE_sessiongate"))
-}
-
 fn fresh_session_reaches_the_app(f: Family) {
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     assert!(lab.xdp_attached(), "the program is attached");
     let alice = (f.device)(0);
@@ -49,7 +45,7 @@ fn fresh_session_reaches_the_app(f: Family) {
 for_each_family!(fresh_session_reaches_the_app: fresh_session_reaches_the_protected_app_ipv4, fresh_session_reaches_the_protected_app_ipv6);
 
 fn expired_session_cannot_open_new_flows(f: Family) {
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let alice = (f.device)(1);
     agent.login(alice, ALICE, 2 * HOUR);
@@ -83,7 +79,7 @@ fn expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range() {
     if !privileged("expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let alice = device(2);
     agent.login(alice, ALICE, 2 * HOUR);
@@ -118,7 +114,7 @@ fn expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range() {
 }
 
 fn established_flows_survive_expiry(f: Family) {
-    let lab = lab();
+    let lab = lab!();
     let short = APP_POLICY.replace("duration = \"1h\"", "duration = \"3s\"");
     let agent = lab.start_agent(&lab.config("", &short));
     let alice = (f.device)(3);
@@ -161,7 +157,7 @@ fn a_new_login_restores_new_connections_at_once() {
     if !privileged("a_new_login_restores_new_connections_at_once") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let alice = device(4);
     agent.login(alice, ALICE, 2 * HOUR);
@@ -181,7 +177,7 @@ fn a_policy_without_check_session_never_blocks() {
     if !privileged("a_policy_without_check_session_never_blocks") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let policies = r#"
 [[policy]]
 name = "Open app"
@@ -206,7 +202,7 @@ fn unknown_devices_are_refused_by_default() {
     if !privileged("unknown_devices_are_refused_by_default") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let unknown = device(7);
     assert!(lab.tcp_blocked(unknown, APP, 443));
@@ -223,7 +219,7 @@ fn unknown_devices_pass_with_unknown_device_allow() {
     if !privileged("unknown_devices_pass_with_unknown_device_allow") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("unknown_device = \"allow\"", APP_POLICY));
     let (unknown, expired) = (device(7), device(8));
     assert!(lab.tcp_works(unknown, APP, 443));
@@ -259,7 +255,7 @@ fn overlapping_policies_follow_precedence_app_first() {
     if !privileged("overlapping_policies_follow_precedence_app_first") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", &overlapping(100, 200)));
     let alice = device(0);
     agent.login(alice, ALICE, 2 * HOUR);
@@ -280,7 +276,7 @@ fn overlapping_policies_follow_precedence_baseline_first() {
     if !privileged("overlapping_policies_follow_precedence_baseline_first") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", &overlapping(200, 100)));
     let alice = device(0);
     agent.login(alice, ALICE, 2 * HOUR);
@@ -301,7 +297,7 @@ fn an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing() {
     if !privileged("an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let bad_duration = APP_POLICY.replace("\"1h\"", "\"90 minutes\"");
     let log = lab.refused_start(&lab.config("", &bad_duration));
     for needle in [
@@ -356,7 +352,7 @@ fn api_misuse_gets_a_clear_error_and_changes_nothing() {
     if !privileged("api_misuse_gets_a_clear_error_and_changes_nothing") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("", APP_POLICY));
     let alice = device(0).to_string();
     agent.cli_ok(&[
@@ -461,7 +457,7 @@ fn sessions_survive_an_agent_restart() {
     if !privileged("sessions_survive_an_agent_restart") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let config = lab.config("", APP_POLICY);
     let mut agent = lab.start_agent(&config);
     let (fresh, old) = (device(0), device(1));
@@ -497,7 +493,7 @@ fn port_and_protocol_narrowing_and_bypass_destinations() {
     if !privileged("port_and_protocol_narrowing_and_bypass_destinations") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let policies = r#"
 [bypass]
 destinations = ["198.19.10.10/32"]
@@ -535,7 +531,7 @@ fn generic_xdp_mode_enforces_the_same() {
     if !privileged("generic_xdp_mode_enforces_the_same") {
         return;
     }
-    let lab = lab();
+    let lab = lab!();
     let agent = lab.start_agent(&lab.config("xdp_mode = \"generic\"", APP_POLICY));
     let stats = agent.cli_ok(&["stats"]);
     assert!(

@@ -96,6 +96,15 @@ fn unique_id() -> String {
     )
 }
 
+/// A `Lab` whose agents run the `sessiongate` binary of the test crate this is expanded
+/// in: `CARGO_BIN_EXE_sessiongate` exists only when cargo compiles that crate's tests.
+#[macro_export]
+macro_rules! lab {
+    () => {
+        $crate::Lab::new(::core::env!("CARGO_BIN_EXE_sessiongate"))
+    };
+}
+
 /// Two tests, IPv4 and IPv6, running one body that takes the caller's `Family`: the
 /// caller defines the constants `V4` and `V6` it passes.
 #[macro_export]
