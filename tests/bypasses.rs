@@ -57,7 +57,7 @@ fn v6(addr: IpAddr) -> Ipv6Addr {
 
 #[test]
 fn a_syn_split_into_tiny_fragments_is_refused() {
-    if !privileged("a_syn_split_into_tiny_fragments_is_refused") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -82,7 +82,7 @@ fn a_syn_split_into_tiny_fragments_is_refused() {
 
 #[test]
 fn a_syn_behind_a_long_ipv6_header_chain_is_refused() {
-    if !privileged("a_syn_behind_a_long_ipv6_header_chain_is_refused") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();

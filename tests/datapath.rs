@@ -40,7 +40,7 @@ use crate::harness::*;
 
 #[test]
 fn each_verdict_moves_its_own_counter_and_nothing_else() {
-    if !privileged("each_verdict_moves_its_own_counter_and_nothing_else") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -117,7 +117,7 @@ fn each_verdict_moves_its_own_counter_and_nothing_else() {
 
 #[test]
 fn new_flows_are_judged_by_session_age() {
-    if !privileged("new_flows_are_judged_by_session_age") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -169,7 +169,7 @@ fn new_flows_are_judged_by_session_age() {
 
 #[test]
 fn unknown_devices_are_admitted_with_unknown_device_allow() {
-    if !privileged("unknown_devices_are_admitted_with_unknown_device_allow") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("unknown_device = \"allow\"");
@@ -193,7 +193,7 @@ fn unknown_devices_are_admitted_with_unknown_device_allow() {
 
 #[test]
 fn dns_bypass_unlimited_and_unmatched_destinations_pass() {
-    if !privileged("dns_bypass_unlimited_and_unmatched_destinations_pass") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -253,7 +253,7 @@ fn dns_bypass_unlimited_and_unmatched_destinations_pass() {
 
 #[test]
 fn overlapping_policies_follow_precedence_protocol_and_ports() {
-    if !privileged("overlapping_policies_follow_precedence_protocol_and_ports") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -324,7 +324,7 @@ fn overlapping_policies_follow_precedence_protocol_and_ports() {
 
 #[test]
 fn a_wider_prefix_of_better_precedence_beats_a_narrower_one() {
-    if !privileged("a_wider_prefix_of_better_precedence_beats_a_narrower_one") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -392,7 +392,7 @@ fn a_wider_prefix_of_better_precedence_beats_a_narrower_one() {
 
 #[test]
 fn udp_flows_admitted_while_valid_survive_expiry_until_idle() {
-    if !privileged("udp_flows_admitted_while_valid_survive_expiry_until_idle") {
+    if !privileged!() {
         return;
     }
     let mut h = Harness::new("udp_idle_timeout = \"1s\"");
@@ -433,7 +433,7 @@ fn udp_flows_admitted_while_valid_survive_expiry_until_idle() {
 
 #[test]
 fn udp_flows_from_consecutive_source_ports_are_all_tracked() {
-    if !privileged("udp_flows_from_consecutive_source_ports_are_all_tracked") {
+    if !privileged!() {
         return;
     }
     // 16 flows in a table of 512 buckets: with the 5-tuple spread over buckets, all
@@ -457,7 +457,7 @@ fn udp_flows_from_consecutive_source_ports_are_all_tracked() {
 
 #[test]
 fn refusals_send_one_event_per_device_and_policy_per_second() {
-    if !privileged("refusals_send_one_event_per_device_and_policy_per_second") {
+    if !privileged!() {
         return;
     }
     let mut h = Harness::new("");
@@ -546,7 +546,7 @@ fn refusals_send_one_event_per_device_and_policy_per_second() {
 
 #[test]
 fn each_policy_limits_a_devices_events_on_its_own() {
-    if !privileged("each_policy_limits_a_devices_events_on_its_own") {
+    if !privileged!() {
         return;
     }
     // One device refused by two policies in turn, within a second: one event each.
@@ -565,7 +565,7 @@ fn each_policy_limits_a_devices_events_on_its_own() {
 
 #[test]
 fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
-    if !privileged("sessions_beyond_the_session_table_are_found_in_the_hash_map") {
+    if !privileged!() {
         return;
     }
     // Eight devices that all hash to one bucket of the session table: four fit in
@@ -612,7 +612,7 @@ fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
 
 #[test]
 fn a_full_flow_table_gives_up_its_least_recently_seen_flows() {
-    if !privileged("a_full_flow_table_gives_up_its_least_recently_seen_flows") {
+    if !privileged!() {
         return;
     }
     // 8 flows allowed: 4 buckets of 4 slots.

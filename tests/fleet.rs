@@ -179,7 +179,7 @@ fn entry(user: &str, ago: Duration) -> String {
 /// (`cargo xtask bench --part control` measures it to the first admitted SYN.)
 #[test]
 fn a_login_through_one_agent_is_enforced_by_the_other() {
-    if !privileged("a_login_through_one_agent_is_enforced_by_the_other") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start_tls(1);
@@ -232,7 +232,7 @@ fn a_login_through_one_agent_is_enforced_by_the_other() {
 /// Test 2: two agents race to bind one device to two users; one wins everywhere.
 #[test]
 fn concurrent_conflicting_logins_bind_one_user() {
-    if !privileged("concurrent_conflicting_logins_bind_one_user") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(1);
@@ -303,7 +303,7 @@ fn concurrent_conflicting_logins_bind_one_user() {
 /// the agents resume their watch rather than start over.
 #[test]
 fn etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up() {
-    if !privileged("etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(1);
@@ -402,7 +402,7 @@ fn etcd_stopped_keeps_verdicts_refuses_logins_and_catches_up() {
 /// through the other two.
 #[test]
 fn a_three_member_cluster_with_one_member_down_keeps_working() {
-    if !privileged("a_three_member_cluster_with_one_member_down_keeps_working") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(3);
@@ -447,7 +447,7 @@ fn a_three_member_cluster_with_one_member_down_keeps_working() {
 /// revision; B resyncs from a full snapshot and ends equal to the store.
 #[test]
 fn compaction_while_cut_off_ends_in_a_full_resync() {
-    if !privileged("compaction_while_cut_off_ends_in_a_full_resync") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(1);
@@ -487,7 +487,7 @@ fn compaction_while_cut_off_ends_in_a_full_resync() {
 /// compare-and-swap batches, and enforced by B.
 #[test]
 fn an_import_through_one_agent_reaches_the_other() {
-    if !privileged("an_import_through_one_agent_reaches_the_other") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(1);
@@ -541,7 +541,7 @@ fn an_import_through_one_agent_reaches_the_other() {
 /// store (fail-static), saying why, and refusing logins.
 #[test]
 fn tls_mistakes_are_reported() {
-    if !privileged("tls_mistakes_are_reported") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start_tls(1);
@@ -590,7 +590,7 @@ fn tls_mistakes_are_reported() {
 /// nothing, and a name with an invisible character is no session.
 #[test]
 fn other_spellings_and_invisible_names_in_etcd_are_bad_entries() {
-    if !privileged("other_spellings_and_invisible_names_in_etcd_are_bad_entries") {
+    if !privileged!() {
         return;
     }
     let etcd = Etcd::start(1);

@@ -98,7 +98,7 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &st
 
 #[test]
 fn metrics_are_prometheus_text_and_move_with_traffic() {
-    if !privileged("metrics_are_prometheus_text_and_move_with_traffic") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -249,7 +249,7 @@ fn udp_flood(lab: &Lab, src: IpAddr, dst: IpAddr, count: u16) {
 
 #[test]
 fn events_stream_live_and_prompts_are_sent_once_per_interval() {
-    if !privileged("events_stream_live_and_prompts_are_sent_once_per_interval") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -345,7 +345,7 @@ fn events_stream_live_and_prompts_are_sent_once_per_interval() {
 
 #[test]
 fn tcp_api_needs_the_token_and_bad_requests_change_nothing() {
-    if !privileged("tcp_api_needs_the_token_and_bad_requests_change_nothing") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -441,7 +441,7 @@ fn tcp_api_needs_the_token_and_bad_requests_change_nothing() {
 
 #[test]
 fn a_million_sessions_import_in_bulk() {
-    if !privileged("a_million_sessions_import_in_bulk") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -546,7 +546,7 @@ fn unix_api(agent: &Agent, method: &str, path: &str, body: Option<&str>) -> (u16
 
 #[test]
 fn an_ipv4_mapped_address_is_the_ipv4_device() {
-    if !privileged("an_ipv4_mapped_address_is_the_ipv4_device") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -605,7 +605,7 @@ fn an_ipv4_mapped_address_is_the_ipv4_device() {
 
 #[test]
 fn names_cannot_forge_metric_or_log_lines() {
-    if !privileged("names_cannot_forge_metric_or_log_lines") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -721,8 +721,7 @@ fn login_status(agent: &Agent, ip: IpAddr, user: &str) -> (u16, serde_json::Valu
 
 #[test]
 fn a_full_disk_refuses_logins_whole_with_507_and_every_acknowledged_one_survives() {
-    if !privileged("a_full_disk_refuses_logins_whole_with_507_and_every_acknowledged_one_survives")
-    {
+    if !privileged!() {
         return;
     }
     let lab = lab!();

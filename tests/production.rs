@@ -169,7 +169,7 @@ impl RestartTraffic {
 
 #[test]
 fn kill_9_and_restarts_open_no_gap() {
-    if !privileged("kill_9_and_restarts_open_no_gap") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -282,7 +282,7 @@ fn sized(config: String) -> String {
 
 #[test]
 fn reloads_swap_10_and_10000_policies_under_traffic() {
-    if !privileged("reloads_swap_10_and_10000_policies_under_traffic") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -357,7 +357,7 @@ fn wait_for(mut done: impl FnMut() -> bool, what: &str) {
 
 #[test]
 fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
-    if !privileged("pins_of_another_layout_are_refused_and_replace_swaps_in_one_step") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -425,7 +425,7 @@ fn pins_of_another_layout_are_refused_and_replace_swaps_in_one_step() {
 
 #[test]
 fn detach_removes_the_program_pins_and_state() {
-    if !privileged("detach_removes_the_program_pins_and_state") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -489,7 +489,7 @@ fn unit_capabilities() -> String {
 
 #[test]
 fn the_systemd_units_capabilities_are_enough() {
-    if !privileged("the_systemd_units_capabilities_are_enough") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -530,7 +530,7 @@ fn the_systemd_units_capabilities_are_enough() {
 
 #[test]
 fn an_interface_recreated_while_the_agent_is_down_is_attached_again() {
-    if !privileged("an_interface_recreated_while_the_agent_is_down_is_attached_again") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -554,7 +554,7 @@ fn an_interface_recreated_while_the_agent_is_down_is_attached_again() {
 
 #[test]
 fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
-    if !privileged("replace_after_a_limits_change_keeps_sessions_and_tracked_flows") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -587,7 +587,7 @@ fn replace_after_a_limits_change_keeps_sessions_and_tracked_flows() {
 
 #[test]
 fn a_second_agent_on_the_same_state_is_refused() {
-    if !privileged("a_second_agent_on_the_same_state_is_refused") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -608,7 +608,7 @@ fn a_second_agent_on_the_same_state_is_refused() {
 
 #[test]
 fn reloads_fit_port_rules_of_both_configurations() {
-    if !privileged("reloads_fit_port_rules_of_both_configurations") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -667,7 +667,7 @@ fn is_bpffs(path: &str) -> bool {
 
 #[test]
 fn an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing() {
-    if !privileged("an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -717,7 +717,7 @@ fn an_agent_started_by_ip_netns_exec_pins_where_kill_9_leaves_it_enforcing() {
 
 #[test]
 fn a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing() {
-    if !privileged("a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -802,8 +802,7 @@ fn agent_sessions(agent: &Agent) -> usize {
 
 #[test]
 fn an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restart() {
-    if !privileged("an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restart")
-    {
+    if !privileged!() {
         return;
     }
     const N: usize = 200_000;
@@ -931,7 +930,7 @@ fn refusals(agent: &Agent) -> (std::collections::BTreeMap<String, u64>, u64) {
 
 #[test]
 fn per_policy_refusals_survive_restarts_and_reloads() {
-    if !privileged("per_policy_refusals_survive_restarts_and_reloads") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();

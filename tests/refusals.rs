@@ -100,7 +100,7 @@ fn reject_refuses_at_once(f: Family) {
 
 #[test]
 fn replies_on_a_native_veth_are_warned_about() {
-    if !privileged("replies_on_a_native_veth_are_warned_about") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -134,7 +134,7 @@ fn resets_from(frames: &[Vec<u8>], app: IpAddr) -> usize {
 
 #[test]
 fn a_syn_flood_gets_resets_only_at_the_configured_rate() {
-    if !privileged("a_syn_flood_gets_resets_only_at_the_configured_rate") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -298,7 +298,7 @@ fn redirect_sends_http_to_the_portal(f: Family) {
 
 #[test]
 fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
-    if !privileged("auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -327,7 +327,7 @@ fn auto_mode_picks_a_mode_in_which_replies_arrive_on_a_veth() {
 
 #[test]
 fn a_device_flooding_the_portal_with_idle_connections_starves_no_one() {
-    if !privileged("a_device_flooding_the_portal_with_idle_connections_starves_no_one") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();

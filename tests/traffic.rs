@@ -76,7 +76,7 @@ for_each_family!(expired_session_cannot_open_new_flows: expired_session_cannot_o
 
 #[test]
 fn expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range() {
-    if !privileged("expired_device_still_reaches_unprotected_hosts_and_dns_inside_the_range") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -154,7 +154,7 @@ for_each_family!(established_flows_survive_expiry: established_flows_survive_exp
 
 #[test]
 fn a_new_login_restores_new_connections_at_once() {
-    if !privileged("a_new_login_restores_new_connections_at_once") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -174,7 +174,7 @@ fn a_new_login_restores_new_connections_at_once() {
 
 #[test]
 fn a_policy_without_check_session_never_blocks() {
-    if !privileged("a_policy_without_check_session_never_blocks") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -199,7 +199,7 @@ destinations = ["198.19.10.0/24"]
 
 #[test]
 fn unknown_devices_are_refused_by_default() {
-    if !privileged("unknown_devices_are_refused_by_default") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -216,7 +216,7 @@ fn unknown_devices_are_refused_by_default() {
 
 #[test]
 fn unknown_devices_pass_with_unknown_device_allow() {
-    if !privileged("unknown_devices_pass_with_unknown_device_allow") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -252,7 +252,7 @@ check_session = {{ enforce = true, duration = "1h" }}
 
 #[test]
 fn overlapping_policies_follow_precedence_app_first() {
-    if !privileged("overlapping_policies_follow_precedence_app_first") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -273,7 +273,7 @@ fn overlapping_policies_follow_precedence_app_first() {
 
 #[test]
 fn overlapping_policies_follow_precedence_baseline_first() {
-    if !privileged("overlapping_policies_follow_precedence_baseline_first") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -294,7 +294,7 @@ fn overlapping_policies_follow_precedence_baseline_first() {
 
 #[test]
 fn an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing() {
-    if !privileged("an_invalid_config_exits_non_zero_naming_the_problem_and_attaches_nothing") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -349,7 +349,7 @@ fn sessions(agent: &Agent) -> serde_json::Value {
 
 #[test]
 fn api_misuse_gets_a_clear_error_and_changes_nothing() {
-    if !privileged("api_misuse_gets_a_clear_error_and_changes_nothing") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -454,7 +454,7 @@ fn api_misuse_gets_a_clear_error_and_changes_nothing() {
 
 #[test]
 fn sessions_survive_an_agent_restart() {
-    if !privileged("sessions_survive_an_agent_restart") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -490,7 +490,7 @@ fn sessions_survive_an_agent_restart() {
 
 #[test]
 fn port_and_protocol_narrowing_and_bypass_destinations() {
-    if !privileged("port_and_protocol_narrowing_and_bypass_destinations") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();
@@ -528,7 +528,7 @@ check_session = { enforce = true, duration = "1h" }
 
 #[test]
 fn generic_xdp_mode_enforces_the_same() {
-    if !privileged("generic_xdp_mode_enforces_the_same") {
+    if !privileged!() {
         return;
     }
     let lab = lab!();

@@ -114,7 +114,7 @@ fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64) {
 
 #[test]
 fn random_frames_get_the_reference_verdicts_and_are_never_aborted() {
-    if !privileged("random_frames_get_the_reference_verdicts_and_are_never_aborted") {
+    if !privileged!() {
         return;
     }
     random_frames_match_the_reference_model("", 0x5e55_1061);
@@ -122,7 +122,7 @@ fn random_frames_get_the_reference_verdicts_and_are_never_aborted() {
 
 #[test]
 fn random_frames_get_the_reference_verdicts_with_unknown_devices_allowed() {
-    if !privileged("random_frames_get_the_reference_verdicts_with_unknown_devices_allowed") {
+    if !privileged!() {
         return;
     }
     random_frames_match_the_reference_model("unknown_device = \"allow\"", 0xa110_0b1d);

@@ -9,7 +9,7 @@ use crate::harness::*;
 
 #[test]
 fn only_bare_syns_open_tcp_flows() {
-    if !privileged("only_bare_syns_open_tcp_flows") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -51,7 +51,7 @@ fn only_bare_syns_open_tcp_flows() {
 
 #[test]
 fn other_protocols_pass() {
-    if !privileged("other_protocols_pass") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -82,7 +82,7 @@ fn other_protocols_pass() {
 
 #[test]
 fn vlan_tags_are_looked_through() {
-    if !privileged("vlan_tags_are_looked_through") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -112,7 +112,7 @@ fn vlan_tags_are_looked_through() {
 
 #[test]
 fn ipv4_options_and_fragments() {
-    if !privileged("ipv4_options_and_fragments") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -156,7 +156,7 @@ fn ipv4_options_and_fragments() {
 
 #[test]
 fn ipv6_extension_headers_are_followed() {
-    if !privileged("ipv6_extension_headers_are_followed") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -228,7 +228,7 @@ fn ipv6_extension_headers_are_followed() {
 
 #[test]
 fn malformed_packets_pass_or_are_judged_and_are_never_aborted() {
-    if !privileged("malformed_packets_pass_or_are_judged_and_are_never_aborted") {
+    if !privileged!() {
         return;
     }
     let h = Harness::new("");
@@ -317,7 +317,7 @@ fn first_fragment(p: &Packet, l4_bytes: usize) -> Vec<u8> {
 
 #[test]
 fn unreadable_packets_are_judged_by_their_destination() {
-    if !privileged("unreadable_packets_are_judged_by_their_destination") {
+    if !privileged!() {
         return;
     }
     let mut h = Harness::new("");

@@ -148,7 +148,7 @@ fn check_unreachable(p: &Packet, ip: usize) {
 
 #[test]
 fn resets_are_right_for_every_header_shape() {
-    if !privileged("resets_are_right_for_every_header_shape") {
+    if !privileged!() {
         return;
     }
     let app4 = ip("198.19.10.5");
@@ -171,7 +171,7 @@ fn resets_are_right_for_every_header_shape() {
 
 #[test]
 fn icmp_errors_quote_the_refused_datagram() {
-    if !privileged("icmp_errors_quote_the_refused_datagram") {
+    if !privileged!() {
         return;
     }
     let app4 = ip("198.19.10.5");
@@ -202,7 +202,7 @@ fn icmp_errors_quote_the_refused_datagram() {
 
 #[test]
 fn a_fresh_device_and_other_policies_get_no_reply() {
-    if !privileged("a_fresh_device_and_other_policies_get_no_reply") {
+    if !privileged!() {
         return;
     }
     let h = Harness::with_policies("", REJECT);
@@ -222,7 +222,7 @@ fn a_fresh_device_and_other_policies_get_no_reply() {
 
 #[test]
 fn redirects_hand_over_only_the_shapes_the_portal_program_parses() {
-    if !privileged("redirects_hand_over_only_the_shapes_the_portal_program_parses") {
+    if !privileged!() {
         return;
     }
     let redirect = REJECT.replace(r#"on_expired = "reject""#, r#"on_expired = "redirect""#);

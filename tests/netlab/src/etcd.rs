@@ -594,7 +594,7 @@ mod tests {
 
     #[test]
     fn plain_member_reachable_from_a_connected_namespace_until_cut() {
-        if !crate::privileged("plain_member_reachable_from_a_connected_namespace_until_cut") {
+        if !crate::privileged!() {
             return;
         }
         let etcd = Etcd::start(1);
@@ -642,7 +642,7 @@ mod tests {
 
     #[test]
     fn tls_cluster_survives_a_stopped_member_and_compacts() {
-        if !crate::privileged("tls_cluster_survives_a_stopped_member_and_compacts") {
+        if !crate::privileged!() {
             return;
         }
         let etcd = Etcd::start_tls(3);

@@ -144,9 +144,37 @@ pub fn device6(n: u8) -> IpAddr {
     ))
 }
 
+/// The name of the function this is expanded in, without its module path: in a test,
+/// the test's own name. Taken from the type name of a function nested in the caller, so
+/// it holds on any thread and under any test runner.
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        $crate::enclosing_function(::core::any::type_name_of_val(&here))
+    }};
+}
+
+/// `caller` from `path::to::caller::{{closure}}::here`, the type name `test_name!` gets.
+#[doc(hidden)]
+pub fn enclosing_function(here: &'static str) -> &'static str {
+    let path = here.strip_suffix("::here").unwrap_or(here);
+    let path = path.trim_end_matches("::{{closure}}");
+    path.rsplit("::").next().unwrap_or(path)
+}
+
+/// `privileged` for the test this is expanded in: `if !privileged!() { return; }`.
+#[macro_export]
+macro_rules! privileged {
+    () => {
+        $crate::privileged($crate::test_name!())
+    };
+}
+
 /// Whether this process may load XDP programs and create network namespaces. Without
 /// it a test is skipped, loudly; `cargo xtask test` sets SESSIONGATE_REQUIRE_PRIVILEGED=1
-/// so that a skip there is a failure instead of a silent pass.
+/// so that a skip there is a failure instead of a silent pass. Tests call it through
+/// `privileged!()`, which passes their own name.
 pub fn privileged(test: &str) -> bool {
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } == 0 {
@@ -456,4 +484,16 @@ fn wire(client: &Netns, gateway: &Netns, server: &Netns) {
     }
     server.ip("route add default via 198.18.2.1");
     server.ip("-6 route add default via 2001:db8:2::1");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn test_name_is_the_callers_own() {
+        assert_eq!(test_name!(), "test_name_is_the_callers_own");
+        let in_closure = || test_name!();
+        assert_eq!(in_closure(), "test_name_is_the_callers_own");
+        let on_a_thread = std::thread::spawn(|| test_name!()).join().unwrap();
+        assert_eq!(on_a_thread, "test_name_is_the_callers_own");
+    }
 }
