@@ -30,12 +30,8 @@ const MAX_TOKEN_FILE: u64 = 4096;
 /// Why the token file cannot be used.
 #[derive(Debug, Error)]
 pub enum TokenError {
-    #[error("api_token_file {}", path.display())]
-    Unreadable {
-        path: PathBuf,
-        #[source]
-        cause: FileError,
-    },
+    #[error("api_token_file {}: {cause}", path.display())]
+    Unreadable { path: PathBuf, cause: FileError },
     #[error("api_token_file {} is readable by group or others (mode {mode:o}); chmod 600 it", path.display())]
     Exposed { path: PathBuf, mode: u32 },
     #[error("api_token_file {}: not UTF-8 text", path.display())]

@@ -72,11 +72,10 @@ pub enum FleetError {
 /// Why the store's client cannot be set up (nothing needs etcd to be up for it).
 #[derive(Debug, Error)]
 pub enum SetupError {
-    #[error("[store] {field} {}: cannot read it", path.display())]
+    #[error("[store] {field} {}: cannot read it: {cause}", path.display())]
     TlsFile {
         field: &'static str,
         path: std::path::PathBuf,
-        #[source]
         cause: file::FileError,
     },
     #[error("[store] endpoints {endpoints}")]
