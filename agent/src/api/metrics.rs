@@ -17,7 +17,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::control::{Control, MetricsSnapshot};
+use crate::{
+    control::{Control, MetricsSnapshot},
+    notify::NotifyStats,
+    wire::{ReloadStatus, Stats, StoreStatus},
+};
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -87,9 +91,28 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     registry.register(name, help, g);
 }
 
-/// The exposition text of a snapshot.
+/// The exposition text of a snapshot. Families come out in the order they are
+/// registered here.
 pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
+    register_build(&mut registry);
+    register_packets(&mut registry, &s.stats);
+    register_refusals(&mut registry, &s.stats);
+    register_policy_refusals(&mut registry, &s.stats);
+    register_occupancy(&mut registry, &s.occupancy);
+    register_state(&mut registry, s);
+    register_reloads(&mut registry, &s.reloads);
+    if let Some(notify) = &s.notify {
+        register_notifications(&mut registry, notify);
+    }
+    register_store(&mut registry, &s.stats.store);
+    register_interfaces(&mut registry, &s.stats.interfaces);
+    let mut text = String::new();
+    encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn register_build(registry: &mut Registry) {
     registry.register(
         "sessiongate_build",
         "Version of the agent and of its pinned map layout",
@@ -101,43 +124,58 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
             ),
         ]),
     );
+}
+
+fn register_packets(registry: &mut Registry, stats: &Stats) {
     counters(
-        &mut registry,
+        registry,
         "sessiongate_packets",
         "Packets judged by the XDP program, by verdict",
         "verdict",
-        s.stats.verdicts.iter().cloned(),
+        stats.verdicts.iter().cloned(),
     );
+}
+
+/// The kernel's counter names carry a prefix (`events_`, `replies_`) that the metric's
+/// name already says.
+fn register_refusals(registry: &mut Registry, stats: &Stats) {
     counters(
-        &mut registry,
+        registry,
         "sessiongate_refusal_events",
         "Refusal events: sent to the agent, rate-limited in the kernel (one per device and policy per second), or lost because the ring buffer was full",
         "outcome",
-        s.stats
+        stats
             .events
             .iter()
             .map(|(e, n)| (e.strip_prefix("events_").unwrap_or(e).to_string(), *n)),
     );
     counters(
-        &mut registry,
+        registry,
         "sessiongate_replies",
         "Visible refusals: TCP resets and ICMP errors sent, refusals dropped beyond the per-device reply rate or because no reply could be built, and connections handed to the portal (redirected by XDP, delivered or dropped for want of a listener by TC, later packets kept local)",
         "outcome",
-        s.stats.replies.iter().map(|(name, n)| {
+        stats.replies.iter().map(|(name, n)| {
             let name = name.strip_prefix("replies_").unwrap_or(name);
             (name.to_string(), *n)
         }),
     );
+}
+
+fn register_policy_refusals(registry: &mut Registry, stats: &Stats) {
     counters(
-        &mut registry,
+        registry,
         "sessiongate_policy_refused_flows",
         "New flows refused, by policy, since the agent started",
         "policy",
-        s.stats.policy_drops.iter().cloned(),
+        stats.policy_drops.iter().cloned(),
     );
+}
+
+/// `occupancy` is (table, entries in use, capacity).
+fn register_occupancy(registry: &mut Registry, occupancy: &[(&'static str, usize, usize)]) {
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
-    for (table, used, cap) in &s.occupancy {
+    for (table, used, cap) in occupancy {
         entries
             .get_or_create(&label("table", *table))
             .set(*used as i64);
@@ -155,65 +193,78 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         "Capacity of the kernel's tables ([limits])",
         capacity,
     );
+}
+
+/// What the agent holds: sessions, policies, and which configuration they belong to.
+fn register_state(registry: &mut Registry, s: &MetricsSnapshot) {
     gauge(
-        &mut registry,
+        registry,
         "sessiongate_sessions",
         "Device sessions known to the agent",
         s.stats.sessions as i64,
     );
     gauge(
-        &mut registry,
+        registry,
         "sessiongate_policies",
         "Policies in the configuration in force",
         s.policies as i64,
     );
     gauge(
-        &mut registry,
+        registry,
         "sessiongate_config_generation",
         "Generation of the configuration in force; it changes on every successful reload",
         i64::from(s.generation),
     );
+}
+
+/// The last reload's gauges appear only once a reload has been tried.
+fn register_reloads(registry: &mut Registry, reloads: &ReloadStatus) {
     counters(
-        &mut registry,
+        registry,
         "sessiongate_reloads",
         "Config reloads (SIGHUP or sessiongate reload), by result",
         "result",
         [
-            ("success".to_string(), s.reloads.succeeded),
-            ("failure".to_string(), s.reloads.failed),
+            ("success".to_string(), reloads.succeeded),
+            ("failure".to_string(), reloads.failed),
         ],
     );
-    if let Some(ok) = s.reloads.last_ok {
+    if let Some(ok) = reloads.last_ok {
         gauge(
-            &mut registry,
+            registry,
             "sessiongate_last_reload_success",
             "1 if the last reload was applied, 0 if it was rejected",
             i64::from(ok),
         );
     }
-    if let Some(at) = s.reloads.last_at {
+    if let Some(at) = reloads.last_at {
         gauge(
-            &mut registry,
+            registry,
             "sessiongate_last_reload_timestamp_seconds",
             "Unix time of the last reload attempt",
             at,
         );
     }
-    if let Some(n) = &s.notify {
-        counters(
-            &mut registry,
-            "sessiongate_notifications",
-            "Re-authentication prompts to notify_url, by outcome",
-            "outcome",
-            [
-                ("sent".to_string(), n.sent),
-                ("failed".to_string(), n.failed),
-                ("dropped".to_string(), n.dropped),
-                ("suppressed".to_string(), n.suppressed),
-            ],
-        );
-    }
-    let store = &s.stats.store;
+}
+
+fn register_notifications(registry: &mut Registry, notify: &NotifyStats) {
+    counters(
+        registry,
+        "sessiongate_notifications",
+        "Re-authentication prompts to notify_url, by outcome",
+        "outcome",
+        [
+            ("sent".to_string(), notify.sent),
+            ("failed".to_string(), notify.failed),
+            ("dropped".to_string(), notify.dropped),
+            ("suppressed".to_string(), notify.suppressed),
+        ],
+    );
+}
+
+/// Every store says whether it is followed; only etcd has a revision and a follower
+/// to count.
+fn register_store(registry: &mut Registry, store: &StoreStatus) {
     let connected = Family::<Labels, Gauge>::default();
     connected
         .get_or_create(&label("kind", store.kind.clone()))
@@ -225,19 +276,19 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     );
     if store.kind == "etcd" {
         gauge(
-            &mut registry,
+            registry,
             "sessiongate_store_revision",
             "The etcd revision this host's sessions reflect",
             store.revision,
         );
         gauge(
-            &mut registry,
+            registry,
             "sessiongate_store_bad_entries",
             "Device keys in etcd whose value is not a session (treated as no session)",
             store.bad_entries as i64,
         );
         counters(
-            &mut registry,
+            registry,
             "sessiongate_store",
             "The follower of the fleet's store: connections lost, full snapshots applied, watch events applied",
             "event",
@@ -248,8 +299,12 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
             ],
         );
     }
+}
+
+/// `interfaces` is (interface, attach mode).
+fn register_interfaces(registry: &mut Registry, interfaces: &[(String, String)]) {
     let attached = Family::<Labels, Gauge>::default();
-    for (interface, mode) in &s.stats.interfaces {
+    for (interface, mode) in interfaces {
         attached
             .get_or_create(&vec![
                 ("interface", LabelValue(interface.clone())),
@@ -262,9 +317,6 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
         "Interfaces the XDP program is attached to, and in which mode",
         attached,
     );
-    let mut text = String::new();
-    encode(&mut text, &registry)?;
-    Ok(text)
 }
 
 #[cfg(test)]
