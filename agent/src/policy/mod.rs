@@ -81,104 +81,169 @@ impl Candidate<'_> {
 
 /// Compiles the config's bypass destinations and policies.
 pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
-    let mut order: Vec<usize> = (0..config.policies.len()).collect();
-    order.sort_by_key(|&i| config.policies[i].precedence);
-
-    let mut candidates = Vec::with_capacity(order.len() + 1);
-    let mut owners: HashMap<IpNet, Vec<usize>> = HashMap::new();
-    if !config.bypass.is_empty() {
-        for net in &config.bypass {
-            owners.entry(*net).or_default().push(candidates.len());
-        }
-        candidates.push(Candidate {
-            index: BYPASS_POLICY,
-            protocol: None,
-            ports: None,
-        });
-    }
-    for &i in &order {
-        let policy = &config.policies[i];
-        for net in &policy.destinations {
-            owners.entry(*net).or_default().push(candidates.len());
-        }
-        candidates.push(Candidate {
-            index: i as u32,
-            protocol: policy.protocol,
-            ports: policy.ports.as_deref(),
-        });
-    }
-
-    let mut prefixes: Vec<IpNet> = owners.keys().copied().collect();
-    prefixes.sort();
+    let candidates = Candidates::in_evaluation_order(config);
+    let prefixes = candidates.prefixes();
     let nonempty = table::regions_nonempty(&prefixes);
 
     let mut table = PolicyTable {
         reachable: vec![false; config.policies.len()],
         ..PolicyTable::default()
     };
-    let mut port_tables: HashMap<Vec<usize>, u32> = HashMap::new();
+    let mut port_tables = PortTables::default();
     for (prefix, region_nonempty) in prefixes.iter().zip(nonempty) {
-        let ranks = matching_ranks(prefix, &owners);
-        let list: Vec<&Candidate<'_>> = ranks.iter().map(|&r| &candidates[r]).collect();
-        let first = |proto: Protocol, port: Option<u16>| {
-            list.iter()
-                .find(|c| c.matches(proto, port))
-                .map_or(NO_POLICY, |c| c.index)
-        };
-        let mut rule = DestRule {
-            port_table: 0,
-            tcp: first(Protocol::Tcp, None),
-            udp: first(Protocol::Udp, None),
-            unreadable: NO_POLICY,
-        };
-        let named_ports: BTreeSet<u16> = list
-            .iter()
-            .filter_map(|c| c.ports)
-            .flatten()
-            .copied()
-            .collect();
-        let mut answers = Vec::new();
-        // Every answer some packet to this prefix gets.
-        let mut reached = vec![rule.tcp, rule.udp];
-        for port in named_ports {
-            for (proto, default) in [(Protocol::Tcp, rule.tcp), (Protocol::Udp, rule.udp)] {
-                let answer = first(proto, Some(port));
-                reached.push(answer);
-                if answer != default {
-                    answers.push((port, proto, answer));
-                }
-            }
-        }
+        // The candidates that can match an address whose longest policy CIDR is `prefix`.
+        let ranks = matching_ranks(prefix, &candidates.owners);
+        let list: Vec<&Candidate<'_>> = ranks.iter().map(|&r| &candidates.list[r]).collect();
+        let matches = FirstMatches::of(&list);
         if region_nonempty {
-            for &answer in &reached {
+            for &answer in &matches.reached {
                 mark_reachable(&mut table.reachable, answer);
             }
         }
-        rule.unreadable = strictest(config, reached);
-        if !answers.is_empty() {
-            let next_id = port_tables.len() as u32 + 1;
-            let id = *port_tables.entry(ranks).or_insert_with(|| {
-                for &(port, proto, answer) in &answers {
-                    table.port_rules.push((
-                        PortRuleKey {
-                            port_table: next_id,
-                            port,
-                            proto: proto.ip_proto(),
-                            _pad: 0,
-                        },
-                        answer,
-                    ));
-                }
-                next_id
-            });
-            rule.port_table = id;
-        }
+        let port_table = if matches.by_port.is_empty() {
+            0
+        } else {
+            port_tables.id(ranks, &matches.by_port, &mut table.port_rules)
+        };
+        let rule = DestRule {
+            port_table,
+            tcp: matches.tcp,
+            udp: matches.udp,
+            unreadable: strictest(config, matches.reached),
+        };
         table.dest.push((*prefix, rule));
     }
 
     table.params = config.policies.iter().map(params).collect();
     check_capacity(config, &table)?;
     Ok(table)
+}
+
+/// The candidates in evaluation order, and for each CIDR some candidate names, the
+/// ranks (positions in that order) of the candidates owning it.
+struct Candidates<'a> {
+    list: Vec<Candidate<'a>>,
+    owners: HashMap<IpNet, Vec<usize>>,
+}
+
+impl<'a> Candidates<'a> {
+    fn in_evaluation_order(config: &'a Config) -> Self {
+        let mut order: Vec<usize> = (0..config.policies.len()).collect();
+        order.sort_by_key(|&i| config.policies[i].precedence);
+
+        let mut list = Vec::with_capacity(order.len() + 1);
+        let mut owners: HashMap<IpNet, Vec<usize>> = HashMap::new();
+        if !config.bypass.is_empty() {
+            for net in &config.bypass {
+                owners.entry(*net).or_default().push(list.len());
+            }
+            list.push(Candidate {
+                index: BYPASS_POLICY,
+                protocol: None,
+                ports: None,
+            });
+        }
+        for &i in &order {
+            let policy = &config.policies[i];
+            for net in &policy.destinations {
+                owners.entry(*net).or_default().push(list.len());
+            }
+            list.push(Candidate {
+                index: i as u32,
+                protocol: policy.protocol,
+                ports: policy.ports.as_deref(),
+            });
+        }
+        Self { list, owners }
+    }
+
+    /// Every distinct CIDR, sorted: one kernel table entry each.
+    fn prefixes(&self) -> Vec<IpNet> {
+        let mut prefixes: Vec<IpNet> = self.owners.keys().copied().collect();
+        prefixes.sort();
+        prefixes
+    }
+}
+
+/// The first match per protocol among the candidates that can match an address under
+/// one prefix.
+struct FirstMatches {
+    /// For the ports no candidate names.
+    tcp: u32,
+    udp: u32,
+    /// (port, protocol, policy) for each named port whose first match differs from the
+    /// one for other ports: the port table's entries.
+    by_port: Vec<(u16, Protocol, u32)>,
+    /// Every answer some packet to the prefix gets.
+    reached: Vec<u32>,
+}
+
+impl FirstMatches {
+    /// `list` in evaluation order.
+    fn of(list: &[&Candidate<'_>]) -> Self {
+        let first = |proto: Protocol, port: Option<u16>| {
+            list.iter()
+                .find(|c| c.matches(proto, port))
+                .map_or(NO_POLICY, |c| c.index)
+        };
+        let tcp = first(Protocol::Tcp, None);
+        let udp = first(Protocol::Udp, None);
+        let named_ports: BTreeSet<u16> = list
+            .iter()
+            .filter_map(|c| c.ports)
+            .flatten()
+            .copied()
+            .collect();
+        let mut by_port = Vec::new();
+        let mut reached = vec![tcp, udp];
+        for port in named_ports {
+            for (proto, default) in [(Protocol::Tcp, tcp), (Protocol::Udp, udp)] {
+                let answer = first(proto, Some(port));
+                reached.push(answer);
+                if answer != default {
+                    by_port.push((port, proto, answer));
+                }
+            }
+        }
+        Self {
+            tcp,
+            udp,
+            by_port,
+            reached,
+        }
+    }
+}
+
+/// Port tables by the candidate list they were computed from: prefixes with the same
+/// list get the same answers, so they share one table.
+#[derive(Default)]
+struct PortTables(HashMap<Vec<usize>, u32>);
+
+impl PortTables {
+    /// The id of the port table for the candidates `ranks`, adding its entries
+    /// (`by_port`) to `port_rules` the first time. Ids start at 1: 0 means none.
+    fn id(
+        &mut self,
+        ranks: Vec<usize>,
+        by_port: &[(u16, Protocol, u32)],
+        port_rules: &mut Vec<(PortRuleKey, u32)>,
+    ) -> u32 {
+        let next_id = self.0.len() as u32 + 1;
+        *self.0.entry(ranks).or_insert_with(|| {
+            for &(port, proto, answer) in by_port {
+                port_rules.push((
+                    PortRuleKey {
+                        port_table: next_id,
+                        port,
+                        proto: proto.ip_proto(),
+                        _pad: 0,
+                    },
+                    answer,
+                ));
+            }
+            next_id
+        })
+    }
 }
 
 /// The policy a packet whose protocol and port cannot be read is judged by: of the
