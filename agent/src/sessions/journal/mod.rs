@@ -15,10 +15,12 @@
 //!   older version, an entry the current rules refuse) is skipped and named in the
 //!   log, and the file as it was is kept beside the journal (`sessions.jsonl.damaged`).
 
+mod replay;
+
 use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
-    io::{self, BufRead, BufReader, BufWriter, Read as _, Write},
+    io::{self, BufWriter, Write},
     net::IpAddr,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
@@ -30,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     SessionError, SessionRecord,
     durable::{Syncer, Ticket, sync_dir},
-    rules::check_replayed,
 };
+use replay::replay;
 
 const FILE_NAME: &str = "sessions.jsonl";
 const TMP_NAME: &str = "sessions.jsonl.tmp";
@@ -41,10 +43,6 @@ const DAMAGED_NAME: &str = "sessions.jsonl.damaged";
 pub(super) const FILES: [&str; 3] = [FILE_NAME, TMP_NAME, DAMAGED_NAME];
 /// Dead lines tolerated before a rewrite, beyond one per live session.
 const SLACK_LINES: usize = 1024;
-/// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
-const MAX_LINE: usize = 64 * 1024;
-/// Skipped lines named one by one in the log; the rest are counted.
-const SKIPPED_LOGGED: usize = 20;
 /// Bulk writes go out in pieces of this size.
 const CHUNK: usize = 1 << 20;
 
@@ -373,215 +371,4 @@ impl Journal {
 fn write_line(out: &mut dyn Write, entry: &impl Serialize) -> io::Result<()> {
     serde_json::to_writer(&mut *out, entry)?;
     out.write_all(b"\n")
-}
-
-/// What replaying a journal found.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Replayed {
-    pub lines: usize,
-    /// Lines left out, by number, and why.
-    pub skipped: Vec<(usize, String)>,
-    /// The last line was cut short by a crash (and ignored).
-    pub torn_tail: bool,
-    /// Batches left out because they were not whole: (first line, entries announced).
-    pub cut_batches: Vec<(usize, usize)>,
-}
-
-impl Replayed {
-    fn needs_rewrite(&self) -> bool {
-        self.torn_tail || !self.skipped.is_empty() || !self.cut_batches.is_empty()
-    }
-}
-
-/// A batch being read: its number, first line, announced size and entries so far.
-struct OpenBatch {
-    batch: u64,
-    line: usize,
-    count: usize,
-    entries: Vec<Entry>,
-}
-
-/// Applies every line of the journal it can read, streaming, and says in the log
-/// what it left out. Only an error reading the file itself is an error.
-pub(super) fn replay(
-    path: &Path,
-    file: impl io::Read,
-    sessions: &mut BTreeMap<IpAddr, SessionRecord>,
-) -> Result<Replayed, SessionError> {
-    let mut reader = BufReader::with_capacity(CHUNK, file);
-    let mut line = Vec::new();
-    let mut replayed = Replayed::default();
-    let mut batch: Option<OpenBatch> = None;
-    let apply = |sessions: &mut BTreeMap<IpAddr, SessionRecord>, entry: Entry| match entry {
-        Entry::Login(record) => {
-            sessions.insert(record.ip, record);
-        }
-        Entry::Logout { ip } => {
-            sessions.remove(&ip);
-        }
-        Entry::Begin { .. } | Entry::Commit { .. } => {}
-    };
-    loop {
-        line.clear();
-        let (n, whole) = read_line(&mut reader, &mut line).map_err(|source| SessionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if n == 0 {
-            break;
-        }
-        replayed.lines += 1;
-        let number = replayed.lines;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let entry = match decode(&line, n, whole) {
-            Ok(entry) => entry,
-            // Only the last line can lack its newline: a write a crash cut short.
-            Err(_) if !line.ends_with(b"\n") && whole => {
-                replayed.torn_tail = true;
-                tracing::warn!(path = %path.display(), line = number, "ignoring a session journal line cut short by a crash");
-                continue;
-            }
-            Err(reason) => {
-                replayed.skipped.push((number, reason));
-                continue;
-            }
-        };
-        match entry {
-            Entry::Begin { batch: id, count } => {
-                if let Some(open) = batch.take() {
-                    replayed.cut_batches.push((open.line, open.count));
-                }
-                batch = Some(OpenBatch {
-                    batch: id,
-                    line: number,
-                    count,
-                    entries: Vec::with_capacity(count.min(1 << 20)),
-                });
-            }
-            Entry::Commit { batch: id } => match batch.take() {
-                Some(open) if open.batch == id => {
-                    for entry in open.entries {
-                        apply(sessions, entry);
-                    }
-                }
-                Some(open) => {
-                    replayed.cut_batches.push((open.line, open.count));
-                    replayed.skipped.push((
-                        number,
-                        format!("the end of batch {id}, which did not begin here"),
-                    ));
-                }
-                None => replayed
-                    .skipped
-                    .push((number, format!("the end of batch {id}, which never began"))),
-            },
-            entry => match &mut batch {
-                Some(open) => open.entries.push(entry),
-                None => apply(sessions, entry),
-            },
-        }
-    }
-    if let Some(open) = batch {
-        replayed.cut_batches.push((open.line, open.count));
-    }
-    report(path, &replayed);
-    Ok(replayed)
-}
-
-/// Reads one line of at most `MAX_LINE` bytes into `line` (its newline included); a
-/// longer one is read to its end but not kept. Returns the bytes read and whether
-/// all of them are in `line`.
-fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<(usize, bool)> {
-    let n = reader
-        .by_ref()
-        .take(MAX_LINE as u64)
-        .read_until(b'\n', line)?;
-    if n < MAX_LINE || line.ends_with(b"\n") {
-        return Ok((n, true));
-    }
-    // Too long: skip to the end of the line.
-    let mut rest = n;
-    loop {
-        let (done, used) = {
-            let available = reader.fill_buf()?;
-            match available.iter().position(|&b| b == b'\n') {
-                Some(i) => (true, i + 1),
-                None => (available.is_empty(), available.len()),
-            }
-        };
-        reader.consume(used);
-        rest += used;
-        if done {
-            return Ok((rest, false));
-        }
-    }
-}
-
-/// One line as an entry, or why it is not one. A line that an older version's failed
-/// write left a stump of, with a whole entry glued after it, yields that entry.
-fn decode(line: &[u8], n: usize, whole: bool) -> Result<Entry, String> {
-    if !whole {
-        return Err(format!(
-            "{n} bytes long, beyond the {MAX_LINE} bytes of any entry"
-        ));
-    }
-    let checked = |entry: Entry| match &entry {
-        Entry::Login(record) => check_replayed(record)
-            .map(|()| entry)
-            .map_err(|e| e.to_string()),
-        _ => Ok(entry),
-    };
-    match serde_json::from_slice::<Entry>(line) {
-        Ok(entry) => checked(entry),
-        Err(e) => {
-            let glued = find_last(line, br#"{"op":"#)
-                .filter(|&at| at > 0)
-                .and_then(|at| serde_json::from_slice::<Entry>(&line[at..]).ok());
-            match glued {
-                Some(entry) => checked(entry),
-                None => {
-                    // serde_json's position is within the line; keep the column.
-                    let message = e.to_string();
-                    let suffix = format!(" at line {} column {}", e.line(), e.column());
-                    let what = message.strip_suffix(&suffix).unwrap_or(&message);
-                    Err(format!(
-                        "not a journal entry: {what} (column {})",
-                        e.column()
-                    ))
-                }
-            }
-        }
-    }
-}
-
-fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).rposition(|w| w == needle)
-}
-
-/// Says in the log what replay left out.
-fn report(path: &Path, replayed: &Replayed) {
-    for (line, reason) in replayed.skipped.iter().take(SKIPPED_LOGGED) {
-        tracing::warn!(path = %path.display(), line, "skipped a session journal line: {reason}");
-    }
-    if !replayed.skipped.is_empty() {
-        let lines: Vec<String> = replayed
-            .skipped
-            .iter()
-            .take(SKIPPED_LOGGED)
-            .map(|(line, _)| line.to_string())
-            .collect();
-        let more = replayed.skipped.len().saturating_sub(SKIPPED_LOGGED);
-        tracing::warn!(
-            path = %path.display(),
-            skipped = replayed.skipped.len(),
-            "the session journal had lines that could not be read (lines {}{}); every other line was kept, and the devices of the skipped ones have no session until they log in again",
-            lines.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() },
-        );
-    }
-    for (line, count) in &replayed.cut_batches {
-        tracing::warn!(path = %path.display(), line, entries = count, "ignoring a batch of session changes (an import) that is not whole: the agent stopped while writing it, and it was never acknowledged");
-    }
 }

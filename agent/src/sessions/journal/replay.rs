@@ -1,0 +1,269 @@
+//! Reading the journal back at start-up, streaming, line by line. A line it cannot
+//! read is skipped and reported, never an error: a damaged journal must not keep the
+//! agent from starting.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Read as _},
+    net::IpAddr,
+    path::Path,
+};
+
+use super::{CHUNK, Entry};
+use crate::sessions::{SessionError, SessionRecord, rules::check_replayed};
+
+/// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
+const MAX_LINE: usize = 64 * 1024;
+/// Skipped lines named one by one in the log; the rest are counted.
+const SKIPPED_LOGGED: usize = 20;
+
+/// What replaying a journal found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Replayed {
+    pub lines: usize,
+    /// Lines left out, by number, and why.
+    pub skipped: Vec<(usize, String)>,
+    /// The last line was cut short by a crash (and ignored).
+    pub torn_tail: bool,
+    /// Batches left out because they were not whole: (first line, entries announced).
+    pub cut_batches: Vec<(usize, usize)>,
+}
+
+impl Replayed {
+    pub(super) fn needs_rewrite(&self) -> bool {
+        self.torn_tail || !self.skipped.is_empty() || !self.cut_batches.is_empty()
+    }
+}
+
+/// A batch being read: its number, first line, announced size and entries so far.
+struct OpenBatch {
+    batch: u64,
+    line: usize,
+    count: usize,
+    entries: Vec<Entry>,
+}
+
+/// Applies every line of the journal it can read, streaming, and says in the log
+/// what it left out. Only an error reading the file itself is an error.
+pub(super) fn replay(
+    path: &Path,
+    file: impl io::Read,
+    sessions: &mut BTreeMap<IpAddr, SessionRecord>,
+) -> Result<Replayed, SessionError> {
+    let mut reader = BufReader::with_capacity(CHUNK, file);
+    let mut line = Vec::new();
+    let mut replaying = Replaying {
+        path,
+        sessions,
+        replayed: Replayed::default(),
+        batch: None,
+    };
+    loop {
+        line.clear();
+        let (n, whole) = read_line(&mut reader, &mut line).map_err(|source| SessionError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        replaying.next_line(&line, n, whole);
+    }
+    let replayed = replaying.finish();
+    report(path, &replayed);
+    Ok(replayed)
+}
+
+/// A replay between two lines: the sessions so far, what it found, and the batch being
+/// read, whose entries wait for its `commit`.
+struct Replaying<'a> {
+    path: &'a Path,
+    sessions: &'a mut BTreeMap<IpAddr, SessionRecord>,
+    replayed: Replayed,
+    batch: Option<OpenBatch>,
+}
+
+impl Replaying<'_> {
+    /// Takes the next line (`n` bytes, all of them in `line` if `whole`): applies it,
+    /// or notes why not.
+    fn next_line(&mut self, line: &[u8], n: usize, whole: bool) {
+        self.replayed.lines += 1;
+        let number = self.replayed.lines;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match decode(line, n, whole) {
+            Ok(entry) => self.entry(number, entry),
+            // Only the last line can lack its newline: a write a crash cut short.
+            Err(_) if !line.ends_with(b"\n") && whole => {
+                self.replayed.torn_tail = true;
+                tracing::warn!(path = %self.path.display(), line = number, "ignoring a session journal line cut short by a crash");
+            }
+            Err(reason) => self.replayed.skipped.push((number, reason)),
+        }
+    }
+
+    /// Applies the entry on line `number`, or holds it while a batch is open.
+    fn entry(&mut self, number: usize, entry: Entry) {
+        match entry {
+            Entry::Begin { batch, count } => self.begin(number, batch, count),
+            Entry::Commit { batch } => self.commit(number, batch),
+            entry => match &mut self.batch {
+                Some(open) => open.entries.push(entry),
+                None => apply(self.sessions, entry),
+            },
+        }
+    }
+
+    /// Opens a batch; one still open was cut short.
+    fn begin(&mut self, number: usize, batch: u64, count: usize) {
+        if let Some(open) = self.batch.take() {
+            self.replayed.cut_batches.push((open.line, open.count));
+        }
+        self.batch = Some(OpenBatch {
+            batch,
+            line: number,
+            count,
+            entries: Vec::with_capacity(count.min(1 << 20)),
+        });
+    }
+
+    /// Applies the open batch if this `commit` is its own; otherwise the batch open (if
+    /// any) was cut short and this line is skipped.
+    fn commit(&mut self, number: usize, batch: u64) {
+        match self.batch.take() {
+            Some(open) if open.batch == batch => {
+                for entry in open.entries {
+                    apply(self.sessions, entry);
+                }
+            }
+            Some(open) => {
+                self.replayed.cut_batches.push((open.line, open.count));
+                self.replayed.skipped.push((
+                    number,
+                    format!("the end of batch {batch}, which did not begin here"),
+                ));
+            }
+            None => self.replayed.skipped.push((
+                number,
+                format!("the end of batch {batch}, which never began"),
+            )),
+        }
+    }
+
+    /// What the replay found; a batch still open at the end of the file was cut short.
+    fn finish(mut self) -> Replayed {
+        if let Some(open) = self.batch.take() {
+            self.replayed.cut_batches.push((open.line, open.count));
+        }
+        self.replayed
+    }
+}
+
+fn apply(sessions: &mut BTreeMap<IpAddr, SessionRecord>, entry: Entry) {
+    match entry {
+        Entry::Login(record) => {
+            sessions.insert(record.ip, record);
+        }
+        Entry::Logout { ip } => {
+            sessions.remove(&ip);
+        }
+        Entry::Begin { .. } | Entry::Commit { .. } => {}
+    }
+}
+
+/// Reads one line of at most `MAX_LINE` bytes into `line` (its newline included); a
+/// longer one is read to its end but not kept. Returns the bytes read and whether
+/// all of them are in `line`.
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<(usize, bool)> {
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', line)?;
+    if n < MAX_LINE || line.ends_with(b"\n") {
+        return Ok((n, true));
+    }
+    // Too long: skip to the end of the line.
+    let mut rest = n;
+    loop {
+        let (done, used) = {
+            let available = reader.fill_buf()?;
+            match available.iter().position(|&b| b == b'\n') {
+                Some(i) => (true, i + 1),
+                None => (available.is_empty(), available.len()),
+            }
+        };
+        reader.consume(used);
+        rest += used;
+        if done {
+            return Ok((rest, false));
+        }
+    }
+}
+
+/// One line as an entry, or why it is not one. A line that an older version's failed
+/// write left a stump of, with a whole entry glued after it, yields that entry.
+fn decode(line: &[u8], n: usize, whole: bool) -> Result<Entry, String> {
+    if !whole {
+        return Err(format!(
+            "{n} bytes long, beyond the {MAX_LINE} bytes of any entry"
+        ));
+    }
+    let checked = |entry: Entry| match &entry {
+        Entry::Login(record) => check_replayed(record)
+            .map(|()| entry)
+            .map_err(|e| e.to_string()),
+        _ => Ok(entry),
+    };
+    match serde_json::from_slice::<Entry>(line) {
+        Ok(entry) => checked(entry),
+        Err(e) => {
+            let glued = find_last(line, br#"{"op":"#)
+                .filter(|&at| at > 0)
+                .and_then(|at| serde_json::from_slice::<Entry>(&line[at..]).ok());
+            match glued {
+                Some(entry) => checked(entry),
+                None => {
+                    // serde_json's position is within the line; keep the column.
+                    let message = e.to_string();
+                    let suffix = format!(" at line {} column {}", e.line(), e.column());
+                    let what = message.strip_suffix(&suffix).unwrap_or(&message);
+                    Err(format!(
+                        "not a journal entry: {what} (column {})",
+                        e.column()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// Says in the log what replay left out.
+fn report(path: &Path, replayed: &Replayed) {
+    for (line, reason) in replayed.skipped.iter().take(SKIPPED_LOGGED) {
+        tracing::warn!(path = %path.display(), line, "skipped a session journal line: {reason}");
+    }
+    if !replayed.skipped.is_empty() {
+        let lines: Vec<String> = replayed
+            .skipped
+            .iter()
+            .take(SKIPPED_LOGGED)
+            .map(|(line, _)| line.to_string())
+            .collect();
+        let more = replayed.skipped.len().saturating_sub(SKIPPED_LOGGED);
+        tracing::warn!(
+            path = %path.display(),
+            skipped = replayed.skipped.len(),
+            "the session journal had lines that could not be read (lines {}{}); every other line was kept, and the devices of the skipped ones have no session until they log in again",
+            lines.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() },
+        );
+    }
+    for (line, count) in &replayed.cut_batches {
+        tracing::warn!(path = %path.display(), line, entries = count, "ignoring a batch of session changes (an import) that is not whole: the agent stopped while writing it, and it was never acknowledged");
+    }
+}
