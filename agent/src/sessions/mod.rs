@@ -9,7 +9,6 @@
 //! acknowledged once the journal holds it durably (`Syncer::wait`, group commit); if
 //! that sync fails, every change not yet durable is undone, in the kernel too.
 
-mod durable;
 mod error;
 pub mod import;
 mod journal;
@@ -28,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::clock::ClockPair;
-pub use durable::{SyncFailed, Syncer, Ticket};
 pub use error::{ChangeError, SessionError};
+pub use journal::durable::{SyncFailed, Syncer, Ticket};
 pub use kernel::KernelSessions;
 pub use mirror::{Imported, SessionMirror};
 pub(crate) use rules::check_name;

@@ -15,6 +15,7 @@
 //!   older version, an entry the current rules refuse) is skipped and named in the
 //!   log, and the file as it was is kept beside the journal (`sessions.jsonl.damaged`).
 
+pub(super) mod durable;
 mod replay;
 
 use std::{
@@ -29,10 +30,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    SessionError, SessionRecord,
-    durable::{Syncer, Ticket, sync_dir},
-};
+use super::{SessionError, SessionRecord};
+use durable::{Syncer, Ticket, sync_dir};
 use replay::replay;
 
 const FILE_NAME: &str = "sessions.jsonl";

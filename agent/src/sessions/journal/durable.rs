@@ -17,12 +17,12 @@ use std::{
     sync::{Arc, Condvar, Mutex, MutexGuard},
 };
 
-use super::journal::JournalFile;
+use super::JournalFile;
 
 /// A change appended to the journal, to wait for with `Syncer::wait`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use = "a change is acknowledged only once it is durable (`Syncer::wait`)"]
-pub struct Ticket(pub(super) u64);
+pub struct Ticket(pub(in crate::sessions) u64);
 
 /// Why a change was not made durable (it was undone).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,7 +92,7 @@ impl Syncer {
     }
 
     /// The last change known durable, and the file's length then.
-    pub(super) fn durable(&self) -> (u64, u64) {
+    pub(in crate::sessions) fn durable(&self) -> (u64, u64) {
         let state = lock(&self.state);
         (state.durable, state.durable_len)
     }
@@ -118,7 +118,7 @@ impl Syncer {
 
     /// The changes after the last durable one were undone (`SessionStore::recover`):
     /// their waiters are told so.
-    pub(super) fn undone(&self, reason: &str) {
+    pub(in crate::sessions) fn undone(&self, reason: &str) {
         let mut state = lock(&self.state);
         if state.written > state.durable {
             let range = state.durable + 1..=state.written;
