@@ -57,6 +57,9 @@ pub struct SessionView {
     /// Age by the kernel's clock, Go format, to the second.
     pub age: String,
     pub age_seconds: i64,
+    /// The user's groups at the identity provider, when it gave them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// `session show`: the session and how it stands against each session-checked policy.

@@ -35,6 +35,29 @@ pub struct Config {
     pub store: StoreConfig,
     /// In file order; a policy's index here is its index in the kernel's policy map.
     pub policies: Vec<Policy>,
+    /// The identity providers users sign in with at the portal (`[[idp]]`).
+    pub idps: Vec<IdpConfig>,
+}
+
+/// An OpenID provider users sign in with at the portal (`[[idp]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdpConfig {
+    /// The IdP name sessions record (as `session login --idp` does).
+    pub name: String,
+    /// Discovered through `{issuer}/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    /// Read at start; readable by its owner only, like `api_token_file`.
+    pub client_secret_file: PathBuf,
+    /// Always holds `openid`.
+    pub scopes: Vec<String>,
+    /// The claim that names the user, and the one that lists their groups.
+    pub user_claim: String,
+    pub groups_claim: String,
+    /// Ask for the password every time, and refuse a silent single sign-on.
+    pub force_interaction: bool,
+    /// Certificates to trust for the provider, besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +82,9 @@ pub struct AgentConfig {
     /// The re-authentication portal that `redirect` policies steer HTTP to; off when
     /// `None`.
     pub portal_listen: Option<SocketAddr>,
+    /// Where devices reach the portal itself, for sign-in (`{portal_url}/login`) and
+    /// the providers' redirect (`{portal_url}/callback`); no trailing slash.
+    pub portal_url: Option<String>,
     /// Visible refusals (RSTs, ICMP errors, portal redirects) per device.
     pub replies: ReplyLimit,
 }

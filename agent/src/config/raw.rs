@@ -19,6 +19,8 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default, rename = "policy")]
     pub policies: Vec<RawPolicy>,
+    #[serde(default, rename = "idp")]
+    pub idps: Vec<RawIdp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -39,6 +41,7 @@ pub struct RawAgent {
     pub notify_interval: Option<String>,
     pub reauth_url: Option<String>,
     pub portal_listen: Option<String>,
+    pub portal_url: Option<String>,
     pub reply_rate: Option<i64>,
     pub reply_burst: Option<i64>,
 }
@@ -97,4 +100,18 @@ pub struct RawPolicy {
 pub struct RawCheckSession {
     pub enforce: Option<bool>,
     pub duration: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdp {
+    pub name: Option<String>,
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub user_claim: Option<String>,
+    pub groups_claim: Option<String>,
+    pub force_interaction: Option<bool>,
+    pub ca_file: Option<String>,
 }

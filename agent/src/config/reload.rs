@@ -25,6 +25,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         limits,
         store,
         policies: _,
+        idps,
     } = new;
     let AgentConfig {
         // Applied: interfaces added are attached, removed ones detached.
@@ -43,6 +44,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         // Applied on the portal's page; the prompts carry it within `notify`.
         reauth_url: _,
         portal_listen,
+        portal_url,
         replies: _,
     } = agent;
     let a = &old.agent;
@@ -73,12 +75,18 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         ("api_token_file", *api_token_file != a.api_token_file),
         ("notify_url", *notify != a.notify),
         ("xdp_mode", *xdp_mode != a.xdp_mode),
+        ("portal_url", *portal_url != a.portal_url),
     ] {
         if changed {
             changes.deferred.push(format!(
                 "[agent] {field} changed: it takes effect at the next restart"
             ));
         }
+    }
+    if *idps != old.idps {
+        changes.deferred.push(
+            "[[idp]] changed: sign-ins use the new providers from the next restart".to_string(),
+        );
     }
     changes
 }
@@ -96,6 +104,7 @@ api_token_file = "/etc/sessiongate/api-token"
 notify_url = "https://hooks.example.com/a"
 reauth_url = "https://team.example.com/login"
 portal_listen = "[::]:8511"
+portal_url = "http://198.18.0.1:8511"
 
 [bypass]
 destinations = ["203.0.113.10/32"]
@@ -121,7 +130,7 @@ on_expired = "redirect"
     }
 
     /// (what is replaced, by what, the expected kind, a word of the message)
-    const FIELDS: [(&str, &str, &str, &str); 19] = [
+    const FIELDS: [(&str, &str, &str, &str); 21] = [
         ("\"veth0\"]", "\"veth0\", \"veth1\"]", "applied", ""),
         (
             "[agent]\n",
@@ -187,6 +196,18 @@ on_expired = "redirect"
             "notify_url",
         ),
         ("[::]:8511", "[::]:8512", "refused", "portal_listen"),
+        (
+            "http://198.18.0.1:8511",
+            "http://198.18.0.2:8511",
+            "deferred",
+            "portal_url",
+        ),
+        (
+            "",
+            "\n[[idp]]\nname = \"corp\"\nissuer = \"https://idp.example.com\"\nclient_id = \"sg\"\nclient_secret_file = \"/etc/sessiongate/idp-secret\"\n",
+            "deferred",
+            "[[idp]]",
+        ),
         ("[agent]\n", "[agent]\nreply_rate = 9\n", "applied", ""),
         ("203.0.113.10/32", "203.0.113.11/32", "applied", ""),
         ("", "\n[dns]\nports = [53, 5353]\n", "applied", ""),

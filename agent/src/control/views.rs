@@ -29,6 +29,7 @@ pub(super) fn view(record: &SessionRecord, clock: &ClockPair, boot_id: &str) -> 
         authenticated_at: rfc3339(record.authenticated_at),
         age: events::format_age(age_ns),
         age_seconds: age_ns / 1_000_000_000,
+        groups: record.groups.clone(),
     }
 }
 

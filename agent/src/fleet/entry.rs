@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! {prefix}/devices/{ip}  ->  {"user": "alice@example.com", "idp": "okta",
-//!                             "authenticated_at": "2026-11-23T09:30:00Z"}
+//!                             "authenticated_at": "2026-11-23T09:30:00Z",
+//!                             "groups": ["staff"]}
 //! ```
 //! `ip` is the device address in its canonical text form (`198.18.1.10`, `2001:db8::10`).
-//! `idp` may be left out (`"default"`); unknown fields are ignored. A deleted key is a
+//! `idp` may be left out (`"default"`), and `groups` (none); unknown fields are ignored. A deleted key is a
 //! logout. An entry that breaks these rules is no session: the device is refused, as one
 //! without a session, and the agent logs and counts it.
 
@@ -28,6 +29,8 @@ struct DeviceEntry {
     idp: String,
     #[serde(with = "time::serde::rfc3339")]
     authenticated_at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    groups: Vec<String>,
 }
 
 fn default_idp() -> String {
@@ -82,6 +85,7 @@ pub fn encode(record: &SessionRecord) -> Vec<u8> {
         user: record.user.clone(),
         idp: record.idp.clone(),
         authenticated_at: record.authenticated_at,
+        groups: record.groups.clone(),
     })
     .expect("entries always serialize")
 }
@@ -104,6 +108,7 @@ pub fn decode(
         user: entry.user,
         idp: Some(entry.idp),
         at: Some(entry.authenticated_at),
+        groups: entry.groups,
     };
     plan_login(None, &as_login, clock, boot_id).map_err(|e| e.to_string())
 }

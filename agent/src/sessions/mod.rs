@@ -49,6 +49,10 @@ pub struct SessionRecord {
     pub boot_id: String,
     /// Boot-clock time of the authentication, as written to the kernel.
     pub authenticated_at_boot_ns: i64,
+    /// The user's groups at the identity provider when they signed in (none for a
+    /// session made through the API without them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 impl SessionRecord {
@@ -72,6 +76,7 @@ impl SessionRecord {
         self.user == other.user
             && self.idp == other.idp
             && self.authenticated_at == other.authenticated_at
+            && self.groups == other.groups
     }
 }
 
@@ -82,6 +87,8 @@ pub struct LoginRequest {
     pub idp: Option<String>,
     /// When the authentication happened; `None` is now.
     pub at: Option<OffsetDateTime>,
+    /// The user's groups, as the identity provider gave them.
+    pub groups: Vec<String>,
 }
 
 /// One change from the fleet's store, in revision order.

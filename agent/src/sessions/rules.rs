@@ -34,6 +34,9 @@ pub fn plan_login(
     let ip = req.ip;
     let idp = req.idp.as_deref().unwrap_or(DEFAULT_IDP);
     check_identity(ip, &req.user, idp)?;
+    for group in &req.groups {
+        check_name("group", group)?;
+    }
     let user = req.user.clone();
     let idp = idp.to_string();
     if let Some(current) = current {
@@ -70,6 +73,7 @@ pub fn plan_login(
         authenticated_at,
         boot_id: boot_id.to_string(),
         authenticated_at_boot_ns: boot_ns,
+        groups: req.groups.clone(),
     })
 }
 
@@ -102,6 +106,7 @@ pub fn plan_import<'a>(
             user: r.user.clone(),
             idp: Some(r.idp.clone()),
             at: Some(r.authenticated_at),
+            groups: Vec::new(),
         };
         match plan_login(current(&r.ip), &line, clock, boot_id) {
             Ok(record) => planned.push(record),

@@ -28,6 +28,7 @@ pub fn request(ip: &str, user: &str) -> LoginRequest {
         user: user.into(),
         idp: None,
         at: None,
+        groups: Vec::new(),
     }
 }
 

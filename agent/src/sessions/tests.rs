@@ -9,6 +9,7 @@ fn login(ip: &str, user: &str, idp: Option<&str>) -> LoginRequest {
         user: user.into(),
         idp: idp.map(Into::into),
         at: None,
+        groups: Vec::new(),
     }
 }
 

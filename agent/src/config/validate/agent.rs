@@ -43,6 +43,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         problems,
     );
     let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
+    let portal_url = super::idps::portal_url(raw.portal_url, problems);
     let replies = replies(raw.reply_rate, raw.reply_burst, problems);
     AgentConfig {
         interfaces: raw.interfaces,
@@ -58,6 +59,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         notify,
         reauth_url,
         portal_listen,
+        portal_url,
         replies,
     }
 }

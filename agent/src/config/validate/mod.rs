@@ -4,6 +4,7 @@
 mod agent;
 mod dns;
 mod fields;
+mod idps;
 mod limits;
 mod policies;
 mod store;
@@ -11,7 +12,7 @@ mod store;
 use ipnet::IpNet;
 
 use super::{
-    AgentConfig, Config, OnExpired, Policy, Problem,
+    AgentConfig, Config, IdpConfig, OnExpired, Policy, Problem,
     raw::{RawBypass, RawConfig},
 };
 
@@ -39,7 +40,8 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
     let limits = limits::section(raw.limits, &mut problems);
     let store = store::section(raw.store, &mut problems);
     let policies = policies::section(raw.policies, &mut problems);
-    portal_needs(&agent, &policies, &mut problems);
+    let idps = idps::section(raw.idps, &mut problems);
+    portal_needs(&agent, &policies, &idps, &mut problems);
     if problems.0.is_empty() {
         Ok(Config {
             source: source.to_string(),
@@ -49,6 +51,7 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
             limits,
             store,
             policies,
+            idps,
         })
     } else {
         Err(problems.0)
@@ -60,8 +63,14 @@ fn bypass(raw: RawBypass, problems: &mut Problems) -> Vec<IpNet> {
     fields::cidr_list(&raw.destinations, "[bypass]", "destinations", problems)
 }
 
-/// A redirect policy needs the portal, and the portal a place to send users to.
-fn portal_needs(agent: &AgentConfig, policies: &[Policy], problems: &mut Problems) {
+/// A redirect policy needs the portal; the portal a place to send users to (an IdP to
+/// sign in with, or `reauth_url`); and signing in, the portal's own address.
+fn portal_needs(
+    agent: &AgentConfig,
+    policies: &[Policy],
+    idps: &[IdpConfig],
+    problems: &mut Problems,
+) {
     let redirecting = policies
         .iter()
         .enumerate()
@@ -75,12 +84,28 @@ fn portal_needs(agent: &AgentConfig, policies: &[Policy], problems: &mut Problem
             );
         }
     }
-    if agent.portal_listen.is_some() && agent.reauth_url.is_none() {
+    if agent.portal_listen.is_some() && agent.reauth_url.is_none() && idps.is_empty() {
         problems.add(
             "[agent]",
             "reauth_url",
-            "portal_listen is set: the portal's page links to reauth_url, where users sign in again; set it",
+            "portal_listen is set: the portal's page links to reauth_url, where users sign in again; set it, or add an [[idp]] to sign in with at the portal",
         );
+    }
+    if !idps.is_empty() {
+        if agent.portal_listen.is_none() {
+            problems.add(
+                "[agent]",
+                "portal_listen",
+                "[[idp]] is set: users sign in at the portal; set portal_listen, e.g. \"[::]:8511\"",
+            );
+        }
+        if agent.portal_url.is_none() {
+            problems.add(
+                "[agent]",
+                "portal_url",
+                "[[idp]] is set: the providers send users back to {portal_url}/callback; set it to the portal's address as devices reach it, e.g. \"http://198.18.0.1:8511\"",
+            );
+        }
     }
 }
 
