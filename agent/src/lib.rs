@@ -18,4 +18,5 @@ pub mod policy;
 pub mod portal;
 pub mod run;
 pub mod sessions;
+pub mod signin;
 pub mod wire;

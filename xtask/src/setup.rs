@@ -5,7 +5,9 @@
 //!   Debian package of the LLVM version rustc uses) into `.tools/`, and cargo-fuzz
 //!   (`cargo xtask fuzz`) beside it;
 //! - the Debian packages the build, the tests, the demo and the benchmark use, each
-//!   judged present by the files the project reads from it, not by a command on PATH.
+//!   judged present by the files the project reads from it, not by a command on PATH;
+//! - the sign-in tests' npm packages (a real OpenID provider, and playwright-core to
+//!   drive Debian's Chromium), from `tests/oidc/package-lock.json` with `npm ci`.
 
 use std::{
     ffi::OsString,
@@ -78,6 +80,9 @@ fn packages() -> Vec<Package> {
         package("protobuf-compiler", &["/usr/bin/protoc"]),
         // libfuzzer-sys compiles libFuzzer's C++ sources for the fuzz targets.
         package("g++", &["/usr/bin/g++"]),
+        // The sign-in tests: Node.js runs the OpenID provider and drives the browser.
+        package("nodejs", &["/usr/bin/node", "/usr/bin/npm"]),
+        package("chromium", &["/usr/bin/chromium"]),
         package(
             "libprotobuf-dev",
             &[
@@ -114,7 +119,33 @@ pub fn setup(verbose: bool) -> anyhow::Result<()> {
     debian_packages(verbose)?;
     bpf_linker(verbose)?;
     cargo_fuzz(verbose)?;
+    npm_packages(verbose)?;
     Ok(())
+}
+
+/// `tests/oidc/node_modules` as its lock file says: `npm ls` finds every package at
+/// its locked version, or `npm ci` installs them again.
+fn npm_packages(verbose: bool) -> anyhow::Result<()> {
+    let dir = workspace().join("tests/oidc");
+    let complete = Command::new("npm")
+        .args(["ls", "--all", "--silent"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if complete {
+        if verbose {
+            println!("setup: npm packages of tests/oidc present");
+        }
+        return Ok(());
+    }
+    println!("setup: installing the npm packages of tests/oidc (npm ci)");
+    crate::run({
+        let mut c = Command::new("npm");
+        c.args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir);
+        c
+    })
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {

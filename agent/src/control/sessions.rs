@@ -11,12 +11,13 @@ use crate::{
     clock::ClockPair,
     config::Protocol,
     fleet::Fleet,
-    portal::PageFacts,
+    portal::{Backend, PageFacts},
     sessions::{
         LoginRequest, SessionError, SessionRecord,
         import::{self, LineError},
         plan_import,
     },
+    signin::Identity,
     wire::{ImportReport, SessionDetail, SessionView},
 };
 
@@ -190,6 +191,12 @@ impl Control {
             }),
             max_age: policy.and_then(|p| p.duration()).map(|d| d.0),
             reauth_url: config.agent.reauth_url.clone(),
+            sign_in_url: config
+                .agent
+                .portal_url
+                .as_ref()
+                .filter(|_| !config.idps.is_empty())
+                .map(|url| format!("{url}/login")),
         }
     }
 }
@@ -217,4 +224,45 @@ fn line_errors(
 /// Runs a future to completion from a blocking thread (API calls run on those).
 fn block_on<F: Future>(future: F) -> F::Output {
     tokio::runtime::Handle::current().block_on(future)
+}
+
+/// The portal's questions, answered from the sessions and the config in force.
+impl Backend for Control {
+    fn facts(&self, device: IpAddr, destination: SocketAddr) -> PageFacts {
+        self.portal_facts(device, destination)
+    }
+
+    fn enrolled_idp(&self, device: IpAddr) -> Option<String> {
+        self.sessions
+            .read(|store| store.get(&device).map(|r| r.idp.clone()))
+    }
+
+    fn signed_in(
+        &self,
+        device: IpAddr,
+        idp: &str,
+        identity: &Identity,
+    ) -> Result<Vec<(String, String)>, String> {
+        let request = LoginRequest {
+            ip: device,
+            user: identity.user.clone(),
+            idp: Some(idp.to_string()),
+            at: Some(identity.authenticated_at),
+            groups: identity.groups.clone(),
+        };
+        self.login(&request).map_err(|e| e.to_string())?;
+        let detail = self.session(device).map_err(|e| e.to_string())?;
+        Ok(detail
+            .policies
+            .into_iter()
+            .map(|p| {
+                let left = if p.satisfied {
+                    format!("for {}", p.margin)
+                } else {
+                    format!("not now: the sign-in was {} too long ago", p.margin)
+                };
+                (p.policy, left)
+            })
+            .collect())
+    }
 }

@@ -23,8 +23,11 @@ pub struct PageFacts {
     pub session_age: Option<Duration>,
     /// The policy's session duration, if any.
     pub max_age: Option<Duration>,
-    /// Where to re-authenticate.
+    /// Where to re-authenticate elsewhere (`reauth_url`).
     pub reauth_url: Option<String>,
+    /// The portal's own sign-in page, when identity providers are configured: the
+    /// page's button leads there instead.
+    pub sign_in_url: Option<String>,
 }
 
 /// Large type, one column, strong contrast and a visible focus ring; nothing else.
@@ -53,37 +56,55 @@ pub fn render(facts: &PageFacts) -> String {
             "Your session for this application is older than its policy allows.".to_string()
         }
     };
-    let action = match &facts.reauth_url {
-        Some(url) => format!(
-            "<p><a class=\"reauth\" href=\"{}\">Re-authenticate</a></p>",
-            escape(url)
-        ),
-        None => "<p>Ask your administrator how to sign in again.</p>".into(),
+    let action = match (&facts.sign_in_url, &facts.reauth_url) {
+        (Some(url), _) => button(url, "Sign in"),
+        (None, Some(url)) => button(url, "Re-authenticate"),
+        (None, None) => "<p>Ask your administrator how to sign in again.</p>".into(),
     };
+    document(
+        title,
+        &format!(
+            "<p>{}</p>\n<dl>\n\
+         <dt>User</dt><dd>{}</dd>\n<dt>Device</dt><dd>{}</dd>\n\
+         <dt>Destination</dt><dd>{}</dd>\n<dt>Policy</dt><dd>{}</dd>\n\
+         <dt>Session age</dt><dd>{}</dd>\n</dl>\n{action}",
+            escape(&reason),
+            escape(facts.user.as_deref().unwrap_or("none (no session)")),
+            escape(&facts.device.to_string()),
+            escape(&facts.destination.to_string()),
+            escape(facts.policy.as_deref().unwrap_or("none")),
+            escape(&facts.session_age.map_or_else(|| "no session".into(), age)),
+        ),
+    )
+}
+
+/// A link styled as the page's one button.
+pub(super) fn button(url: &str, label: &str) -> String {
+    format!(
+        "<p><a class=\"reauth\" href=\"{}\">{}</a></p>",
+        escape(url),
+        escape(label)
+    )
+}
+
+/// A whole page: `title` as its heading, then `body` (already escaped HTML).
+pub(super) fn document(title: &str, body: &str) -> String {
+    let title = escape(title);
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n\
-         <h1>{title}</h1>\n<p>{}</p>\n<dl>\n\
-         <dt>User</dt><dd>{}</dd>\n<dt>Device</dt><dd>{}</dd>\n\
-         <dt>Destination</dt><dd>{}</dd>\n<dt>Policy</dt><dd>{}</dd>\n\
-         <dt>Session age</dt><dd>{}</dd>\n</dl>\n{action}\n</main>\n</body>\n</html>\n",
-        escape(&reason),
-        escape(facts.user.as_deref().unwrap_or("none (no session)")),
-        escape(&facts.device.to_string()),
-        escape(&facts.destination.to_string()),
-        escape(facts.policy.as_deref().unwrap_or("none")),
-        escape(&facts.session_age.map_or_else(|| "no session".into(), age)),
+         <h1>{title}</h1>\n{body}\n</main>\n</body>\n</html>\n"
     )
 }
 
 /// Whole seconds as Gateway writes durations: `2h0m5s`, `45m0s`, `12s`.
-fn age(d: Duration) -> String {
+pub(super) fn age(d: Duration) -> String {
     GoDuration(Duration::from_secs(d.as_secs())).to_string()
 }
 
 /// Text safe in element content and in quoted attribute values.
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -111,6 +132,7 @@ mod tests {
             session_age: Some(Duration::from_secs(8 * 3600 + 12)),
             max_age: Some(Duration::from_secs(8 * 3600)),
             reauth_url: Some("https://sso.example.com/".into()),
+            sign_in_url: None,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The portal's listener and HTTP server. Every request, whatever its method and path,
-//! gets `511 Network Authentication Required` (RFC 6585) and the page.
+//! The portal's listener and HTTP server. Every redirected request, whatever its method
+//! and path, gets `511 Network Authentication Required` (RFC 6585) and the page; on the
+//! portal's own port, `/login` and `/callback` run the sign-in (`signin`).
 
 use std::{
     future::{Future, IntoFuture},
@@ -11,16 +12,16 @@ use std::{
 
 use axum::{
     Router,
-    extract::{ConnectInfo, State, connect_info::Connected},
-    http::{StatusCode, header},
+    extract::{ConnectInfo, RawQuery, State, connect_info::Connected},
+    http::{StatusCode, Uri, header},
     response::{IntoResponse, Response},
     serve::IncomingStream,
 };
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
-use super::{PageFacts, render};
-use crate::listen::Limited;
+use super::{Backend, render, signin};
+use crate::{listen::Limited, signin::SignIn};
 
 /// Room for a burst of devices hitting the portal at once.
 const BACKLOG: i32 = 1024;
@@ -29,7 +30,15 @@ const BACKLOG: i32 = 1024;
 /// hold the shutdown forever (`axum::serve` sets no header read timeout).
 const DRAIN: Duration = Duration::from_secs(2);
 
-type FactsFn = dyn Fn(SocketAddr, SocketAddr) -> PageFacts + Send + Sync;
+/// What the portal serves.
+pub struct Portal {
+    pub backend: Arc<dyn Backend>,
+    /// Sign-in with the identity providers, when any are configured.
+    pub signin: Option<Arc<SignIn>>,
+    /// The port devices dial to reach the portal itself. Connections to any other port
+    /// are redirected application traffic: they only ever get the page.
+    pub own_port: u16,
+}
 
 /// A TCP listener for the portal: IP_TRANSPARENT (IPv4) / IPV6_TRANSPARENT (IPv6) so
 /// that sockets it accepts may use the dialled (non-local) address as their source;
@@ -59,17 +68,15 @@ pub fn bind_transparent(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Serves the portal until `shutdown` resolves. `facts` is called for each request with
-/// (peer, local): the client's address and the address it dialled, v4-mapped IPv6
-/// addresses turned into IPv4 first. It runs on the blocking pool, so it may take locks.
-/// Connections still open [`DRAIN`] after `shutdown` are left behind.
+/// Serves the portal until `shutdown` resolves. Connections still open [`DRAIN`] after
+/// `shutdown` are left behind.
 pub async fn serve(
     listener: Limited<TcpListener>,
-    facts: Arc<dyn Fn(SocketAddr, SocketAddr) -> PageFacts + Send + Sync>,
+    portal: Arc<Portal>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (fired, on_fire) = tokio::sync::oneshot::channel();
-    let app = Router::new().fallback(answer).with_state(facts);
+    let app = Router::new().fallback(answer).with_state(portal);
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<Ends>())
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -111,13 +118,37 @@ impl Connected<IncomingStream<'_, Limited<TcpListener>>> for Ends {
     }
 }
 
+/// Addresses as the rest of the agent reads them: v4-mapped IPv6 turned into IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 async fn answer(
-    State(facts): State<Arc<FactsFn>>,
+    State(portal): State<Arc<Portal>>,
     ConnectInfo(ends): ConnectInfo<Ends>,
+    uri: Uri,
+    RawQuery(query): RawQuery,
 ) -> Response {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (peer, local) = (canonical(ends.peer), canonical(ends.local));
-    let page = match tokio::task::spawn_blocking(move || facts(peer, local)).await {
+    if let Some(sign) = portal
+        .signin
+        .as_ref()
+        .filter(|_| local.port() == portal.own_port)
+    {
+        let query = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+        match uri.path() {
+            // Re-authenticating at will is signing in again.
+            "/login" | "/refresh-identity" => {
+                return signin::login(&portal.backend, sign, peer.ip(), &query).await;
+            }
+            "/callback" => return signin::callback(&portal.backend, sign, peer.ip(), &query).await,
+            _ => {}
+        }
+    }
+    let backend = Arc::clone(&portal.backend);
+    let page = match tokio::task::spawn_blocking(move || backend.facts(peer.ip(), local)).await {
         Ok(page) => page,
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
@@ -150,6 +181,37 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::{portal::PageFacts, signin::Identity};
+
+    type FactsFn = dyn Fn(SocketAddr, SocketAddr) -> PageFacts + Send + Sync;
+
+    /// A backend that answers the page's facts with `facts` and refuses sign-ins.
+    struct Facts(Arc<FactsFn>);
+
+    impl Backend for Facts {
+        fn facts(&self, device: std::net::IpAddr, destination: SocketAddr) -> PageFacts {
+            (self.0)(SocketAddr::new(device, 0), destination)
+        }
+        fn enrolled_idp(&self, _: std::net::IpAddr) -> Option<String> {
+            None
+        }
+        fn signed_in(
+            &self,
+            _: std::net::IpAddr,
+            _: &str,
+            _: &Identity,
+        ) -> Result<Vec<(String, String)>, String> {
+            Err("no sign-in in this test".into())
+        }
+    }
+
+    fn app(facts: Arc<FactsFn>) -> Arc<Portal> {
+        Arc::new(Portal {
+            backend: Arc::new(Facts(facts)),
+            signin: None,
+            own_port: 8511,
+        })
+    }
 
     fn test_limits(listener: TcpListener) -> Limited<TcpListener> {
         crate::listen::limited(
@@ -180,11 +242,12 @@ mod tests {
                     session_age: Some(Duration::from_secs(9 * 3600)),
                     max_age: Some(Duration::from_secs(8 * 3600)),
                     reauth_url: Some("https://sso.example.com/".into()),
+                    sign_in_url: None,
                 }
             }
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(test_limits(listener), facts, async {
+        let server = tokio::spawn(serve(test_limits(listener), app(facts), async {
             let _ = stopped.await;
         }));
 
@@ -216,7 +279,10 @@ mod tests {
             }
             assert!(body.contains("<dd>alice</dd>"), "{body}");
             assert!(body.contains("href=\"https://sso.example.com/\""), "{body}");
-            assert_eq!(seen.lock().unwrap().pop(), Some((client_addr, portal)));
+            assert_eq!(
+                seen.lock().unwrap().pop(),
+                Some((SocketAddr::new(client_addr.ip(), 0), portal))
+            );
         }
 
         stop.send(()).unwrap();
@@ -233,7 +299,7 @@ mod tests {
         let portal = listener.local_addr().unwrap();
         let facts: Arc<FactsFn> = Arc::new(|_, _| unreachable!("no request is complete"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(test_limits(listener), facts, async {
+        let server = tokio::spawn(serve(test_limits(listener), app(facts), async {
             let _ = stopped.await;
         }));
         let mut client = tokio::net::TcpStream::connect(portal).await.unwrap();

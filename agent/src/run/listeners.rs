@@ -13,6 +13,7 @@ use crate::{
     control::Control,
     listen::{self, Limited, Limits},
     portal,
+    signin::SignIn,
 };
 
 /// What `run` serves on, bound.
@@ -22,7 +23,8 @@ pub(super) struct Listeners {
     _socket_file: SocketFile,
     api_tcp: Option<(Limited<TcpListener>, Arc<[u8]>)>,
     metrics: Option<Limited<TcpListener>>,
-    portal: Option<Limited<TcpListener>>,
+    /// The portal's listener and its port.
+    portal: Option<(Limited<TcpListener>, u16)>,
 }
 
 impl Listeners {
@@ -50,7 +52,7 @@ impl Listeners {
                 let listener = portal::bind_transparent(addr)
                     .with_context(|| format!("cannot listen on portal_listen {addr}"))?;
                 let listener = TcpListener::from_std(listener).context("portal_listen")?;
-                Some(listen::limited(listener, PORTAL_LIMITS))
+                Some((listen::limited(listener, PORTAL_LIMITS), addr.port()))
             }
             None => None,
         };
@@ -63,8 +65,14 @@ impl Listeners {
         })
     }
 
-    /// Starts serving everything bound, until `stopped` resolves.
-    pub(super) fn serve<F>(self, control: &Arc<Control>, stopped: impl Fn() -> F) -> Servers
+    /// Starts serving everything bound, until `stopped` resolves; the portal with
+    /// `signin` when identity providers are configured.
+    pub(super) fn serve<F>(
+        self,
+        control: &Arc<Control>,
+        signin: Option<Arc<SignIn>>,
+        stopped: impl Fn() -> F,
+    ) -> Servers
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -88,12 +96,13 @@ impl Listeners {
                 async move { tcp.await.context("TCP API server") },
             ));
         }
-        if let Some(listener) = self.portal {
-            let facts_from = Arc::clone(control);
-            let facts = Arc::new(move |peer: std::net::SocketAddr, local| {
-                facts_from.portal_facts(peer.ip(), local)
+        if let Some((listener, own_port)) = self.portal {
+            let app = Arc::new(portal::Portal {
+                backend: Arc::clone(control) as Arc<dyn portal::Backend>,
+                signin,
+                own_port,
             });
-            let portal = portal::serve(listener, facts, stopped());
+            let portal = portal::serve(listener, app, stopped());
             servers.push(tokio::spawn(async move { portal.await.context("portal") }));
         }
         if let Some(listener) = self.metrics {

@@ -24,9 +24,11 @@ use crate::{
     control::{Control, missing_interfaces},
     events,
     fleet::Fleet,
+    input::file,
     notify::{Notifier, NotifyConfig},
     policy,
     sessions::{SessionMirror, SessionStore},
+    signin::{ProviderSettings, SignIn},
 };
 use listeners::Listeners;
 
@@ -45,6 +47,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     };
     let _lock = lock_state_dir(&config.agent.state_dir)?;
     let store = SessionStore::open(&config.agent.state_dir)?;
+    let signin = sign_in(&config)?;
     let listeners = Listeners::bind(&config.agent, api_token).await?;
 
     let started = startup::start(&config, &table, store, replace)?;
@@ -89,7 +92,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let servers = listeners.serve(&control, stopped);
+    let servers = listeners.serve(&control, signin, stopped);
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     let result = servers.join().await;
@@ -103,6 +106,66 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         "stopped; enforcement continues with the pinned datapath (`sessiongate detach` removes it)"
     );
     Ok(())
+}
+
+/// Sign-in with the config's identity providers (their client secrets read now), or
+/// `None` without any.
+fn sign_in(config: &Config) -> anyhow::Result<Option<Arc<SignIn>>> {
+    let Some(portal_url) = config.agent.portal_url.as_deref() else {
+        return Ok(None);
+    };
+    if config.idps.is_empty() {
+        return Ok(None);
+    }
+    let providers = config
+        .idps
+        .iter()
+        .map(|idp| {
+            let place = format!("[[idp]] {:?}", idp.name);
+            let secret = read_private(&idp.client_secret_file, &place, "client_secret_file")?;
+            let ca_pem = match &idp.ca_file {
+                Some(path) => Some(
+                    file::read_bounded(path, file::MAX_SMALL_FILE, file::Accept::RegularFile)
+                        .with_context(|| format!("{place} ca_file {}", path.display()))?
+                        .bytes,
+                ),
+                None => None,
+            };
+            Ok(ProviderSettings {
+                name: idp.name.clone(),
+                issuer: idp.issuer.clone(),
+                client_id: idp.client_id.clone(),
+                client_secret: secret,
+                scopes: idp.scopes.clone(),
+                user_claim: idp.user_claim.clone(),
+                groups_claim: idp.groups_claim.clone(),
+                force_interaction: idp.force_interaction,
+                ca_pem,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let signin = SignIn::new(providers, &format!("{portal_url}/callback"))?;
+    Ok(Some(Arc::new(signin)))
+}
+
+/// A secret's text from a file only its owner may read.
+fn read_private(path: &Path, place: &str, field: &str) -> anyhow::Result<String> {
+    let content = file::read_bounded(path, file::MAX_SMALL_FILE, file::Accept::RegularFile)
+        .with_context(|| format!("{place} {field} {}", path.display()))?;
+    if content.mode & 0o077 != 0 {
+        bail!(
+            "{place} {field} {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            content.mode & 0o777
+        );
+    }
+    let text = String::from_utf8(content.bytes)
+        .with_context(|| format!("{place} {field} {}: not UTF-8 text", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        bail!("{place} {field} {} is empty", path.display());
+    }
+    Ok(secret.to_string())
 }
 
 /// The config at `path`, valid, compiled, its warnings logged, every interface present.

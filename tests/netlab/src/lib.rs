@@ -22,6 +22,7 @@
 mod agent;
 pub mod dns;
 pub mod etcd;
+pub mod oidc;
 pub mod packets;
 mod raw;
 mod services;

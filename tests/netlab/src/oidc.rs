@@ -1,0 +1,148 @@
+//! A real OpenID provider and a real browser for the sign-in tests: the `oidc-provider`
+//! package on Node.js (`tests/oidc/provider.mjs`), in a namespace of the test's own, and
+//! Debian's Chromium driven by `playwright-core` (`tests/oidc/browse.mjs`) as a device.
+//! Both are installed by `cargo xtask setup` (`npm ci` in `tests/oidc`).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::Netns;
+
+/// How long the provider may take to start.
+const READY_WAIT: Duration = Duration::from_secs(20);
+
+/// `tests/oidc`: the scripts and their node_modules.
+pub fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("netlab is inside tests/")
+        .join("oidc")
+}
+
+/// The client a provider knows, and where it sends users back.
+pub struct ProviderOptions<'a> {
+    /// `HOST:PORT` to listen on, inside the namespace.
+    pub listen: &'a str,
+    pub issuer: &'a str,
+    pub redirect_uri: &'a str,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    /// (account, its groups)
+    pub groups: &'a [(&'a str, &'a [&'a str])],
+}
+
+/// A running provider, stopped on drop.
+pub struct Provider {
+    child: Child,
+    pub issuer: String,
+}
+
+impl Provider {
+    /// Starts the provider in `ns` and waits until it listens.
+    pub fn start(ns: &Netns, options: &ProviderOptions<'_>) -> Self {
+        let mut cmd = ns.command("node");
+        cmd.current_dir(dir())
+            .arg("provider.mjs")
+            .args(["--listen", options.listen])
+            .args(["--issuer", options.issuer])
+            .args(["--redirect-uri", options.redirect_uri])
+            .args(["--client-id", options.client_id])
+            .args(["--client-secret", options.client_secret]);
+        for (account, groups) in options.groups {
+            cmd.args(["--groups", &format!("{account}={}", groups.join(","))]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node (installed by cargo xtask setup)");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let provider = Self {
+            child,
+            issuer: options.issuer.to_string(),
+        };
+        rx.recv_timeout(READY_WAIT)
+            .expect("the OpenID provider should start (is tests/oidc/node_modules installed? cargo xtask setup)");
+        provider
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        // `ip netns exec` execs node itself: this is node's pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the browser saw, page by page (`browse.mjs`), and whether it got to the end.
+pub struct Visit {
+    pub pages: Vec<Value>,
+    pub ok: bool,
+    /// Where the screenshots are.
+    pub shots: PathBuf,
+}
+
+impl Visit {
+    /// The page of a step (`refused`, `login-form`, `signed-in`, `app`, ...).
+    pub fn page(&self, step: &str) -> Option<&Value> {
+        self.pages.iter().find(|p| p["step"] == step)
+    }
+
+    /// Every page, for an assertion's message.
+    pub fn describe(&self) -> String {
+        format!(
+            "screenshots in {}:\n{}",
+            self.shots.display(),
+            self.pages
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    }
+}
+
+/// Opens `app` in a headless Chromium inside `ns` (as that namespace's first device
+/// address), clicks the portal's "Sign in", and signs in at the provider as `login`.
+/// Screenshots go under `target/signin-screens/{name}`.
+pub fn sign_in_with_browser(ns: &Netns, app: &str, login: &str, name: &str) -> Visit {
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/signin-screens")
+        .join(name);
+    let _ = std::fs::remove_dir_all(&shots);
+    let out = ns
+        .command("node")
+        .current_dir(dir())
+        .arg("browse.mjs")
+        .args(["--app", app, "--login", login])
+        .arg("--shots")
+        .arg(&shots)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("node (installed by cargo xtask setup)");
+    let pages = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    Visit {
+        pages,
+        ok: out.status.success(),
+        shots,
+    }
+}

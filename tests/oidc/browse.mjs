@@ -1,0 +1,74 @@
+// A real browser for sessiongate's sign-in tests: Debian's Chromium, headless, driven
+// by playwright-core. It opens an application as an expired device would, follows the
+// portal's "Sign in" button, signs in at the provider's own login form, and reports
+// each page it saw as one JSON line on stdout:
+//
+//   node browse.mjs --app URL --login NAME --shots DIR [--expect-login-form yes|no]
+//
+// Every page is saved as a screenshot in DIR (kept by the test when it fails).
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const opts = {};
+for (let i = 2; i < process.argv.length; i += 2) {
+  opts[process.argv[i].replace(/^--/, '')] = process.argv[i + 1];
+}
+mkdirSync(opts.shots, { recursive: true });
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: [
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+  ],
+});
+let step = 0;
+const page = await browser.newPage();
+async function seen(what, response) {
+  step += 1;
+  await page.screenshot({ path: `${opts.shots}/${step}-${what}.png`, fullPage: true });
+  console.log(JSON.stringify({
+    step: what,
+    status: response ? response.status() : null,
+    url: page.url(),
+    title: await page.title(),
+    text: (await page.innerText('body')).slice(0, 2000),
+  }));
+}
+
+try {
+  // The application, refused: the portal's page.
+  await seen('refused', await page.goto(opts.app));
+  // Its button leads to the provider's login form (through the portal's /login).
+  const [toIdp] = await Promise.all([
+    page.waitForNavigation(),
+    page.getByRole('link', { name: 'Sign in' }).click(),
+  ]);
+  const formShown = (await page.locator('input[name="login"]').count()) > 0;
+  await seen(formShown ? 'login-form' : 'no-login-form', toIdp);
+  if (formShown) {
+    await page.fill('input[name="login"]', opts.login);
+    await page.fill('input[name="password"]', 'any password');
+    await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
+  }
+  // The provider asks once to let the portal have the claims.
+  const consent = page.getByRole('button', { name: 'Continue' });
+  if ((await consent.count()) > 0) {
+    await seen('consent', null);
+    await Promise.all([page.waitForNavigation(), consent.click()]);
+  }
+  await seen('signed-in', null);
+  // The application again: now it answers.
+  await seen('app', await page.goto(opts.app));
+} catch (e) {
+  await seen('error', null).catch(() => {});
+  console.log(JSON.stringify({ step: 'failed', error: String(e) }));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
