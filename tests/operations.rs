@@ -41,19 +41,6 @@ fn http(lab: &Lab, addr: &str, request: &str) -> (u16, String) {
     })
 }
 
-/// The sessions as the CLI lists them, without their ages, which tick on between two
-/// reads.
-fn sessions_without_ages(agent: &Agent) -> serde_json::Value {
-    let mut list: serde_json::Value =
-        serde_json::from_str(&agent.cli_ok(&["session", "list", "--json"])).unwrap();
-    for session in list.as_array_mut().unwrap() {
-        let fields = session.as_object_mut().unwrap();
-        fields.remove("age");
-        fields.remove("age_seconds");
-    }
-    list
-}
-
 fn get(path: &str, headers: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n")
 }
@@ -374,7 +361,7 @@ fn tcp_api_needs_the_token_and_bad_requests_change_nothing() {
         APP_POLICY,
     ));
     agent.login(device(1), BOB, 2 * HOUR);
-    let state = || sessions_without_ages(&agent);
+    let state = || agent.sessions_without_ages();
     let before = state();
     let api = "127.0.0.1:8700";
     let bearer = format!("Authorization: Bearer {token}\r\n");
@@ -570,7 +557,7 @@ fn an_ipv4_mapped_address_is_the_ipv4_device() {
     let login = |user: &str, idp: &str| {
         format!(r#"{{"ip": "{mapped}", "user": "{user}", "idp": "{idp}"}}"#)
     };
-    let state = || sessions_without_ages(&agent);
+    let state = || agent.sessions_without_ages();
     let before = state();
 
     // Another user cannot take the device through its other spelling, by the API or

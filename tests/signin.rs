@@ -6,7 +6,7 @@
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use netlab::{
-    oidc::{Provider, ProviderOptions, sign_in_with_browser},
+    oidc::{Provider, ProviderOptions, refresh_with_browser, sign_in_with_browser},
     *,
 };
 
@@ -111,4 +111,130 @@ fn an_expired_device_signs_in_at_the_portal_with_a_real_browser() {
     );
     assert!(session["age_seconds"].as_i64().unwrap() < 60, "{list}");
     assert!(lab.tcp_works(device, APP, 443));
+}
+
+/// `curl -i` from device address `src`: the status and the whole answer.
+fn curl(lab: &Lab, src: std::net::IpAddr, url: &str) -> (u16, String) {
+    let out = lab
+        .client
+        .command("curl")
+        .args(["-sS", "-i", "-g", "--max-time", "10", "--interface"])
+        .arg(src.to_string())
+        .arg(url)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// The `state` of the sign-in the portal's `/login` starts for `src`, read from the
+/// address it sends the browser to.
+fn started_state(lab: &Lab, src: std::net::IpAddr) -> String {
+    let (status, answer) = curl(lab, src, &format!("{PORTAL_URL}/login"));
+    assert_eq!(status, 303, "{answer}");
+    let location = answer
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("location: ")
+                .or_else(|| l.strip_prefix("Location: "))
+        })
+        .unwrap_or_else(|| panic!("no Location in {answer}"));
+    location
+        .trim()
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("state="))
+        .unwrap_or_else(|| panic!("no state in {location}"))
+        .to_string()
+}
+
+#[test]
+fn a_callback_counts_once_from_its_own_device_and_a_foreign_key_or_a_bound_device_records_nothing()
+{
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let idp = provider(&lab);
+    let secrets = tempfile::tempdir().unwrap();
+    let (agent_extra, rest) = portal_config(&secret_file(secrets.path()));
+    let agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let (browser, other) = (device(0), device(1));
+    let app = "http://198.19.10.10/";
+
+    // A flow another device started: refused from this one, and left to its owner,
+    // whose made-up code the provider then refuses. Nothing is recorded.
+    let state = started_state(&lab, other);
+    let forged = format!("{PORTAL_URL}/callback?state={state}&code=made-up");
+    let (status, page) = curl(&lab, browser, &forged);
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("started by another device"), "{page}");
+    let (status, page) = curl(&lab, other, &forged);
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("refused the sign-in"), "{page}");
+    assert_eq!(agent.sessions_without_ages(), serde_json::json!([]));
+
+    // A real sign-in, then its callback replayed: refused, the session as it was.
+    let visit = sign_in_with_browser(&lab.client, app, "alice", test_name!());
+    let callback = visit
+        .page("callback")
+        .and_then(|p| p["url"].as_str())
+        .unwrap_or_else(|| panic!("the provider's redirect: {}", visit.describe()))
+        .to_string();
+    let recorded = agent.sessions_without_ages();
+    assert_eq!(recorded[0]["user"], "alice@example.com", "{recorded}");
+    for device in [browser, other] {
+        let (status, page) = curl(&lab, device, &callback);
+        assert_eq!(status, 403, "{page}");
+        assert!(page.contains("already used"), "{page}");
+    }
+    assert_eq!(agent.sessions_without_ages(), recorded);
+
+    // Another user on the bound device: the provider signs bob in, the agent refuses.
+    let refresh = format!("{PORTAL_URL}/refresh-identity");
+    let visit = refresh_with_browser(
+        &lab.client,
+        &refresh,
+        app,
+        "bob",
+        &format!("{}-bob", test_name!()),
+    );
+    let text = visit
+        .page("signed-in")
+        .map_or("", |p| p["text"].as_str().unwrap_or_default());
+    assert!(text.contains("is bound to user"), "{}", visit.describe());
+    assert_eq!(agent.sessions_without_ages(), recorded);
+
+    // The provider's keys change (a new provider at the same address): a token signed
+    // by a key the agent did not fetch is refused, and nothing is recorded.
+    agent.cli_ok(&["session", "logout", &browser.to_string()]);
+    drop(idp);
+    let _idp = provider(&lab);
+    let visit = sign_in_with_browser(&lab.client, app, "alice", &format!("{}-key", test_name!()));
+    let text = visit
+        .page("signed-in")
+        .map_or("", |p| p["text"].as_str().unwrap_or_default());
+    assert!(
+        text.contains("could not be verified"),
+        "{}",
+        visit.describe()
+    );
+    assert_eq!(agent.sessions_without_ages(), serde_json::json!([]));
+    // The agent fetched the new keys meanwhile: the next sign-in goes through.
+    let visit = sign_in_with_browser(
+        &lab.client,
+        app,
+        "alice",
+        &format!("{}-again", test_name!()),
+    );
+    assert_eq!(
+        visit.page("app").map(|p| p["status"].clone()),
+        Some(serde_json::json!(200)),
+        "{}",
+        visit.describe()
+    );
 }

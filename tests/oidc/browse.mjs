@@ -3,8 +3,12 @@
 // portal's "Sign in" button, signs in at the provider's own login form, and reports
 // each page it saw as one JSON line on stdout:
 //
-//   node browse.mjs --app URL --login NAME --shots DIR [--expect-login-form yes|no]
+//   node browse.mjs --app URL --login NAME --shots DIR [--start URL]
 //
+// With --start the sign-in begins there (the portal's /refresh-identity, for a device
+// whose session still lets it reach the application) instead of at the refused app.
+// The address the provider sent the browser back to is reported too (step
+// "callback"), so a test can replay it.
 // Every page is saved as a screenshot in DIR (kept by the test when it fails).
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
@@ -25,10 +29,21 @@ const browser = await chromium.launch({
     '--disable-background-networking',
     '--disable-component-update',
     '--disable-sync',
+    // Every address here is an IP: names (fonts and scripts the provider's pages link
+    // to on the internet) fail at once instead of waiting on an unreachable resolver.
+    '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 198.18.*, EXCLUDE 198.19.*',
   ],
 });
 let step = 0;
 const page = await browser.newPage();
+page.on('request', (request) => {
+  if (new URL(request.url()).pathname === '/callback') {
+    console.log(JSON.stringify({ step: 'callback', url: request.url() }));
+  }
+});
+// Pages count as loaded once their document is: the provider's pages may name
+// resources on hosts this closed network never answers.
+const loaded = { waitUntil: 'domcontentloaded' };
 async function seen(what, response) {
   step += 1;
   await page.screenshot({ path: `${opts.shots}/${step}-${what}.png`, fullPage: true });
@@ -42,29 +57,34 @@ async function seen(what, response) {
 }
 
 try {
-  // The application, refused: the portal's page.
-  await seen('refused', await page.goto(opts.app));
-  // Its button leads to the provider's login form (through the portal's /login).
-  const [toIdp] = await Promise.all([
-    page.waitForNavigation(),
-    page.getByRole('link', { name: 'Sign in' }).click(),
-  ]);
+  let toIdp;
+  if (opts.start) {
+    toIdp = await page.goto(opts.start, loaded);
+  } else {
+    // The application, refused: the portal's page.
+    await seen('refused', await page.goto(opts.app, loaded));
+    // Its button leads to the provider's login form (through the portal's /login).
+    [toIdp] = await Promise.all([
+      page.waitForNavigation(loaded),
+      page.getByRole('link', { name: 'Sign in' }).click(),
+    ]);
+  }
   const formShown = (await page.locator('input[name="login"]').count()) > 0;
   await seen(formShown ? 'login-form' : 'no-login-form', toIdp);
   if (formShown) {
     await page.fill('input[name="login"]', opts.login);
     await page.fill('input[name="password"]', 'any password');
-    await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
+    await Promise.all([page.waitForNavigation(loaded), page.click('button[type="submit"]')]);
   }
   // The provider asks once to let the portal have the claims.
   const consent = page.getByRole('button', { name: 'Continue' });
   if ((await consent.count()) > 0) {
     await seen('consent', null);
-    await Promise.all([page.waitForNavigation(), consent.click()]);
+    await Promise.all([page.waitForNavigation(loaded), consent.click()]);
   }
   await seen('signed-in', null);
   // The application again: now it answers.
-  await seen('app', await page.goto(opts.app));
+  await seen('app', await page.goto(opts.app, loaded));
 } catch (e) {
   await seen('error', null).catch(() => {});
   console.log(JSON.stringify({ step: 'failed', error: String(e) }));

@@ -6,6 +6,7 @@
 //        --client-id ID --client-secret SECRET [--groups ACCOUNT=G1,G2 ...]
 //
 // Prints "ready" on stdout once listening; stops on SIGTERM.
+import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import Provider from 'oidc-provider';
 
 function args(argv) {
@@ -27,7 +28,12 @@ function args(argv) {
 }
 
 const opts = args(process.argv);
+// A signing key of this process's own: a provider started again signs with another
+// key, as a real one does after a rotation (the package's quick-start keys never change).
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
 const provider = new Provider(opts.issuer, {
+  jwks: { keys: [signingKey] },
   clients: [
     {
       client_id: opts.client_id,

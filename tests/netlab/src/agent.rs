@@ -138,6 +138,19 @@ impl Agent {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The sessions as `session list --json` shows them, without their ages, which tick
+    /// on between two reads.
+    pub fn sessions_without_ages(&self) -> serde_json::Value {
+        let mut list: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["session", "list", "--json"])).unwrap();
+        for session in list.as_array_mut().expect("a list") {
+            let fields = session.as_object_mut().expect("a session");
+            fields.remove("age");
+            fields.remove("age_seconds");
+        }
+        list
+    }
+
     /// Records a login for `user` on `ip` that happened `ago` in the past.
     pub fn login(&self, ip: IpAddr, user: &str, ago: Duration) {
         let at = time_ago(ago);

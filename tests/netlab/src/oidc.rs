@@ -121,7 +121,18 @@ impl Visit {
 /// Opens `app` in a headless Chromium inside `ns` (as that namespace's first device
 /// address), clicks the portal's "Sign in", and signs in at the provider as `login`.
 /// Screenshots go under `target/signin-screens/{name}`.
+/// The address the provider sent the browser back to is the `url` of step `callback`.
 pub fn sign_in_with_browser(ns: &Netns, app: &str, login: &str, name: &str) -> Visit {
+    browse(ns, app, None, login, name)
+}
+
+/// Signs in again at will, starting at `start` (the portal's `/refresh-identity`),
+/// then opens `app`.
+pub fn refresh_with_browser(ns: &Netns, start: &str, app: &str, login: &str, name: &str) -> Visit {
+    browse(ns, app, Some(start), login, name)
+}
+
+fn browse(ns: &Netns, app: &str, start: Option<&str>, login: &str, name: &str) -> Visit {
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/signin-screens")
         .join(name);
@@ -131,6 +142,7 @@ pub fn sign_in_with_browser(ns: &Netns, app: &str, login: &str, name: &str) -> V
         .current_dir(dir())
         .arg("browse.mjs")
         .args(["--app", app, "--login", login])
+        .args(start.map(|s| ["--start", s]).into_iter().flatten())
         .arg("--shots")
         .arg(&shots)
         .stderr(Stdio::inherit())
