@@ -6,7 +6,10 @@
 use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use netlab::{
-    oidc::{Provider, ProviderOptions, refresh_with_browser, sign_in_with_browser},
+    oidc::{
+        self, Provider, ProviderOptions, refresh_with_browser, sign_in_twice_with_browser,
+        sign_in_with_browser,
+    },
     *,
 };
 
@@ -18,11 +21,16 @@ const CLIENT_ID: &str = "sessiongate";
 const CLIENT_SECRET: &str = "sg-test-secret-0123456789";
 
 fn portal_config(secret_file: &Path) -> (String, String) {
+    portal_config_with(secret_file, "")
+}
+
+/// The portal and one `[[idp]]`, with `idp_extra` lines in it.
+fn portal_config_with(secret_file: &Path, idp_extra: &str) -> (String, String) {
     let agent = format!(
         "xdp_mode = \"generic\"\nportal_listen = \"[::]:8511\"\nportal_url = \"{PORTAL_URL}\""
     );
     let rest = format!(
-        "{APP_POLICY}on_expired = \"redirect\"\n\n[[idp]]\nname = \"corp\"\nissuer = \"{ISSUER}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\n",
+        "{APP_POLICY}on_expired = \"redirect\"\n\n[[idp]]\nname = \"corp\"\nissuer = \"{ISSUER}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\n{idp_extra}\n",
         secret_file.display()
     );
     (agent, rest)
@@ -237,4 +245,61 @@ fn a_callback_counts_once_from_its_own_device_and_a_foreign_key_or_a_bound_devic
         "{}",
         visit.describe()
     );
+}
+
+/// Signs in twice in one browser (the second time at `/refresh-identity`, a second
+/// later): the visit, and the authentication time each sign-in recorded.
+fn sign_in_twice(idp_extra: &str, name: &str) -> (oidc::Visit, Vec<String>) {
+    let lab = lab!();
+    let _idp = provider(&lab);
+    let secrets = tempfile::tempdir().unwrap();
+    let (agent_extra, rest) = portal_config_with(&secret_file(secrets.path()), idp_extra);
+    let agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let visit = sign_in_twice_with_browser(
+        &lab.client,
+        "http://198.19.10.10/",
+        &format!("{PORTAL_URL}/refresh-identity"),
+        "alice",
+        name,
+    );
+    assert!(visit.ok, "{}", visit.describe());
+    let times = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("signed in at the portal") || l.contains("sessions: login "))
+        .filter_map(|l| l.split("authenticated_at=").nth(1))
+        .map(|t| t.split_whitespace().next().unwrap_or_default().to_string())
+        .collect();
+    (visit, times)
+}
+
+#[test]
+fn a_second_sign_in_within_the_providers_single_sign_on_keeps_the_authentication_time() {
+    if !privileged!() {
+        return;
+    }
+    let (visit, times) = sign_in_twice("", test_name!());
+    assert!(
+        visit.page("again-no-login-form").is_some(),
+        "{}",
+        visit.describe()
+    );
+    // No new authentication happened: the session keeps the first one's time.
+    assert_eq!(times.len(), 2, "{times:?}");
+    assert_eq!(times[0], times[1], "{times:?}");
+}
+
+#[test]
+fn forced_interaction_asks_for_the_password_again_and_resets_the_timer() {
+    if !privileged!() {
+        return;
+    }
+    let (visit, times) = sign_in_twice("force_interaction = true", test_name!());
+    assert!(
+        visit.page("again-login-form").is_some(),
+        "{}",
+        visit.describe()
+    );
+    assert_eq!(times.len(), 2, "{times:?}");
+    assert!(times[1] > times[0], "a fresh authentication: {times:?}");
 }

@@ -3,8 +3,10 @@
 // portal's "Sign in" button, signs in at the provider's own login form, and reports
 // each page it saw as one JSON line on stdout:
 //
-//   node browse.mjs --app URL --login NAME --shots DIR [--start URL]
+//   node browse.mjs --app URL --login NAME --shots DIR [--start URL] [--again URL]
 //
+// With --again the same browser then signs in a second time at URL (the portal's
+// /refresh-identity), within the provider's single sign-on session.
 // With --start the sign-in begins there (the portal's /refresh-identity, for a device
 // whose session still lets it reach the application) instead of at the refused app.
 // The address the provider sent the browser back to is reported too (step
@@ -56,6 +58,23 @@ async function seen(what, response) {
   }));
 }
 
+// At the provider: its login form if it shows one (reported as step
+// `{prefix}login-form`, or `{prefix}no-login-form`), then its consent if it asks.
+async function atProvider(response, prefix) {
+  const formShown = (await page.locator('input[name="login"]').count()) > 0;
+  await seen(`${prefix}${formShown ? 'login-form' : 'no-login-form'}`, response);
+  if (formShown) {
+    await page.fill('input[name="login"]', opts.login);
+    await page.fill('input[name="password"]', 'any password');
+    await Promise.all([page.waitForNavigation(loaded), page.click('button[type="submit"]')]);
+  }
+  const consent = page.getByRole('button', { name: 'Continue' });
+  if ((await consent.count()) > 0) {
+    await seen(`${prefix}consent`, null);
+    await Promise.all([page.waitForNavigation(loaded), consent.click()]);
+  }
+}
+
 try {
   let toIdp;
   if (opts.start) {
@@ -69,22 +88,17 @@ try {
       page.getByRole('link', { name: 'Sign in' }).click(),
     ]);
   }
-  const formShown = (await page.locator('input[name="login"]').count()) > 0;
-  await seen(formShown ? 'login-form' : 'no-login-form', toIdp);
-  if (formShown) {
-    await page.fill('input[name="login"]', opts.login);
-    await page.fill('input[name="password"]', 'any password');
-    await Promise.all([page.waitForNavigation(loaded), page.click('button[type="submit"]')]);
-  }
-  // The provider asks once to let the portal have the claims.
-  const consent = page.getByRole('button', { name: 'Continue' });
-  if ((await consent.count()) > 0) {
-    await seen('consent', null);
-    await Promise.all([page.waitForNavigation(loaded), consent.click()]);
-  }
+  await atProvider(toIdp, '');
   await seen('signed-in', null);
   // The application again: now it answers.
   await seen('app', await page.goto(opts.app, loaded));
+  if (opts.again) {
+    // A second sign-in in the same browser, within the provider's single sign-on, a
+    // second later (authentication times have whole seconds).
+    await page.waitForTimeout(1100);
+    await atProvider(await page.goto(opts.again, loaded), 'again-');
+    await seen('again-signed-in', null);
+  }
 } catch (e) {
   await seen('error', null).catch(() => {});
   console.log(JSON.stringify({ step: 'failed', error: String(e) }));

@@ -123,16 +123,37 @@ impl Visit {
 /// Screenshots go under `target/signin-screens/{name}`.
 /// The address the provider sent the browser back to is the `url` of step `callback`.
 pub fn sign_in_with_browser(ns: &Netns, app: &str, login: &str, name: &str) -> Visit {
-    browse(ns, app, None, login, name)
+    browse(ns, app, [None, None], login, name)
+}
+
+/// Signs in as `sign_in_with_browser` does, then again in the same browser at `again`
+/// (the portal's `/refresh-identity`): steps `again-login-form` (or
+/// `again-no-login-form`, when the provider's single sign-on skipped it) and
+/// `again-signed-in`.
+pub fn sign_in_twice_with_browser(
+    ns: &Netns,
+    app: &str,
+    again: &str,
+    login: &str,
+    name: &str,
+) -> Visit {
+    browse(ns, app, [None, Some(again)], login, name)
 }
 
 /// Signs in again at will, starting at `start` (the portal's `/refresh-identity`),
 /// then opens `app`.
 pub fn refresh_with_browser(ns: &Netns, start: &str, app: &str, login: &str, name: &str) -> Visit {
-    browse(ns, app, Some(start), login, name)
+    browse(ns, app, [Some(start), None], login, name)
 }
 
-fn browse(ns: &Netns, app: &str, start: Option<&str>, login: &str, name: &str) -> Visit {
+/// `browse.mjs`, with its optional `--start` and `--again` addresses.
+fn browse(
+    ns: &Netns,
+    app: &str,
+    [start, again]: [Option<&str>; 2],
+    login: &str,
+    name: &str,
+) -> Visit {
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../target/signin-screens")
         .join(name);
@@ -143,6 +164,7 @@ fn browse(ns: &Netns, app: &str, start: Option<&str>, login: &str, name: &str) -
         .arg("browse.mjs")
         .args(["--app", app, "--login", login])
         .args(start.map(|s| ["--start", s]).into_iter().flatten())
+        .args(again.map(|s| ["--again", s]).into_iter().flatten())
         .arg("--shots")
         .arg(&shots)
         .stderr(Stdio::inherit())
