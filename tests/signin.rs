@@ -303,3 +303,47 @@ fn forced_interaction_asks_for_the_password_again_and_resets_the_timer() {
     assert_eq!(times.len(), 2, "{times:?}");
     assert!(times[1] > times[0], "a fresh authentication: {times:?}");
 }
+
+#[test]
+fn the_captive_portal_api_tells_each_device_how_it_stands() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let secrets = tempfile::tempdir().unwrap();
+    let (agent_extra, rest) = portal_config(&secret_file(secrets.path()));
+    let agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let (fresh, expiring, expired, unknown) = (device(1), device(2), device(3), device(4));
+    agent.login(fresh, ALICE, NOW);
+    agent.login(expiring, BOB, HOUR - std::time::Duration::from_secs(90));
+    agent.login(expired, CAROL, 2 * HOUR);
+    let standing = |device| {
+        let (status, answer) = curl(&lab, device, &format!("{PORTAL_URL}/captive-portal"));
+        assert_eq!(status, 200, "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("content-type: application/captive+json"),
+            "{answer}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+    };
+    let login_page = format!("{PORTAL_URL}/login");
+    let fresh = standing(fresh);
+    assert_eq!(fresh["captive"], false, "{fresh}");
+    assert_eq!(fresh["user-portal-url"], login_page.as_str(), "{fresh}");
+    assert_eq!(fresh["can-extend-session"], true, "{fresh}");
+    let left = fresh["seconds-remaining"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&left), "{fresh}");
+    let expiring = standing(expiring);
+    assert_eq!(expiring["captive"], false, "{expiring}");
+    let left = expiring["seconds-remaining"].as_u64().unwrap();
+    assert!((80..=90).contains(&left), "{expiring}");
+    for device in [expired, unknown] {
+        let answer = standing(device);
+        assert_eq!(answer["captive"], true, "{device}: {answer}");
+        assert!(answer.get("seconds-remaining").is_none(), "{answer}");
+        assert_eq!(answer["user-portal-url"], login_page.as_str(), "{answer}");
+    }
+}

@@ -9,9 +9,9 @@ use thiserror::Error;
 use super::{Control, ControlError, views};
 use crate::{
     clock::ClockPair,
-    config::Protocol,
+    config::{Config, Protocol, UnknownDevice},
     fleet::Fleet,
-    portal::{Backend, PageFacts},
+    portal::{Backend, Captive, PageFacts},
     sessions::{
         LoginRequest, SessionError, SessionRecord,
         import::{self, LineError},
@@ -191,14 +191,21 @@ impl Control {
             }),
             max_age: policy.and_then(|p| p.duration()).map(|d| d.0),
             reauth_url: config.agent.reauth_url.clone(),
-            sign_in_url: config
-                .agent
-                .portal_url
-                .as_ref()
-                .filter(|_| !config.idps.is_empty())
-                .map(|url| format!("{url}/login")),
+            sign_in_url: sign_in_url(config),
         }
     }
+
+    /// Where users sign in again: the portal's own sign-in, else `reauth_url`.
+    pub fn user_portal_url(&self) -> Option<String> {
+        let active = self.active();
+        sign_in_url(&active.config).or_else(|| active.config.agent.reauth_url.clone())
+    }
+}
+
+/// The portal's sign-in page, when identity providers are configured.
+fn sign_in_url(config: &Config) -> Option<String> {
+    let url = config.agent.portal_url.as_ref()?;
+    (!config.idps.is_empty()).then(|| format!("{url}/login"))
 }
 
 /// An import's bad lines, parsing's and planning's, in line order: how many, and the
@@ -235,6 +242,39 @@ impl Backend for Control {
     fn enrolled_idp(&self, device: IpAddr) -> Option<String> {
         self.sessions
             .read(|store| store.get(&device).map(|r| r.idp.clone()))
+    }
+
+    fn captive(&self, device: IpAddr) -> Captive {
+        let active = self.active();
+        let config = &active.config;
+        let limits: Vec<i64> = config
+            .policies
+            .iter()
+            .filter_map(|p| p.duration())
+            .map(|d| d.as_nanos_u64() as i64)
+            .collect();
+        let boot_id = self.sessions.boot_id();
+        let clock = ClockPair::now();
+        let age = self.sessions.read(|store| {
+            store
+                .get(&device)
+                .map(|r| views::age_ns(r, &clock, boot_id))
+        });
+        let Some(age) = age else {
+            // No session: refused wherever sessions are checked, unless unknown
+            // devices are let through.
+            let captive =
+                !limits.is_empty() && config.agent.unknown_device == UnknownDevice::Enforce;
+            return Captive {
+                captive,
+                seconds_remaining: None,
+            };
+        };
+        let left = limits.iter().map(|limit| limit - age).min();
+        Captive {
+            captive: left.is_some_and(|l| l < 0),
+            seconds_remaining: left.filter(|l| *l >= 0).map(|l| l as u64 / 1_000_000_000),
+        }
     }
 
     fn signed_in(

@@ -5,6 +5,7 @@
 //! user, the device and the policy, with a link to sign in again. On its own address
 //! (`portal_url`) it also serves the sign-in with the identity providers (`signin`).
 
+mod captive;
 mod page;
 pub mod routing;
 mod server;
@@ -17,6 +18,15 @@ pub use server::{Portal, bind_transparent, serve};
 
 use crate::signin::Identity;
 
+/// A device's standing as the captive-portal API tells it (RFC 8908).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Captive {
+    /// Some session-checked policy would refuse the device's new flows now.
+    pub captive: bool,
+    /// While not captive: seconds until the first of its policies expires.
+    pub seconds_remaining: Option<u64>,
+}
+
 /// What the portal asks of the running agent. Calls may take the session lock and wait
 /// for the journal, so the portal makes them off its async workers.
 pub trait Backend: Send + Sync + 'static {
@@ -24,6 +34,8 @@ pub trait Backend: Send + Sync + 'static {
     fn facts(&self, device: IpAddr, destination: SocketAddr) -> PageFacts;
     /// The identity provider the device's session came from, if it has one.
     fn enrolled_idp(&self, device: IpAddr) -> Option<String>;
+    /// How the device stands for RFC 8908's captive-portal API.
+    fn captive(&self, device: IpAddr) -> Captive;
     /// Records a sign-in as a login by the usual rules. For each session-checked policy
     /// in force: its name, and how long the device now satisfies it; or why the login
     /// was refused.

@@ -20,7 +20,7 @@ use axum::{
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 
-use super::{Backend, render, signin};
+use super::{Backend, captive, render, signin};
 use crate::{listen::Limited, signin::SignIn};
 
 /// Room for a burst of devices hitting the portal at once.
@@ -38,6 +38,9 @@ pub struct Portal {
     /// The port devices dial to reach the portal itself. Connections to any other port
     /// are redirected application traffic: they only ever get the page.
     pub own_port: u16,
+    /// Where users sign in (`{portal_url}/login`, or `reauth_url`), for the
+    /// captive-portal API.
+    pub user_portal_url: Option<String>,
 }
 
 /// A TCP listener for the portal: IP_TRANSPARENT (IPv4) / IPV6_TRANSPARENT (IPv6) so
@@ -130,20 +133,23 @@ async fn answer(
     RawQuery(query): RawQuery,
 ) -> Response {
     let (peer, local) = (canonical(ends.peer), canonical(ends.local));
-    if let Some(sign) = portal
-        .signin
-        .as_ref()
-        .filter(|_| local.port() == portal.own_port)
-    {
+    if local.port() == portal.own_port {
         let query = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
-        match uri.path() {
-            // Re-authenticating at will is signing in again.
-            "/login" | "/refresh-identity" => {
-                return signin::login(&portal.backend, sign, peer.ip(), &query).await;
+        let device = peer.ip();
+        match (uri.path(), portal.signin.as_ref()) {
+            ("/captive-portal", _) => {
+                let url = portal.user_portal_url.as_deref();
+                return captive::status(&portal.backend, device, url).await;
             }
-            "/callback" => return signin::callback(&portal.backend, sign, peer.ip(), &query).await,
+            // Re-authenticating at will is signing in again.
+            ("/login" | "/refresh-identity", Some(sign)) => {
+                return signin::login(&portal.backend, sign, device, &query).await;
+            }
+            ("/callback", Some(sign)) => {
+                return signin::callback(&portal.backend, sign, device, &query).await;
+            }
             _ => {}
         }
     }
@@ -195,6 +201,12 @@ mod tests {
         fn enrolled_idp(&self, _: std::net::IpAddr) -> Option<String> {
             None
         }
+        fn captive(&self, _: std::net::IpAddr) -> crate::portal::Captive {
+            crate::portal::Captive {
+                captive: true,
+                seconds_remaining: None,
+            }
+        }
         fn signed_in(
             &self,
             _: std::net::IpAddr,
@@ -210,6 +222,7 @@ mod tests {
             backend: Arc::new(Facts(facts)),
             signin: None,
             own_port: 8511,
+            user_portal_url: None,
         })
     }
 

@@ -99,6 +99,7 @@ impl Listeners {
         if let Some((listener, own_port)) = self.portal {
             let app = Arc::new(portal::Portal {
                 backend: Arc::clone(control) as Arc<dyn portal::Backend>,
+                user_portal_url: control.user_portal_url(),
                 signin,
                 own_port,
             });
