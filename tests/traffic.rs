@@ -545,3 +545,39 @@ fn generic_xdp_mode_enforces_the_same() {
     assert!(lab.tcp_blocked(expired, APP, 443));
     assert!(udp_works(&lab.udp_socket(fresh), APP, 4433));
 }
+
+#[test]
+fn access_sessions_follow_the_global_duration_and_a_policy_s_own_duration_wins() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let config = lab.config(
+        "",
+        r#"
+[access]
+session_duration = "1h"
+
+[[policy]]
+name = "App"
+precedence = 1
+destinations = ["198.19.10.0/24"]
+access = true
+
+[[policy]]
+name = "Open, with its own check"
+precedence = 2
+destinations = ["198.19.20.0/24"]
+access = true
+check_session = { enforce = true, duration = "3h" }
+"#,
+    );
+    let agent = lab.start_agent(&config);
+    let (recent, older) = (device(0), device(1));
+    agent.login(recent, ALICE, HOUR / 2);
+    agent.login(older, BOB, 2 * HOUR);
+    // The access duration (1h) judges App; Open keeps its own 3h.
+    assert!(lab.tcp_works(recent, APP, 443));
+    assert!(lab.tcp_blocked(older, APP, 443));
+    assert!(lab.tcp_works(older, OPEN, 443));
+}

@@ -37,6 +37,19 @@ pub struct Config {
     pub policies: Vec<Policy>,
     /// The identity providers users sign in with at the portal (`[[idp]]`).
     pub idps: Vec<IdpConfig>,
+    /// Access-style device sessions (`[access]`), already folded into the policies
+    /// they apply to (`Policy::access`).
+    pub access: Option<AccessConfig>,
+}
+
+/// One device-session duration for applications that accept the device's session as
+/// their login (Gateway's "Access" sessions): for policies with `access = true`, or,
+/// with `apply_to_all`, for every policy without its own `check_session` that does not
+/// say `access = false`. A policy's own `check_session` always wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessConfig {
+    pub session_duration: GoDuration,
+    pub apply_to_all: bool,
 }
 
 /// An OpenID provider users sign in with at the portal (`[[idp]]`).
@@ -245,6 +258,8 @@ pub struct Policy {
     pub on_expired: OnExpired,
     /// With `Redirect`: the TCP ports steered to the portal; empty otherwise.
     pub redirect_ports: Vec<u16>,
+    /// Its session check is `[access] session_duration` (it has none of its own).
+    pub access: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

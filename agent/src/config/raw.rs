@@ -21,6 +21,14 @@ pub struct RawConfig {
     pub policies: Vec<RawPolicy>,
     #[serde(default, rename = "idp")]
     pub idps: Vec<RawIdp>,
+    pub access: Option<RawAccess>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccess {
+    pub session_duration: Option<String>,
+    pub apply_to_all: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +101,7 @@ pub struct RawPolicy {
     pub check_session: Option<RawCheckSession>,
     pub on_expired: Option<String>,
     pub redirect_ports: Option<Vec<i64>>,
+    pub access: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -26,6 +26,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         store,
         policies: _,
         idps,
+        // Applied: folded into the policies, which are recompiled.
+        access: _,
     } = new;
     let AgentConfig {
         // Applied: interfaces added are attached, removed ones detached.
@@ -130,7 +132,7 @@ on_expired = "redirect"
     }
 
     /// (what is replaced, by what, the expected kind, a word of the message)
-    const FIELDS: [(&str, &str, &str, &str); 21] = [
+    const FIELDS: [(&str, &str, &str, &str); 22] = [
         ("\"veth0\"]", "\"veth0\", \"veth1\"]", "applied", ""),
         (
             "[agent]\n",
@@ -212,6 +214,7 @@ on_expired = "redirect"
         ("203.0.113.10/32", "203.0.113.11/32", "applied", ""),
         ("", "\n[dns]\nports = [53, 5353]\n", "applied", ""),
         ("duration = \"1h\"", "duration = \"2h\"", "applied", ""),
+        ("", "\n[access]\nsession_duration = \"24h\"\n", "applied", ""),
         (
             "",
             "\n[limits]\nmax_sessions = 4096\n",

@@ -64,6 +64,7 @@ fn policy(name: &str, precedence: i64, dests: &[&str], duration_secs: Option<u64
         },
         on_expired: OnExpired::Drop,
         redirect_ports: Vec::new(),
+        access: false,
     }
 }
 
@@ -227,6 +228,7 @@ fn random_config(rng: &mut StdRng) -> Config {
             },
             on_expired: OnExpired::Drop,
             redirect_ports: Vec::new(),
+            access: false,
         });
     }
     config.bypass = (0..rng.random_range(0..3))

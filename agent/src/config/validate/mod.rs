@@ -1,6 +1,7 @@
 //! From `RawConfig` to `Config`, collecting every problem instead of stopping at the
 //! first one. One file per section; `fields` holds the readers they share.
 
+mod access;
 mod agent;
 mod dns;
 mod fields;
@@ -39,8 +40,13 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
     let bypass = bypass(raw.bypass, &mut problems);
     let limits = limits::section(raw.limits, &mut problems);
     let store = store::section(raw.store, &mut problems);
-    let policies = policies::section(raw.policies, &mut problems);
+    let names: Vec<Option<String>> = raw.policies.iter().map(|p| p.name.clone()).collect();
+    let (mut policies, asked) = policies::section(raw.policies, &mut problems);
     let idps = idps::section(raw.idps, &mut problems);
+    let access = access::section(raw.access, &mut problems);
+    access::fold(&mut policies, &asked, access.as_ref(), &mut problems, |i| {
+        policies::place(names[i].as_deref(), i + 1)
+    });
     portal_needs(&agent, &policies, &idps, &mut problems);
     if problems.0.is_empty() {
         Ok(Config {
@@ -52,6 +58,7 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
             store,
             policies,
             idps,
+            access,
         })
     } else {
         Err(problems.0)

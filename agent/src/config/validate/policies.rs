@@ -7,7 +7,7 @@ use agent_common::maps::{MAX_POLICIES, MAX_REDIRECT_PORTS};
 use ipnet::IpNet;
 
 use super::{
-    Problems,
+    Problems, access,
     fields::{choice, cidr_list, port_list},
 };
 use crate::{
@@ -18,7 +18,11 @@ use crate::{
     input::{Spaces, check_name, name::preview},
 };
 
-pub(super) fn section(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Policy> {
+/// The policies, and what each says for itself about `[access]` (`access::fold`).
+pub(super) fn section(
+    raw: Vec<RawPolicy>,
+    problems: &mut Problems,
+) -> (Vec<Policy>, Vec<access::Asked>) {
     if raw.len() > MAX_POLICIES as usize {
         problems.add(
             "[[policy]]",
@@ -32,8 +36,14 @@ pub(super) fn section(raw: Vec<RawPolicy>, problems: &mut Problems) -> Vec<Polic
     let mut seen = Seen::default();
     raw.into_iter()
         .enumerate()
-        .map(|(i, p)| policy(i + 1, p, &mut seen, problems))
-        .collect()
+        .map(|(i, p)| {
+            let asked = access::Asked {
+                access: p.access,
+                own_check: p.check_session.is_some(),
+            };
+            (policy(i + 1, p, &mut seen, problems), asked)
+        })
+        .unzip()
 }
 
 /// Policy `number` (counted from 1, as in messages).
@@ -63,11 +73,12 @@ fn policy(number: usize, raw: RawPolicy, seen: &mut Seen, problems: &mut Problem
         check_session,
         on_expired,
         redirect_ports,
+        access: false,
     }
 }
 
 /// How messages name a policy: by its name when it has one, always by its number.
-fn place(name: Option<&str>, number: usize) -> String {
+pub(super) fn place(name: Option<&str>, number: usize) -> String {
     match name {
         Some(name) if !name.trim().is_empty() => {
             format!("policy {} (#{number})", preview(name))
