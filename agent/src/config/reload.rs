@@ -214,7 +214,12 @@ on_expired = "redirect"
         ("203.0.113.10/32", "203.0.113.11/32", "applied", ""),
         ("", "\n[dns]\nports = [53, 5353]\n", "applied", ""),
         ("duration = \"1h\"", "duration = \"2h\"", "applied", ""),
-        ("", "\n[access]\nsession_duration = \"24h\"\n", "applied", ""),
+        (
+            "",
+            "\n[access]\nsession_duration = \"24h\"\n",
+            "applied",
+            "",
+        ),
         (
             "",
             "\n[limits]\nmax_sessions = 4096\n",
