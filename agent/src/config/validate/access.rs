@@ -144,11 +144,7 @@ access = false
         assert_eq!(all.len(), 2, "{all:?}");
         assert!(all[0].contains("policy \"Opted in\" (#1)"), "{all:?}");
         assert!(all[0].contains("access = true needs [access] session_duration"));
-        let bad = "[agent]
-interfaces = [\"eth0\"]
-[access]
-session_duration = \"soon\"
-";
+        let bad = "[agent]\ninterfaces = [\"eth0\"]\n[access]\nsession_duration = \"soon\"\n";
         let Err(ConfigError::Invalid { problems, .. }) = Config::parse(bad, "t.toml") else {
             panic!("refused");
         };
