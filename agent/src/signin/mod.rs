@@ -17,9 +17,9 @@ use std::{
 
 use openidconnect::{
     AuthorizationCode, Client, ClientId, ClientSecret, CsrfToken, EmptyExtraTokenFields,
-    EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenFields, IssuerUrl, Nonce,
-    PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, StandardErrorResponse,
-    StandardTokenResponse, TokenResponse as _,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, IdToken, IdTokenFields, IdTokenVerifier,
+    IssuerUrl, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    StandardErrorResponse, StandardTokenResponse, TokenResponse as _,
     core::{
         CoreAuthDisplay, CoreAuthPrompt, CoreAuthenticationFlow, CoreErrorResponseType,
         CoreGenderClaim, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
@@ -43,6 +43,12 @@ const PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 type TokenFields = IdTokenFields<
     OtherClaims,
     EmptyExtraTokenFields,
+    CoreGenderClaim,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJwsSigningAlgorithm,
+>;
+type OidcIdToken = IdToken<
+    OtherClaims,
     CoreGenderClaim,
     CoreJweContentEncryptionAlgorithm,
     CoreJwsSigningAlgorithm,
@@ -239,25 +245,8 @@ impl SignIn {
             .ok_or_else(|| SignInError::MissingClaim {
                 claim: "id_token".to_string(),
             })?;
-        let verified = token
-            .claims(&client.id_token_verifier(), &pending.nonce)
-            .map_err(|e| {
-                provider.forget();
-                SignInError::NotVerified {
-                    cause: e.to_string(),
-                }
-            })?;
-        let claims = Claims {
-            sub: verified.subject().to_string(),
-            email: verified.email().map(|e| e.to_string()),
-            preferred_username: verified.preferred_username().map(|u| u.to_string()),
-            name: verified
-                .name()
-                .and_then(|n| n.get(None))
-                .map(|n| n.to_string()),
-            auth_time: verified.auth_time().map(|t| t.timestamp()),
-            other: verified.additional_claims().0.clone(),
-        };
+        let claims = verified_claims(token, &client.id_token_verifier(), &pending.nonce)
+            .inspect_err(|_| provider.forget())?;
         let settings = &provider.settings;
         let not_before = settings.force_interaction.then_some(pending.started);
         let identity = claims.identity(&settings.user_claim, &settings.groups_claim, not_before)?;
@@ -359,6 +348,32 @@ impl Provider {
     }
 }
 
+/// The claims of an ID token, once the crate has verified it: its signature against
+/// the provider's keys, its issuer, that this agent is its audience, that it has not
+/// expired, and its nonce.
+fn verified_claims(
+    token: &OidcIdToken,
+    verifier: &IdTokenVerifier<'_, CoreJsonWebKey>,
+    nonce: &Nonce,
+) -> Result<Claims, SignInError> {
+    let verified = token
+        .claims(verifier, nonce)
+        .map_err(|e| SignInError::NotVerified {
+            cause: e.to_string(),
+        })?;
+    Ok(Claims {
+        sub: verified.subject().to_string(),
+        email: verified.email().map(|e| e.to_string()),
+        preferred_username: verified.preferred_username().map(|u| u.to_string()),
+        name: verified
+            .name()
+            .and_then(|n| n.get(None))
+            .map(|n| n.to_string()),
+        auth_time: verified.auth_time().map(|t| t.timestamp()),
+        other: verified.additional_claims().0.clone(),
+    })
+}
+
 /// An error with its causes, for a log line or a page.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -370,6 +385,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod token_tests;
 
 #[cfg(test)]
 mod tests {
