@@ -347,3 +347,50 @@ fn the_captive_portal_api_tells_each_device_how_it_stands() {
         assert_eq!(answer["user-portal-url"], login_page.as_str(), "{answer}");
     }
 }
+
+#[test]
+fn sign_in_failures_each_get_a_page_and_record_nothing() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    // No provider answers at the issuer's address.
+    let secrets = tempfile::tempdir().unwrap();
+    let (agent_extra, rest) = portal_config(&secret_file(secrets.path()));
+    let agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let (unreachable, enrolled_elsewhere) = (device(1), device(2));
+
+    let (status, page) = curl(&lab, unreachable, &format!("{PORTAL_URL}/login"));
+    assert_eq!(status, 502, "{page}");
+    assert!(page.contains("Sign-in is not available"), "{page}");
+    assert!(page.contains("identity provider corp"), "{page}");
+
+    // A user who cancels at the provider comes back with an error instead of a code.
+    let cancelled = format!(
+        "{PORTAL_URL}/callback?error=access_denied&error_description=End-User%20aborted%20interaction&state=x"
+    );
+    let (status, page) = curl(&lab, unreachable, &cancelled);
+    assert_eq!(status, 403, "{page}");
+    assert!(page.contains("Sign-in cancelled"), "{page}");
+    assert!(page.contains("End-User aborted interaction"), "{page}");
+
+    // A device that enrolled through another identity provider resets only through it.
+    agent.cli_ok(&[
+        "session",
+        "login",
+        &enrolled_elsewhere.to_string(),
+        "--user",
+        ALICE,
+        "--idp",
+        "okta",
+    ]);
+    let before = agent.sessions_without_ages();
+    let (status, page) = curl(&lab, enrolled_elsewhere, &format!("{PORTAL_URL}/login"));
+    assert_eq!(status, 403, "{page}");
+    assert!(
+        page.contains("enrolled through the identity provider okta"),
+        "{page}"
+    );
+    assert_eq!(agent.sessions_without_ages(), before);
+    assert!(agent.log_text().contains("sign-in refused"));
+}

@@ -33,6 +33,7 @@ pub(super) async fn login(
     };
     let names = signin.names();
     let idp = match (idp, names.as_slice()) {
+        (Some(idp), _) if !names.contains(&idp.as_str()) => return not_offered(device, &idp),
         (Some(idp), _) => idp,
         (None, [only]) => only.to_string(),
         (None, _) => return choose(&names),
@@ -136,6 +137,20 @@ fn signed_in(user: &str, standing: &[(String, String)]) -> String {
     format!(
         "<p>Signed in as {}. Your session starts now.</p>\n<dl>\n{rows}</dl>",
         escape(user)
+    )
+}
+
+/// The device enrolled through a provider this portal does not offer: it can only
+/// reset its session through that one.
+fn not_offered(device: IpAddr, idp: &str) -> Response {
+    tracing::info!(target: "audit", device = %device, idp, "sign-in refused: the device's identity provider is not offered here");
+    page(
+        StatusCode::FORBIDDEN,
+        "Sign-in is not available for this device",
+        &format!(
+            "<p>This device enrolled through the identity provider {}, and its session resets only through that one, which this portal does not offer.</p><p>Ask your administrator to log the device out, or to sign it in again.</p>",
+            escape(idp)
+        ),
     )
 }
 
