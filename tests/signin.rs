@@ -394,3 +394,29 @@ fn sign_in_failures_each_get_a_page_and_record_nothing() {
     assert_eq!(agent.sessions_without_ages(), before);
     assert!(agent.log_text().contains("sign-in refused"));
 }
+
+#[test]
+fn a_device_without_a_session_chooses_among_several_providers() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let secrets = tempfile::tempdir().unwrap();
+    let (agent_extra, rest) = portal_config_with(
+        &secret_file(secrets.path()),
+        &format!(
+            "\n[[idp]]\nname = \"okta\"\nissuer = \"http://198.19.20.10:9001\"\nclient_id = \"sg\"\nclient_secret_file = \"{}\"\n",
+            secret_file(secrets.path()).display()
+        ),
+    );
+    let _agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let (status, page) = curl(&lab, device(1), &format!("{PORTAL_URL}/login"));
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Choose how to sign in"), "{page}");
+    for idp in ["corp", "okta"] {
+        assert!(
+            page.contains(&format!("href=\"/login?idp={idp}\"")),
+            "{page}"
+        );
+    }
+}
