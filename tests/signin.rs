@@ -53,6 +53,7 @@ fn provider(lab: &Lab) -> Provider {
             client_id: CLIENT_ID,
             client_secret: CLIENT_SECRET,
             groups: &[("alice", &["payroll", "staff"])],
+            tls: None,
         },
     )
 }
@@ -419,4 +420,57 @@ fn a_device_without_a_session_chooses_among_several_providers() {
             "{page}"
         );
     }
+}
+
+#[test]
+fn a_provider_behind_a_private_ca_is_trusted_only_through_its_ca_file() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let files = tempfile::tempdir().unwrap();
+    let ca = tls::TestCa::new(&files.path().join("tls"), "idp");
+    let (cert, key) = ca.leaf(
+        "idp",
+        vec!["198.19.20.10".into()],
+        "idp",
+        vec![tls::Usage::ServerAuth],
+    );
+    let issuer = "https://198.19.20.10:9443";
+    let _idp = Provider::start(
+        &lab.server,
+        &ProviderOptions {
+            listen: "198.19.20.10:9443",
+            issuer,
+            redirect_uri: &format!("{PORTAL_URL}/callback"),
+            client_id: CLIENT_ID,
+            client_secret: CLIENT_SECRET,
+            groups: &[],
+            tls: Some((&cert, &key)),
+        },
+    );
+    let secret = secret_file(files.path());
+    let config = |ca_line: &str| {
+        let (agent_extra, rest) = portal_config_with(&secret, ca_line);
+        lab.config(&agent_extra, &rest.replace(ISSUER, issuer))
+    };
+
+    // Without ca_file the agent does not trust the provider: no sign-in starts.
+    let agent = lab.start_agent(&config(""));
+    let (status, page) = curl(&lab, device(0), &format!("{PORTAL_URL}/login"));
+    assert_eq!(status, 502, "{page}");
+    assert!(page.contains("Sign-in is not available"), "{page}");
+    assert!(page.to_lowercase().contains("certificate"), "{page}");
+    drop(agent);
+
+    // With it, the whole sign-in goes through over HTTPS.
+    let ca_line = format!("ca_file = \"{}\"", ca.cert.display());
+    let _agent = lab.start_agent(&config(&ca_line));
+    let visit = sign_in_with_browser(&lab.client, "http://198.19.10.10/", "alice", test_name!());
+    assert_eq!(
+        visit.page("app").map(|p| p["status"].clone()),
+        Some(serde_json::json!(200)),
+        "{}",
+        visit.describe()
+    );
 }

@@ -4,9 +4,12 @@
 //
 //   node provider.mjs --listen HOST:PORT --issuer URL --redirect-uri URL \
 //        --client-id ID --client-secret SECRET [--groups ACCOUNT=G1,G2 ...]
+//        [--tls-cert PEM --tls-key PEM]   (HTTPS, with a test CA's certificate)
 //
 // Prints "ready" on stdout once listening; stops on SIGTERM.
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import https from 'node:https';
 import Provider from 'oidc-provider';
 
 function args(argv) {
@@ -71,5 +74,14 @@ const provider = new Provider(opts.issuer, {
 provider.on('server_error', (ctx, err) => console.error('server_error', err));
 
 const [host, port] = [opts.listen.slice(0, opts.listen.lastIndexOf(':')), Number(opts.listen.slice(opts.listen.lastIndexOf(':') + 1))];
-const server = provider.listen(port, host.replace(/^\[|\]$/g, ''), () => console.log('ready'));
+const listenHost = host.replace(/^\[|\]$/g, '');
+const ready = () => console.log('ready');
+const server = opts.tls_cert
+  ? https
+      .createServer(
+        { cert: readFileSync(opts.tls_cert), key: readFileSync(opts.tls_key) },
+        provider.callback(),
+      )
+      .listen(port, listenHost, ready)
+  : provider.listen(port, listenHost, ready);
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

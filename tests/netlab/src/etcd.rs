@@ -21,12 +21,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+use crate::{
+    Netns, reap, run_ok, signal,
+    tls::{TestCa, Usage},
+    unique_id,
 };
-
-use crate::{Netns, reap, run_ok, signal, unique_id};
 
 /// The members' network: member i answers on 198.18.250.(i+1).
 const MEMBER_NET: &str = "198.18.250.0/24";
@@ -502,63 +501,20 @@ fn log_tail(path: &Path, lines: usize) -> String {
 /// A CA, a certificate per member (server and client use: etcd's gateway dials the
 /// member with it) for its IP, and a client certificate, in `dir/tls/`.
 fn write_certificates(dir: &Path, id: &str, members: usize) -> TlsFiles {
-    let tls_dir = dir.join("tls");
-    fs::create_dir(&tls_dir).expect("tls directory");
-    let write = |name: &str, pem: String| {
-        let path = tls_dir.join(name);
-        fs::write(&path, pem).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        path
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let valid = |params: &mut CertificateParams, cn: &str| {
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.not_before = now - time::Duration::days(1);
-        params.not_after = now + time::Duration::days(30);
-    };
-
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    valid(&mut ca, &format!("sessiongate test CA {id}"));
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
-    let ca_path = write("ca.pem", ca_pem);
-    let issuer = Issuer::new(ca, ca_key);
-
-    let leaf = |sans: Vec<String>, cn: &str, usages: Vec<ExtendedKeyUsagePurpose>| {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(sans).expect("certificate params");
-        valid(&mut params, cn);
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = usages;
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &issuer).expect("sign certificate");
-        (cert.pem(), key.serialize_pem())
-    };
+    let ca = TestCa::new(&dir.join("tls"), id);
     for i in 0..members {
-        let (cert, key) = leaf(
+        ca.leaf(
+            &format!("m{i}"),
             vec![member_ip(i)],
             &format!("m{i}"),
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
+            vec![Usage::ServerAuth, Usage::ClientAuth],
         );
-        write(&format!("m{i}.pem"), cert);
-        write(&format!("m{i}-key.pem"), key);
     }
-    let (cert, key) = leaf(
-        Vec::new(),
-        "sessiongate",
-        vec![ExtendedKeyUsagePurpose::ClientAuth],
-    );
+    let (cert, key) = ca.leaf("client", Vec::new(), "sessiongate", vec![Usage::ClientAuth]);
     TlsFiles {
-        ca: ca_path,
-        cert: write("client.pem", cert),
-        key: write("client-key.pem", key),
+        ca: ca.cert.clone(),
+        cert,
+        key,
     }
 }
 

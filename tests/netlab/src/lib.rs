@@ -27,6 +27,7 @@ pub mod packets;
 mod raw;
 mod services;
 pub mod shaped;
+pub mod tls;
 mod traffic;
 
 use std::{

@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::mpsc,
     time::Duration,
@@ -36,6 +36,8 @@ pub struct ProviderOptions<'a> {
     pub client_secret: &'a str,
     /// (account, its groups)
     pub groups: &'a [(&'a str, &'a [&'a str])],
+    /// HTTPS with this certificate and key (PEM files), instead of plain HTTP.
+    pub tls: Option<(&'a Path, &'a Path)>,
 }
 
 /// A running provider, stopped on drop.
@@ -55,6 +57,9 @@ impl Provider {
             .args(["--redirect-uri", options.redirect_uri])
             .args(["--client-id", options.client_id])
             .args(["--client-secret", options.client_secret]);
+        if let Some((cert, key)) = options.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
         for (account, groups) in options.groups {
             cmd.args(["--groups", &format!("{account}={}", groups.join(","))]);
         }
