@@ -124,11 +124,17 @@ fn an_expired_device_signs_in_at_the_portal_with_a_real_browser() {
 
 /// `curl -i` from device address `src`: the status and the whole answer.
 fn curl(lab: &Lab, src: std::net::IpAddr, url: &str) -> (u16, String) {
+    curl_with(lab, src, url, &[])
+}
+
+/// `curl -i` with `extra` options (0: no HTTP answer at all).
+fn curl_with(lab: &Lab, src: std::net::IpAddr, url: &str, extra: &[&str]) -> (u16, String) {
     let out = lab
         .client
         .command("curl")
         .args(["-sS", "-i", "-g", "--max-time", "10", "--interface"])
         .arg(src.to_string())
+        .args(extra)
         .arg(url)
         .output()
         .expect("curl");
@@ -470,6 +476,81 @@ fn a_provider_behind_a_private_ca_is_trusted_only_through_its_ca_file() {
     assert_eq!(
         visit.page("app").map(|p| p["status"].clone()),
         Some(serde_json::json!(200)),
+        "{}",
+        visit.describe()
+    );
+}
+
+#[test]
+fn the_portal_serves_its_own_pages_over_https_and_redirected_pages_over_http() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let files = tempfile::tempdir().unwrap();
+    let ca = tls::TestCa::new(&files.path().join("tls"), "portal");
+    let (cert, key) = ca.leaf(
+        "portal",
+        vec!["198.18.1.1".into()],
+        "portal",
+        vec![tls::Usage::ServerAuth],
+    );
+    let portal = "https://198.18.1.1:8511";
+    let _idp = Provider::start(
+        &lab.server,
+        &ProviderOptions {
+            listen: "198.19.20.10:9000",
+            issuer: ISSUER,
+            redirect_uri: &format!("{portal}/callback"),
+            client_id: CLIENT_ID,
+            client_secret: CLIENT_SECRET,
+            groups: &[],
+            tls: None,
+        },
+    );
+    let (_, rest) = portal_config(&secret_file(files.path()));
+    let agent_extra = format!(
+        "xdp_mode = \"generic\"\nportal_listen = \"[::]:8511\"\nportal_url = \"{portal}\"\nportal_tls_cert = \"{}\"\nportal_tls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    );
+    let _agent = lab.start_agent(&lab.config(&agent_extra, &rest));
+    let ca_file = ca.cert.display().to_string();
+
+    // The portal's own pages: HTTPS with its certificate, and nothing in plain HTTP.
+    let (status, answer) = curl_with(
+        &lab,
+        device(1),
+        &format!("{portal}/captive-portal"),
+        &["--cacert", &ca_file],
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains(&format!("\"user-portal-url\":\"{portal}/login\"")),
+        "{answer}"
+    );
+    let (status, answer) = curl(&lab, device(1), "http://198.18.1.1:8511/captive-portal");
+    assert_eq!(
+        status, 0,
+        "no plain HTTP on the portal's own port: {answer}"
+    );
+    // A redirected application connection stays plain HTTP, and links the HTTPS sign-in.
+    let (status, page) = curl(&lab, device(1), "http://198.19.10.10/");
+    assert_eq!(status, 511, "{page}");
+    assert!(page.contains(&format!("href=\"{portal}/login\"")), "{page}");
+
+    let visit = sign_in_with_browser(&lab.client, "http://198.19.10.10/", "alice", test_name!());
+    assert_eq!(
+        visit.page("app").map(|p| p["status"].clone()),
+        Some(serde_json::json!(200)),
+        "{}",
+        visit.describe()
+    );
+    assert!(
+        visit
+            .page("signed-in")
+            .and_then(|p| p["url"].as_str())
+            .is_some_and(|u| u.starts_with(&format!("{portal}/callback"))),
         "{}",
         visit.describe()
     );

@@ -98,6 +98,9 @@ pub struct AgentConfig {
     /// Where devices reach the portal itself, for sign-in (`{portal_url}/login`) and
     /// the providers' redirect (`{portal_url}/callback`); no trailing slash.
     pub portal_url: Option<String>,
+    /// The certificate chain and key (PEM) the portal's own pages are served with,
+    /// over HTTPS; redirected application connections stay plain HTTP.
+    pub portal_tls: Option<(PathBuf, PathBuf)>,
     /// Visible refusals (RSTs, ICMP errors, portal redirects) per device.
     pub replies: ReplyLimit,
 }

@@ -50,6 +50,8 @@ pub struct RawAgent {
     pub reauth_url: Option<String>,
     pub portal_listen: Option<String>,
     pub portal_url: Option<String>,
+    pub portal_tls_cert: Option<String>,
+    pub portal_tls_key: Option<String>,
     pub reply_rate: Option<i64>,
     pub reply_burst: Option<i64>,
 }

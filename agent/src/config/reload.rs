@@ -47,6 +47,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         reauth_url: _,
         portal_listen,
         portal_url,
+        portal_tls,
         replies: _,
     } = agent;
     let a = &old.agent;
@@ -78,6 +79,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         ("notify_url", *notify != a.notify),
         ("xdp_mode", *xdp_mode != a.xdp_mode),
         ("portal_url", *portal_url != a.portal_url),
+        ("portal_tls_cert", *portal_tls != a.portal_tls),
     ] {
         if changed {
             changes.deferred.push(format!(

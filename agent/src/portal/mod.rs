@@ -10,11 +10,13 @@ mod page;
 pub mod routing;
 mod server;
 mod signin;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 
 pub use page::{PageFacts, render};
 pub use server::{Portal, bind_transparent, serve};
+pub use tls::PortalListener;
 
 use crate::signin::Identity;
 

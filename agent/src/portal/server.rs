@@ -18,10 +18,9 @@ use axum::{
     serve::IncomingStream,
 };
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
 
-use super::{Backend, captive, render, signin};
-use crate::{listen::Limited, signin::SignIn};
+use super::{Backend, captive, render, signin, tls::PortalListener};
+use crate::signin::SignIn;
 
 /// Room for a burst of devices hitting the portal at once.
 const BACKLOG: i32 = 1024;
@@ -74,7 +73,7 @@ pub fn bind_transparent(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 /// Serves the portal until `shutdown` resolves. Connections still open [`DRAIN`] after
 /// `shutdown` are left behind.
 pub async fn serve(
-    listener: Limited<TcpListener>,
+    listener: PortalListener,
     portal: Arc<Portal>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
@@ -107,16 +106,11 @@ struct Ends {
     local: SocketAddr,
 }
 
-impl Connected<IncomingStream<'_, Limited<TcpListener>>> for Ends {
-    fn connect_info(stream: IncomingStream<'_, Limited<TcpListener>>) -> Self {
+impl Connected<IncomingStream<'_, PortalListener>> for Ends {
+    fn connect_info(stream: IncomingStream<'_, PortalListener>) -> Self {
         Self {
             peer: *stream.remote_addr(),
-            // getsockname fails only on a dead socket, whose request never comes.
-            local: stream
-                .io()
-                .io()
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+            local: stream.io().local,
         }
     }
 }
@@ -187,6 +181,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use tokio::net::TcpListener;
+
     use crate::{portal::PageFacts, signin::Identity};
 
     type FactsFn = dyn Fn(SocketAddr, SocketAddr) -> PageFacts + Send + Sync;
@@ -226,8 +222,8 @@ mod tests {
         })
     }
 
-    fn test_limits(listener: TcpListener) -> Limited<TcpListener> {
-        crate::listen::limited(
+    fn test_limits(listener: TcpListener) -> PortalListener {
+        let inner = crate::listen::limited(
             listener,
             crate::listen::Limits {
                 name: "portal test",
@@ -235,7 +231,8 @@ mod tests {
                 per_client: 64,
                 idle: None,
             },
-        )
+        );
+        PortalListener { inner, tls: None }
     }
 
     #[tokio::test]

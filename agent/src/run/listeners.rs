@@ -23,8 +23,8 @@ pub(super) struct Listeners {
     _socket_file: SocketFile,
     api_tcp: Option<(Limited<TcpListener>, Arc<[u8]>)>,
     metrics: Option<Limited<TcpListener>>,
-    /// The portal's listener and its port.
-    portal: Option<(Limited<TcpListener>, u16)>,
+    /// The portal's listener, with TLS on its own port when it has a certificate.
+    portal: Option<(portal::PortalListener, u16)>,
 }
 
 impl Listeners {
@@ -52,7 +52,15 @@ impl Listeners {
                 let listener = portal::bind_transparent(addr)
                     .with_context(|| format!("cannot listen on portal_listen {addr}"))?;
                 let listener = TcpListener::from_std(listener).context("portal_listen")?;
-                Some((listen::limited(listener, PORTAL_LIMITS), addr.port()))
+                let tls = match &agent.portal_tls {
+                    Some((cert, key)) => Some((portal::tls::acceptor(cert, key)?, addr.port())),
+                    None => None,
+                };
+                let listener = portal::PortalListener {
+                    inner: listen::limited(listener, PORTAL_LIMITS),
+                    tls,
+                };
+                Some((listener, addr.port()))
             }
             None => None,
         };

@@ -44,6 +44,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
     );
     let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
     let portal_url = super::idps::portal_url(raw.portal_url, problems);
+    let portal_tls = portal_tls(raw.portal_tls_cert, raw.portal_tls_key, problems);
     let replies = replies(raw.reply_rate, raw.reply_burst, problems);
     AgentConfig {
         interfaces: raw.interfaces,
@@ -60,6 +61,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         reauth_url,
         portal_listen,
         portal_url,
+        portal_tls,
         replies,
     }
 }
@@ -247,5 +249,36 @@ fn replies(rate: Option<i64>, burst: Option<i64>, problems: &mut Problems) -> Re
     ReplyLimit {
         rate: per_device(rate, "reply_rate", defaults.rate),
         burst: per_device(burst, "reply_burst", defaults.burst),
+    }
+}
+
+/// `portal_tls_cert` and `portal_tls_key`: both or neither.
+fn portal_tls(
+    cert: Option<String>,
+    key: Option<String>,
+    problems: &mut Problems,
+) -> Option<(PathBuf, PathBuf)> {
+    match (cert, key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((
+            path(Some(cert), "", (PLACE, "portal_tls_cert"), problems),
+            path(Some(key), "", (PLACE, "portal_tls_key"), problems),
+        )),
+        (Some(_), None) => {
+            problems.add(
+                PLACE,
+                "portal_tls_key",
+                "portal_tls_cert is set: give its key too",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            problems.add(
+                PLACE,
+                "portal_tls_cert",
+                "portal_tls_key is set: give its certificate too",
+            );
+            None
+        }
     }
 }

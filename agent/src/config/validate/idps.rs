@@ -214,4 +214,41 @@ mod tests {
             "{problems:?}"
         );
     }
+
+    #[test]
+    fn the_portal_url_matches_the_listener_and_its_certificate() {
+        let agent = |extra: &str| {
+            parse(&format!(
+                "[agent]\ninterfaces = [\"eth0\"]\nportal_listen = \"[::]:8511\"\nreauth_url = \"https://sso\"\n{extra}\n"
+            ))
+        };
+        let tls = "portal_tls_cert = \"/c.pem\"\nportal_tls_key = \"/k.pem\"";
+        let ok = agent(&format!("portal_url = \"https://gw:8511\"\n{tls}")).unwrap();
+        assert_eq!(
+            ok.agent.portal_tls,
+            Some((PathBuf::from("/c.pem"), PathBuf::from("/k.pem")))
+        );
+        for (extra, needle) in [
+            (
+                "portal_url = \"https://gw:8511\"".to_string(),
+                "is https://: set portal_tls_cert",
+            ),
+            (
+                format!("portal_url = \"http://gw:8511\"\n{tls}"),
+                "is http://, but the portal has a certificate",
+            ),
+            (
+                format!("portal_url = \"https://gw\"\n{tls}"),
+                "is port 443, but the portal listens on 8511",
+            ),
+            (
+                "portal_url = \"http://gw:8511\"\nportal_tls_cert = \"/c.pem\"".to_string(),
+                "portal_tls_key: portal_tls_cert is set: give its key too",
+            ),
+            (tls.to_string(), "portal_url: portal_tls_cert is set"),
+        ] {
+            let problems = agent(&extra).unwrap_err().join("\n");
+            assert!(problems.contains(needle), "{extra}: {problems}");
+        }
+    }
 }

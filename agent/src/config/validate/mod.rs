@@ -65,6 +65,48 @@ pub(super) fn validate(raw: RawConfig, source: &str) -> Result<Config, Vec<Probl
     }
 }
 
+/// Devices reach the portal's own pages at `portal_url`, which must therefore be the
+/// port the portal listens on, and HTTPS exactly when the portal has a certificate.
+fn portal_address(agent: &AgentConfig, problems: &mut Problems) {
+    let Some(url) = agent.portal_url.as_deref() else {
+        if agent.portal_tls.is_some() {
+            problems.add(
+                "[agent]",
+                "portal_url",
+                "portal_tls_cert is set: give the https:// address devices reach the portal at",
+            );
+        }
+        return;
+    };
+    let Ok(parsed) = url::Url::parse(url) else {
+        return;
+    };
+    let https = parsed.scheme() == "https";
+    if https != agent.portal_tls.is_some() {
+        problems.add(
+            "[agent]",
+            "portal_url",
+            if https {
+                format!("{url:?} is https://: set portal_tls_cert and portal_tls_key, the portal's certificate")
+            } else {
+                format!("{url:?} is http://, but the portal has a certificate: write https://")
+            },
+        );
+    }
+    if let (Some(port), Some(listen)) = (parsed.port_or_known_default(), agent.portal_listen)
+        && port != listen.port()
+    {
+        problems.add(
+            "[agent]",
+            "portal_url",
+            format!(
+                "{url:?} is port {port}, but the portal listens on {}: devices would not reach it",
+                listen.port()
+            ),
+        );
+    }
+}
+
 /// `[bypass]` is one list of destinations: no file of its own.
 fn bypass(raw: RawBypass, problems: &mut Problems) -> Vec<IpNet> {
     fields::cidr_list(&raw.destinations, "[bypass]", "destinations", problems)
@@ -98,6 +140,7 @@ fn portal_needs(
             "portal_listen is set: the portal's page links to reauth_url, where users sign in again; set it, or add an [[idp]] to sign in with at the portal",
         );
     }
+    portal_address(agent, problems);
     if !idps.is_empty() {
         if agent.portal_listen.is_none() {
             problems.add(
