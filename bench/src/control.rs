@@ -598,7 +598,7 @@ fn wait_for_session(
 /// Sends a SYN from `device` every 100 µs, runs `login` after the first few, and
 /// returns the time from the start of `login` to the sending of the first SYN that was
 /// answered (SYNs sent before the login are ignored).
-fn probe_until_admitted<T>(
+pub fn probe_until_admitted<T>(
     device: IpAddr,
     login: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<Duration> {

@@ -16,6 +16,7 @@ mod programs;
 mod progrun;
 mod report;
 mod scenario;
+mod signin;
 mod stats;
 mod svg;
 mod xdp_filter;
@@ -32,6 +33,8 @@ enum Part {
     Control,
     /// Only the control part's concurrent login rate.
     Logins,
+    /// Signing in at the portal with a real OpenID provider.
+    Signin,
 }
 
 #[derive(Parser)]
@@ -91,6 +94,9 @@ fn main() -> anyhow::Result<()> {
     let logins = (control.is_none() && wanted(Part::Logins))
         .then(|| control::login_rate(args.quick, &agent))
         .transpose()?;
+    let signin = wanted(Part::Signin)
+        .then(|| signin::run(args.quick, &agent))
+        .transpose()?;
     let report = report::Report {
         quick: args.quick,
         machine,
@@ -98,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         end_to_end,
         control,
         logins,
+        signin,
     };
     let command = if args.quick {
         "cargo xtask bench --quick"

@@ -5,6 +5,7 @@
 mod control;
 mod end_to_end;
 mod per_packet;
+mod signin;
 
 use std::{fmt::Write as _, fs, path::Path};
 
@@ -14,6 +15,7 @@ use crate::{
     control::{ControlReport, LoginRate},
     flood::FloodReport,
     progrun::ProgRunReport,
+    signin::SigninReport,
     svg::Chart,
 };
 
@@ -65,6 +67,7 @@ pub struct Report {
     pub control: Option<ControlReport>,
     /// `--part logins` alone (the control part includes it).
     pub logins: Option<LoginRate>,
+    pub signin: Option<SigninReport>,
 }
 
 /// A target of the benchmark and whether this run met it.
@@ -85,6 +88,9 @@ impl Report {
         }
         if let Some(c) = &self.control {
             control::targets(c, &mut targets);
+        }
+        if let Some(s) = &self.signin {
+            signin::targets(s, &mut targets);
         }
         targets
     }
@@ -108,6 +114,9 @@ impl Report {
         }
         if let Some(l) = &self.logins {
             control::logins_section(l, &mut sections);
+        }
+        if let Some(s) = &self.signin {
+            signin::section(s, &mut sections);
         }
         for (file, chart) in &charts {
             fs::write(dir.join(file), chart.render())?;
