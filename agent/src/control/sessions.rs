@@ -292,12 +292,25 @@ impl Backend for Control {
         };
         self.login(&request).map_err(|e| e.to_string())?;
         let detail = self.session(device).map_err(|e| e.to_string())?;
+        // The session's end for each policy, counted from the authentication.
+        let started = identity.authenticated_at;
+        let active = self.active();
+        let durations: std::collections::HashMap<&str, std::time::Duration> = active
+            .config
+            .policies
+            .iter()
+            .filter_map(|p| Some((p.name.as_str(), p.duration()?.0)))
+            .collect();
         Ok(detail
             .policies
             .into_iter()
             .map(|p| {
+                let until = durations
+                    .get(p.policy.as_str())
+                    .map(|d| views::rfc3339(started + *d))
+                    .unwrap_or_default();
                 let left = if p.satisfied {
-                    format!("for {}", p.margin)
+                    format!("for {}, until {until}", p.margin)
                 } else {
                     format!("not now: the sign-in was {} too long ago", p.margin)
                 };
