@@ -75,7 +75,7 @@ pub(super) async fn callback(
     let state = query.get("state").map_or("", String::as_str);
     if let Some(error) = query.get("error") {
         // The state is used up either way.
-        let _ = signin.finish(device, state, "").await;
+        signin.abandon(device, state);
         let detail = query.get("error_description").unwrap_or(error);
         tracing::info!(target: "audit", device = %device, error = error.as_str(), "sign-in refused by the identity provider");
         return page(

@@ -253,6 +253,12 @@ impl SignIn {
         Ok((settings.name.clone(), identity))
     }
 
+    /// Ends the sign-in `state` of `device` without a code (the user cancelled, or the
+    /// provider refused): its state is used up.
+    pub fn abandon(&self, device: IpAddr, state: &str) {
+        let _ = self.take(state, device);
+    }
+
     fn remember(&self, state: String, pending: Pending) {
         let mut flows = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -422,6 +428,22 @@ mod tests {
             s.take("never", device),
             Err(SignInError::NoSuchFlow)
         ));
+    }
+
+    #[test]
+    fn a_cancelled_sign_in_uses_its_state_up_only_from_its_device() {
+        let s = signin();
+        let device: IpAddr = "198.18.1.10".parse().unwrap();
+        s.remember("st".into(), pending("198.18.1.10", FLOW_LIFETIME));
+        s.abandon("198.18.1.11".parse().unwrap(), "st");
+        s.abandon(device, "st");
+        assert!(matches!(s.take("st", device), Err(SignInError::NoSuchFlow)));
+        s.remember("kept".into(), pending("198.18.1.10", FLOW_LIFETIME));
+        s.abandon("198.18.1.11".parse().unwrap(), "kept");
+        assert!(
+            s.take("kept", device).is_ok(),
+            "another device cannot cancel it"
+        );
     }
 
     #[test]
