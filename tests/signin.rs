@@ -3,7 +3,10 @@
 //! (headless Chromium in the client namespace) and the real agent and kernel between
 //! them.
 
-use std::{os::unix::fs::PermissionsExt, path::Path};
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
 
 use netlab::{
     oidc::{
@@ -36,7 +39,7 @@ fn portal_config_with(secret_file: &Path, idp_extra: &str) -> (String, String) {
     (agent, rest)
 }
 
-fn secret_file(dir: &Path) -> std::path::PathBuf {
+fn secret_file(dir: &Path) -> PathBuf {
     let path = dir.join("idp-secret");
     std::fs::write(&path, format!("{CLIENT_SECRET}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -44,18 +47,36 @@ fn secret_file(dir: &Path) -> std::path::PathBuf {
 }
 
 fn provider(lab: &Lab) -> Provider {
+    provider_at(lab, ("198.19.20.10:9000", ISSUER), PORTAL_URL, None)
+}
+
+/// A provider listening at `listen` as `issuer`, sending users back to `portal`'s
+/// callback, over HTTPS with `tls` (a certificate and its key).
+fn provider_at(
+    lab: &Lab,
+    (listen, issuer): (&str, &str),
+    portal: &str,
+    tls: Option<(&Path, &Path)>,
+) -> Provider {
     Provider::start(
         &lab.server,
         &ProviderOptions {
-            listen: "198.19.20.10:9000",
-            issuer: ISSUER,
-            redirect_uri: &format!("{PORTAL_URL}/callback"),
+            listen,
+            issuer,
+            redirect_uri: &format!("{portal}/callback"),
             client_id: CLIENT_ID,
             client_secret: CLIENT_SECRET,
             groups: &[("alice", &["payroll", "staff"])],
-            tls: None,
+            tls,
         },
     )
+}
+
+/// A test CA in `dir` and a server certificate of it for `ip`.
+fn server_certificate(dir: &Path, ip: &str) -> (tls::TestCa, PathBuf, PathBuf) {
+    let ca = tls::TestCa::new(&dir.join("tls"), ip);
+    let (cert, key) = ca.leaf("server", vec![ip.into()], ip, vec![tls::Usage::ServerAuth]);
+    (ca, cert, key)
 }
 
 #[test]
@@ -435,25 +456,13 @@ fn a_provider_behind_a_private_ca_is_trusted_only_through_its_ca_file() {
     }
     let lab = lab!();
     let files = tempfile::tempdir().unwrap();
-    let ca = tls::TestCa::new(&files.path().join("tls"), "idp");
-    let (cert, key) = ca.leaf(
-        "idp",
-        vec!["198.19.20.10".into()],
-        "idp",
-        vec![tls::Usage::ServerAuth],
-    );
+    let (ca, cert, key) = server_certificate(files.path(), "198.19.20.10");
     let issuer = "https://198.19.20.10:9443";
-    let _idp = Provider::start(
-        &lab.server,
-        &ProviderOptions {
-            listen: "198.19.20.10:9443",
-            issuer,
-            redirect_uri: &format!("{PORTAL_URL}/callback"),
-            client_id: CLIENT_ID,
-            client_secret: CLIENT_SECRET,
-            groups: &[],
-            tls: Some((&cert, &key)),
-        },
+    let _idp = provider_at(
+        &lab,
+        ("198.19.20.10:9443", issuer),
+        PORTAL_URL,
+        Some((&cert, &key)),
     );
     let secret = secret_file(files.path());
     let config = |ca_line: &str| {
@@ -488,26 +497,9 @@ fn the_portal_serves_its_own_pages_over_https_and_redirected_pages_over_http() {
     }
     let lab = lab!();
     let files = tempfile::tempdir().unwrap();
-    let ca = tls::TestCa::new(&files.path().join("tls"), "portal");
-    let (cert, key) = ca.leaf(
-        "portal",
-        vec!["198.18.1.1".into()],
-        "portal",
-        vec![tls::Usage::ServerAuth],
-    );
+    let (ca, cert, key) = server_certificate(files.path(), "198.18.1.1");
     let portal = "https://198.18.1.1:8511";
-    let _idp = Provider::start(
-        &lab.server,
-        &ProviderOptions {
-            listen: "198.19.20.10:9000",
-            issuer: ISSUER,
-            redirect_uri: &format!("{portal}/callback"),
-            client_id: CLIENT_ID,
-            client_secret: CLIENT_SECRET,
-            groups: &[],
-            tls: None,
-        },
-    );
+    let _idp = provider_at(&lab, ("198.19.20.10:9000", ISSUER), portal, None);
     let (_, rest) = portal_config(&secret_file(files.path()));
     let agent_extra = format!(
         "xdp_mode = \"generic\"\nportal_listen = \"[::]:8511\"\nportal_url = \"{portal}\"\nportal_tls_cert = \"{}\"\nportal_tls_key = \"{}\"",
