@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use super::server::ApiError;
 use crate::{
-    input::file::{self, Accept, FileError},
+    input::file::{self, FileError, SecretError},
     listen::LogThrottle,
 };
 
@@ -44,22 +44,17 @@ pub enum TokenError {
 /// not be readable by group or others.
 pub fn read_token(path: &Path) -> Result<Arc<[u8]>, TokenError> {
     let path_buf = || path.to_path_buf();
-    let content =
-        file::read_bounded(path, MAX_TOKEN_FILE, Accept::RegularFile).map_err(|cause| {
-            TokenError::Unreadable {
-                path: path_buf(),
-                cause,
-            }
-        })?;
-    if content.mode & 0o077 != 0 {
-        return Err(TokenError::Exposed {
+    let token = file::read_secret(path, MAX_TOKEN_FILE).map_err(|e| match e {
+        SecretError::Unreadable(cause) => TokenError::Unreadable {
             path: path_buf(),
-            mode: content.mode & 0o777,
-        });
-    }
-    let text = std::str::from_utf8(&content.bytes)
-        .map_err(|_| TokenError::NotText { path: path_buf() })?;
-    let token = text.trim();
+            cause,
+        },
+        SecretError::Exposed { mode } => TokenError::Exposed {
+            path: path_buf(),
+            mode,
+        },
+        SecretError::NotText => TokenError::NotText { path: path_buf() },
+    })?;
     if token.len() < MIN_TOKEN_LEN || token.contains(char::is_whitespace) {
         return Err(TokenError::Weak { path: path_buf() });
     }

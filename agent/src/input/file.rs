@@ -47,6 +47,30 @@ pub struct Content {
     pub mode: u32,
 }
 
+/// Why a secret's file (a token, a client secret) cannot be used.
+#[derive(Debug, Error)]
+pub enum SecretError {
+    #[error(transparent)]
+    Unreadable(#[from] FileError),
+    #[error("it is readable by group or others (mode {mode:o})")]
+    Exposed { mode: u32 },
+    #[error("it is not UTF-8 text")]
+    NotText,
+}
+
+/// A secret's text without surrounding whitespace, from a regular file of at most
+/// `limit` bytes that only its owner may read (the mode of the open file).
+pub fn read_secret(path: &Path, limit: u64) -> Result<String, SecretError> {
+    let content = read_bounded(path, limit, Accept::RegularFile)?;
+    if content.mode & 0o077 != 0 {
+        return Err(SecretError::Exposed {
+            mode: content.mode & 0o777,
+        });
+    }
+    let text = String::from_utf8(content.bytes).map_err(|_| SecretError::NotText)?;
+    Ok(text.trim().to_string())
+}
+
 /// Reads a whole file of at most `limit` bytes.
 pub fn read_bounded(path: &Path, limit: u64, accept: Accept) -> Result<Content, FileError> {
     // Non-blocking, so that opening a FIFO with no writer returns at once.

@@ -150,22 +150,18 @@ fn sign_in(config: &Config) -> anyhow::Result<Option<Arc<SignIn>>> {
 
 /// A secret's text from a file only its owner may read.
 fn read_private(path: &Path, place: &str, field: &str) -> anyhow::Result<String> {
-    let content = file::read_bounded(path, file::MAX_SMALL_FILE, file::Accept::RegularFile)
-        .with_context(|| format!("{place} {field} {}", path.display()))?;
-    if content.mode & 0o077 != 0 {
-        bail!(
-            "{place} {field} {} is readable by group or others (mode {:o}); chmod 600 it",
-            path.display(),
-            content.mode & 0o777
-        );
-    }
-    let text = String::from_utf8(content.bytes)
-        .with_context(|| format!("{place} {field} {}: not UTF-8 text", path.display()))?;
-    let secret = text.trim();
+    let secret = match file::read_secret(path, file::MAX_SMALL_FILE) {
+        Ok(secret) => secret,
+        Err(file::SecretError::Exposed { mode }) => bail!(
+            "{place} {field} {} is readable by group or others (mode {mode:o}); chmod 600 it",
+            path.display()
+        ),
+        Err(e) => bail!("{place} {field} {}: {e}", path.display()),
+    };
     if secret.is_empty() {
         bail!("{place} {field} {} is empty", path.display());
     }
-    Ok(secret.to_string())
+    Ok(secret)
 }
 
 /// The config at `path`, valid, compiled, its warnings logged, every interface present.
