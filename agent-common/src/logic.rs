@@ -18,6 +18,9 @@ const SECOND_NS: u64 = 1_000_000_000;
 pub const FLOW_REFRESH_NS: u64 = SECOND_NS;
 /// At most one refusal event per device and policy in this interval.
 pub const EVENT_INTERVAL_NS: u64 = SECOND_NS;
+/// At most one use report per device and policy in this interval: the agent needs to
+/// know that a device uses a policy lately, not every flow it opens.
+pub const USE_REPORT_INTERVAL_NS: u64 = 60 * SECOND_NS;
 
 /// A TCP segment opens a new connection when it is a SYN without ACK. Everything else
 /// (SYN-ACK, ACK, data, FIN, RST) belongs to a connection and is never judged, so
@@ -60,6 +63,16 @@ pub const fn event_due(now_ns: u64, last_event_ns: Option<u64>) -> bool {
     match last_event_ns {
         None => true,
         Some(last) => now_ns.saturating_sub(last) >= EVENT_INTERVAL_NS,
+    }
+}
+
+/// Whether an admitted new flow may send a use report, given when the last one for the
+/// same device and policy was sent (`None`: never, or the slot holds another pair).
+#[inline(always)]
+pub const fn use_report_due(now_ns: u64, last_report_ns: Option<u64>) -> bool {
+    match last_report_ns {
+        None => true,
+        Some(last) => now_ns.saturating_sub(last) >= USE_REPORT_INTERVAL_NS,
     }
 }
 
@@ -310,6 +323,13 @@ mod tests {
         assert!(event_due(5, None));
         assert!(!event_due(SECOND_NS + 4, Some(5)));
         assert!(event_due(SECOND_NS + 5, Some(5)));
+    }
+
+    #[test]
+    fn use_reports_are_limited_to_one_a_minute() {
+        assert!(use_report_due(5, None));
+        assert!(!use_report_due(USE_REPORT_INTERVAL_NS + 4, Some(5)));
+        assert!(use_report_due(USE_REPORT_INTERVAL_NS + 5, Some(5)));
     }
 
     #[test]

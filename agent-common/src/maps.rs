@@ -76,7 +76,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -112,7 +112,9 @@ pub struct Settings {
     /// The portal's listening port, or 0 when there is no portal: redirect policies
     /// then reject.
     pub portal_port: u16,
-    pub _pad: u16,
+    /// 1 when the agent wants use reports (`FlowEvent` with `AdmittedNewFlow`): it
+    /// prompts before sessions expire (`notify_before`); else 0 and none are sent.
+    pub report_use: u16,
     /// The portal's listening addresses (unspecified: any), where the TC program looks
     /// the listener up.
     pub portal_v4: Ip4,
@@ -444,17 +446,24 @@ pub struct FlowBucketV6 {
 const _: () = assert!(size_of::<FlowBucketV6>() == 224);
 
 /// `SG_EVENT_LIMIT`: ARRAY, `event_slot_mask + 1` entries, written by the program.
-/// When a (device, policy) pair last sent a refusal event, direct-mapped at
-/// `hashing::bucket(fold_event(..))`: at most one event per pair per second. Two pairs
-/// sharing a slot may each report more often; that needs thousands of refused devices
-/// at once, when the ring buffer's own bound takes over.
+/// When a (device, policy) pair last sent an event, direct-mapped at
+/// `hashing::bucket(fold_event(..))`: at most one refusal per pair per second
+/// (`logic::event_due`), one use report per pair per `USE_REPORT_INTERVAL_NS`
+/// (`logic::use_report_due`). The two kinds mark the slot with different check words
+/// (`EVENT_CHECK_REFUSAL`, `EVENT_CHECK_USE`), so neither holds the other back. Two
+/// pairs sharing a slot may each report more often; that needs thousands of devices at
+/// once, when the ring buffer's own bound takes over.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct EventLimitSlot {
-    /// `hashing::check(fold_event(..), 0)` of the pair.
+    /// `hashing::check(fold_event(..), EVENT_CHECK_*)` of the pair and the kind.
     pub check: u64,
     pub last_event_ns: u64,
 }
+
+/// `EventLimitSlot::check`'s second field for a refusal and for a use report.
+pub const EVENT_CHECK_REFUSAL: u64 = 0;
+pub const EVENT_CHECK_USE: u64 = 1;
 const _: () = assert!(size_of::<EventLimitSlot>() == 16);
 
 /// `SG_REPLY_LIMIT`: ARRAY, `reply_slot_mask + 1` entries, written by the program.
@@ -481,17 +490,20 @@ pub struct TickClock {
 }
 const _: () = assert!(size_of::<TickClock>() == 16);
 
-/// A record of `SG_EVENTS` (RINGBUF), written by the program for a refused new flow.
+/// A record of `SG_EVENTS` (RINGBUF), written by the program for a refused new flow,
+/// or, with verdict `AdmittedNewFlow`, a use report: a device's session let it open a
+/// new flow under a session-checked policy (sent only when `Settings::report_use`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct RefusalEvent {
-    /// Boot-clock time of the refusal.
+pub struct FlowEvent {
+    /// Boot-clock time of the refusal or admission.
     pub at_ns: u64,
     /// Age of the device's session at that time; `i64::MIN` when it has none.
     pub session_age_ns: i64,
-    /// Policy index (in the config of `set`) that refused the flow.
+    /// Policy index (in the config of `set`) that judged the flow.
     pub policy: u32,
-    /// `Verdict` code (`DroppedExpired` or `DroppedUnknownDevice`).
+    /// `Verdict` code: `DroppedExpired`, `DroppedUnknownDevice`, `DroppedUnreadable`,
+    /// or `AdmittedNewFlow` for a use report.
     pub verdict: u32,
     /// 4 or 6.
     pub family: u8,
@@ -503,16 +515,16 @@ pub struct RefusalEvent {
     /// The configuration set whose policy index `policy` is.
     pub set: u8,
     /// `ACTION_*` the refusal got: the policy's, or `ACTION_DROP` beyond the device's
-    /// reply rate.
+    /// reply rate (and for a use report).
     pub action: u8,
     /// Device (source) address; IPv4 in the first four bytes.
     pub src: Ip6,
     /// Destination address; IPv4 in the first four bytes.
     pub dst: Ip6,
 }
-const _: () = assert!(size_of::<RefusalEvent>() == 64);
+const _: () = assert!(size_of::<FlowEvent>() == 64);
 
-/// Session age recorded in a `RefusalEvent` for a device without a session.
+/// Session age recorded in a `FlowEvent` for a device without a session.
 pub const NO_SESSION_AGE: i64 = i64::MIN;
 
 #[cfg(feature = "user")]
@@ -537,7 +549,7 @@ mod user {
     unsafe impl aya::Pod for EventLimitSlot {}
     unsafe impl aya::Pod for ReplyLimitSlot {}
     unsafe impl aya::Pod for TickClock {}
-    unsafe impl aya::Pod for RefusalEvent {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ pub mod counter {
     /// Refusals not reported because the same device and policy had an event less than
     /// a second ago.
     pub const EVENTS_RATE_LIMITED: u32 = 17;
-    /// Refusal events lost because the ring buffer was full.
+    /// Events (refusals and use reports) lost because the ring buffer was full.
     pub const EVENTS_LOST: u32 = 18;
 
     /// TCP RSTs sent for refused SYNs (`on_expired = "reject"`).
@@ -134,14 +134,18 @@ pub mod counter {
     /// Later packets of portal connections the TC program kept on the local host.
     pub const PORTAL_FOLLOWED: u32 = 26;
 
+    /// Use reports written to the ring buffer (`Settings::report_use`).
+    pub const USE_REPORTS: u32 = 27;
+
     /// Size of `SG_COUNTERS`: verdicts, event counters, and room to grow.
     pub const SLOTS: u32 = 32;
 
     /// Names of the event counters, for stats output.
-    pub const EVENTS: [(u32, &str); 3] = [
+    pub const EVENTS: [(u32, &str); 4] = [
         (EVENTS_SENT, "events_sent"),
         (EVENTS_RATE_LIMITED, "events_rate_limited"),
         (EVENTS_LOST, "events_lost"),
+        (USE_REPORTS, "events_use_reports"),
     ];
 
     /// Names of the visible-refusal counters (replies and the portal).

@@ -23,7 +23,7 @@ use crate::{
     maps::{SG_GENERATION, SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
     parse::L4,
     reply::reply_allowed,
-    report::{Refusal, count_policy_drop, event_allowed, send_event},
+    report::{Report, count_policy_drop, event_allowed, send_event, use_report_allowed},
 };
 
 /// The verdict for a TCP SYN or a UDP datagram from `src` to `dst` (parsing already
@@ -85,6 +85,12 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
     };
     let folded_src = F::fold(src);
     let authenticated_at = session_of::<F>(src, folded_src, settings);
+    // Computed before the verdict, as in `judge_unreadable`: left to the reports
+    // below, the compiler read a register that the no-session path never wrote.
+    let session_age = match authenticated_at {
+        Some(at) => session_age_ns(now, at),
+        None => NO_SESSION_AGE,
+    };
     let judged = judge_new_flow(policy, authenticated_at, settings.unknown_device, now);
     let mut action = ACTION_DROP;
     match judged {
@@ -95,6 +101,24 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
                 *flow_slot_for_new(slots, now, settings.udp_idle_ns) =
                     F::FlowSlot::new(&key, folded, now);
             }
+            // The agent prompts before a session runs out for the policies its device
+            // uses (`notify_before`); it learns of the use from this report.
+            if judged == Verdict::AdmittedNewFlow
+                && use_report_allowed(folded_src, policy_index, F::FAMILY, now, settings)
+            {
+                send_event(&Report {
+                    family: F::FAMILY,
+                    src: F::wide(src),
+                    dst: F::wide(dst),
+                    l4: *l4,
+                    policy: policy_index,
+                    set: set as u8,
+                    action: ACTION_DROP as u8,
+                    verdict: judged,
+                    session_age_ns: session_age,
+                    now_ns: now,
+                });
+            }
         }
         _ if judged.is_refusal() => {
             count_policy_drop(policy_slot(set, policy_index));
@@ -103,7 +127,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
                 action = visible_action(policy, l4, folded_src, now, settings);
             }
             if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
-                send_event(&Refusal {
+                send_event(&Report {
                     family: F::FAMILY,
                     src: F::wide(src),
                     dst: F::wide(dst),
@@ -112,10 +136,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
                     set: set as u8,
                     action: action as u8,
                     verdict: judged,
-                    session_age_ns: match authenticated_at {
-                        Some(at) => session_age_ns(now, at),
-                        None => NO_SESSION_AGE,
-                    },
+                    session_age_ns: session_age,
                     now_ns: now,
                 });
             }
@@ -161,7 +182,7 @@ pub fn judge_unreadable<F: Family>(src: &F::Addr, dst: &F::Addr, fallback: Verdi
     if verdict.is_refusal() {
         count_policy_drop(policy_slot(set, index));
         if event_allowed(folded_src, index, F::FAMILY, now, settings) {
-            send_event(&Refusal {
+            send_event(&Report {
                 family: F::FAMILY,
                 src: F::wide(src),
                 dst: F::wide(dst),

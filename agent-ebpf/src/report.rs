@@ -3,8 +3,8 @@
 use agent_common::{
     addr::Ip6,
     hashing::{bucket, check, fold_event},
-    logic::event_due,
-    maps::{RefusalEvent, Settings},
+    logic::{event_due, use_report_due},
+    maps::{EVENT_CHECK_REFUSAL, EVENT_CHECK_USE, FlowEvent, Settings},
     verdict::{Verdict, counter},
 };
 
@@ -21,8 +21,9 @@ pub fn count(slot: u32) {
     }
 }
 
-/// A refused new flow, as the agent will see it.
-pub struct Refusal {
+/// A refused new flow, or a use report (verdict `AdmittedNewFlow`), as the agent
+/// will see it.
+pub struct Report {
     pub family: u8,
     pub src: Ip6,
     pub dst: Ip6,
@@ -55,10 +56,46 @@ pub fn event_allowed(
     now_ns: u64,
     settings: &Settings,
 ) -> bool {
+    let due = slot_due::<false>(device_folded, policy, family, now_ns, settings);
+    if !due {
+        count(counter::EVENTS_RATE_LIMITED);
+    }
+    due
+}
+
+/// Whether a flow this device opened under this session-checked policy should be
+/// reported as a use: at most once per pair per minute, and only when the agent asked.
+#[inline(always)]
+pub fn use_report_allowed(
+    device_folded: u64,
+    policy: u32,
+    family: u8,
+    now_ns: u64,
+    settings: &Settings,
+) -> bool {
+    settings.report_use != 0 && slot_due::<true>(device_folded, policy, family, now_ns, settings)
+}
+
+/// Whether the pair's `SG_EVENT_LIMIT` slot lets an event of this kind out now, and if
+/// so marks it.
+#[inline(always)]
+fn slot_due<const USE: bool>(
+    device_folded: u64,
+    policy: u32,
+    family: u8,
+    now_ns: u64,
+    settings: &Settings,
+) -> bool {
     let folded = fold_event(device_folded, policy, family);
-    let pair = check(folded, 0);
+    let kind = if USE {
+        EVENT_CHECK_USE
+    } else {
+        EVENT_CHECK_REFUSAL
+    };
+    let pair = check(folded, kind);
     let Some(slot) = SG_EVENT_LIMIT.get_ptr_mut(bucket(folded, settings.event_slot_mask)) else {
-        return true;
+        // Refusals are reported even so; use reports are optional.
+        return !USE;
     };
     // SAFETY: a live array element; racing writers at worst let one extra event out.
     unsafe {
@@ -67,8 +104,12 @@ pub fn event_allowed(
         } else {
             None
         };
-        if !event_due(now_ns, last) {
-            count(counter::EVENTS_RATE_LIMITED);
+        let due = if USE {
+            use_report_due(now_ns, last)
+        } else {
+            event_due(now_ns, last)
+        };
+        if !due {
             return false;
         }
         (*slot).check = pair;
@@ -78,14 +119,14 @@ pub fn event_allowed(
 }
 
 // Out of line: it runs at most once per device and policy per second, and inlined it
-// would crowd the registers of the refused path it hangs off.
+// would crowd the registers of the path it hangs off.
 #[inline(never)]
-pub fn send_event(r: &Refusal) {
-    let Some(mut entry) = SG_EVENTS.reserve::<RefusalEvent>(0) else {
+pub fn send_event(r: &Report) {
+    let Some(mut entry) = SG_EVENTS.reserve::<FlowEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;
     };
-    entry.write(RefusalEvent {
+    entry.write(FlowEvent {
         at_ns: r.now_ns,
         session_age_ns: r.session_age_ns,
         policy: r.policy,
@@ -100,5 +141,9 @@ pub fn send_event(r: &Refusal) {
         dst: r.dst,
     });
     entry.submit(0);
-    count(counter::EVENTS_SENT);
+    count(if r.verdict.is_refusal() {
+        counter::EVENTS_SENT
+    } else {
+        counter::USE_REPORTS
+    });
 }

@@ -1,5 +1,6 @@
-//! Refusal events from the kernel's ring buffer, turned into "re-authentication
-//! required" log lines and kept in a short history for the API.
+//! Events from the kernel's ring buffer: refusals, turned into "re-authentication
+//! required" log lines and kept in a short history for the API, and use reports,
+//! which the prompts before expiry (`expiry`) learn from. The event stream's records.
 
 use std::{
     collections::VecDeque,
@@ -8,9 +9,7 @@ use std::{
 
 use agent_common::{
     addr::Ip6,
-    maps::{
-        ACTION_REDIRECT, ACTION_REJECT, IPPROTO_TCP, IPPROTO_UDP, NO_SESSION_AGE, RefusalEvent,
-    },
+    maps::{ACTION_REDIRECT, ACTION_REJECT, FlowEvent, IPPROTO_TCP, IPPROTO_UDP, NO_SESSION_AGE},
     verdict::Verdict,
 };
 use serde::{Deserialize, Serialize};
@@ -44,9 +43,39 @@ pub struct Refusal {
     pub action: String,
 }
 
+/// A line of the event stream (`GET /v1/events/stream`): `{"kind": "refused", ..}`
+/// with a `Refusal`'s fields, or `{"kind": "expiring", ..}` with an `Expiring`'s.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    Refused(Refusal),
+    Expiring(Expiring),
+}
+
+/// A device's session is about to run out for a policy it uses (`notify_before`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Expiring {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub device: IpAddr,
+    pub user: String,
+    /// The identity provider the device enrolled with, where it signs in again.
+    pub idp: String,
+    pub policy: String,
+    /// The session's age now, and when it stops satisfying the policy (Go format,
+    /// RFC 3339).
+    pub session_age: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub seconds_remaining: u64,
+    /// Where the user re-authenticates: the portal's `/refresh-identity`, else
+    /// `reauth_url`.
+    pub reauth_url: Option<String>,
+}
+
 /// A ring-buffer record decoded, before names are resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawRefusal {
+pub struct RawEvent {
     pub at_boot_ns: i64,
     pub verdict: Verdict,
     pub device: IpAddr,
@@ -61,8 +90,8 @@ pub struct RawRefusal {
 }
 
 /// Decodes a record; `None` for a record of the wrong size or unknown verdict.
-pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
-    let event: RefusalEvent = bytemuck::try_pod_read_unaligned(bytes).ok()?;
+pub fn decode(bytes: &[u8]) -> Option<RawEvent> {
+    let event: FlowEvent = bytemuck::try_pod_read_unaligned(bytes).ok()?;
     let addr = |raw: Ip6| -> IpAddr {
         let o = raw.octets();
         if event.family == 4 {
@@ -71,7 +100,7 @@ pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
             Ipv6Addr::from(o).into()
         }
     };
-    Some(RawRefusal {
+    Some(RawEvent {
         at_boot_ns: event.at_ns as i64,
         verdict: Verdict::from_code(event.verdict)?,
         device: addr(event.src),
@@ -93,7 +122,7 @@ pub fn decode(bytes: &[u8]) -> Option<RawRefusal> {
     })
 }
 
-impl RawRefusal {
+impl RawEvent {
     pub fn resolve(&self, clock: &ClockPair, user: Option<String>, policy: String) -> Refusal {
         Refusal {
             at: clock.wall_of(self.at_boot_ns),
@@ -170,6 +199,33 @@ pub fn describe(r: &Refusal) -> String {
     )
 }
 
+/// One human-readable line, for `sessiongate events`.
+pub fn describe_expiring(e: &Expiring) -> String {
+    let format = &time::format_description::well_known::Rfc3339;
+    format!(
+        "{} expiring {} policy {:?}: session of user {} runs out at {} ({}s left, age {})",
+        e.at.format(format).unwrap_or_default(),
+        e.device,
+        e.policy,
+        printable(&e.user),
+        e.expires_at.format(format).unwrap_or_default(),
+        e.seconds_remaining,
+        e.session_age,
+    )
+}
+
+/// Logs a prompt before expiry as one line.
+pub fn log_expiring(e: &Expiring) {
+    tracing::info!(
+        user = e.user.as_str(),
+        device = %e.device,
+        policy = e.policy.as_str(),
+        seconds_remaining = e.seconds_remaining,
+        session_age = e.session_age.as_str(),
+        "session expiring soon: re-authenticate"
+    );
+}
+
 /// Logs a refusal as one "re-authentication required" line.
 pub fn log(refusal: &Refusal) {
     let destination = destination(refusal);
@@ -194,7 +250,7 @@ mod tests {
 
     #[test]
     fn decodes_ipv4_and_ipv6_records() {
-        let mut event = RefusalEvent {
+        let mut event = FlowEvent {
             at_ns: 5_000_000_000,
             session_age_ns: 7_200_000_000_000,
             policy: 3,
@@ -203,7 +259,7 @@ mod tests {
             proto: IPPROTO_TCP,
             dport: 443,
             sport: 50000,
-            ..RefusalEvent::default()
+            ..FlowEvent::default()
         };
         event.src = Ip4::from_octets([198, 18, 1, 10]).wide();
         event.dst = Ip4::from_octets([198, 19, 10, 10]).wide();
@@ -260,7 +316,7 @@ mod tests {
     fn history_keeps_the_latest() {
         let clock = ClockPair::now();
         let mut history = History::default();
-        let raw = RawRefusal {
+        let raw = RawEvent {
             at_boot_ns: clock.boot_ns,
             verdict: Verdict::DroppedExpired,
             device: "198.18.1.10".parse().unwrap(),

@@ -9,6 +9,7 @@ pub mod control;
 pub mod datapath;
 pub mod drops;
 pub mod events;
+pub mod expiry;
 pub mod fleet;
 pub mod input;
 pub mod listen;

@@ -1,6 +1,7 @@
 //! Re-authentication prompts: an HTTP POST of a JSON body to `notify_url` the first
 //! time a device is refused by a policy, then at most once per `interval` for each
-//! (device, policy) pair.
+//! (device, policy) pair; and, with `notify_before`, once before a device's session
+//! runs out for a policy it uses (`expiry` decides when).
 //!
 //! The caller is the event loop, so [`Notifier::refused`] never blocks or awaits: it
 //! decides rate limiting under a short lock and hands the prompt to a bounded queue.
@@ -9,17 +10,25 @@
 //! [`CONCURRENCY`] requests in flight, each with a timeout and retried with exponential
 //! backoff; a slow or dead receiver only fills the queue.
 //!
-//! The body:
+//! The body of a refusal's prompt:
 //!
 //! ```json
-//! {"user": "alice", "device": "10.0.0.5", "policy": "payroll",
+//! {"kind": "refused", "user": "alice", "device": "10.0.0.5", "policy": "payroll",
 //!  "destination": "198.19.10.10:443/tcp", "destination_ip": "198.19.10.10",
 //!  "port": 443, "protocol": "tcp", "reason": "session_expired",
 //!  "session_age": "8h0m12s", "refused_at": "2025-01-01T12:00:00Z",
 //!  "reauth_url": "https://sso.example.com/"}
 //! ```
 //!
-//! `user`, `session_age` and `reauth_url` are `null` when unknown. The HTTP client honours
+//! `user`, `session_age` and `reauth_url` are `null` when unknown. Before expiry:
+//!
+//! ```json
+//! {"kind": "expiring", "at": "2025-01-01T11:50:00Z", "device": "10.0.0.5",
+//!  "user": "alice", "idp": "okta", "policy": "payroll", "session_age": "7h50m0s",
+//!  "expires_at": "2025-01-01T12:00:00Z", "seconds_remaining": 600,
+//!  "reauth_url": "https://portal.example.com/refresh-identity"}
+//! ```
+//! The HTTP client honours
 //! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, does not follow redirects, and trusts the
 //! Mozilla roots compiled in (webpki-roots), not the system store.
 
@@ -39,7 +48,7 @@ use thiserror::Error;
 use time::OffsetDateTime;
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::events::Refusal;
+use crate::events::{Expiring, Refusal};
 
 /// Requests in flight at once; more wait in the queue.
 pub const CONCURRENCY: usize = 4;
@@ -119,9 +128,26 @@ pub struct NotifyStats {
     pub suppressed: u64,
 }
 
-/// The JSON body.
+/// The JSON body, tagged with its `kind`.
 #[derive(Debug, Serialize)]
-struct Prompt {
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Prompt {
+    Refused(Refused),
+    Expiring(Expiring),
+}
+
+impl Prompt {
+    fn pair(&self) -> (IpAddr, &str) {
+        match self {
+            Prompt::Refused(r) => (r.device, &r.policy),
+            Prompt::Expiring(e) => (e.device, &e.policy),
+        }
+    }
+}
+
+/// A refusal's prompt.
+#[derive(Debug, Serialize)]
+struct Refused {
     user: Option<String>,
     device: IpAddr,
     policy: String,
@@ -137,13 +163,13 @@ struct Prompt {
     reauth_url: Option<String>,
 }
 
-impl Prompt {
+impl Refused {
     fn new(r: &Refusal, reauth_url: Option<String>) -> Self {
         let destination = match r.destination {
             IpAddr::V4(a) => format!("{a}:{}/{}", r.port, r.protocol),
             IpAddr::V6(a) => format!("[{a}]:{}/{}", r.port, r.protocol),
         };
-        Prompt {
+        Refused {
             user: r.user.clone(),
             device: r.device,
             policy: r.policy.clone(),
@@ -215,17 +241,22 @@ impl Notifier {
                 return;
             }
         }
-        let prompt = Prompt::new(refusal, self.shared.reauth_url.clone());
-        if let Err(e) = self.queue.try_send(prompt) {
+        let prompt = Refused::new(refusal, self.shared.reauth_url.clone());
+        if let Err(e) = self.queue.try_send(Prompt::Refused(prompt)) {
             // Not sent, so not rate-limited: the pair's next refusal tries again.
             limiter.forget(refusal.device, &refusal.policy);
             drop(limiter);
             counters.dropped.fetch_add(1, Relaxed);
-            let why = match e {
-                mpsc::error::TrySendError::Full(_) => "queue full",
-                mpsc::error::TrySendError::Closed(_) => "sender stopped",
-            };
-            self.shared.warn_dropped(why);
+            self.shared.warn_dropped(not_queued(&e));
+        }
+    }
+
+    /// Called once per device, policy and authentication (`expiry` limits them):
+    /// enqueues without blocking.
+    pub fn expiring(&self, expiring: &Expiring) {
+        if let Err(e) = self.queue.try_send(Prompt::Expiring(expiring.clone())) {
+            self.shared.counters.dropped.fetch_add(1, Relaxed);
+            self.shared.warn_dropped(not_queued(&e));
         }
     }
 
@@ -237,6 +268,13 @@ impl Notifier {
             dropped: c.dropped.load(Relaxed),
             suppressed: c.suppressed.load(Relaxed),
         }
+    }
+}
+
+fn not_queued<T>(e: &mpsc::error::TrySendError<T>) -> &'static str {
+    match e {
+        mpsc::error::TrySendError::Full(_) => "queue full",
+        mpsc::error::TrySendError::Closed(_) => "sender stopped",
     }
 }
 
@@ -420,10 +458,11 @@ impl Sender {
         };
         counters.failed.fetch_add(1, Relaxed);
         if let Some(skipped) = lock(&self.shared.warnings).failed.ready(Instant::now()) {
+            let (device, policy) = prompt.pair();
             tracing::warn!(
                 url = %self.url,
-                device = %prompt.device,
-                policy = %prompt.policy,
+                device = %device,
+                policy = %policy,
                 attempts = attempt,
                 error = %error,
                 skipped,

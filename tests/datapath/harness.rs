@@ -16,7 +16,7 @@ use sessiongate::{
     clock::boot_now_ns,
     config::{Config, Limits},
     datapath::{Datapath, SessionMaps},
-    events::{RawRefusal, decode},
+    events::{RawEvent, decode},
     policy::{self, settings},
 };
 
@@ -241,7 +241,7 @@ impl Harness {
     }
 
     /// Every refusal event waiting in the ring buffer.
-    pub fn events(&mut self) -> Vec<RawRefusal> {
+    pub fn events(&mut self) -> Vec<RawEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.events.next() {
             out.push(decode(&item).expect("a well-formed event"));

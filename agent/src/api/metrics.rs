@@ -19,6 +19,7 @@ use prometheus_client::{
 
 use crate::{
     control::{Control, MetricsSnapshot},
+    expiry::ExpiryStats,
     notify::NotifyStats,
     wire::{ReloadStatus, Stats, StoreStatus},
 };
@@ -105,6 +106,7 @@ pub fn render(s: &MetricsSnapshot) -> Result<String, std::fmt::Error> {
     if let Some(notify) = &s.notify {
         register_notifications(&mut registry, notify);
     }
+    register_expiry(&mut registry, &s.expiry);
     register_store(&mut registry, &s.stats.store);
     register_interfaces(&mut registry, &s.stats.interfaces);
     let mut text = String::new();
@@ -142,7 +144,7 @@ fn register_refusals(registry: &mut Registry, stats: &Stats) {
     counters(
         registry,
         "sessiongate_refusal_events",
-        "Refusal events: sent to the agent, rate-limited in the kernel (one per device and policy per second), or lost because the ring buffer was full",
+        "Events from the kernel: refusals sent to the agent, rate-limited in the kernel (one per device and policy per second), or lost because the ring buffer was full (use reports too); use reports (use_reports: a device opened a flow under a session-checked policy, at most one per device and policy per minute, only with notify_before)",
         "outcome",
         stats
             .events
@@ -262,6 +264,25 @@ fn register_notifications(registry: &mut Registry, notify: &NotifyStats) {
     );
 }
 
+fn register_expiry(registry: &mut Registry, expiry: &ExpiryStats) {
+    gauge(
+        registry,
+        "sessiongate_expiry_tracked_pairs",
+        "(device, policy) pairs used lately that the prompts before expiry (notify_before) follow",
+        expiry.pairs as i64,
+    );
+    counters(
+        registry,
+        "sessiongate_expiry_prompts",
+        "Prompts before expiry: made (prompted), or pairs not followed because too many were (untracked)",
+        "outcome",
+        [
+            ("prompted".to_string(), expiry.prompted),
+            ("untracked".to_string(), expiry.untracked),
+        ],
+    );
+}
+
 /// Every store says whether it is followed; only etcd has a revision and a follower
 /// to count.
 fn register_store(registry: &mut Registry, store: &StoreStatus) {
@@ -341,6 +362,7 @@ mod tests {
             generation: 1,
             reloads: ReloadStatus::default(),
             notify: None,
+            expiry: ExpiryStats::default(),
         }
     }
 

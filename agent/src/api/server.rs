@@ -10,7 +10,7 @@
 //! | POST   /v1/sessions/import | bulk import: the file as the body (`?skip_bad=true`) |
 //! | GET    /v1/stats         | verdict, event and per-policy counters            |
 //! | GET    /v1/events        | the latest refusals                               |
-//! | GET    /v1/events/stream | refusals as they happen, one JSON object per line |
+//! | GET    /v1/events/stream | refusals and prompts before expiry, one JSON object per line |
 //! | GET    /v1/policies      | the compiled policy table, as `check` prints it   |
 //! | POST   /v1/reload        | re-read the config file and apply it atomically   |
 //! | GET    /v1/reload        | how the reloads went                              |
@@ -378,9 +378,10 @@ async fn policies(State(control): Shared) -> String {
 /// limits (`listen`) and proxies see it alive.
 const EVENT_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Refusals as they happen, as JSON lines, until the client goes away. A client too
-/// slow to keep up gets `{"lagged": n}` for the `n` refusals it missed; a blank line
-/// every `EVENT_KEEPALIVE` without refusals says the stream is alive.
+/// Refusals and prompts before expiry as they happen (`events::Event`), as JSON lines,
+/// until the client goes away. A client too slow to keep up gets `{"lagged": n}` for
+/// the `n` it missed; a blank line every `EVENT_KEEPALIVE` without events says the
+/// stream is alive.
 async fn stream_events(State(control): Shared) -> Response {
     let receiver = control.subscribe();
     let lines = futures_util::stream::unfold(receiver, |mut receiver| async move {

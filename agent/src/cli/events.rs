@@ -1,12 +1,12 @@
-//! `sessiongate events`: follows refused flows live.
+//! `sessiongate events`: follows refused flows, and prompts before expiry, live.
 
 use super::Target;
 use crate::{
-    events::{self, Refusal},
+    events::{self, Event},
     outln,
 };
 
-/// `sessiongate events`: one line per refusal until interrupted.
+/// `sessiongate events`: one line per refusal or prompt until interrupted.
 pub(super) async fn execute(target: &Target, json: bool) -> anyhow::Result<()> {
     let client = target.client()?;
     client
@@ -19,8 +19,9 @@ pub(super) async fn execute(target: &Target, json: bool) -> anyhow::Result<()> {
                 outln!("{line}");
                 return;
             }
-            match serde_json::from_str::<Refusal>(line) {
-                Ok(r) => outln!("{}", events::describe(&r)),
+            match serde_json::from_str::<Event>(line) {
+                Ok(Event::Refused(r)) => outln!("{}", events::describe(&r)),
+                Ok(Event::Expiring(e)) => outln!("{}", events::describe_expiring(&e)),
                 Err(_) => outln!("{line}"),
             }
         })

@@ -90,6 +90,9 @@ pub struct AgentConfig {
     pub api_token_file: Option<PathBuf>,
     /// Re-authentication prompts; off when `None`.
     pub notify: Option<NotifySettings>,
+    /// Prompt this long before a device's session runs out for a policy it uses
+    /// (webhook, event stream and log); off when `None`.
+    pub notify_before: Option<GoDuration>,
     /// Where users re-authenticate: in prompts and on the portal's page.
     pub reauth_url: Option<String>,
     /// The re-authentication portal that `redirect` policies steer HTTP to; off when
@@ -330,6 +333,20 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl Config {
+    /// A page of the portal's sign-in (`/login`, `/refresh-identity`), when identity
+    /// providers are configured.
+    pub fn portal_page(&self, path: &str) -> Option<String> {
+        let url = self.agent.portal_url.as_ref()?;
+        (!self.idps.is_empty()).then(|| format!("{url}{path}"))
+    }
+
+    /// Where users re-authenticate: that page of the portal's sign-in, else
+    /// `reauth_url`.
+    pub fn reauth_page(&self, path: &str) -> Option<String> {
+        self.portal_page(path)
+            .or_else(|| self.agent.reauth_url.clone())
+    }
+
     /// Reads and validates a config file: a regular file of at most 64 MiB.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let source = path.display().to_string();

@@ -47,6 +47,7 @@ pub struct RawAgent {
     pub api_token_file: Option<String>,
     pub notify_url: Option<String>,
     pub notify_interval: Option<String>,
+    pub notify_before: Option<String>,
     pub reauth_url: Option<String>,
     pub portal_listen: Option<String>,
     pub portal_url: Option<String>,

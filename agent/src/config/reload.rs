@@ -43,6 +43,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> RestartOnly {
         api_listen,
         api_token_file,
         notify,
+        // Applied: the kernel's use reports follow the settings, the prompts the config.
+        notify_before: _,
         // Applied on the portal's page; the prompts carry it within `notify`.
         reauth_url: _,
         portal_listen,

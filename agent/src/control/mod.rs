@@ -6,10 +6,12 @@
 //! - `reload`: reading, checking and applying a config, shared with `run`'s start.
 //! - `sessions`: logins, logouts, imports and what the API shows of sessions.
 //! - `stats`: counters and `/metrics`' snapshot.
-//! - `refusals`: refusals from the kernel, resolved, logged and passed on.
+//! - `reports`: refusals from the kernel, resolved, logged and passed on.
+//! - `expiring`: the kernel's use reports, and the prompts before sessions run out.
 
-mod refusals;
+mod expiring;
 mod reload;
+mod reports;
 mod sessions;
 mod stats;
 mod views;
@@ -31,8 +33,8 @@ use crate::{
     sessions::{ChangeError, SessionError, SessionMirror},
     wire::{ReloadStatus, StoreStatus},
 };
-use refusals::Refusals;
 pub use reload::{attach_interfaces, missing_interfaces, policy_names};
+use reports::Reports;
 pub use sessions::ImportError;
 pub use stats::MetricsSnapshot;
 
@@ -95,7 +97,8 @@ pub struct Control {
     /// since overwritten.
     drops: Mutex<PolicyDrops>,
     reloads: Mutex<ReloadStatus>,
-    refusals: Refusals,
+    /// What the kernel reports (refusals, uses) and where it goes.
+    reports: Reports,
     /// The fleet's shared store; `None` with the local store.
     fleet: Option<Arc<Fleet>>,
     started: std::time::Instant,
@@ -125,7 +128,7 @@ impl Control {
             datapath: Mutex::new(datapath),
             drops: Mutex::new(drops),
             reloads: Mutex::new(ReloadStatus::default()),
-            refusals: Refusals::new(notifier),
+            reports: Reports::new(notifier),
             fleet,
             started: std::time::Instant::now(),
         }

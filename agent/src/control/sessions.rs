@@ -9,7 +9,7 @@ use thiserror::Error;
 use super::{Control, ControlError, views};
 use crate::{
     clock::ClockPair,
-    config::{Config, Protocol, UnknownDevice},
+    config::{Protocol, UnknownDevice},
     fleet::Fleet,
     portal::{Backend, Captive, PageFacts},
     sessions::{
@@ -191,21 +191,15 @@ impl Control {
             }),
             max_age: policy.and_then(|p| p.duration()).map(|d| d.0),
             reauth_url: config.agent.reauth_url.clone(),
-            sign_in_url: sign_in_url(config),
+            sign_in_url: config.portal_page("/login"),
         }
     }
 
     /// Where users sign in again: the portal's own sign-in, else `reauth_url`.
     pub fn user_portal_url(&self) -> Option<String> {
         let active = self.active();
-        sign_in_url(&active.config).or_else(|| active.config.agent.reauth_url.clone())
+        active.config.reauth_page("/login")
     }
-}
-
-/// The portal's sign-in page, when identity providers are configured.
-fn sign_in_url(config: &Config) -> Option<String> {
-    let url = config.agent.portal_url.as_ref()?;
-    (!config.idps.is_empty()).then(|| format!("{url}/login"))
 }
 
 /// An import's bad lines, parsing's and planning's, in line order: how many, and the

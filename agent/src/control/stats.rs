@@ -8,6 +8,7 @@ use agent_common::verdict::{Verdict, counter};
 use super::{Active, Control, ControlError, lock};
 use crate::{
     datapath::Maps,
+    expiry::ExpiryStats,
     notify::NotifyStats,
     wire::{ReloadStatus, Stats},
 };
@@ -31,6 +32,7 @@ pub struct MetricsSnapshot {
     pub generation: u32,
     pub reloads: ReloadStatus,
     pub notify: Option<NotifyStats>,
+    pub expiry: ExpiryStats,
 }
 
 impl Control {
@@ -108,6 +110,7 @@ impl Control {
             generation: active.generation,
             reloads: self.reload_status(),
             notify: self.notify_stats(),
+            expiry: self.expiry_stats(),
         })
     }
 }

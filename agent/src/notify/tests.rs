@@ -134,6 +134,7 @@ async fn first_refusal_is_posted_with_every_field() {
     assert_eq!(
         body,
         json!({
+            "kind": "refused",
             "user": "alice",
             "device": "10.0.0.5",
             "policy": "payroll",
@@ -151,6 +152,7 @@ async fn first_refusal_is_posted_with_every_field() {
     assert_eq!(
         body,
         json!({
+            "kind": "refused",
             "user": null,
             "device": "2001:db8::5",
             "policy": "dns",
@@ -172,6 +174,41 @@ async fn first_refusal_is_posted_with_every_field() {
             ..NotifyStats::default()
         }
     );
+}
+
+#[tokio::test]
+async fn a_prompt_before_expiry_is_posted_with_every_field() {
+    let receiver = Receiver::start(&[200]).await;
+    let notifier = Notifier::spawn(config(&receiver.url, Duration::from_secs(300)));
+    notifier.expiring(&Expiring {
+        at: datetime!(2025-01-01 11:50:00 UTC),
+        device: "10.0.0.5".parse().unwrap(),
+        user: "alice".into(),
+        idp: "okta".into(),
+        policy: "payroll".into(),
+        session_age: "7h50m0s".into(),
+        expires_at: datetime!(2025-01-01 12:00:00 UTC),
+        seconds_remaining: 600,
+        reauth_url: Some("https://portal.example.com/refresh-identity".into()),
+    });
+    wait_for("the prompt", || receiver.hits() == 1).await;
+    let body = lock(&receiver.state.requests)[0].2.clone();
+    assert_eq!(
+        body,
+        json!({
+            "kind": "expiring",
+            "at": "2025-01-01T11:50:00Z",
+            "device": "10.0.0.5",
+            "user": "alice",
+            "idp": "okta",
+            "policy": "payroll",
+            "session_age": "7h50m0s",
+            "expires_at": "2025-01-01T12:00:00Z",
+            "seconds_remaining": 600,
+            "reauth_url": "https://portal.example.com/refresh-identity",
+        })
+    );
+    wait_for("the count", || notifier.stats().sent == 1).await;
 }
 
 #[tokio::test]

@@ -24,6 +24,9 @@ pub fn settings(config: &Config) -> Settings {
     for &port in &config.dns.ports {
         settings.set_dns_port(port);
     }
+    // Use reports cost the kernel a slot check per admitted new flow: only when wanted.
+    let checks_sessions = config.policies.iter().any(|p| p.duration().is_some());
+    settings.report_use = u16::from(config.agent.notify_before.is_some() && checks_sessions);
     let replies = config.agent.replies;
     settings.reply_interval_ns = 1_000_000_000 / u64::from(replies.rate.max(1));
     settings.reply_tolerance_ns = reply_tolerance(settings.reply_interval_ns, replies.burst);
@@ -75,6 +78,23 @@ mod tests {
         assert!(!s.is_dns_port(80));
         assert_eq!(s.portal_port, 0, "no portal: redirect policies reject");
         assert_eq!(s.session_bucket_mask, 0, "the geometry is the datapath's");
+        assert_eq!(s.report_use, 0, "no notify_before: no use reports");
+    }
+
+    #[test]
+    fn use_reports_only_with_notify_before_and_a_session_checked_policy() {
+        let policy = "[[policy]]\nname = \"App\"\nprecedence = 1\ndestinations = [\"198.19.0.0/16\"]\ncheck_session = { enforce = true, duration = \"1h\" }";
+        let unlimited =
+            "[[policy]]\nname = \"App\"\nprecedence = 1\ndestinations = [\"198.19.0.0/16\"]";
+        assert_eq!(
+            settings(&config("notify_before = \"10m\"", policy)).report_use,
+            1
+        );
+        assert_eq!(settings(&config("", policy)).report_use, 0);
+        assert_eq!(
+            settings(&config("notify_before = \"10m\"", unlimited)).report_use,
+            0
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod startup;
 
 use std::{path::Path, sync::Arc};
 
+use agent_common::verdict::Verdict;
 use anyhow::{Context as _, bail};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -55,7 +56,10 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         Notifier::spawn(NotifyConfig::new(
             n.url.clone(),
             n.interval.0,
-            n.reauth_url.clone(),
+            // With providers, the portal's sign-in unless the config names another.
+            n.reauth_url
+                .clone()
+                .or_else(|| config.portal_page("/login")),
         ))
     });
     let pin_dir = config.agent.pin_dir.clone();
@@ -81,6 +85,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     tasks.spawn(report_refusals(started.ring, Arc::clone(&control)));
     tasks.spawn(reload_on_sighup(Arc::clone(&control)));
+    tasks.spawn(prompt_expiring(Arc::clone(&control)));
     if let Some(fleet) = fleet {
         follow_fleet(&mut tasks, fleet, &started.sessions).await;
     }
@@ -256,7 +261,23 @@ async fn reload_on_sighup(control: Arc<Control>) {
     }
 }
 
-/// Drains the kernel's refusal events as they arrive.
+/// How often the prompts before expiry look for pairs due: a prompt is at most this
+/// late.
+const EXPIRING_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Prompts pairs whose sessions run out within `notify_before`, every `EXPIRING_CHECK`.
+async fn prompt_expiring(control: Arc<Control>) {
+    let mut ticks = tokio::time::interval(EXPIRING_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // Reads the sessions, which an import holds for seconds.
+        let control = Arc::clone(&control);
+        let _ = tokio::task::spawn_blocking(move || control.prompt_expiring()).await;
+    }
+}
+
+/// Drains the kernel's refusal events and use reports as they arrive.
 async fn report_refusals(ring: RingBuf<MapData>, control: Arc<Control>) {
     // SAFETY: the ring buffer owns its fd and keeps it open for as long as it lives
     // inside the AsyncFd.
@@ -282,8 +303,11 @@ async fn report_refusals(ring: RingBuf<MapData>, control: Arc<Control>) {
         tokio::task::block_in_place(|| {
             while let Some(item) = ring.next() {
                 match events::decode(&item) {
+                    Some(raw) if raw.verdict == Verdict::AdmittedNewFlow => {
+                        control.record_use(&raw)
+                    }
                     Some(raw) => control.record_refusal(&raw),
-                    None => tracing::warn!(len = item.len(), "ignoring a malformed refusal event"),
+                    None => tracing::warn!(len = item.len(), "ignoring a malformed kernel event"),
                 }
             }
         });

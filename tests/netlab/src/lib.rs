@@ -29,6 +29,7 @@ mod services;
 pub mod shaped;
 pub mod tls;
 mod traffic;
+mod webhook;
 
 use std::{
     fs::File,
@@ -47,6 +48,7 @@ pub use etcd::{Etcd, TlsFiles};
 pub use raw::RawLink;
 pub use services::APP_PAGE;
 pub use traffic::{echo_tcp, echo_udp, udp_works};
+pub use webhook::Prompts;
 
 use services::Services;
 

@@ -8,7 +8,8 @@ use super::{
     fields::{choice, http_url, listen_address, path},
 };
 use crate::config::{
-    AgentConfig, GoDuration, NotifySettings, ReplyLimit, UnknownDevice, XdpMode, raw::RawAgent,
+    AgentConfig, DurationError, GoDuration, NotifySettings, ReplyLimit, UnknownDevice, XdpMode,
+    raw::RawAgent,
 };
 
 const PLACE: &str = "[agent]";
@@ -42,6 +43,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         raw.reauth_url,
         problems,
     );
+    let notify_before = notify_before(raw.notify_before, problems);
     let portal_listen = listen_address(raw.portal_listen, (PLACE, "portal_listen"), problems);
     let portal_url = super::idps::portal_url(raw.portal_url, problems);
     let portal_tls = portal_tls(raw.portal_tls_cert, raw.portal_tls_key, problems);
@@ -58,6 +60,7 @@ pub(super) fn section(raw: RawAgent, problems: &mut Problems) -> AgentConfig {
         api_listen,
         api_token_file,
         notify,
+        notify_before,
         reauth_url,
         portal_listen,
         portal_url,
@@ -216,23 +219,34 @@ fn notify(
 /// At most one prompt per device and policy per interval: zero would be no bound.
 fn notify_interval(value: Option<String>, problems: &mut Problems) -> GoDuration {
     let default = GoDuration(std::time::Duration::from_secs(300));
-    match &value {
-        None => default,
-        Some(text) => match text.parse::<GoDuration>() {
-            Ok(d) if d.0.is_zero() => {
-                problems.add(PLACE, "notify_interval", "must be longer than 0s");
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                problems.add(
-                    PLACE,
-                    "notify_interval",
-                    format!("invalid duration {text:?}: {e}"),
-                );
-                default
-            }
-        },
+    value.map_or(default, |text| {
+        positive_duration(&text, "notify_interval", "", problems).unwrap_or(default)
+    })
+}
+
+/// How long before a session runs out its devices are prompted; zero would never prompt.
+fn notify_before(value: Option<String>, problems: &mut Problems) -> Option<GoDuration> {
+    let hint = " (leave it out for no prompts before expiry)";
+    positive_duration(&value?, "notify_before", hint, problems)
+}
+
+/// A duration that must be longer than zero, else a problem for `field`.
+fn positive_duration(
+    text: &str,
+    field: &str,
+    hint: &str,
+    problems: &mut Problems,
+) -> Option<GoDuration> {
+    match text.parse::<GoDuration>() {
+        Ok(d) if !d.0.is_zero() => Some(d),
+        Ok(_) | Err(DurationError::Zero) => {
+            problems.add(PLACE, field, format!("must be longer than 0s{hint}"));
+            None
+        }
+        Err(e) => {
+            problems.add(PLACE, field, format!("invalid duration {text:?}: {e}"));
+            None
+        }
     }
 }
 

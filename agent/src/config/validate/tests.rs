@@ -553,3 +553,22 @@ fn policy_names_are_bounded_and_visible() {
         ],
     );
 }
+
+#[test]
+fn notify_before_is_a_duration_longer_than_zero() {
+    let config =
+        |value: &str| format!("[agent]\ninterfaces = [\"eth0\"]\nnotify_before = {value}\n");
+    let parsed = Config::parse(&config("\"10m\""), "test.toml").expect("valid");
+    assert_eq!(
+        parsed.agent.notify_before,
+        Some(GoDuration(Duration::from_secs(600)))
+    );
+    assert_exactly(
+        &problems(&config("\"0s\"")),
+        &[("[agent]", "notify_before", "longer than 0s")],
+    );
+    assert_exactly(
+        &problems(&config("\"soon\"")),
+        &[("[agent]", "notify_before", "invalid duration \"soon\"")],
+    );
+}
