@@ -77,6 +77,8 @@ struct PathCase {
     renew_flow: bool,
     /// Counts towards the "new-flow paths" target.
     new_flow: bool,
+    /// With `notify_before` set: admitted flows check their use-report slot.
+    report_use: bool,
 }
 
 const TRACKED_SPORT: u16 = 40_000;
@@ -95,6 +97,7 @@ fn paths() -> Vec<PathCase> {
         verdict,
         renew_flow,
         new_flow,
+        report_use: false,
     };
     let vlan = |p: Packet| p.vlan(ETH_8021Q);
     vec![
@@ -112,6 +115,16 @@ fn paths() -> Vec<PathCase> {
             false,
             true,
         ),
+        PathCase {
+            report_use: true,
+            ..case(
+                "TCP SYN, valid, notify_before set",
+                Packet::syn(fresh, app, 443),
+                Verdict::AdmittedNewFlow,
+                false,
+                true,
+            )
+        },
         case(
             "TCP SYN, expired (refused)",
             Packet::syn(expired, app, 443),
@@ -326,7 +339,7 @@ impl Loaded {
     }
 
     fn check_verdict(&mut self, path: &PathCase) -> anyhow::Result<()> {
-        self.set_renewal(path.renew_flow)?;
+        self.set_settings(path)?;
         let before = self.dp.maps.counters()?;
         time(self.dp.program(), &path.packet, 1)?;
         let after = self.dp.maps.counters()?;
@@ -343,17 +356,18 @@ impl Loaded {
         Ok(())
     }
 
-    fn set_renewal(&mut self, renew: bool) -> anyhow::Result<()> {
+    fn set_settings(&mut self, path: &PathCase) -> anyhow::Result<()> {
         let mut s = policy::settings(&self.config);
-        if renew {
+        if path.renew_flow {
             s.udp_idle_ns = 0;
         }
+        s.report_use = u16::from(path.report_use);
         self.dp.maps.write_raw_settings(s)?;
         Ok(())
     }
 
     fn measure(&mut self, path: &PathCase, repeat: u32) -> anyhow::Result<f64> {
-        self.set_renewal(path.renew_flow)?;
+        self.set_settings(path)?;
         time(self.dp.program(), &path.packet, repeat)
     }
 }
