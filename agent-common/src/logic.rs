@@ -4,7 +4,8 @@
 use crate::{
     maps::{
         ACTION_DROP, ACTION_REDIRECT, ACTION_REJECT, BYPASS_POLICY, DestRule, IPPROTO_TCP,
-        NO_POLICY, POLICY_ENFORCE, PolicyParams, UNKNOWN_DEVICE_ALLOW,
+        IdentityAnswer, MAX_IDENTITY_POLICIES, NO_POLICY, POLICY_ENFORCE, PolicyParams,
+        UNKNOWN_DEVICE_ALLOW,
     },
     verdict::Verdict,
 };
@@ -74,6 +75,55 @@ pub const fn use_report_due(now_ns: u64, last_report_ns: Option<u64>) -> bool {
         None => true,
         Some(last) => now_ns.saturating_sub(last) >= USE_REPORT_INTERVAL_NS,
     }
+}
+
+/// The index of the lowest set bit of a nonzero word, found in six steps without a
+/// loop or a table (the program cannot count trailing zeros in one instruction).
+#[inline(always)]
+pub const fn lowest_bit(x: u64) -> u32 {
+    let mut x = x;
+    let mut n = 0;
+    if x & 0xFFFF_FFFF == 0 {
+        n += 32;
+        x >>= 32;
+    }
+    if x & 0xFFFF == 0 {
+        n += 16;
+        x >>= 16;
+    }
+    if x & 0xFF == 0 {
+        n += 8;
+        x >>= 8;
+    }
+    if x & 0xF == 0 {
+        n += 4;
+        x >>= 4;
+    }
+    if x & 0x3 == 0 {
+        n += 2;
+        x >>= 2;
+    }
+    if x & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
+
+/// The policy an identity answer gives a device whose identity satisfies the
+/// conditions of the policies in `device_mask` (0 without a session): the first of them
+/// by precedence that the answer lists, else its unconditional default.
+#[inline(always)]
+pub fn resolve_identity(
+    answer: &IdentityAnswer,
+    device_mask: u64,
+    identity_policies: &[u32; MAX_IDENTITY_POLICIES],
+) -> u32 {
+    let hit = answer.mask & device_mask;
+    if hit == 0 {
+        return answer.default;
+    }
+    // Masked so that the verifier sees the index in bounds.
+    identity_policies[(lowest_bit(hit) as usize) & (MAX_IDENTITY_POLICIES - 1)]
 }
 
 /// What a refused new flow gets: `ACTION_DROP`, `ACTION_REJECT` or `ACTION_REDIRECT`.
@@ -323,6 +373,33 @@ mod tests {
         assert!(event_due(5, None));
         assert!(!event_due(SECOND_NS + 4, Some(5)));
         assert!(event_due(SECOND_NS + 5, Some(5)));
+    }
+
+    #[test]
+    fn lowest_bit_finds_every_bit() {
+        for i in 0..64 {
+            assert_eq!(lowest_bit(1 << i), i);
+            assert_eq!(lowest_bit(u64::MAX << i), i);
+            assert_eq!(lowest_bit((1 << i) | (1 << 63)), i);
+        }
+    }
+
+    #[test]
+    fn identity_answers_give_the_first_matching_conditioned_policy_else_the_default() {
+        let mut policies = [0u32; MAX_IDENTITY_POLICIES];
+        for (i, p) in policies.iter_mut().enumerate() {
+            *p = 100 + i as u32;
+        }
+        let answer = IdentityAnswer {
+            mask: 0b1010_0100,
+            default: 7,
+            _pad: 0,
+        };
+        assert_eq!(resolve_identity(&answer, 0, &policies), 7, "no session");
+        assert_eq!(resolve_identity(&answer, 0b0101_1011, &policies), 7);
+        assert_eq!(resolve_identity(&answer, 0b1000_0000, &policies), 107);
+        assert_eq!(resolve_identity(&answer, 0b1010_0100, &policies), 102);
+        assert_eq!(resolve_identity(&answer, u64::MAX, &policies), 102);
     }
 
     #[test]

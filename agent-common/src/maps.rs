@@ -67,8 +67,41 @@ pub mod names {
 pub const NO_POLICY: u32 = u32::MAX;
 /// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values: a bypass destination matches.
 pub const BYPASS_POLICY: u32 = u32::MAX - 1;
+/// `DestRule::tcp`/`udp` and `SG_PORT_RULES` values whose top two bits are `01`: the
+/// answer depends on the device's identity, and the low 30 bits index the set's
+/// `IdentityAnswer`s (`identity_answer_index`).
+pub const IDENTITY_ANSWER: u32 = 1 << 30;
+const ANSWER_KIND_BITS: u32 = 0b11 << 30;
+
+/// The `IdentityAnswer` index an answer holds, if it is one.
+#[inline(always)]
+pub const fn identity_answer_index(answer: u32) -> Option<u32> {
+    if answer & ANSWER_KIND_BITS == IDENTITY_ANSWER {
+        Some(answer & !ANSWER_KIND_BITS)
+    } else {
+        None
+    }
+}
+
+/// An identity-dependent first match (see `IDENTITY_ANSWER`): of the identity-conditioned
+/// policies that come before the first unconditional match, those in `mask` (bit `i`:
+/// the set's `Settings::identity_policies[i]`, bits in precedence order), and the
+/// unconditional match itself. A device gets the policy of the lowest bit its own
+/// identity mask shares with `mask`, else `default`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct IdentityAnswer {
+    pub mask: u64,
+    /// A policy index, `NO_POLICY` or `BYPASS_POLICY`.
+    pub default: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<IdentityAnswer>() == 16);
 /// Most policies a config may hold; policy indices are below this.
 pub const MAX_POLICIES: u32 = 16_384;
+/// Most policies with an identity condition a config may hold: each has one bit of a
+/// device's identity mask.
+pub const MAX_IDENTITY_POLICIES: usize = 64;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -124,8 +157,11 @@ pub struct Settings {
     /// Bitmap of every redirect policy's `redirect_ports` (the TC program follows
     /// portal connections on these ports only).
     pub redirect_ports: [u64; PORT_BITMAP_WORDS],
+    /// The identity-conditioned policies in precedence order: bit `i` of identity masks
+    /// stands for policy `identity_policies[i]` (`IdentityAnswer`).
+    pub identity_policies: [u32; MAX_IDENTITY_POLICIES],
 }
-const _: () = assert!(size_of::<Settings>() == 72 + 2 * 8192);
+const _: () = assert!(size_of::<Settings>() == 72 + 2 * 8192 + 4 * MAX_IDENTITY_POLICIES);
 
 /// Words of a bitmap with one bit per port.
 pub const PORT_BITMAP_WORDS: usize = 1024;

@@ -3,6 +3,7 @@
 //! at once, each naming the file, the section or policy, and the field.
 
 mod duration;
+pub mod identity;
 mod raw;
 mod reload;
 mod validate;
@@ -19,6 +20,7 @@ use thiserror::Error;
 use crate::input::file::{self, FileError};
 
 pub use duration::{DurationError, GoDuration};
+pub use identity::{Identity, IdentityCondition};
 pub use reload::{RestartOnly, restart_only_changes};
 
 /// A validated configuration.
@@ -266,6 +268,8 @@ pub struct Policy {
     pub redirect_ports: Vec<u16>,
     /// Its session check is `[access] session_duration` (it has none of its own).
     pub access: bool,
+    /// Applies only to devices whose session's identity matches; `None`: to all.
+    pub identity: Option<IdentityCondition>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +283,16 @@ pub enum CheckSession {
 impl Policy {
     pub fn matches_protocol(&self, proto: Protocol) -> bool {
         self.protocol.is_none_or(|p| p == proto)
+    }
+
+    /// Whether the policy applies to a device with this identity (`None`: no session,
+    /// which matches no identity condition).
+    pub fn applies_to(&self, who: Option<&Identity<'_>>) -> bool {
+        match (&self.identity, who) {
+            (None, _) => true,
+            (Some(condition), Some(who)) => condition.matches(who),
+            (Some(_), None) => false,
+        }
     }
 
     pub fn matches_port(&self, port: u16) -> bool {
@@ -381,7 +395,13 @@ impl Config {
     /// The policy a packet to `dst` meets, by the reference semantics the compiled
     /// tables implement: bypass destinations first (`None`), then the first matching
     /// policy by precedence. For explanations (the portal), not for the datapath.
-    pub fn first_match(&self, dst: IpAddr, proto: Protocol, port: u16) -> Option<usize> {
+    pub fn first_match(
+        &self,
+        dst: IpAddr,
+        proto: Protocol,
+        port: u16,
+        who: Option<&Identity<'_>>,
+    ) -> Option<usize> {
         if self.bypass.iter().any(|net| net.contains(&dst)) {
             return None;
         }
@@ -392,6 +412,7 @@ impl Config {
                 p.destinations.iter().any(|net| net.contains(&dst))
                     && p.matches_protocol(proto)
                     && p.matches_port(port)
+                    && p.applies_to(who)
             })
             .min_by_key(|(_, p)| p.precedence)
             .map(|(i, _)| i)

@@ -105,6 +105,16 @@ pub struct RawPolicy {
     pub on_expired: Option<String>,
     pub redirect_ports: Option<Vec<i64>>,
     pub access: Option<bool>,
+    pub identity: Option<RawIdentity>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub users: Option<Vec<String>>,
+    pub user_matches: Option<String>,
+    pub groups: Option<Vec<String>>,
+    pub idps: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

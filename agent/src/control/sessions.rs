@@ -175,11 +175,17 @@ impl Control {
     pub fn portal_facts(&self, device: IpAddr, destination: SocketAddr) -> PageFacts {
         let active = self.active();
         let config = &active.config;
+        let record = self.sessions.read(|store| store.get(&device).cloned());
+        let who = record.as_ref().map(SessionRecord::identity);
         let policy = config
-            .first_match(destination.ip(), Protocol::Tcp, destination.port())
+            .first_match(
+                destination.ip(),
+                Protocol::Tcp,
+                destination.port(),
+                who.as_ref(),
+            )
             .map(|i| &config.policies[i]);
         let clock = ClockPair::now();
-        let record = self.sessions.read(|store| store.get(&device).cloned());
         let boot_id = self.sessions.boot_id();
         PageFacts {
             device,

@@ -9,6 +9,14 @@
 //! distinct `P` we keep that list in precedence order and precompute its first match
 //! per protocol: for each port some policy in the list names explicitly, and for all
 //! other ports (which only port-less policies can match).
+//!
+//! Identity: a policy with an identity condition matches only some devices, so a first
+//! match that meets such policies before the first unconditional one depends on who the
+//! device is. Each identity-conditioned policy gets one bit (in precedence order), each
+//! device a mask of the bits whose conditions its identity satisfies (`identity_mask`),
+//! and such an answer becomes an `IdentityAnswer`: the bits met on the way and the
+//! unconditional match. The device's first match is the policy of the lowest bit both
+//! masks share, else the unconditional one: the scan's result, in constant time.
 
 mod lint;
 mod settings;
@@ -17,13 +25,14 @@ mod table;
 use std::collections::{BTreeSet, HashMap};
 
 use agent_common::maps::{
-    ACTION_DROP, ACTION_REDIRECT, ACTION_REJECT, BYPASS_POLICY, DestRule, MAX_REDIRECT_PORTS,
-    NO_POLICY, POLICY_ENFORCE, PolicyParams, PortRuleKey,
+    ACTION_DROP, ACTION_REDIRECT, ACTION_REJECT, BYPASS_POLICY, DestRule, IDENTITY_ANSWER,
+    IdentityAnswer, MAX_REDIRECT_PORTS, NO_POLICY, POLICY_ENFORCE, PolicyParams, PortRuleKey,
+    identity_answer_index,
 };
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::config::{CheckSession, Config, OnExpired, Protocol};
+use crate::config::{CheckSession, Config, Identity, IdentityCondition, OnExpired, Protocol};
 
 pub use lint::{Warning, lint};
 pub use settings::settings;
@@ -39,8 +48,39 @@ pub struct PolicyTable {
     /// `SG_POLICIES`, indexed by the policy's position in the config.
     pub params: Vec<PolicyParams>,
     /// Per policy: whether some packet can reach it (it is not completely shadowed by
-    /// policies of higher precedence or bypass destinations).
+    /// policies of higher precedence or bypass destinations) for some identity.
     pub reachable: Vec<bool>,
+    /// The identity-conditioned policies in precedence order: bit `i` of identity masks
+    /// is policy `identity_policies[i]`.
+    pub identity_policies: Vec<u32>,
+    /// The answers that depend on identity (`IDENTITY_ANSWER | index`).
+    pub identity_answers: Vec<IdentityAnswer>,
+}
+
+impl PolicyTable {
+    /// The policy an answer gives a device with this identity mask.
+    pub fn resolve(&self, answer: u32, device_mask: u64) -> u32 {
+        let Some(index) = identity_answer_index(answer) else {
+            return answer;
+        };
+        let entry = &self.identity_answers[index as usize];
+        let hit = entry.mask & device_mask;
+        if hit == 0 {
+            return entry.default;
+        }
+        self.identity_policies[hit.trailing_zeros() as usize]
+    }
+}
+
+/// The identity mask of a device: bit `i` set when its identity satisfies the condition
+/// of `table.identity_policies[i]`. A device without a session has mask 0.
+pub fn identity_mask(config: &Config, table: &PolicyTable, who: &Identity<'_>) -> u64 {
+    table
+        .identity_policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| config.policies[**p as usize].applies_to(Some(who)))
+        .fold(0, |mask, (bit, _)| mask | 1 << bit)
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -66,6 +106,8 @@ struct Candidate<'a> {
     index: u32,
     protocol: Option<Protocol>,
     ports: Option<&'a [u16]>,
+    /// With an identity condition: it, and the policy's bit in identity masks.
+    identity: Option<(&'a IdentityCondition, u32)>,
 }
 
 impl Candidate<'_> {
@@ -87,14 +129,16 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
 
     let mut table = PolicyTable {
         reachable: vec![false; config.policies.len()],
+        identity_policies: candidates.identity_policies.clone(),
         ..PolicyTable::default()
     };
     let mut port_tables = PortTables::default();
+    let mut answers = IdentityAnswers::default();
     for (prefix, region_nonempty) in prefixes.iter().zip(nonempty) {
         // The candidates that can match an address whose longest policy CIDR is `prefix`.
         let ranks = matching_ranks(prefix, &candidates.owners);
         let list: Vec<&Candidate<'_>> = ranks.iter().map(|&r| &candidates.list[r]).collect();
-        let matches = FirstMatches::of(&list);
+        let matches = FirstMatches::of(&list, &mut answers);
         if region_nonempty {
             for &answer in &matches.reached {
                 mark_reachable(&mut table.reachable, answer);
@@ -115,6 +159,7 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
     }
 
     table.params = config.policies.iter().map(params).collect();
+    table.identity_answers = answers.list;
     check_capacity(config, &table)?;
     Ok(table)
 }
@@ -124,6 +169,8 @@ pub fn compile(config: &Config) -> Result<PolicyTable, CompileError> {
 struct Candidates<'a> {
     list: Vec<Candidate<'a>>,
     owners: HashMap<IpNet, Vec<usize>>,
+    /// The identity-conditioned policies in precedence order (their bits).
+    identity_policies: Vec<u32>,
 }
 
 impl<'a> Candidates<'a> {
@@ -141,20 +188,31 @@ impl<'a> Candidates<'a> {
                 index: BYPASS_POLICY,
                 protocol: None,
                 ports: None,
+                identity: None,
             });
         }
+        let mut identity_policies = Vec::new();
         for &i in &order {
             let policy = &config.policies[i];
             for net in &policy.destinations {
                 owners.entry(*net).or_default().push(list.len());
             }
+            let identity = policy.identity.as_ref().map(|condition| {
+                identity_policies.push(i as u32);
+                (condition, identity_policies.len() as u32 - 1)
+            });
             list.push(Candidate {
                 index: i as u32,
                 protocol: policy.protocol,
                 ports: policy.ports.as_deref(),
+                identity,
             });
         }
-        Self { list, owners }
+        Self {
+            list,
+            owners,
+            identity_policies,
+        }
     }
 
     /// Every distinct CIDR, sorted: one kernel table entry each.
@@ -180,11 +238,12 @@ struct FirstMatches {
 
 impl FirstMatches {
     /// `list` in evaluation order.
-    fn of(list: &[&Candidate<'_>]) -> Self {
-        let first = |proto: Protocol, port: Option<u16>| {
-            list.iter()
-                .find(|c| c.matches(proto, port))
-                .map_or(NO_POLICY, |c| c.index)
+    fn of(list: &[&Candidate<'_>], answers: &mut IdentityAnswers) -> Self {
+        let mut reached = Vec::new();
+        let mut first = |proto: Protocol, port: Option<u16>| {
+            let (answer, policies) = first_match(list, proto, port);
+            reached.extend(policies);
+            answers.encode(answer)
         };
         let tcp = first(Protocol::Tcp, None);
         let udp = first(Protocol::Udp, None);
@@ -195,11 +254,9 @@ impl FirstMatches {
             .copied()
             .collect();
         let mut by_port = Vec::new();
-        let mut reached = vec![tcp, udp];
         for port in named_ports {
             for (proto, default) in [(Protocol::Tcp, tcp), (Protocol::Udp, udp)] {
                 let answer = first(proto, Some(port));
-                reached.push(answer);
                 if answer != default {
                     by_port.push((port, proto, answer));
                 }
@@ -211,6 +268,62 @@ impl FirstMatches {
             by_port,
             reached,
         }
+    }
+}
+
+/// The first match of a packet among `list` (in evaluation order) as an identity
+/// answer (mask 0 when no identity-conditioned policy comes first), and every policy it
+/// can give some device. A conditioned policy whose very condition an earlier one in
+/// the answer has already can never be the match: it is left out.
+fn first_match(
+    list: &[&Candidate<'_>],
+    proto: Protocol,
+    port: Option<u16>,
+) -> (IdentityAnswer, Vec<u32>) {
+    let mut answer = IdentityAnswer::default();
+    let mut policies = Vec::new();
+    let mut conditions: Vec<&IdentityCondition> = Vec::new();
+    for candidate in list.iter().filter(|c| c.matches(proto, port)) {
+        match candidate.identity {
+            Some((condition, bit)) => {
+                if !conditions.contains(&condition) {
+                    conditions.push(condition);
+                    answer.mask |= 1 << bit;
+                    policies.push(candidate.index);
+                }
+            }
+            None => {
+                answer.default = candidate.index;
+                policies.push(candidate.index);
+                return (answer, policies);
+            }
+        }
+    }
+    answer.default = NO_POLICY;
+    policies.push(NO_POLICY);
+    (answer, policies)
+}
+
+/// The identity answers of a table, each stored once.
+#[derive(Default)]
+struct IdentityAnswers {
+    list: Vec<IdentityAnswer>,
+    index: HashMap<IdentityAnswer, u32>,
+}
+
+impl IdentityAnswers {
+    /// The value the kernel's tables hold for an answer: the policy itself when no
+    /// identity decides it, else `IDENTITY_ANSWER | index`.
+    fn encode(&mut self, answer: IdentityAnswer) -> u32 {
+        if answer.mask == 0 {
+            return answer.default;
+        }
+        let next = self.list.len() as u32;
+        let index = *self.index.entry(answer).or_insert(next);
+        if index == next {
+            self.list.push(answer);
+        }
+        IDENTITY_ANSWER | index
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use agent_common::maps::{BYPASS_POLICY, NO_POLICY, PortRuleKey};
+use agent_common::maps::{BYPASS_POLICY, NO_POLICY, PortRuleKey, identity_answer_index};
 use ipnet::IpNet;
 
 use super::PolicyTable;
@@ -66,6 +66,28 @@ pub fn policy_label(config: &Config, index: u32) -> String {
     }
 }
 
+/// What a compiled answer gives: a policy, or with an identity answer each
+/// identity-conditioned policy in turn and the unconditional one.
+pub fn answer_label(config: &Config, table: &PolicyTable, answer: u32) -> String {
+    let Some(index) = identity_answer_index(answer) else {
+        return policy_label(config, answer);
+    };
+    let entry = table.identity_answers[index as usize];
+    let mut parts: Vec<String> = (0..table.identity_policies.len())
+        .filter(|bit| entry.mask & (1 << bit) != 0)
+        .map(|bit| {
+            let policy = table.identity_policies[bit];
+            let condition = config.policies[policy as usize]
+                .identity
+                .as_ref()
+                .map_or_else(String::new, |c| c.describe());
+            format!("{} if identity {condition}", policy_label(config, policy))
+        })
+        .collect();
+    parts.push(format!("else {}", policy_label(config, entry.default)));
+    parts.join("; ")
+}
+
 /// The compiled table, one block per prefix.
 pub fn describe(config: &Config, table: &PolicyTable) -> String {
     let mut out = String::new();
@@ -95,7 +117,7 @@ pub fn describe(config: &Config, table: &PolicyTable) -> String {
                     net.to_string(),
                     proto.name(),
                     key.port,
-                    policy_label(config, *answer)
+                    answer_label(config, table, *answer)
                 );
             }
             let _ = writeln!(
@@ -104,7 +126,7 @@ pub fn describe(config: &Config, table: &PolicyTable) -> String {
                 net.to_string(),
                 proto.name(),
                 "*",
-                policy_label(config, default)
+                answer_label(config, table, default)
             );
         }
         // Packets whose protocol and port cannot be read (short first fragments,

@@ -6,11 +6,12 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 use super::*;
-use crate::config::{GoDuration, Policy};
+use crate::config::{GoDuration, Policy, identity::UserPattern};
 
-/// The policy index the kernel's tables give a packet, computed from the compiled
-/// table the way the program does (longest prefix, then port rule, then default).
-fn kernel_lookup(table: &PolicyTable, dst: IpAddr, proto: Protocol, port: u16) -> u32 {
+/// The policy index the kernel's tables give a packet from a device with identity mask
+/// `mask`, computed from the compiled table the way the program does (longest prefix,
+/// then port rule, then default; then the identity answer).
+fn kernel_lookup(table: &PolicyTable, dst: IpAddr, proto: Protocol, port: u16, mask: u64) -> u32 {
     let Some((_, rule)) = table
         .dest
         .iter()
@@ -27,18 +28,152 @@ fn kernel_lookup(table: &PolicyTable, dst: IpAddr, proto: Protocol, port: u16) -
         })
         .flatten()
         .map(|(_, v)| *v);
-    agent_common::logic::policy_for(rule, proto.ip_proto(), port_rule)
+    table.resolve(
+        agent_common::logic::policy_for(rule, proto.ip_proto(), port_rule),
+        mask,
+    )
 }
 
 /// The reference semantics: the first match over bypass destinations, then policies by
-/// precedence. `BYPASS_POLICY`, a policy index, or `NO_POLICY`.
-fn first_match(config: &Config, dst: IpAddr, proto: Protocol, port: u16) -> u32 {
+/// precedence, for a device with this identity (`None`: no session). `BYPASS_POLICY`,
+/// a policy index, or `NO_POLICY`.
+fn first_match(
+    config: &Config,
+    dst: IpAddr,
+    proto: Protocol,
+    port: u16,
+    who: Option<&Identity<'_>>,
+) -> u32 {
     if config.bypass.iter().any(|net| net.contains(&dst)) {
         return BYPASS_POLICY;
     }
     config
-        .first_match(dst, proto, port)
+        .first_match(dst, proto, port, who)
         .map_or(NO_POLICY, |i| i as u32)
+}
+
+/// Every answer some device could get for a packet, taking identity conditions as
+/// independent of each other (as the compiler does; it compares them only for
+/// equality): the conditioned policies met before the first unconditional match, each
+/// condition once, then that match (or `NO_POLICY`).
+fn reachable_for_some_identity(
+    config: &Config,
+    dst: IpAddr,
+    proto: Protocol,
+    port: u16,
+) -> Vec<u32> {
+    if config.bypass.iter().any(|net| net.contains(&dst)) {
+        return vec![BYPASS_POLICY];
+    }
+    let mut matching: Vec<(usize, &Policy)> = config
+        .policies
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p.destinations.iter().any(|net| net.contains(&dst))
+                && p.matches_protocol(proto)
+                && p.matches_port(port)
+        })
+        .collect();
+    matching.sort_by_key(|(_, p)| p.precedence);
+    let mut reached = Vec::new();
+    let mut conditions = Vec::new();
+    for (i, p) in matching {
+        match &p.identity {
+            Some(c) if conditions.contains(&c) => {}
+            Some(c) => {
+                conditions.push(c);
+                reached.push(i as u32);
+            }
+            None => {
+                reached.push(i as u32);
+                return reached;
+            }
+        }
+    }
+    reached.push(NO_POLICY);
+    reached
+}
+
+/// Who a random test's devices can be: each user with each provider and each set of
+/// groups drawn from `GROUPS`.
+const USERS: [&str; 3] = ["ann@example.com", "bob@example.com", "cy@contractor.org"];
+const IDPS: [&str; 2] = ["okta", "entra"];
+const GROUPS: [&str; 2] = ["finance", "staff"];
+
+struct Person {
+    user: &'static str,
+    idp: &'static str,
+    groups: Vec<String>,
+}
+
+impl Person {
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            user: self.user,
+            idp: self.idp,
+            groups: &self.groups,
+        }
+    }
+}
+
+fn everyone() -> Vec<Person> {
+    let mut people = Vec::new();
+    for user in USERS {
+        for idp in IDPS {
+            for subset in 0..1 << GROUPS.len() {
+                let groups = GROUPS
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| subset & (1 << i) != 0)
+                    .map(|(_, g)| g.to_string())
+                    .collect();
+                people.push(Person { user, idp, groups });
+            }
+        }
+    }
+    people
+}
+
+/// A random identity condition over `USERS`, `IDPS` and `GROUPS`; never a users list
+/// with a pattern, so that some person always satisfies it.
+fn random_identity(rng: &mut StdRng) -> IdentityCondition {
+    let pick = |rng: &mut StdRng, from: &[&str]| -> Vec<String> {
+        let mut items: Vec<String> = from
+            .iter()
+            .filter(|_| rng.random_bool(0.5))
+            .map(|s| s.to_string())
+            .collect();
+        if items.is_empty() {
+            items.push(from.choose(rng).unwrap().to_string());
+        }
+        items
+    };
+    let mut condition = IdentityCondition {
+        users: None,
+        user_matches: None,
+        groups: None,
+        idps: None,
+    };
+    match rng.random_range(0..4) {
+        0 => condition.users = Some(pick(rng, &USERS)),
+        1 => {
+            let pattern = [".*@example\\.com", "ann@.*|cy@.*", ".*"]
+                .choose(rng)
+                .unwrap();
+            condition.user_matches = Some(UserPattern::new(pattern).unwrap());
+        }
+        _ => {}
+    }
+    if rng.random_bool(0.5) {
+        condition.groups = Some(pick(rng, &GROUPS));
+    }
+    let empty =
+        condition.users.is_none() && condition.user_matches.is_none() && condition.groups.is_none();
+    if rng.random_bool(0.3) || empty {
+        condition.idps = Some(pick(rng, &IDPS));
+    }
+    condition
 }
 
 fn base_config() -> Config {
@@ -65,6 +200,7 @@ fn policy(name: &str, precedence: i64, dests: &[&str], duration_secs: Option<u64
         on_expired: OnExpired::Drop,
         redirect_ports: Vec::new(),
         access: false,
+        identity: None,
     }
 }
 
@@ -81,7 +217,7 @@ fn overlapping_policies_follow_precedence_not_prefix_length() {
         policy("app", 100, &["198.19.10.0/24"], Some(600)),
     ];
     let table = compile(&config).unwrap();
-    let lookup = |a: &str| kernel_lookup(&table, ip(a), Protocol::Tcp, 443);
+    let lookup = |a: &str| kernel_lookup(&table, ip(a), Protocol::Tcp, 443, 0);
     assert_eq!(
         lookup("198.19.10.7"),
         1,
@@ -95,7 +231,7 @@ fn overlapping_policies_follow_precedence_not_prefix_length() {
     config.policies[0].precedence = 50;
     let table = compile(&config).unwrap();
     assert_eq!(
-        kernel_lookup(&table, ip("198.19.10.7"), Protocol::Tcp, 443),
+        kernel_lookup(&table, ip("198.19.10.7"), Protocol::Tcp, 443, 0),
         0
     );
     assert_eq!(table.reachable, [true, false]);
@@ -110,7 +246,7 @@ fn protocol_and_port_narrowing_falls_through_to_later_policies() {
     let baseline = policy("baseline", 20, &["198.18.0.0/15"], Some(3600));
     config.policies = vec![wiki, baseline];
     let table = compile(&config).unwrap();
-    let at = |proto, port| kernel_lookup(&table, ip("198.19.10.5"), proto, port);
+    let at = |proto, port| kernel_lookup(&table, ip("198.19.10.5"), proto, port, 0);
     assert_eq!(at(Protocol::Tcp, 443), 0);
     assert_eq!(at(Protocol::Tcp, 8443), 0);
     assert_eq!(at(Protocol::Tcp, 80), 1);
@@ -127,11 +263,11 @@ fn bypass_destinations_win_over_every_policy() {
     config.policies = vec![policy("app", 1, &["198.19.10.0/24"], Some(60))];
     let table = compile(&config).unwrap();
     assert_eq!(
-        kernel_lookup(&table, ip("198.19.10.10"), Protocol::Udp, 53),
+        kernel_lookup(&table, ip("198.19.10.10"), Protocol::Udp, 53, 0),
         BYPASS_POLICY
     );
     assert_eq!(
-        kernel_lookup(&table, ip("198.19.10.11"), Protocol::Udp, 53),
+        kernel_lookup(&table, ip("198.19.10.11"), Protocol::Udp, 53, 0),
         0
     );
 }
@@ -229,6 +365,7 @@ fn random_config(rng: &mut StdRng) -> Config {
             on_expired: OnExpired::Drop,
             redirect_ports: Vec::new(),
             access: false,
+            identity: rng.random_bool(0.4).then(|| random_identity(rng)),
         });
     }
     config.bypass = (0..rng.random_range(0..3))
@@ -264,27 +401,49 @@ fn probe_addresses(config: &Config, rng: &mut StdRng) -> Vec<IpAddr> {
 
 #[test]
 fn compiled_tables_equal_first_match_by_precedence_on_random_policies() {
+    let people = everyone();
     let mut checked = 0usize;
-    for seed in 0..300u64 {
+    let mut decided_by_identity = 0usize;
+    for seed in 0..150u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let config = random_config(&mut rng);
         let table = compile(&config).unwrap();
+        let masks: Vec<u64> = people
+            .iter()
+            .map(|p| identity_mask(&config, &table, &p.identity()))
+            .collect();
         let addrs = probe_addresses(&config, &mut rng);
         for addr in addrs {
+            // No session, and three people drawn at random.
+            let mut devices: Vec<Option<usize>> = vec![None];
+            devices.extend((0..3).map(|_| Some(rng.random_range(0..people.len()))));
             for proto in [Protocol::Tcp, Protocol::Udp] {
                 for port in [22, 53, 80, 443, 3389, 8443, 1, 65535] {
-                    let expected = first_match(&config, addr, proto, port);
-                    let got = kernel_lookup(&table, addr, proto, port);
-                    assert_eq!(
-                        got, expected,
-                        "seed {seed}: {addr} {proto:?}/{port}: kernel table gives {got}, first match is {expected}\n{config:#?}"
-                    );
-                    checked += 1;
+                    let mut answers = Vec::new();
+                    for &device in &devices {
+                        let who = device.map(|d| people[d].identity());
+                        let mask = device.map_or(0, |d| masks[d]);
+                        let expected = first_match(&config, addr, proto, port, who.as_ref());
+                        let got = kernel_lookup(&table, addr, proto, port, mask);
+                        assert_eq!(
+                            got,
+                            expected,
+                            "seed {seed}: {addr} {proto:?}/{port} for {:?}: kernel table gives {got}, first match is {expected}\n{config:#?}",
+                            device.map(|d| (people[d].user, people[d].idp, &people[d].groups))
+                        );
+                        answers.push(got);
+                        checked += 1;
+                    }
+                    decided_by_identity += usize::from(answers.iter().any(|a| *a != answers[0]));
                 }
             }
         }
     }
-    assert!(checked > 100_000, "only {checked} probes");
+    assert!(checked > 200_000, "only {checked} probes");
+    assert!(
+        decided_by_identity > 5_000,
+        "only {decided_by_identity} probes where identity changed the answer"
+    );
 }
 
 #[test]
@@ -301,7 +460,7 @@ fn unreadable_packets_get_the_strictest_policy_some_packet_reaches_on_random_pol
             let mut reached = Vec::new();
             for proto in [Protocol::Tcp, Protocol::Udp] {
                 for port in [22, 53, 80, 443, 3389, 8443, 1, 65535] {
-                    reached.push(first_match(&config, addr, proto, port));
+                    reached.extend(reachable_for_some_identity(&config, addr, proto, port));
                 }
             }
             let expected = reached
@@ -355,9 +514,10 @@ fn reachability_matches_a_brute_force_search_on_random_policies() {
         for addr in boundaries {
             for proto in [Protocol::Tcp, Protocol::Udp] {
                 for port in [22, 53, 80, 443, 3389, 8443, 1] {
-                    if let Some(s) = seen.get_mut(first_match(&config, addr, proto, port) as usize)
-                    {
-                        *s = true;
+                    for policy in reachable_for_some_identity(&config, addr, proto, port) {
+                        if let Some(s) = seen.get_mut(policy as usize) {
+                            *s = true;
+                        }
                     }
                 }
             }

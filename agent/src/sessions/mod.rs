@@ -56,6 +56,15 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// Who the session says the device's user is, for policies' identity conditions.
+    pub fn identity(&self) -> crate::config::Identity<'_> {
+        crate::config::Identity {
+            user: &self.user,
+            idp: &self.idp,
+            groups: &self.groups,
+        }
+    }
+
     /// The kernel's view of this session now. Within the boot it was recorded in, the
     /// recorded boot-clock time (immune to wall-clock steps); after a reboot, converted
     /// from wall-clock time.

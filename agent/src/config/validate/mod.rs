@@ -5,6 +5,7 @@ mod access;
 mod agent;
 mod dns;
 mod fields;
+mod identity;
 mod idps;
 mod limits;
 mod policies;

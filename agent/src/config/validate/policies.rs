@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use super::{
     Problems, access,
     fields::{choice, cidr_list, port_list},
+    identity,
 };
 use crate::{
     config::{
@@ -34,7 +35,8 @@ pub(super) fn section(
         );
     }
     let mut seen = Seen::default();
-    raw.into_iter()
+    let (policies, asked): (Vec<Policy>, Vec<access::Asked>) = raw
+        .into_iter()
         .enumerate()
         .map(|(i, p)| {
             let asked = access::Asked {
@@ -43,7 +45,9 @@ pub(super) fn section(
             };
             (policy(i + 1, p, &mut seen, problems), asked)
         })
-        .unzip()
+        .unzip();
+    identity::count(&policies, problems);
+    (policies, asked)
 }
 
 /// Policy `number` (counted from 1, as in messages).
@@ -64,6 +68,7 @@ fn policy(number: usize, raw: RawPolicy, seen: &mut Seen, problems: &mut Problem
             "\"redirect\" steers TCP (HTTP) to the portal, and this policy matches only UDP: use \"reject\"",
         );
     }
+    let identity = identity::condition(raw.identity, &place, problems);
     Policy {
         name,
         precedence,
@@ -74,6 +79,7 @@ fn policy(number: usize, raw: RawPolicy, seen: &mut Seen, problems: &mut Problem
         on_expired,
         redirect_ports,
         access: false,
+        identity,
     }
 }
 
