@@ -32,7 +32,7 @@ use agent_common::{
 use netlab::{packets::*, privileged};
 use sessiongate::{
     clock::{ClockPair, boot_now_ns},
-    config::Limits,
+    config::{Identity, Limits},
     datapath::Geometry,
 };
 
@@ -164,7 +164,9 @@ fn new_flows_are_judged_by_session_age() {
         &Packet::udp(v6(11), app6, 5000, 4433),
         Verdict::DroppedExpired,
     );
-    assert_eq!(h.policy_drops(), [6, 0, 0, 0, 0, 0, 0]);
+    let mut expected = vec![0; POLICY_COUNT];
+    expected[APP_POLICY as usize] = 6;
+    assert_eq!(h.policy_drops(), expected);
 }
 
 #[test]
@@ -386,6 +388,67 @@ fn a_wider_prefix_of_better_precedence_beats_a_narrower_one() {
     );
     let mut expected = vec![0; POLICY_COUNT];
     expected[LAB_POLICY as usize] = 4;
+    expected[BASELINE_POLICY as usize] = 1;
+    assert_eq!(h.policy_drops(), expected);
+}
+
+#[test]
+fn who_the_user_is_decides_which_policy_applies() {
+    if !privileged!() {
+        return;
+    }
+    let mut h = Harness::new("");
+    let two_hours = Duration::from_secs(2 * 3600);
+    let strings = |items: &[&str]| -> Vec<String> { items.iter().map(|s| s.to_string()).collect() };
+    let (finance, none) = (strings(&["finance"]), strings(&[]));
+    let contractor = Identity {
+        user: "cy@contractor.org",
+        idp: "entra",
+        groups: &none,
+    };
+    let accountant = Identity {
+        user: "ann@example.com",
+        idp: "okta",
+        groups: &finance,
+    };
+    // Device 20 signed in two hours ago as nobody in particular, 21 as a contractor,
+    // 22 as a finance user; device 23 has no session.
+    h.login(v4(20), two_hours);
+    h.login(v6(20), two_hours);
+    h.login_as(v4(21), two_hours, &contractor);
+    h.login_as(v6(22), two_hours, &accountant);
+    let (beside, app6) = (ip("198.19.62.5"), ip("2001:db8:10::5"));
+    // Beside the lab, Baseline (168h) admits a 2h session, unless it is a
+    // contractor's: Contractors (90m, precedence 3) comes first for them.
+    passes(
+        &h,
+        &Packet::syn(v4(20), beside, 80),
+        Verdict::AdmittedNewFlow,
+    );
+    drops(
+        &h,
+        &Packet::syn(v4(21), beside, 80),
+        Verdict::DroppedExpired,
+    );
+    // In App, App (1h) refuses a 2h session, unless it is finance's: Finance (8h).
+    drops(&h, &Packet::syn(v6(20), app6, 443), Verdict::DroppedExpired);
+    passes(
+        &h,
+        &Packet::syn(v6(22), app6, 443),
+        Verdict::AdmittedNewFlow,
+    );
+    // No session, no identity: the policies without a condition, as before.
+    drops(
+        &h,
+        &Packet::syn(v4(23), beside, 80),
+        Verdict::DroppedUnknownDevice,
+    );
+    // Signing in again without the group takes effect at once.
+    h.login_as(v6(22), two_hours, &contractor);
+    drops(&h, &Packet::syn(v6(22), app6, 443), Verdict::DroppedExpired);
+    let mut expected = vec![0; POLICY_COUNT];
+    expected[CONTRACTORS_POLICY as usize] = 1;
+    expected[APP_POLICY as usize] = 2;
     expected[BASELINE_POLICY as usize] = 1;
     assert_eq!(h.policy_drops(), expected);
 }

@@ -30,12 +30,17 @@ fn store_section(etcd: &Etcd) -> String {
 
 /// Two gateways following `etcd`.
 fn fleet(etcd: &Etcd) -> [Gateway; 2] {
+    fleet_with(etcd, APP_POLICY)
+}
+
+/// Two gateways following `etcd`, with `policies`.
+fn fleet_with(etcd: &Etcd, policies: &str) -> [Gateway; 2] {
     [(), ()].map(|()| {
         let lab = lab!();
         etcd.connect(&lab.gateway);
         let config = lab.config(
             "metrics_listen = \"127.0.0.1:9464\"",
-            &format!("{}{APP_POLICY}", store_section(etcd)),
+            &format!("{}{policies}", store_section(etcd)),
         );
         let agent = lab.start_agent(&config);
         Gateway { lab, agent }
@@ -534,6 +539,57 @@ fn an_import_through_one_agent_reaches_the_other() {
         "the refused line changed nothing"
     );
     assert!(b.passes(device(1)), "an imported device passes through B");
+}
+
+/// Groups in the fleet's store, written by one agent's login or straight into etcd
+/// (as an identity provider's hook would), decide the policy on every agent.
+#[test]
+fn groups_in_the_store_decide_the_policy_on_every_agent() {
+    if !privileged!() {
+        return;
+    }
+    let finance = format!(
+        "{APP_POLICY}\n[[policy]]\nname = \"App for finance\"\nprecedence = 1\ndestinations = [\"198.19.10.0/24\"]\ncheck_session = {{ enforce = true, duration = \"8h\" }}\nidentity = {{ groups = [\"finance\"] }}\n"
+    );
+    let etcd = Etcd::start(1);
+    let [a, b] = fleet_with(&etcd, &finance);
+    // Three hours old: past App's hour, within finance's eight.
+    let (written, logged_in) = (device(1), device(2));
+    let three_hours = time_ago(3 * HOUR);
+    let with_groups = |user: &str, groups: &str| {
+        format!(
+            r#"{{"user":"{user}","idp":"default","authenticated_at":"{three_hours}","groups":{groups}}}"#
+        )
+    };
+    let key = format!("/fleet/devices/{written}");
+    etcd.etcdctl(&["put", &key, &with_groups(ALICE, r#"["finance"]"#)]);
+    for g in [&a, &b] {
+        g.wait_until("the entry with groups arrives", |g| {
+            g.user_of(written).is_some()
+        });
+        assert!(g.passes(written), "finance: 8h");
+    }
+    // The hook drops the group: both agents refuse at once.
+    etcd.etcdctl(&["put", &key, &with_groups(ALICE, "[]")]);
+    for g in [&a, &b] {
+        g.wait_until("the change arrives", |g| g.blocked(written));
+    }
+    // A login with a group through A is enforced by B.
+    a.agent.cli_ok(&[
+        "session",
+        "login",
+        &logged_in.to_string(),
+        "--user",
+        BOB,
+        "--group",
+        "finance",
+        "--at",
+        &three_hours,
+    ]);
+    b.wait_until("B learns A's login", |b| b.user_of(logged_in).is_some());
+    assert!(b.passes(logged_in), "B applies the group A recorded");
+    let stored = etcd.etcdctl(&["get", &format!("/fleet/devices/{logged_in}")]);
+    assert!(stored.contains(r#""groups":["finance"]"#), "{stored}");
 }
 
 /// TLS mistakes are named: a CA file that cannot be read stops the agent at start;

@@ -5,15 +5,15 @@
 
 use std::{
     net::{IpAddr, TcpStream, UdpSocket},
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
-use netlab::*;
+use netlab::{
+    probes::{Probe, probe, under_traffic},
+    *,
+};
 
 /// How long a probe waits for an answer that should come, and for one that must not.
 const PASS_WAIT: Duration = Duration::from_millis(1000);
@@ -21,67 +21,6 @@ const FAIL_WAIT: Duration = Duration::from_millis(200);
 /// Threads per "must be refused" probe: each check waits `FAIL_WAIT` for nothing, so
 /// several in parallel sample the refusals densely enough to see a short gap.
 const REFUSAL_PROBES: usize = 6;
-
-/// A verdict checked over and over while something happens to the agent.
-struct Probe<'a> {
-    name: &'static str,
-    check: Box<dyn Fn() -> bool + Sync + 'a>,
-}
-
-fn probe<'a>(name: &'static str, check: impl Fn() -> bool + Sync + 'a) -> Probe<'a> {
-    Probe {
-        name,
-        check: Box::new(check),
-    }
-}
-
-/// Runs every probe in a loop on its own thread while `during` runs; returns what
-/// `during` returned. Panics naming each probe that ever saw a wrong verdict, and if a
-/// probe ran fewer than `min_rounds` times (a probe that never ran proves nothing).
-fn under_traffic<R>(probes: &[Probe<'_>], min_rounds: usize, during: impl FnOnce() -> R) -> R {
-    let stop = AtomicBool::new(false);
-    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let rounds: Vec<AtomicUsize> = probes.iter().map(|_| AtomicUsize::new(0)).collect();
-    let started = Instant::now();
-    let result = thread::scope(|scope| {
-        for (probe, rounds) in probes.iter().zip(&rounds) {
-            let (stop, failures) = (&stop, &failures);
-            scope.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if !(probe.check)() {
-                        failures.lock().unwrap().push(format!(
-                            "{} failed at +{:?}",
-                            probe.name,
-                            started.elapsed()
-                        ));
-                    }
-                    rounds.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-        // Stops the probes even when `during` panics, so a failure never hangs.
-        struct StopOnDrop<'s>(&'s AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop = StopOnDrop(&stop);
-        during()
-    });
-    let failures = failures.into_inner().unwrap();
-    assert!(failures.is_empty(), "wrong verdicts: {failures:#?}");
-    for (probe, rounds) in probes.iter().zip(&rounds) {
-        let n = rounds.load(Ordering::Relaxed);
-        eprintln!("probe {:?}: {n} checks, all right", probe.name);
-        assert!(
-            n >= min_rounds,
-            "probe {:?} ran only {n} times (wanted {min_rounds})",
-            probe.name
-        );
-    }
-    result
-}
 
 /// A TCP connection that must open and echo.
 fn opens(lab: &Lab, src: IpAddr, dst: IpAddr, port: u16) -> bool {

@@ -34,9 +34,12 @@ pub mod names {
     pub const EVENTS: &str = "SG_EVENTS";
     pub const REPLY_LIMIT: &str = "SG_REPLY_LIMIT";
     pub const PORTAL_HANDOFF: &str = "SG_PORTAL_HANDOFF";
+    /// Identity masks and identity answers, one map per set.
+    pub const IDENTITIES: [&str; 2] = ["SG_IDENTITIES_0", "SG_IDENTITIES_1"];
+    pub const IDENTITY_ANSWERS: [&str; 2] = ["SG_IDENTITY_ANSWERS_0", "SG_IDENTITY_ANSWERS_1"];
 
     /// Every map of the programs: what the agent pins and adopts.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 27] = [
         GENERATION,
         SETTINGS,
         DEST_V4[0],
@@ -60,6 +63,10 @@ pub mod names {
         EVENTS,
         REPLY_LIMIT,
         PORTAL_HANDOFF,
+        IDENTITIES[0],
+        IDENTITIES[1],
+        IDENTITY_ANSWERS[0],
+        IDENTITY_ANSWERS[1],
     ];
 }
 
@@ -83,6 +90,9 @@ pub const fn identity_answer_index(answer: u32) -> Option<u32> {
     }
 }
 
+/// Value of `SG_IDENTITY_ANSWERS_0` / `_1`: ARRAY, one per set, written by the agent
+/// with the set's tables, indexed by `identity_answer_index`.
+///
 /// An identity-dependent first match (see `IDENTITY_ANSWER`): of the identity-conditioned
 /// policies that come before the first unconditional match, those in `mask` (bit `i`:
 /// the set's `Settings::identity_policies[i]`, bits in precedence order), and the
@@ -109,7 +119,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 5;
+pub const LAYOUT: u32 = 6;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -332,8 +342,20 @@ pub struct Session {
     /// Boot-clock time of the last authentication. Negative when it happened before
     /// this boot (a back-dated or old login).
     pub authenticated_at_ns: i64,
+    /// The device's slot in `SG_IDENTITIES_0/1`: its identity masks. Every write of a
+    /// session takes a fresh slot, its masks written first, so a reader never pairs a
+    /// session with another session's masks. 0: none (masks 0).
+    pub identity: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Session>() == 8);
+const _: () = assert!(size_of::<Session>() == 16);
+
+/// `SG_IDENTITIES_0` / `SG_IDENTITIES_1`: ARRAY of `u64`, one per set, written by the
+/// agent, indexed by `Session::identity`: the device's identity mask for that set's
+/// policies (bit `i`: its identity satisfies the condition of the set's
+/// `Settings::identity_policies[i]`). A reload writes every device's mask of the set
+/// it is about to put in force before the flip. Slot 0 stays 0.
+pub const IDENTITY_NONE: u32 = 0;
 
 /// Entries per bucket of the session and flow tables.
 pub const WAYS: usize = 4;
@@ -343,9 +365,12 @@ pub const WAYS: usize = 4;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SessionSlotV4 {
     pub addr: Ip4,
-    /// `hashing::check(addr.fold(), authenticated_at_ns)` truncated; 0 when empty.
+    /// `hashing::check(addr.fold(), session fields)` truncated (`tables`); 0 when empty.
     pub check: u32,
     pub authenticated_at_ns: i64,
+    /// `Session::identity`.
+    pub identity: u32,
+    pub _pad: u32,
 }
 
 /// `SG_SESSION_TABLE_V4`: ARRAY of buckets, `session_bucket_mask + 1` entries, written
@@ -360,7 +385,7 @@ pub struct SessionSlotV4 {
 pub struct SessionBucketV4 {
     pub slots: [SessionSlotV4; WAYS],
 }
-const _: () = assert!(size_of::<SessionBucketV4>() == 64);
+const _: () = assert!(size_of::<SessionBucketV4>() == 96);
 
 /// An entry of `SG_SESSION_TABLE_V6`.
 #[repr(C)]
@@ -368,8 +393,9 @@ const _: () = assert!(size_of::<SessionBucketV4>() == 64);
 pub struct SessionSlotV6 {
     pub addr: Ip6,
     pub authenticated_at_ns: i64,
-    /// `hashing::check(addr.fold(), authenticated_at_ns)`; 0 when empty.
-    pub check: u64,
+    /// As `SessionSlotV4::check`.
+    pub check: u32,
+    pub identity: u32,
 }
 
 /// `SG_SESSION_TABLE_V6`: as `SG_SESSION_TABLE_V4`, for IPv6 devices.
@@ -586,6 +612,7 @@ mod user {
     unsafe impl aya::Pod for ReplyLimitSlot {}
     unsafe impl aya::Pod for TickClock {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for IdentityAnswer {}
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use crate::{
     hashing::{check, fold_dest, fold_flow},
     logic::flow_active,
     maps::{
-        DestCacheV4, DestCacheV6, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, SessionSlotV4,
-        SessionSlotV6, WAYS,
+        DestCacheV4, DestCacheV6, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, Session,
+        SessionSlotV4, SessionSlotV6, WAYS,
     },
 };
 
@@ -16,11 +16,21 @@ use crate::{
 pub trait SessionSlot: Copy {
     type Addr: Copy + PartialEq;
     fn fold(addr: &Self::Addr) -> u64;
-    fn new(addr: &Self::Addr, authenticated_at_ns: i64) -> Self;
+    fn new(addr: &Self::Addr, session: &Session) -> Self;
     fn addr(&self) -> &Self::Addr;
-    /// The authentication time, if this valid entry is `addr`'s.
-    fn session_of(&self, addr: &Self::Addr, folded: u64) -> Option<i64>;
+    /// The session, if this valid entry is `addr`'s.
+    fn session_of(&self, addr: &Self::Addr, folded: u64) -> Option<Session>;
     fn is_valid(&self) -> bool;
+}
+
+/// A session entry's check word: every field, so a torn entry (a time of one session
+/// with the identity of another) fails it.
+#[inline(always)]
+fn session_check(folded: u64, authenticated_at_ns: i64, identity: u32) -> u32 {
+    check(
+        folded,
+        authenticated_at_ns as u64 ^ (identity as u64).rotate_left(29),
+    ) as u32
 }
 
 impl SessionSlot for SessionSlotV4 {
@@ -31,11 +41,13 @@ impl SessionSlot for SessionSlotV4 {
         addr.fold()
     }
 
-    fn new(addr: &Ip4, authenticated_at_ns: i64) -> Self {
+    fn new(addr: &Ip4, session: &Session) -> Self {
         Self {
             addr: *addr,
-            check: check(addr.fold(), authenticated_at_ns as u64) as u32,
-            authenticated_at_ns,
+            check: session_check(addr.fold(), session.authenticated_at_ns, session.identity),
+            authenticated_at_ns: session.authenticated_at_ns,
+            identity: session.identity,
+            _pad: 0,
         }
     }
 
@@ -44,9 +56,15 @@ impl SessionSlot for SessionSlotV4 {
     }
 
     #[inline(always)]
-    fn session_of(&self, addr: &Ip4, folded: u64) -> Option<i64> {
-        let at = self.authenticated_at_ns;
-        (self.addr == *addr && self.check == check(folded, at as u64) as u32).then_some(at)
+    fn session_of(&self, addr: &Ip4, folded: u64) -> Option<Session> {
+        let (at, identity) = (self.authenticated_at_ns, self.identity);
+        (self.addr == *addr && self.check == session_check(folded, at, identity)).then_some(
+            Session {
+                authenticated_at_ns: at,
+                identity,
+                _pad: 0,
+            },
+        )
     }
 
     fn is_valid(&self) -> bool {
@@ -62,11 +80,12 @@ impl SessionSlot for SessionSlotV6 {
         addr.fold()
     }
 
-    fn new(addr: &Ip6, authenticated_at_ns: i64) -> Self {
+    fn new(addr: &Ip6, session: &Session) -> Self {
         Self {
             addr: *addr,
-            authenticated_at_ns,
-            check: check(addr.fold(), authenticated_at_ns as u64),
+            authenticated_at_ns: session.authenticated_at_ns,
+            check: session_check(addr.fold(), session.authenticated_at_ns, session.identity),
+            identity: session.identity,
         }
     }
 
@@ -75,9 +94,15 @@ impl SessionSlot for SessionSlotV6 {
     }
 
     #[inline(always)]
-    fn session_of(&self, addr: &Ip6, folded: u64) -> Option<i64> {
-        let at = self.authenticated_at_ns;
-        (self.addr == *addr && self.check == check(folded, at as u64)).then_some(at)
+    fn session_of(&self, addr: &Ip6, folded: u64) -> Option<Session> {
+        let (at, identity) = (self.authenticated_at_ns, self.identity);
+        (self.addr == *addr && self.check == session_check(folded, at, identity)).then_some(
+            Session {
+                authenticated_at_ns: at,
+                identity,
+                _pad: 0,
+            },
+        )
     }
 
     fn is_valid(&self) -> bool {
@@ -91,10 +116,10 @@ pub fn find_session<S: SessionSlot>(
     bucket: &[S; WAYS],
     addr: &S::Addr,
     folded: u64,
-) -> Option<i64> {
+) -> Option<Session> {
     for slot in bucket {
-        if let Some(at) = slot.session_of(addr, folded) {
-            return Some(at);
+        if let Some(session) = slot.session_of(addr, folded) {
+            return Some(session);
         }
     }
     None
@@ -262,16 +287,27 @@ mod tests {
     use super::*;
     use crate::hashing::bucket;
 
+    fn session(at: i64, identity: u32) -> Session {
+        Session {
+            authenticated_at_ns: at,
+            identity,
+            _pad: 0,
+        }
+    }
+
     #[test]
     fn session_slots_answer_only_for_their_device_and_reject_torn_entries() {
         let addr = Ip4::from_octets([198, 18, 0, 7]);
         let folded = addr.fold();
-        let slot = SessionSlotV4::new(&addr, 42);
-        assert_eq!(slot.session_of(&addr, folded), Some(42));
+        let slot = SessionSlotV4::new(&addr, &session(42, 9));
+        assert_eq!(slot.session_of(&addr, folded), Some(session(42, 9)));
         let other = Ip4::from_octets([198, 18, 0, 8]);
         assert_eq!(slot.session_of(&other, other.fold()), None);
         let mut torn = slot;
         torn.authenticated_at_ns = 43; // a new time under the old check
+        assert_eq!(torn.session_of(&addr, folded), None);
+        let mut torn = slot;
+        torn.identity = 10; // another session's identity slot under the old check
         assert_eq!(torn.session_of(&addr, folded), None);
         assert!(
             !SessionSlotV4::default().is_valid(),
@@ -280,8 +316,14 @@ mod tests {
 
         let addr6 = Ip6::from_octets([0x20, 1, 0xd, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
         let mut bucket = [SessionSlotV6::default(); WAYS];
-        bucket[2] = SessionSlotV6::new(&addr6, -5);
-        assert_eq!(find_session(&bucket, &addr6, addr6.fold()), Some(-5));
+        bucket[2] = SessionSlotV6::new(&addr6, &session(-5, 3));
+        assert_eq!(
+            find_session(&bucket, &addr6, addr6.fold()),
+            Some(session(-5, 3))
+        );
+        let mut torn = bucket[2];
+        torn.identity = 4;
+        assert_eq!(torn.session_of(&addr6, addr6.fold()), None);
         bucket[2].addr.0[1] ^= 1 << 56; // torn address
         assert_eq!(find_session(&bucket, &addr6, addr6.fold()), None);
     }

@@ -7,11 +7,12 @@ use agent_common::{
     hashing::bucket,
     logic::{
         flow_active, flow_needs_refresh, judge_new_flow, judge_unreadable as judge_unreadable_at,
-        policy_enforces, policy_for, refusal_action, session_age_ns, verdict_without_policy,
+        policy_enforces, policy_for, refusal_action, resolve_identity, session_age_ns,
+        verdict_without_policy,
     },
     maps::{
-        ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PolicyParams, PortRuleKey, Settings,
-        config_set, policy_slot,
+        ACTION_DROP, IPPROTO_TCP, NO_POLICY, NO_SESSION_AGE, PolicyParams, PortRuleKey, Session,
+        Settings, config_set, identity_answer_index, policy_slot,
     },
     tables::{DestEntry, FlowSlot, find_flow, find_session, flow_slot_for_new},
     verdict::Verdict,
@@ -20,7 +21,10 @@ use agent_common::{
 use crate::{
     clock::now_ns,
     family::Family,
-    maps::{SG_GENERATION, SG_POLICIES, SG_PORT_RULES, SG_SETTINGS},
+    maps::{
+        SG_GENERATION, SG_IDENTITIES_0, SG_IDENTITIES_1, SG_IDENTITY_ANSWERS_0,
+        SG_IDENTITY_ANSWERS_1, SG_POLICIES, SG_PORT_RULES, SG_SETTINGS,
+    },
     parse::L4,
     reply::reply_allowed,
     report::{Report, count_policy_drop, event_allowed, send_event, use_report_allowed},
@@ -68,7 +72,18 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         }
     }
 
-    let policy_index = policy_of::<F>(dst, l4, generation, settings);
+    let answer = policy_of::<F>(dst, l4, generation, settings);
+    let folded_src = F::fold(src);
+    // An answer that depends on who the device is needs its session now; any other
+    // looks the session up only if the policy checks sessions.
+    let mut session = NO_SESSION;
+    let policy_index = match identity_answer_index(answer) {
+        None => answer,
+        Some(index) => {
+            session = session_of::<F>(src, folded_src, settings);
+            identity_policy(set, index, &session, settings)
+        }
+    };
     if let Some(v) = verdict_without_policy(policy_index) {
         return verdict(v);
     }
@@ -83,8 +98,10 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         Some((_, _, _, now)) => *now,
         None => now_ns(),
     };
-    let folded_src = F::fold(src);
-    let authenticated_at = session_of::<F>(src, folded_src, settings);
+    if identity_answer_index(answer).is_none() {
+        session = session_of::<F>(src, folded_src, settings);
+    }
+    let authenticated_at = found(&session);
     // Computed before the verdict, as in `judge_unreadable`: left to the reports
     // below, the compiler read a register that the no-session path never wrote.
     let session_age = match authenticated_at {
@@ -171,7 +188,7 @@ pub fn judge_unreadable<F: Family>(src: &F::Addr, dst: &F::Addr, fallback: Verdi
     };
     let now = now_ns();
     let folded_src = F::fold(src);
-    let authenticated_at = session_of::<F>(src, folded_src, settings);
+    let authenticated_at = found(&session_of::<F>(src, folded_src, settings));
     // Computed before the verdict: left to the refusal below, the compiler read a
     // register that the no-session path never wrote, which the verifier refuses.
     let session_age = match authenticated_at {
@@ -265,14 +282,51 @@ fn policy_of<F: Family>(dst: &F::Addr, l4: &L4, generation: u32, settings: &Sett
     policy
 }
 
-/// When the device last authenticated: from the session table, else the
-/// authoritative session map.
+/// What `session_of` gives a device without a session. A value rather than `None`:
+/// an `Option<Session>`'s `None` left registers unwritten that the verifier refuses to
+/// read when the option is copied.
+const NO_SESSION: Session = Session {
+    authenticated_at_ns: i64::MIN,
+    identity: 0,
+    _pad: 0,
+};
+
+/// The device's session: from the session table, else the authoritative session map;
+/// `NO_SESSION` when it has none.
 #[inline(always)]
-fn session_of<F: Family>(src: &F::Addr, folded: u64, settings: &Settings) -> Option<i64> {
+fn session_of<F: Family>(src: &F::Addr, folded: u64, settings: &Settings) -> Session {
     if let Some(slots) = F::session_bucket(bucket(folded, settings.session_bucket_mask))
-        && let Some(at) = find_session(slots, src, folded)
+        && let Some(session) = find_session(slots, src, folded)
     {
-        return Some(at);
+        return session;
     }
-    F::session(src).map(|s| s.authenticated_at_ns)
+    match F::session(src) {
+        Some(session) => *session,
+        None => NO_SESSION,
+    }
+}
+
+/// When the device last authenticated, if it has a session.
+#[inline(always)]
+fn found(session: &Session) -> Option<i64> {
+    let at = session.authenticated_at_ns;
+    (at != NO_SESSION.authenticated_at_ns).then_some(at)
+}
+
+/// The policy identity answer `index` of set `set` gives the device with `session`
+/// (none: no identity, mask 0).
+// Out of line: only destinations with identity-conditioned policies come here.
+#[inline(never)]
+fn identity_policy(set: u32, index: u32, session: &Session, settings: &Settings) -> u32 {
+    let (answers, masks) = if set == 0 {
+        (&SG_IDENTITY_ANSWERS_0, &SG_IDENTITIES_0)
+    } else {
+        (&SG_IDENTITY_ANSWERS_1, &SG_IDENTITIES_1)
+    };
+    let Some(answer) = answers.get(index) else {
+        return NO_POLICY;
+    };
+    // Slot 0 (no session) holds mask 0.
+    let mask = masks.get(session.identity).copied().unwrap_or(0);
+    resolve_identity(answer, mask, &settings.identity_policies)
 }

@@ -4,9 +4,9 @@
 
 use agent_common::addr::{Ip4, Ip6};
 use agent_common::maps::{
-    DestCacheV4, DestCacheV6, DestRule, EventLimitSlot, FlowBucketV4, FlowBucketV6, MAX_POLICIES,
-    PORTAL_HANDOFF_ENTRIES, PolicyParams, PortRuleKey, PortalHandoff, ReplyLimitSlot, Session,
-    SessionBucketV4, SessionBucketV6, Settings, TickClock,
+    DestCacheV4, DestCacheV6, DestRule, EventLimitSlot, FlowBucketV4, FlowBucketV6, IdentityAnswer,
+    MAX_POLICIES, PORTAL_HANDOFF_ENTRIES, PolicyParams, PortRuleKey, PortalHandoff, ReplyLimitSlot,
+    Session, SessionBucketV4, SessionBucketV6, Settings, TickClock,
 };
 use agent_common::verdict::counter;
 use aya_ebpf::{
@@ -63,6 +63,19 @@ pub static SG_SESSIONS_V4: HashMap<Ip4, Session> =
 #[map]
 pub static SG_SESSIONS_V6: HashMap<Ip6, Session> =
     HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+// Identity masks by `Session::identity`, and identity answers, of sets 0 and 1.
+#[map]
+pub static SG_IDENTITIES_0: Array<u64> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_IDENTITIES_1: Array<u64> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_IDENTITY_ANSWERS_0: Array<IdentityAnswer> = Array::with_max_entries(1024, 0);
+
+#[map]
+pub static SG_IDENTITY_ANSWERS_1: Array<IdentityAnswer> = Array::with_max_entries(1024, 0);
 
 #[map]
 pub static SG_SESSION_TABLE_V4: Array<SessionBucketV4> = Array::with_max_entries(1024, 0);

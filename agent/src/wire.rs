@@ -17,6 +17,10 @@ pub struct LoginBody {
     pub idp: Option<String>,
     /// RFC 3339; absent means now.
     pub at: Option<String>,
+    /// The user's groups at the identity provider (for identity-conditioned policies);
+    /// a new login replaces them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// Reloads so far and how the last one went.
@@ -77,6 +81,16 @@ pub struct PolicyStanding {
     pub satisfied: bool,
     /// Time left while satisfied, or time since it expired.
     pub margin: String,
+    /// The policy's identity condition, as the config writes it; `None`: everyone's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Whether the policy applies to this device's user (always without a condition).
+    #[serde(default = "applies_by_default")]
+    pub applies: bool,
+}
+
+fn applies_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -404,8 +404,11 @@ fn session_load(n: usize) -> anyhow::Result<f64> {
     let mut dp = Datapath::load(&limits(n))?;
     let session = Session {
         authenticated_at_ns: boot_now_ns(),
+        ..Session::default()
     };
-    let all: Vec<_> = scenario::devices(n).map(|d| (d, session)).collect();
+    let all: Vec<_> = scenario::devices(n)
+        .map(|d| (d, session, scenario::IDENTITY))
+        .collect();
     let started = Instant::now();
     let mut sessions = dp.take_sessions().expect("not taken yet");
     sessions.load_sessions(&all)?;

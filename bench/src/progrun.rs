@@ -312,14 +312,14 @@ impl Loaded {
         dp.maps.apply(policy::settings(&config), &table)?;
         let mut sessions = dp.take_sessions().expect("not taken yet");
         let now = boot_now_ns();
-        for device in scenario::devices(size.sessions) {
-            sessions.set_session(
-                device,
-                Session {
-                    authenticated_at_ns: now,
-                },
-            )?;
-        }
+        let fresh = Session {
+            authenticated_at_ns: now,
+            ..Session::default()
+        };
+        let population: Vec<_> = scenario::devices(size.sessions)
+            .map(|device| (device, fresh, scenario::IDENTITY))
+            .collect();
+        sessions.load_sessions(&population)?;
         let expired = now - (EXPIRED_AGE_SECS * 1_000_000_000) as i64;
         for (device, at) in [
             (IpAddr::V4(scenario::FRESH_DEVICE), now),
@@ -327,12 +327,11 @@ impl Loaded {
             (IpAddr::V4(scenario::EXPIRED_DEVICE), expired),
             (IpAddr::V6(scenario::EXPIRED_DEVICE6), expired),
         ] {
-            sessions.set_session(
-                device,
-                Session {
-                    authenticated_at_ns: at,
-                },
-            )?;
+            let session = Session {
+                authenticated_at_ns: at,
+                ..Session::default()
+            };
+            sessions.set_session(device, session, &scenario::IDENTITY)?;
         }
         dp.maps.track_flows_v4(flows(size.flows), now as u64)?;
         Ok(Self { dp, config })

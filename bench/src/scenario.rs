@@ -127,6 +127,13 @@ pub fn devices(n: usize) -> impl Iterator<Item = IpAddr> {
 
 /// The device the benchmarks send from with a fresh session, and one whose session
 /// expired; both within the device population.
+/// Who every benchmark device's session says its user is.
+pub const IDENTITY: sessiongate::config::Identity<'static> = sessiongate::config::Identity {
+    user: "bench@example.com",
+    idp: "default",
+    groups: &[],
+};
+
 pub const FRESH_DEVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 7);
 pub const EXPIRED_DEVICE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 8);
 pub const FRESH_DEVICE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7);

@@ -1,30 +1,71 @@
 //! Random frames checked one by one against the reference model (`reference`), with
 //! unknown devices refused and allowed.
 
+use std::net::IpAddr;
+
 use agent_common::verdict::{Verdict, counter};
 use netlab::{
     packets::{PROTO_TCP, PROTO_UDP},
     privileged,
 };
 use rand::{SeedableRng, rngs::StdRng};
-use sessiongate::config::UnknownDevice;
+use sessiongate::config::{Identity, UnknownDevice};
 
-use crate::{harness::*, random, random::Pools, reference::Model};
+use crate::{
+    harness::*,
+    random,
+    random::Pools,
+    reference::{Model, Who},
+};
 
 /// Frames per fuzz run: enough that every verdict comes up dozens of times.
 const RANDOM_FRAMES: usize = 6000;
 
+/// Who each device with a session is, in the runs with identities. The sessions of
+/// two hours (`EXPIRED`) fall where identity decides: a contractor's (IPv4) is past
+/// Contractors' 90 minutes where Baseline's 168 hours would admit it, a finance
+/// user's (IPv6) within Finance's 8 hours where App's 1 hour would refuse it.
+fn identity_of(device: IpAddr, d: u8) -> Who {
+    let who = |user: &str, idp: &str, groups: &[&str]| -> Who {
+        let groups = groups.iter().map(|g| g.to_string()).collect();
+        (user.to_string(), idp.to_string(), groups)
+    };
+    match (d, device.is_ipv4()) {
+        (EXPIRED, true) => who("cy@contractor.org", "entra", &[]),
+        (EXPIRED, false) => who("ann@example.com", "okta", &["finance"]),
+        _ => who("bob@example.com", "okta", &["staff"]),
+    }
+}
+
 /// Runs random frames (`random::frame`) and checks each against the reference model:
 /// the same verdict, XDP_DROP exactly for its refusals (so never XDP_ABORTED, and no
 /// drop of anything but a new TCP or UDP flow to a session-checked destination), and
-/// any refusal event naming the refused flow.
-fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64) {
+/// any refusal event naming the refused flow. With `identities`, devices sign in as
+/// `identity_of` says (else as `DEFAULT_USER`, whom no identity condition matches).
+fn random_frames_match_the_reference_model(agent_extra: &str, seed: u64, identities: bool) {
     // Flow table room far beyond the flows admitted, so that none is evicted: the
     // model keeps every one.
     let mut h = Harness::sized(agent_extra, 1024, 1 << 16);
-    let ages = DEVICES.iter().filter_map(|&(d, age)| age.map(|a| (d, a)));
-    let ages = ages.flat_map(|(d, a)| [(v4(d), a), (v6(d), a)]);
-    let mut model = Model::new(&h.config, ages);
+    let mut sessions = Vec::new();
+    for (d, age) in DEVICES.iter().filter_map(|&(d, age)| Some((d, age?))) {
+        for device in [v4(d), v6(d)] {
+            let who = if identities {
+                identity_of(device, d)
+            } else {
+                let (user, idp, groups) = DEFAULT_USER;
+                let groups = groups.iter().map(|g| g.to_string()).collect();
+                (user.into(), idp.into(), groups)
+            };
+            let identity = Identity {
+                user: &who.0,
+                idp: &who.1,
+                groups: &who.2,
+            };
+            h.login_as(device, age, &identity);
+            sessions.push((device, age, who));
+        }
+    }
+    let mut model = Model::new(&h.config, sessions);
     let pools = Pools {
         devices4: DEVICES.iter().map(|&(d, _)| v4(d)).collect(),
         devices6: DEVICES.iter().map(|&(d, _)| v6(d)).collect(),
@@ -117,7 +158,7 @@ fn random_frames_get_the_reference_verdicts_and_are_never_aborted() {
     if !privileged!() {
         return;
     }
-    random_frames_match_the_reference_model("", 0x5e55_1061);
+    random_frames_match_the_reference_model("", 0x5e55_1061, false);
 }
 
 #[test]
@@ -125,5 +166,13 @@ fn random_frames_get_the_reference_verdicts_with_unknown_devices_allowed() {
     if !privileged!() {
         return;
     }
-    random_frames_match_the_reference_model("unknown_device = \"allow\"", 0xa110_0b1d);
+    random_frames_match_the_reference_model("unknown_device = \"allow\"", 0xa110_0b1d, false);
+}
+
+#[test]
+fn random_frames_get_the_reference_verdicts_for_each_identity() {
+    if !privileged!() {
+        return;
+    }
+    random_frames_match_the_reference_model("", 0x1de7_1717, true);
 }

@@ -14,7 +14,7 @@ use aya::{
 use netlab::packets::Packet;
 use sessiongate::{
     clock::boot_now_ns,
-    config::{Config, Limits},
+    config::{Config, Identity, Limits},
     datapath::{Datapath, SessionMaps},
     events::{RawEvent, decode},
     policy::{self, settings},
@@ -79,6 +79,31 @@ destinations = ["198.19.40.0/24"]
 protocol = "udp"
 ports = [3478, 5060]
 check_session = { enforce = true, duration = "30m" }
+
+# Identity-conditioned policies: none applies to `DEFAULT_USER`, so without
+# `login_as` every device meets only the policies above.
+[[policy]]
+name = "Finance"
+precedence = 2
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "8h" }
+identity = { groups = ["finance"] }
+
+[[policy]]
+name = "Contractors"
+precedence = 3
+destinations = ["198.19.10.0/24", "198.19.62.0/24"]
+check_session = { enforce = true, duration = "90m" }
+identity = { user_matches = ".*@contractor\\.org" }
+
+[[policy]]
+name = "Okta staff"
+precedence = 4
+destinations = ["198.19.40.0/24", "2001:db8:61::/48"]
+protocol = "tcp"
+ports = [443, 22]
+check_session = { enforce = true, duration = "45m" }
+identity = { idps = ["okta"], groups = ["staff"] }
 "#;
 /// Policy indices: positions in `POLICIES`.
 pub const APP_POLICY: u32 = 0;
@@ -86,7 +111,12 @@ pub const WEB_POLICY: u32 = 2;
 pub const BASELINE_POLICY: u32 = 3;
 pub const LAB_POLICY: u32 = 5;
 pub const VOICE_POLICY: u32 = 6;
-pub const POLICY_COUNT: usize = 7;
+pub const CONTRACTORS_POLICY: u32 = 8;
+pub const POLICY_COUNT: usize = 10;
+
+/// Who `login` says every device's user is: no identity condition of `POLICIES`
+/// matches it.
+pub const DEFAULT_USER: (&str, &str, &[&str]) = ("user@example.com", "default", &[]);
 
 /// Devices: authenticated now, 2 hours ago, 200 hours ago, and never.
 pub const FRESH: u8 = 10;
@@ -150,7 +180,11 @@ impl Harness {
         let mut dp = Datapath::load(&limits).expect("the kernel accepts the program");
         dp.maps.apply(settings(&config), &table).unwrap();
         let events = dp.take_events().unwrap();
-        let sessions = dp.take_sessions().unwrap();
+        let mut sessions = dp.take_sessions().unwrap();
+        let conditions = policy::identity_conditions(&config, &table);
+        sessions
+            .identities
+            .set_conditions([Some(conditions.clone()), Some(conditions)]);
         let mut h = Self {
             dp,
             sessions,
@@ -168,15 +202,21 @@ impl Harness {
 
     /// Gives a device a session authenticated `age` ago.
     pub fn login(&mut self, device: IpAddr, age: Duration) {
-        let authenticated_at_ns = boot_now_ns() - age.as_nanos() as i64;
-        self.sessions
-            .set_session(
-                device,
-                Session {
-                    authenticated_at_ns,
-                },
-            )
-            .unwrap();
+        let nobody = Identity {
+            user: DEFAULT_USER.0,
+            idp: DEFAULT_USER.1,
+            groups: &[],
+        };
+        self.login_as(device, age, &nobody);
+    }
+
+    /// Gives a device a session authenticated `age` ago, for `who`.
+    pub fn login_as(&mut self, device: IpAddr, age: Duration, who: &Identity<'_>) {
+        let session = Session {
+            authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
+            ..Session::default()
+        };
+        self.sessions.set_session(device, session, who).unwrap();
     }
 
     /// The XDP action for one packet.

@@ -13,7 +13,7 @@ use agent_common::{
     maps::{IPPROTO_TCP, IPPROTO_UDP},
     verdict::Verdict,
 };
-use sessiongate::config::{Config, Protocol, UnknownDevice};
+use sessiongate::config::{Config, Identity, Protocol, UnknownDevice};
 
 const ETH_LEN: usize = 14;
 const VLAN_LEN: usize = 4;
@@ -207,12 +207,16 @@ enum Match {
     Nothing,
 }
 
+/// Who a device's session says its user is: user, IdP, groups.
+pub type Who = (String, String, Vec<String>);
+
 /// The program's state as the model sees it: sessions, and the UDP flows it admitted.
 pub struct Model {
     config: Config,
-    /// Session age per device. The tests keep ages far from every policy's duration,
-    /// so the seconds a test runs for do not change a verdict.
+    /// Session age and identity per device. The tests keep ages far from every
+    /// policy's duration, so the seconds a test runs for do not change a verdict.
     ages: HashMap<IpAddr, Duration>,
+    identities: HashMap<IpAddr, Who>,
     tracked: HashSet<Flow>,
     /// Refusals per policy index, as `SG_POLICY_DROPS` should count them.
     pub policy_drops: Vec<u64>,
@@ -221,10 +225,19 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(config: &Config, ages: impl IntoIterator<Item = (IpAddr, Duration)>) -> Self {
+    pub fn new(
+        config: &Config,
+        sessions: impl IntoIterator<Item = (IpAddr, Duration, Who)>,
+    ) -> Self {
+        let (mut ages, mut identities) = (HashMap::new(), HashMap::new());
+        for (device, age, who) in sessions {
+            ages.insert(device, age);
+            identities.insert(device, who);
+        }
         Self {
             config: config.clone(),
-            ages: ages.into_iter().collect(),
+            ages,
+            identities,
             tracked: HashSet::new(),
             policy_drops: vec![0; config.policies.len()],
             last_refusal: None,
@@ -274,8 +287,8 @@ impl Model {
 
     /// A packet whose L4 header cannot be read: judged as a new flow against the
     /// strictest session-checked policy that some readable packet to its destination
-    /// would get (shortest duration, then precedence), found by trying every protocol
-    /// and every port a policy names plus one that none does.
+    /// would get from some identity (shortest duration, then precedence), found by
+    /// trying every protocol and every port a policy names plus one that none does.
     fn unreadable(&mut self, src: IpAddr, dst: IpAddr, fallback: Verdict) -> Verdict {
         let mut ports: Vec<u16> = self
             .config
@@ -294,14 +307,13 @@ impl Model {
                     sport: 1,
                     dport,
                 };
-                let Match::Policy(index) = self.first_match(&probe) else {
-                    continue;
-                };
-                let policy = &self.config.policies[index];
-                if let Some(d) = policy.duration() {
-                    let candidate = (d.0, policy.precedence, index);
-                    if strictest.is_none_or(|s| candidate < s) {
-                        strictest = Some(candidate);
+                for index in self.reachable(&probe) {
+                    let policy = &self.config.policies[index];
+                    if let Some(d) = policy.duration() {
+                        let candidate = (d.0, policy.precedence, index);
+                        if strictest.is_none_or(|s| candidate < s) {
+                            strictest = Some(candidate);
+                        }
                     }
                 }
             }
@@ -331,10 +343,24 @@ impl Model {
         verdict
     }
 
+    /// The first match for the flow's device, by its identity (none without a
+    /// session).
     fn first_match(&self, flow: &Flow) -> Match {
         if self.config.bypass.iter().any(|net| net.contains(&flow.dst)) {
             return Match::Bypass;
         }
+        let who = self
+            .identities
+            .get(&flow.src)
+            .map(|(user, idp, groups)| Identity { user, idp, groups });
+        self.matching(flow)
+            .into_iter()
+            .find(|&i| self.config.policies[i].applies_to(who.as_ref()))
+            .map_or(Match::Nothing, Match::Policy)
+    }
+
+    /// The policies the flow's destination, protocol and port match, by precedence.
+    fn matching(&self, flow: &Flow) -> Vec<usize> {
         let proto = if flow.proto == IPPROTO_TCP {
             Protocol::Tcp
         } else {
@@ -342,14 +368,37 @@ impl Model {
         };
         let mut order: Vec<usize> = (0..self.config.policies.len()).collect();
         order.sort_by_key(|&i| self.config.policies[i].precedence);
+        order.retain(|&i| {
+            let p = &self.config.policies[i];
+            p.destinations.iter().any(|net| net.contains(&flow.dst))
+                && p.matches_protocol(proto)
+                && p.matches_port(flow.dport)
+        });
         order
-            .into_iter()
-            .find(|&i| {
-                let p = &self.config.policies[i];
-                p.destinations.iter().any(|net| net.contains(&flow.dst))
-                    && p.matches_protocol(proto)
-                    && p.matches_port(flow.dport)
-            })
-            .map_or(Match::Nothing, Match::Policy)
+    }
+
+    /// The policies some identity's flow could be judged by (identity conditions taken
+    /// as independent): the conditioned ones met before the first unconditional match,
+    /// each condition once, and that match.
+    fn reachable(&self, flow: &Flow) -> Vec<usize> {
+        if self.config.bypass.iter().any(|net| net.contains(&flow.dst)) {
+            return Vec::new();
+        }
+        let mut reached = Vec::new();
+        let mut conditions = Vec::new();
+        for i in self.matching(flow) {
+            match &self.config.policies[i].identity {
+                Some(c) if conditions.contains(&c) => {}
+                Some(c) => {
+                    conditions.push(c);
+                    reached.push(i);
+                }
+                None => {
+                    reached.push(i);
+                    break;
+                }
+            }
+        }
+        reached
     }
 }

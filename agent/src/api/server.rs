@@ -160,7 +160,7 @@ pub fn login_request(body: &[u8]) -> Result<LoginRequest, ApiError> {
         user: body.user,
         idp: body.idp,
         at,
-        groups: Vec::new(),
+        groups: body.groups,
     })
 }
 

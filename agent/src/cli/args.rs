@@ -123,6 +123,10 @@ pub enum SessionCommand {
         /// When the authentication happened (RFC 3339); default now.
         #[arg(long)]
         at: Option<String>,
+        /// A group the user is in at the identity provider (repeat for several); a new
+        /// login replaces the groups.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
     },
     /// End a device's session and its binding to a user.
     Logout {
@@ -130,8 +134,9 @@ pub enum SessionCommand {
         #[arg(value_parser = input::parse_device)]
         ip: IpAddr,
     },
-    /// Load sessions in bulk from a file: JSON lines ({"ip", "user", "idp", "authenticated_at"})
-    /// or CSV (ip,user,idp,authenticated_at). A file with a bad line imports nothing.
+    /// Load sessions in bulk from a file: JSON lines ({"ip", "user", "idp", "authenticated_at",
+    /// "groups"}) or CSV (ip,user,idp,authenticated_at[,groups], groups separated by ;). A
+    /// file with a bad line imports nothing.
     Import {
         file: PathBuf,
         /// Import the good lines of a file with bad ones (which are reported).

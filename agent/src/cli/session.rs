@@ -27,12 +27,19 @@ use crate::{
 pub(super) async fn execute(target: &Target, command: &SessionCommand) -> anyhow::Result<()> {
     let client = target.client()?;
     match command {
-        SessionCommand::Login { ip, user, idp, at } => {
+        SessionCommand::Login {
+            ip,
+            user,
+            idp,
+            at,
+            groups,
+        } => {
             let body = LoginBody {
                 ip: ip.to_string(),
                 user: user.clone(),
                 idp: idp.clone(),
                 at: at.clone(),
+                groups: groups.clone(),
             };
             login(&client, body).await
         }
@@ -116,13 +123,17 @@ async fn show(client: &ApiClient, ip: IpAddr, json: bool) -> anyhow::Result<()> 
         outln!("no policy checks sessions");
     }
     for p in &detail.policies {
-        let standing = if p.satisfied {
-            format!("satisfied, {} left", p.margin)
-        } else {
-            format!("EXPIRED {} ago: re-authentication required", p.margin)
+        let standing = match (p.applies, p.satisfied) {
+            (false, _) => "does not apply: the identity does not match".to_string(),
+            (true, true) => format!("satisfied, {} left", p.margin),
+            (true, false) => format!("EXPIRED {} ago: re-authentication required", p.margin),
         };
+        let condition = p
+            .identity
+            .as_deref()
+            .map_or(String::new(), |c| format!(" (identity {c})"));
         outln!(
-            "policy {:<30} needs <= {:<12} {standing}",
+            "policy {:<30} needs <= {:<12} {standing}{condition}",
             format!("{:?}", p.policy),
             p.duration
         );

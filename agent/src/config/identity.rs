@@ -68,6 +68,15 @@ impl IdentityCondition {
     }
 }
 
+/// An identity mask: bit `i` set when `who` satisfies `conditions[i]`.
+pub fn mask_of(conditions: &[IdentityCondition], who: &Identity<'_>) -> u64 {
+    conditions
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.matches(who))
+        .fold(0, |mask, (bit, _)| mask | 1 << bit)
+}
+
 /// A `user_matches` pattern: the `regex` crate's syntax, matched against the whole
 /// user name (as if written `^(?:pattern)$`).
 #[derive(Clone, Debug)]
@@ -153,6 +162,25 @@ mod tests {
             idps: None,
         };
         assert!(!by_group.matches(&who("ann@example.com", "okta", &groups)));
+    }
+
+    #[test]
+    fn a_mask_has_the_bits_of_the_conditions_met() {
+        let condition = |groups: &[&str]| IdentityCondition {
+            users: None,
+            user_matches: None,
+            groups: Some(strings(groups)),
+            idps: None,
+        };
+        let conditions = [
+            condition(&["finance"]),
+            condition(&["staff"]),
+            condition(&["finance", "audit"]),
+        ];
+        let groups = strings(&["finance"]);
+        let ann = who("ann@example.com", "okta", &groups);
+        assert_eq!(mask_of(&conditions, &ann), 0b101);
+        assert_eq!(mask_of(&[], &ann), 0);
     }
 
     #[test]

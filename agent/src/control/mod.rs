@@ -33,7 +33,7 @@ use crate::{
     sessions::{ChangeError, SessionError, SessionMirror},
     wire::{ReloadStatus, StoreStatus},
 };
-pub use reload::{attach_interfaces, missing_interfaces, policy_names};
+pub use reload::{attach_interfaces, missing_interfaces, next_set, policy_names};
 use reports::Reports;
 pub use sessions::ImportError;
 pub use stats::MetricsSnapshot;

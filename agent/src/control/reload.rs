@@ -53,17 +53,31 @@ impl Control {
     fn try_reload(&self) -> Result<Reloaded, ReloadRejected> {
         let old = self.active();
         let (config, table, mut warnings) = checked(&self.config_path, &old.config)?;
-        let mut datapath = lock(&self.datapath);
-        lock(&self.drops)
-            .apply(
-                &mut datapath.maps,
-                policy::settings(&config),
-                &table,
-                policy_names(&config),
+        // The devices' identity masks of the new set are written before the flip, with
+        // the sessions held (lock order: sessions, then the datapath).
+        let mut held = None;
+        self.sessions
+            .switch_config(
+                policy::identity_conditions(&config, &table),
+                &mut held,
+                |held| {
+                    let datapath = held.insert(lock(&self.datapath));
+                    Ok(next_set(&datapath.maps))
+                },
+                |held| {
+                    let datapath = held.as_mut().expect("locked by next_set");
+                    lock(&self.drops).apply(
+                        &mut datapath.maps,
+                        policy::settings(&config),
+                        &table,
+                        policy_names(&config),
+                    )
+                },
             )
-            .map_err(|e| ReloadRejected {
+            .map_err(|e: DatapathError| ReloadRejected {
                 problems: vec![format!("writing the policy maps failed: {e}")],
             })?;
+        let mut datapath = held.expect("locked by next_set");
         // Interfaces added are attached, interfaces removed detached. The XDP mode is
         // the one the agent started with (changing it needs a restart).
         for (name, result) in attach_interfaces(&mut datapath, &config, old.config.agent.xdp_mode) {
@@ -159,4 +173,9 @@ pub fn attach_interfaces(
 /// The config's policy names by index, as the kernel's per-policy counters count them.
 pub fn policy_names(config: &Config) -> Vec<String> {
     config.policies.iter().map(|p| p.name.clone()).collect()
+}
+
+/// The configuration set the next `Maps::apply` writes.
+pub fn next_set(maps: &datapath::Maps) -> usize {
+    agent_common::maps::config_set(datapath::next_generation(maps.generation())) as usize
 }

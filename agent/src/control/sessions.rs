@@ -247,18 +247,20 @@ impl Backend for Control {
     fn captive(&self, device: IpAddr) -> Captive {
         let active = self.active();
         let config = &active.config;
-        let limits: Vec<i64> = config
-            .policies
-            .iter()
-            .filter_map(|p| p.duration())
-            .map(|d| d.as_nanos_u64() as i64)
-            .collect();
         let boot_id = self.sessions.boot_id();
         let clock = ClockPair::now();
-        let age = self.sessions.read(|store| {
-            store
-                .get(&device)
-                .map(|r| views::age_ns(r, &clock, boot_id))
+        // The session's age, and the durations of the policies that apply to its user.
+        let (age, limits) = self.sessions.read(|store| {
+            let record = store.get(&device);
+            let who = record.map(SessionRecord::identity);
+            let limits: Vec<i64> = config
+                .policies
+                .iter()
+                .filter(|p| p.applies_to(who.as_ref()))
+                .filter_map(|p| p.duration())
+                .map(|d| d.as_nanos_u64() as i64)
+                .collect();
+            (record.map(|r| views::age_ns(r, &clock, boot_id)), limits)
         });
         let Some(age) = age else {
             // No session: refused wherever sessions are checked, unless unknown
@@ -304,6 +306,7 @@ impl Backend for Control {
         Ok(detail
             .policies
             .into_iter()
+            .filter(|p| p.applies)
             .map(|p| {
                 let until = durations
                     .get(p.policy.as_str())

@@ -2,7 +2,7 @@
 
 use crate::{
     clock::ClockPair,
-    config::Config,
+    config::{Config, IdentityCondition},
     events,
     sessions::SessionRecord,
     wire::{PolicyStanding, SessionDetail, SessionView},
@@ -54,6 +54,8 @@ pub(super) fn detail(
                 duration: duration.to_string(),
                 satisfied,
                 margin: events::format_age((limit - age_ns).abs()),
+                identity: p.identity.as_ref().map(IdentityCondition::describe),
+                applies: p.applies_to(Some(&record.identity())),
             })
         })
         .collect();

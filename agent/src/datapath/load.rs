@@ -41,7 +41,20 @@ fn map_sizes(limits: &Limits) -> Vec<(&'static str, u32)> {
         (names::PORT_RULES, 2 * limits.max_port_rules),
         (names::EVENT_LIMIT, geometry.event_slots),
         (names::REPLY_LIMIT, geometry.reply_slots),
+        (names::IDENTITIES[0], super::identities::slots_for(limits)),
+        (names::IDENTITIES[1], super::identities::slots_for(limits)),
+        (names::IDENTITY_ANSWERS[0], identity_answers_for(limits)),
+        (names::IDENTITY_ANSWERS[1], identity_answers_for(limits)),
     ]
+}
+
+/// `SG_IDENTITY_ANSWERS_*` entries: a table has at most one identity answer per
+/// protocol default of each prefix and one per port rule.
+pub fn identity_answers_for(limits: &Limits) -> u32 {
+    limits
+        .max_policy_cidrs
+        .saturating_mul(4)
+        .saturating_add(limits.max_port_rules)
 }
 
 /// A map pinned in `dir`.

@@ -4,6 +4,7 @@
 //! (`maps`), and the session maps (`sessions`), which have an owner of their own.
 
 mod attach;
+mod identities;
 mod load;
 mod maps;
 pub mod pins;
@@ -25,6 +26,7 @@ use thiserror::Error;
 
 use crate::config::Limits;
 pub use attach::{attach_mode, interface_exists, is_veth};
+pub use identities::{Identities, SetConditions};
 pub use load::remove_pins;
 pub use maps::{Counters, Maps, next_generation};
 use pins::LayoutDir;
@@ -130,6 +132,8 @@ pub enum DatapathError {
     Incomplete { dir: PathBuf, what: String },
     #[error("the {family} session map is full ({limit} devices); raise [limits] max_sessions")]
     SessionsFull { family: &'static str, limit: u32 },
+    #[error("all {limit} identity slots are taken; raise [limits] max_sessions")]
+    IdentitySlotsFull { limit: u32 },
 }
 
 /// How the program ended up attached to an interface.

@@ -1,9 +1,10 @@
 //! The kernel's session maps (`SG_SESSIONS_V4/V6`, the authoritative hash maps, and
 //! their copies in the bucketed session tables `SG_SESSION_TABLE_V4/V6` that the
-//! program reads first; layouts in `agent_common::maps`). Split from `Maps` so that
-//! they have one owner, the session mirror (`sessions::SessionMirror`).
+//! program reads first; layouts in `agent_common::maps`), with the devices' identity
+//! masks (`identities`). Split from `Maps` so that they have one owner, the session
+//! mirror (`sessions::SessionMirror`).
 
-use std::{net::IpAddr, os::fd::AsFd};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd};
 
 use agent_common::{
     addr::{Ip4, Ip6},
@@ -15,10 +16,15 @@ use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 
 use super::{
     DatapathError, Geometry,
+    identities::Identities,
     maps::{MapSource, map_err, typed},
     sys,
 };
-use crate::config::Limits;
+use crate::config::{Identity, Limits};
+
+/// Past this many sessions in one batch, the previous sessions are read in one walk of
+/// the maps rather than one lookup each.
+const WALK_ABOVE: usize = 4096;
 
 pub struct SessionMaps {
     sessions_v4: HashMap<MapData, Ip4, Session>,
@@ -32,6 +38,7 @@ pub struct SessionMaps {
     /// The maps are known to be empty (a new datapath before its first load), so
     /// `load_sessions` need not read buckets back.
     empty: bool,
+    pub identities: Identities,
 }
 
 impl SessionMaps {
@@ -41,20 +48,52 @@ impl SessionMaps {
         limits: &Limits,
         empty: bool,
     ) -> Result<Self, DatapathError> {
+        let sessions_v4: HashMap<MapData, Ip4, Session> = typed(source, names::SESSIONS_V4)?;
+        let sessions_v6: HashMap<MapData, Ip6, Session> = typed(source, names::SESSIONS_V6)?;
+        let used: Vec<u32> = if empty {
+            Vec::new()
+        } else {
+            walk(&sessions_v4, &sessions_v6)?
+                .into_iter()
+                .map(|(_, s)| s.identity)
+                .collect()
+        };
         Ok(Self {
-            sessions_v4: typed(source, names::SESSIONS_V4)?,
-            sessions_v6: typed(source, names::SESSIONS_V6)?,
+            sessions_v4,
+            sessions_v6,
             session_table_v4: typed(source, names::SESSION_TABLE_V4)?,
             session_table_v6: typed(source, names::SESSION_TABLE_V6)?,
             max_sessions: limits.max_sessions,
             buckets: Geometry::of(limits).session_buckets,
             empty,
+            identities: Identities::open(source, limits, &used)?,
         })
     }
 
-    /// Writes (or replaces) a device's session: the authoritative hash map first, then
-    /// its copy in the session table, so a reader always finds one of them.
-    pub fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
+    /// Writes (or replaces) a device's session with a fresh identity slot for `who`: the
+    /// slot's masks first, then the authoritative hash map, then its copy in the
+    /// session table, so a reader always finds one of them; the previous slot is freed
+    /// last.
+    pub fn set_session(
+        &mut self,
+        ip: IpAddr,
+        mut session: Session,
+        who: &Identity<'_>,
+    ) -> Result<(), DatapathError> {
+        let previous = self.session(ip)?.map(|s| s.identity);
+        session.identity = self.identities.claim(who, previous)?;
+        if let Err(e) = self.insert(ip, session) {
+            self.identities.release(session.identity);
+            return Err(e);
+        }
+        self.update_session_table(ip, Some(&session))?;
+        if let Some(old) = previous {
+            self.identities.release(old);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
         let result = match ip {
             IpAddr::V4(a) => self.sessions_v4.insert(Ip4::from(a), session, 0),
             IpAddr::V6(a) => self.sessions_v6.insert(Ip6::from(a), session, 0),
@@ -70,20 +109,25 @@ impl SessionMaps {
                 map: session_map_name(ip),
                 source,
             },
-        })?;
-        self.update_session_table(ip, Some(session.authenticated_at_ns))
+        })
     }
 
     /// Removes a device's session (absent is fine): the table copy first, then the
-    /// hash map.
+    /// hash map; then its identity slot is freed.
     pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        let previous = self.session(ip)?.map(|s| s.identity);
         self.update_session_table(ip, None)?;
         let result = match ip {
             IpAddr::V4(a) => self.sessions_v4.remove(&Ip4::from(a)),
             IpAddr::V6(a) => self.sessions_v6.remove(&Ip6::from(a)),
         };
         match result {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(MapError::KeyNotFound) => {
+                if let Some(old) = previous {
+                    self.identities.release(old);
+                }
+                Ok(())
+            }
             Err(source) => Err(DatapathError::Map {
                 map: session_map_name(ip),
                 source,
@@ -91,16 +135,72 @@ impl SessionMaps {
         }
     }
 
-    /// Writes many sessions at once (start-up, bulk import, benchmarks): batched writes
+    /// Every device's session in the kernel, read in batches.
+    pub fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        walk(&self.sessions_v4, &self.sessions_v6)
+    }
+
+    /// The identity slots the given devices hold now.
+    fn previous_slots(&self, ips: &[IpAddr]) -> Result<Vec<Option<u32>>, DatapathError> {
+        if self.empty {
+            return Ok(vec![None; ips.len()]);
+        }
+        if ips.len() > WALK_ABOVE {
+            let now: StdHashMap<IpAddr, u32> = self
+                .kernel_sessions()?
+                .into_iter()
+                .map(|(ip, s)| (ip, s.identity))
+                .collect();
+            return Ok(ips.iter().map(|ip| now.get(ip).copied()).collect());
+        }
+        ips.iter()
+            .map(|ip| Ok(self.session(*ip)?.map(|s| s.identity)))
+            .collect()
+    }
+
+    /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
+    /// fresh identity slot for its identity (their masks written first): batched writes
     /// of the session-table buckets they fall in, then of the hash maps. Buckets are
-    /// rebuilt from the sessions given plus the sessions already in them.
-    pub fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+    /// rebuilt from the sessions given plus the sessions already in them. The previous
+    /// slots are freed last.
+    pub fn load_sessions(
+        &mut self,
+        sessions: &[(IpAddr, Session, Identity<'_>)],
+    ) -> Result<(), DatapathError> {
+        let ips: Vec<IpAddr> = sessions.iter().map(|(ip, _, _)| *ip).collect();
+        let previous = self.previous_slots(&ips)?;
+        let who: Vec<(Identity<'_>, Option<u32>)> = sessions
+            .iter()
+            .zip(&previous)
+            .map(|((_, _, who), old)| (*who, *old))
+            .collect();
+        let slots = self.identities.claim_many(&who)?;
+        let written = self.write_sessions(sessions, &slots);
+        let unused: Vec<u32> = match &written {
+            Ok(()) => previous.into_iter().flatten().collect(),
+            Err(_) => slots,
+        };
+        for slot in unused {
+            self.identities.release(slot);
+        }
+        written
+    }
+
+    fn write_sessions(
+        &mut self,
+        sessions: &[(IpAddr, Session, Identity<'_>)],
+        slots: &[u32],
+    ) -> Result<(), DatapathError> {
         let mask = self.buckets - 1;
         let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
         let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
         let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
-        for (ip, session) in sessions {
-            let at = Some(session.authenticated_at_ns);
+        for ((ip, session, _), slot) in sessions.iter().zip(slots) {
+            let session = &Session {
+                identity: *slot,
+                ..*session
+            };
+            let at = Some(session);
             match ip {
                 IpAddr::V4(a) => {
                     let addr = Ip4::from(*a);
@@ -164,7 +264,11 @@ impl SessionMaps {
 
     /// Places, refreshes (`Some`) or clears (`None`) a device's entry in the session
     /// table. A device whose bucket is full stays in the hash map only.
-    fn update_session_table(&mut self, ip: IpAddr, at: Option<i64>) -> Result<(), DatapathError> {
+    fn update_session_table(
+        &mut self,
+        ip: IpAddr,
+        at: Option<&Session>,
+    ) -> Result<(), DatapathError> {
         let mask = self.buckets - 1;
         match ip {
             IpAddr::V4(a) => {
@@ -213,22 +317,12 @@ impl SessionMaps {
         }
     }
 
-    /// Devices with a session in the kernel (both families). Walks the hash maps.
+    /// Devices with a session in the kernel (both families).
     pub fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
-        let v4: Vec<Ip4> = self
-            .sessions_v4
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::SESSIONS_V4))?;
-        let v6: Vec<Ip6> = self
-            .sessions_v6
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(map_err(names::SESSIONS_V6))?;
-        Ok(v4
+        Ok(self
+            .kernel_sessions()?
             .into_iter()
-            .map(|a| IpAddr::V4(a.into()))
-            .chain(v6.into_iter().map(|a| IpAddr::V6(a.into())))
+            .map(|(ip, _)| ip)
             .collect())
     }
 }
@@ -247,7 +341,7 @@ fn existing<B: aya::Pod + Default>(table: &Array<MapData, B>, index: u32, empty:
 fn place_session<S: SessionSlot + Default>(
     slots: &mut [S; WAYS],
     addr: &S::Addr,
-    at: Option<i64>,
+    at: Option<&Session>,
 ) -> bool {
     let own = slots.iter().position(|s| s.is_valid() && s.addr() == addr);
     match (at, own) {
@@ -260,6 +354,37 @@ fn place_session<S: SessionSlot + Default>(
         (None, None) => return false,
     }
     true
+}
+
+/// Both session maps' elements, read in batches.
+fn walk(
+    v4: &HashMap<MapData, Ip4, Session>,
+    v6: &HashMap<MapData, Ip6, Session>,
+) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+    let mut all = Vec::new();
+    sys::read_map::<Ip4, Session>(v4.map().fd().as_fd(), |keys, values| {
+        all.extend(
+            keys.iter()
+                .zip(values)
+                .map(|(k, v)| (IpAddr::V4((*k).into()), *v)),
+        );
+    })
+    .map_err(|source| DatapathError::Batch {
+        map: names::SESSIONS_V4,
+        source,
+    })?;
+    sys::read_map::<Ip6, Session>(v6.map().fd().as_fd(), |keys, values| {
+        all.extend(
+            keys.iter()
+                .zip(values)
+                .map(|(k, v)| (IpAddr::V6((*k).into()), *v)),
+        );
+    })
+    .map_err(|source| DatapathError::Batch {
+        map: names::SESSIONS_V6,
+        source,
+    })?;
+    Ok(all)
 }
 
 const fn session_map_name(ip: IpAddr) -> &'static str {

@@ -81,7 +81,16 @@ pub fn read_array<V: aya::Pod + Default>(
     map: BorrowedFd<'_>,
     mut each: impl FnMut(&[V]),
 ) -> io::Result<()> {
-    let mut keys = vec![0u32; CHUNK];
+    read_map::<u32, V>(map, |_, values| each(values))
+}
+
+/// Reads every element of an ARRAY or HASH map, a chunk of keys and values at a time.
+/// Both kinds take a `u32` batch cursor.
+pub fn read_map<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    mut each: impl FnMut(&[K], &[V]),
+) -> io::Result<()> {
+    let mut keys = vec![K::default(); CHUNK];
     let mut values = vec![V::default(); CHUNK];
     let mut next: u32 = 0;
     let mut first = true;
@@ -95,16 +104,17 @@ pub fn read_array<V: aya::Pod + Default>(
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: the buffers hold `count` keys (u32, an array's key) and values of the
-        // map's value size (the caller's typed map guarantees it); `next` is the u32
-        // batch cursor an array map uses. All alive for the call.
+        // SAFETY: the buffers hold `count` keys and values of the map's sizes (the
+        // caller's typed map guarantees them); `next` is the u32 batch cursor array and
+        // hash maps use. All alive for the call.
         let done = match unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) } {
             Ok(_) => false,
             // The end of the map; `count` says how many elements came with it.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        each(&values[..attr.count as usize]);
+        let n = attr.count as usize;
+        each(&keys[..n], &values[..n]);
         if done {
             return Ok(());
         }

@@ -85,10 +85,24 @@ pub fn lint(config: &Config, table: &PolicyTable) -> Vec<Warning> {
             ));
         }
         if !table.reachable.get(i).copied().unwrap_or(true) {
-            warn(
-                "completely shadowed by bypass destinations or policies of lower precedence numbers: it never applies"
-                    .into(),
-            );
+            let whoever = if policy.identity.is_some() {
+                ", whoever the user is"
+            } else {
+                ""
+            };
+            warn(format!(
+                "completely shadowed by bypass destinations or policies of lower precedence numbers (or ones with the same identity condition): it never applies{whoever}"
+            ));
+        }
+        let idps = policy.identity.as_ref().and_then(|c| c.idps.as_ref());
+        if !config.idps.is_empty() {
+            for idp in idps.into_iter().flatten() {
+                if !config.idps.iter().any(|known| &known.name == idp) {
+                    warn(format!(
+                        "identity.idps names {idp:?}, which no [[idp]] section is: only sessions made through the API or the fleet's store with that IdP can match"
+                    ));
+                }
+            }
         }
     }
     warnings

@@ -72,15 +72,20 @@ impl PolicyTable {
     }
 }
 
-/// The identity mask of a device: bit `i` set when its identity satisfies the condition
-/// of `table.identity_policies[i]`. A device without a session has mask 0.
-pub fn identity_mask(config: &Config, table: &PolicyTable, who: &Identity<'_>) -> u64 {
+/// The conditions of `table.identity_policies`, in bit order: what devices' identity
+/// masks are computed from (`config::identity::mask_of`).
+pub fn identity_conditions(config: &Config, table: &PolicyTable) -> Vec<IdentityCondition> {
     table
         .identity_policies
         .iter()
-        .enumerate()
-        .filter(|(_, p)| config.policies[**p as usize].applies_to(Some(who)))
-        .fold(0, |mask, (bit, _)| mask | 1 << bit)
+        .filter_map(|&p| config.policies[p as usize].identity.clone())
+        .collect()
+}
+
+/// The identity mask of a device: bit `i` set when its identity satisfies the condition
+/// of `table.identity_policies[i]`. A device without a session has mask 0.
+pub fn identity_mask(config: &Config, table: &PolicyTable, who: &Identity<'_>) -> u64 {
+    crate::config::identity::mask_of(&identity_conditions(config, table), who)
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -98,6 +98,22 @@ pub fn describe(config: &Config, table: &PolicyTable) -> String {
         table.port_rules.len(),
         table.params.len()
     );
+    // Each policy in evaluation order, with whom it applies to.
+    let mut order: Vec<usize> = (0..config.policies.len()).collect();
+    order.sort_by_key(|&i| config.policies[i].precedence);
+    for i in order {
+        let p = &config.policies[i];
+        let who = p.identity.as_ref().map_or_else(
+            || "everyone".to_string(),
+            |c| format!("identity {}", c.describe()),
+        );
+        let _ = writeln!(
+            out,
+            "  precedence {:<6} {} for {who}",
+            p.precedence,
+            policy_label(config, i as u32)
+        );
+    }
     for (net, rule) in &table.dest {
         for (proto, default) in [(Protocol::Tcp, rule.tcp), (Protocol::Udp, rule.udp)] {
             let mut specific: Vec<&(PortRuleKey, u32)> = table

@@ -610,3 +610,81 @@ fn lint_warns_about_the_common_mistakes() {
         "{described}"
     );
 }
+
+#[test]
+fn check_shows_identity_conditions_and_warns_about_shadowed_ones() {
+    let text = r#"
+        [agent]
+        interfaces = ["t0"]
+        portal_listen = "[::]:8511"
+        portal_url = "http://198.18.0.1:8511"
+
+        [[idp]]
+        name = "okta"
+        issuer = "https://okta.example.com"
+        client_id = "sessiongate"
+        client_secret_file = "/etc/sessiongate/okta-secret"
+
+        [[policy]]
+        name = "Ledger for finance"
+        precedence = 1
+        destinations = ["198.19.10.0/24"]
+        check_session = { enforce = true, duration = "8h" }
+        identity = { groups = ["finance"] }
+
+        [[policy]]
+        name = "Finance again"
+        precedence = 2
+        destinations = ["198.19.10.0/25"]
+        check_session = { enforce = true, duration = "4h" }
+        identity = { groups = ["finance"] }
+
+        [[policy]]
+        name = "Partners"
+        precedence = 3
+        destinations = ["198.19.10.0/24"]
+        check_session = { enforce = true, duration = "1h" }
+        identity = { idps = ["partner-idp"] }
+
+        [[policy]]
+        name = "Ledger"
+        precedence = 10
+        destinations = ["198.19.10.0/24"]
+        check_session = { enforce = true, duration = "168h" }
+    "#;
+    let config = Config::parse(text, "t").unwrap();
+    let table = compile(&config).unwrap();
+    let warnings: Vec<String> = lint(&config, &table)
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("policy \"Finance again\" (#2)")
+                && w.contains("whoever the user is")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("policy \"Partners\" (#3)")
+                && w.contains("\"partner-idp\", which no [[idp]] section is")),
+        "{warnings:#?}"
+    );
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    let described = describe(&config, &table);
+    assert!(
+        described.contains("\"Ledger for finance\" (session <= 8h0m0s, else drop) for identity { groups = [\"finance\"] }"),
+        "{described}"
+    );
+    assert!(
+        described.contains("\"Ledger\" (session <= 168h0m0s, else drop) for everyone"),
+        "{described}"
+    );
+    // The table's answer for the ledger names each policy in turn, then the baseline.
+    assert!(
+        described.contains("if identity { groups = [\"finance\"] }; \"Partners\" (session <= 1h0m0s, else drop) if identity { idps = [\"partner-idp\"] }; else \"Ledger\""),
+        "{described}"
+    );
+}

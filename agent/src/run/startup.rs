@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
+use agent_common::maps::config_set;
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
     config::Config,
-    control::{attach_interfaces, policy_names},
-    datapath::{AttachedMode, Datapath, Origin, SessionMaps, is_veth},
+    control::{attach_interfaces, next_set, policy_names},
+    datapath::{AttachedMode, Datapath, Origin, SessionMaps, SetConditions, is_veth},
     drops::PolicyDrops,
     policy, portal,
     sessions::{SessionMirror, SessionStore},
@@ -33,9 +34,22 @@ pub(super) fn start(
     replace: bool,
 ) -> anyhow::Result<Started> {
     let (mut datapath, origin) = Datapath::open(&config.agent.pin_dir, &config.limits, replace)?;
-    let session_maps = datapath.take_sessions().expect("taken once");
-    let up = start_sessions(store, session_maps, config, &origin, &datapath)
-        .and_then(|mirror| Ok((bring_up(&mut datapath, &origin, config, table)?, mirror)));
+    let mut session_maps = datapath.take_sessions().expect("taken once");
+    // Identity masks are computed from this config's conditions, except in the set an
+    // adopted datapath has in force: its conditions are the earlier agent's, so a
+    // device's mask there is carried over from its previous slot until the flip.
+    let conditions = policy::identity_conditions(config, table);
+    let mut sets: SetConditions = [Some(conditions.clone()), Some(conditions)];
+    if matches!(origin, Origin::Adopted) {
+        sets[config_set(datapath.maps.generation()) as usize] = None;
+    }
+    session_maps.identities.set_conditions(sets);
+    let up = start_sessions(store, session_maps, config, &origin, &datapath).and_then(|mirror| {
+        Ok((
+            bring_up(&mut datapath, &origin, config, table, &mirror)?,
+            mirror,
+        ))
+    });
     let (drops, sessions) = match up {
         Ok(up) => up,
         Err(e) => {
@@ -88,6 +102,7 @@ fn bring_up(
     origin: &Origin,
     config: &Config,
     table: &policy::PolicyTable,
+    sessions: &SessionMirror,
 ) -> anyhow::Result<PolicyDrops> {
     // The portal is ready (listening, routed, its TC program attached) before any
     // settings that name it are in force: a handed-over connection always finds it.
@@ -102,11 +117,18 @@ fn bring_up(
         datapath.maps.policy_drops_map_id()?,
         datapath.maps.generation(),
     );
-    drops.apply(
-        &mut datapath.maps,
-        policy::settings(config),
-        table,
-        policy_names(config),
+    sessions.switch_config(
+        policy::identity_conditions(config, table),
+        datapath,
+        |datapath| Ok::<_, crate::datapath::DatapathError>(next_set(&datapath.maps)),
+        |datapath| {
+            drops.apply(
+                &mut datapath.maps,
+                policy::settings(config),
+                table,
+                policy_names(config),
+            )
+        },
     )?;
     if config.agent.portal_listen.is_none() {
         datapath.disable_portal()?;

@@ -143,6 +143,7 @@ fn planned(store: &SessionStore, n: u32) -> Vec<SessionRecord> {
             user: format!("user{i}@example.com"),
             idp: DEFAULT_IDP.into(),
             authenticated_at: OffsetDateTime::now_utc() - time::Duration::minutes(5),
+            groups: Vec::new(),
         })
         .collect();
     let (planned, errors) = store.plan_import(&records, &ClockPair::now());

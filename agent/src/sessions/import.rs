@@ -1,6 +1,7 @@
-//! Bulk session import files: JSON lines (`{"ip", "user", "idp"?, "authenticated_at"}`
-//! per line) or CSV (`ip,user,idp,authenticated_at`, header optional, empty idp for the
-//! default). The first line that is not blank or a `#` comment decides the format.
+//! Bulk session import files: JSON lines (`{"ip", "user", "idp"?, "authenticated_at",
+//! "groups"?}` per line) or CSV (`ip,user,idp,authenticated_at[,groups]`, header
+//! optional, empty idp for the default, groups separated by `;`). The first line that
+//! is not blank or a `#` comment decides the format.
 //! Parsing checks each line on its own (and that no device appears twice); whether a
 //! session may be recorded against the current state is `SessionStore::plan_import`'s
 //! job. Every problem is collected with its line number, so one run reports them all.
@@ -19,7 +20,9 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use super::{DEFAULT_IDP, check_name};
 use crate::input::parse_device;
 
-const CSV_COLUMNS: [&str; 4] = ["ip", "user", "idp", "authenticated_at"];
+const CSV_COLUMNS: [&str; 5] = ["ip", "user", "idp", "authenticated_at", "groups"];
+/// Columns a CSV line must have; the last one (groups) may be left out.
+const CSV_REQUIRED: usize = 4;
 
 /// One session to import, from line `line` of the file (1-based).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +33,8 @@ pub struct ImportRecord {
     pub idp: String,
     #[serde(with = "time::serde::rfc3339")]
     pub authenticated_at: OffsetDateTime,
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A line that cannot be imported, and why.
@@ -74,6 +79,7 @@ struct JsonLine<'a> {
     idp: Option<Cow<'a, str>>,
     #[serde(borrow)]
     authenticated_at: Option<Cow<'a, str>>,
+    groups: Option<Vec<String>>,
 }
 
 /// A line's fields as text, before checking.
@@ -83,6 +89,7 @@ struct Fields<'a> {
     /// `None` for the default IdP.
     idp: Option<Cow<'a, str>>,
     authenticated_at: Cow<'a, str>,
+    groups: Vec<String>,
 }
 
 /// Parses an import file, detecting its format.
@@ -137,7 +144,7 @@ fn json_fields(content: &str) -> Result<Fields<'_>, String> {
         let suffix = format!(" at line {} column {}", e.line(), e.column());
         let what = message.strip_suffix(&suffix).unwrap_or(&message);
         format!(
-            "not a JSON object with ip, user, idp, authenticated_at: {what} (column {})",
+            "not a JSON object with ip, user, idp, authenticated_at, groups: {what} (column {})",
             e.column()
         )
     })?;
@@ -149,6 +156,7 @@ fn json_fields(content: &str) -> Result<Fields<'_>, String> {
         authenticated_at: fields
             .authenticated_at
             .ok_or_else(|| missing("authenticated_at"))?,
+        groups: fields.groups.unwrap_or_default(),
     })
 }
 
@@ -162,7 +170,7 @@ fn is_header(content: &str) -> bool {
 
 fn check_header(content: &str) -> Result<(), String> {
     let columns: Vec<&str> = content.split(',').map(str::trim).collect();
-    if columns.len() == CSV_COLUMNS.len()
+    if (CSV_REQUIRED..=CSV_COLUMNS.len()).contains(&columns.len())
         && columns
             .iter()
             .zip(CSV_COLUMNS)
@@ -171,7 +179,7 @@ fn check_header(content: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "header {content:?} should be {} (these columns, in this order)",
+            "header {content:?} should be {} (these columns, in this order; groups may be left out)",
             CSV_COLUMNS.join(",")
         ))
     }
@@ -191,7 +199,8 @@ fn csv_fields(content: &str) -> Result<Fields<'_>, String> {
         );
     }
     let mut split = content.split(',').map(str::trim);
-    let (Some(ip), Some(user), Some(idp), Some(authenticated_at), None) = (
+    let (Some(ip), Some(user), Some(idp), Some(authenticated_at), groups, None) = (
+        split.next(),
         split.next(),
         split.next(),
         split.next(),
@@ -199,11 +208,18 @@ fn csv_fields(content: &str) -> Result<Fields<'_>, String> {
         split.next(),
     ) else {
         return Err(format!(
-            "expected 4 comma-separated fields ({}), found {}",
+            "expected 4 or 5 comma-separated fields ({}), found {}",
             CSV_COLUMNS.join(","),
             content.split(',').count()
         ));
     };
+    let groups = groups
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
     for (name, value) in [
         ("ip", ip),
         ("user", user),
@@ -218,6 +234,7 @@ fn csv_fields(content: &str) -> Result<Fields<'_>, String> {
         user: user.into(),
         idp: (!idp.is_empty()).then_some(idp.into()),
         authenticated_at: authenticated_at.into(),
+        groups,
     })
 }
 
@@ -244,6 +261,9 @@ fn check(
     check_name("user", &fields.user).map_err(|e| e.to_string())?;
     let idp = fields.idp.unwrap_or(Cow::Borrowed(DEFAULT_IDP));
     check_name("idp", &idp).map_err(|e| e.to_string())?;
+    for group in &fields.groups {
+        check_name("group", group).map_err(|e| e.to_string())?;
+    }
     let authenticated_at =
         OffsetDateTime::parse(&fields.authenticated_at, &Rfc3339).map_err(|_| {
             format!(
@@ -257,6 +277,7 @@ fn check(
         user: fields.user.into_owned(),
         idp: idp.into_owned(),
         authenticated_at,
+        groups: fields.groups,
     })
 }
 

@@ -15,7 +15,11 @@ use super::{
     ChangeError, KernelSessions, LoginRequest, SessionError, SessionRecord, SessionStore,
     StoreChange, StoreDiff, Syncer, Ticket,
 };
-use crate::{clock::ClockPair, datapath::DatapathError, datapath::SessionMaps};
+use crate::{
+    clock::ClockPair,
+    config::IdentityCondition,
+    datapath::{DatapathError, SessionMaps},
+};
 
 /// Changes from the fleet's store in one batch beyond which they are logged as one
 /// line (each at debug level).
@@ -60,7 +64,7 @@ impl<K: KernelSessions> SessionMirror<K> {
         let boot_id = store.boot_id().to_string();
         let sessions: Vec<_> = store
             .iter()
-            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id)))
+            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id), r.identity()))
             .collect();
         let mut removed = 0;
         if adopted {
@@ -193,6 +197,26 @@ impl<K: KernelSessions> SessionMirror<K> {
         sides
             .store
             .resync(snapshot, &ClockPair::now(), &mut sides.kernel)
+    }
+
+    /// Puts a configuration in force with the sessions held still: `next_set` (under the
+    /// caller's own lock on the datapath) names the set it will write, every device's
+    /// identity mask of that set is written for `conditions`, then `switch` writes the
+    /// set and flips to it. No login can come between the masks and the flip.
+    pub fn switch_config<D, R, E: From<DatapathError>>(
+        &self,
+        conditions: Vec<IdentityCondition>,
+        datapath: &mut D,
+        next_set: impl FnOnce(&mut D) -> Result<usize, E>,
+        switch: impl FnOnce(&mut D) -> Result<R, E>,
+    ) -> Result<R, E> {
+        let sides = &mut *self.lock();
+        let set = next_set(datapath)?;
+        let store = &sides.store;
+        sides.kernel.prepare_identities(set, conditions, &|ip| {
+            store.get(&ip).map(SessionRecord::identity)
+        })?;
+        switch(datapath)
     }
 
     /// When the agent stops: leaves the journal readable by earlier versions.

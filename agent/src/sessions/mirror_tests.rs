@@ -193,6 +193,7 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
             stray,
             Session {
                 authenticated_at_ns: 1,
+                ..Session::default()
             },
         );
         k.sessions.get_mut(&alice.ip).unwrap().authenticated_at_ns = 2;

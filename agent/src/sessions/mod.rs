@@ -74,8 +74,11 @@ impl SessionRecord {
         } else {
             clock.boot_ns_of(self.authenticated_at)
         };
+        // The identity slot is the kernel writer's to choose.
         Session {
             authenticated_at_ns,
+            identity: 0,
+            _pad: 0,
         }
     }
 

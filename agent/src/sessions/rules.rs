@@ -106,7 +106,7 @@ pub fn plan_import<'a>(
             user: r.user.clone(),
             idp: Some(r.idp.clone()),
             at: Some(r.authenticated_at),
-            groups: Vec::new(),
+            groups: r.groups.clone(),
         };
         match plan_login(current(&r.ip), &line, clock, boot_id) {
             Ok(record) => planned.push(record),

@@ -131,7 +131,11 @@ impl SessionStore {
         self.prepare_write()?;
         let ip = record.ip;
         let undo = Undo::of_writing(self.sessions.get(&ip), ip);
-        kernel.set_session(ip, record.kernel_value(clock, &self.boot_id))?;
+        kernel.set_session(
+            ip,
+            record.kernel_value(clock, &self.boot_id),
+            &record.identity(),
+        )?;
         let ticket = match self.journal.append_login(&record) {
             Ok(ticket) => ticket,
             Err(e) => {
@@ -194,7 +198,7 @@ impl SessionStore {
         }
         let values: Vec<_> = planned
             .iter()
-            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id)))
+            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id), r.identity()))
             .collect();
         let written = kernel
             .load_sessions(&values)
@@ -271,7 +275,11 @@ impl SessionStore {
                 }
                 let undo = Undo::of_writing(old, record.ip);
                 self.prepare_write()?;
-                kernel.set_session(record.ip, record.kernel_value(clock, &self.boot_id))?;
+                kernel.set_session(
+                    record.ip,
+                    record.kernel_value(clock, &self.boot_id),
+                    &record.identity(),
+                )?;
                 if let Err(e) = self.journal.append_login(&record) {
                     self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
                     return Err(e.into());
@@ -379,7 +387,7 @@ impl SessionStore {
         self.prepare_write()?;
         let values: Vec<_> = records
             .iter()
-            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id)))
+            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id), r.identity()))
             .collect();
         kernel.load_sessions(&values)?;
         if let Err(e) = self.journal.append_logins(records) {
@@ -436,8 +444,11 @@ impl SessionStore {
             }
         }
         for record in replaced {
-            if let Err(e) = kernel.set_session(record.ip, record.kernel_value(clock, &self.boot_id))
-            {
+            if let Err(e) = kernel.set_session(
+                record.ip,
+                record.kernel_value(clock, &self.boot_id),
+                &record.identity(),
+            ) {
                 tracing::error!(device = %record.ip, error = %e, "could not undo a kernel session write");
             }
         }

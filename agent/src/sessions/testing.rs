@@ -19,7 +19,10 @@ use super::{
     KernelSessions, LoginRequest,
     journal::{JournalFile, Opener},
 };
-use crate::datapath::DatapathError;
+use crate::{
+    config::{Identity, IdentityCondition},
+    datapath::DatapathError,
+};
 
 /// A login request for now, through the default IdP.
 pub fn request(ip: &str, user: &str) -> LoginRequest {
@@ -66,7 +69,12 @@ impl FakeKernel {
 }
 
 impl KernelSessions for FakeKernel {
-    fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
+    fn set_session(
+        &mut self,
+        ip: IpAddr,
+        session: Session,
+        _who: &Identity<'_>,
+    ) -> Result<(), DatapathError> {
         self.check()?;
         self.sessions.insert(ip, session);
         Ok(())
@@ -78,7 +86,10 @@ impl KernelSessions for FakeKernel {
         Ok(())
     }
 
-    fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+    fn load_sessions(
+        &mut self,
+        sessions: &[(IpAddr, Session, Identity<'_>)],
+    ) -> Result<(), DatapathError> {
         self.check()?;
         if self.fail_batches {
             return Err(DatapathError::SessionsFull {
@@ -86,13 +97,23 @@ impl KernelSessions for FakeKernel {
                 limit: 0,
             });
         }
-        self.sessions.extend(sessions.iter().copied());
+        self.sessions
+            .extend(sessions.iter().map(|(ip, session, _)| (*ip, *session)));
         Ok(())
     }
 
     fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
         self.check()?;
         Ok(self.sessions.keys().copied().collect())
+    }
+
+    fn prepare_identities<'a>(
+        &mut self,
+        _set: usize,
+        _conditions: Vec<IdentityCondition>,
+        _identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+    ) -> Result<(), DatapathError> {
+        self.check()
     }
 }
 
@@ -107,20 +128,37 @@ impl SharedKernel {
 }
 
 impl KernelSessions for SharedKernel {
-    fn set_session(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
-        self.with(|k| k.set_session(ip, session))
+    fn set_session(
+        &mut self,
+        ip: IpAddr,
+        session: Session,
+        who: &Identity<'_>,
+    ) -> Result<(), DatapathError> {
+        self.with(|k| k.set_session(ip, session, who))
     }
 
     fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
         self.with(|k| k.remove_session(ip))
     }
 
-    fn load_sessions(&mut self, sessions: &[(IpAddr, Session)]) -> Result<(), DatapathError> {
+    fn load_sessions(
+        &mut self,
+        sessions: &[(IpAddr, Session, Identity<'_>)],
+    ) -> Result<(), DatapathError> {
         self.with(|k| k.load_sessions(sessions))
     }
 
     fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
         self.with(|k| k.session_devices())
+    }
+
+    fn prepare_identities<'a>(
+        &mut self,
+        set: usize,
+        conditions: Vec<IdentityCondition>,
+        identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+    ) -> Result<(), DatapathError> {
+        self.with(|k| k.prepare_identities(set, conditions, identity_of))
     }
 }
 

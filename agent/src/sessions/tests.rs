@@ -234,6 +234,7 @@ fn import_record(line: usize, ip: &str, user: &str, idp: &str, ago_hours: i64) -
         user: user.into(),
         idp: idp.into(),
         authenticated_at: OffsetDateTime::now_utc() - time::Duration::hours(ago_hours),
+        groups: Vec::new(),
     }
 }
 

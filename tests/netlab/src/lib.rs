@@ -24,6 +24,7 @@ pub mod dns;
 pub mod etcd;
 pub mod oidc;
 pub mod packets;
+pub mod probes;
 mod raw;
 mod services;
 pub mod shaped;

@@ -4,11 +4,13 @@
 
 mod flows;
 
+use std::os::fd::AsFd;
+
 use agent_common::{
     addr::{Ip4, Ip6},
     maps::{
-        DestRule, FlowBucketV4, FlowBucketV6, MAX_POLICIES, PORT_TABLE_SET_BIT, PolicyParams,
-        PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
+        DestRule, FlowBucketV4, FlowBucketV6, IdentityAnswer, MAX_POLICIES, PORT_TABLE_SET_BIT,
+        PolicyParams, PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
     },
     verdict::counter,
 };
@@ -28,6 +30,7 @@ pub struct Maps {
     dest_v6: [LpmTrie<MapData, Ip6, DestRule>; 2],
     port_rules: HashMap<MapData, PortRuleKey, u32>,
     policies: Array<MapData, PolicyParams>,
+    identity_answers: [Array<MapData, IdentityAnswer>; 2],
     flows_v4: Array<MapData, FlowBucketV4>,
     flows_v6: Array<MapData, FlowBucketV6>,
     counters: PerCpuArray<MapData, u64>,
@@ -98,6 +101,10 @@ impl Maps {
             ],
             port_rules: typed(source, names::PORT_RULES)?,
             policies: typed(source, names::POLICIES)?,
+            identity_answers: [
+                typed(source, names::IDENTITY_ANSWERS[0])?,
+                typed(source, names::IDENTITY_ANSWERS[1])?,
+            ],
             flows_v4: typed(source, names::FLOWS_V4)?,
             flows_v6: typed(source, names::FLOWS_V6)?,
             counters: typed(source, names::COUNTERS)?,
@@ -156,6 +163,13 @@ impl Maps {
         self.clear_set(set)?;
         self.write_set(set, table)?;
         self.geometry.apply(&mut settings);
+        for (slot, policy) in settings
+            .identity_policies
+            .iter_mut()
+            .zip(&table.identity_policies)
+        {
+            *slot = *policy;
+        }
         self.settings
             .set(set, settings, 0)
             .map_err(map_err(names::SETTINGS))?;
@@ -283,6 +297,17 @@ impl Maps {
                 .set(policy_slot(set, index as u32), params, 0)
                 .map_err(map_err(names::POLICIES))?;
         }
+        let answers = &table.identity_answers;
+        let indices: Vec<u32> = (0..answers.len() as u32).collect();
+        super::sys::update_batch(
+            self.identity_answers[i].map().fd().as_fd(),
+            &indices,
+            answers,
+        )
+        .map_err(|source| DatapathError::Batch {
+            map: names::IDENTITY_ANSWERS[i],
+            source,
+        })?;
         for (key, policy) in &table.port_rules {
             let key = PortRuleKey {
                 port_table: port_table(key.port_table),

@@ -27,6 +27,7 @@ fn json_lines_parse_with_comments_blank_lines_and_a_default_idp() {
                 user: "alice@example.com".into(),
                 idp: "okta".into(),
                 authenticated_at: at("2026-11-23T09:30:00Z"),
+                groups: vec![],
             },
             ImportRecord {
                 line: 4,
@@ -34,6 +35,7 @@ fn json_lines_parse_with_comments_blank_lines_and_a_default_idp() {
                 user: "bob@example.com".into(),
                 idp: DEFAULT_IDP.into(),
                 authenticated_at: at("2026-11-23T09:30:00Z"),
+                groups: vec![],
             },
             ImportRecord {
                 line: 5,
@@ -41,8 +43,37 @@ fn json_lines_parse_with_comments_blank_lines_and_a_default_idp() {
                 user: "carol@example.com".into(),
                 idp: DEFAULT_IDP.into(),
                 authenticated_at: at("2026-11-23T09:30:00.5Z"),
+                groups: vec![],
             },
         ]
+    );
+}
+
+#[test]
+fn groups_come_as_a_json_array_or_a_fifth_csv_column() {
+    let json = parse(
+        "{\"ip\":\"198.18.1.10\",\"user\":\"a@example.com\",\"authenticated_at\":\"2026-11-23T09:30:00Z\",\"groups\":[\"finance\",\"staff\"]}\n",
+    );
+    assert_eq!(json.errors, [], "{:?}", messages(&json));
+    assert_eq!(json.records[0].groups, ["finance", "staff"]);
+    let csv = parse(
+        "ip,user,idp,authenticated_at,groups\n\
+         198.18.1.10,a@example.com,okta,2026-11-23T09:30:00Z,finance; staff\n\
+         198.18.1.11,b@example.com,okta,2026-11-23T09:30:00Z,\n\
+         198.18.1.12,c@example.com,okta,2026-11-23T09:30:00Z\n",
+    );
+    assert_eq!(csv.errors, [], "{:?}", messages(&csv));
+    let groups: Vec<&[String]> = csv.records.iter().map(|r| r.groups.as_slice()).collect();
+    assert_eq!(
+        groups,
+        [&["finance".to_string(), "staff".to_string()][..], &[], &[]]
+    );
+    let bad = parse("198.18.1.10,a@example.com,okta,2026-11-23T09:30:00Z,fin\u{202e}ance\n");
+    assert_eq!(bad.records, []);
+    assert!(
+        messages(&bad)[0].starts_with("line 1: group"),
+        "{:?}",
+        messages(&bad)
     );
 }
 
@@ -94,7 +125,7 @@ fn every_bad_line_is_reported_with_its_number() {
         messages(&parsed),
         [
             "line 3: ip \"198.18.1.300\" is not an IPv4 or IPv6 address",
-            "line 4: expected 4 comma-separated fields (ip,user,idp,authenticated_at), found 3",
+            "line 4: expected 4 or 5 comma-separated fields (ip,user,idp,authenticated_at,groups), found 3",
             "line 5: missing field \"user\"",
             "line 7: authenticated_at \"yesterday\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
             "line 8: authenticated_at \"2026-11-23 09:30\" is not an RFC 3339 time like 2026-11-23T09:30:00Z",
@@ -184,7 +215,7 @@ fn a_wrong_csv_header_is_refused_and_only_the_first_line_can_be_one() {
     assert_eq!(
         messages(&parsed),
         [
-            "line 1: header \"ip,user,authenticated_at\" should be ip,user,idp,authenticated_at (these columns, in this order)",
+            "line 1: header \"ip,user,authenticated_at\" should be ip,user,idp,authenticated_at,groups (these columns, in this order; groups may be left out)",
             "line 3: ip \"ip\" is not an IPv4 or IPv6 address",
         ]
     );
