@@ -54,7 +54,9 @@ pub struct ControlReport {
     /// a running agent, end to end through the CLI.
     pub bulk_import: f64,
     /// Seconds for `sessiongate reload` from a one-policy config to one of `cidrs`
-    /// CIDRs on a running agent, end to end through the CLI.
+    /// CIDRs and 64 identity-conditioned policies on a running agent holding `sessions`
+    /// sessions (each device in one of the 64 groups), end to end through the CLI:
+    /// every device's identity mask is computed and written before the flip.
     pub reload: Sample,
     /// Sessions of the fleet-at-scale scenario.
     pub fleet_sessions: usize,
@@ -229,9 +231,15 @@ fn write_csv(path: &Path, n: usize) -> anyhow::Result<()> {
         .wall
         .format(&time::format_description::well_known::Rfc3339)?;
     let mut out = BufWriter::new(fs::File::create(path)?);
-    writeln!(out, "ip,user,idp,authenticated_at")?;
-    for device in scenario::devices(n) {
-        writeln!(out, "{device},bench@example.com,default,{at}")?;
+    writeln!(out, "ip,user,idp,authenticated_at,groups")?;
+    // Each device in one of the teams the identity-conditioned policies name.
+    let teams = scenario::IDENTITY_POLICIES;
+    for (i, device) in scenario::devices(n).enumerate() {
+        writeln!(
+            out,
+            "{device},bench@example.com,default,{at},team-{}",
+            i % teams
+        )?;
     }
     out.flush()?;
     Ok(())

@@ -126,6 +126,20 @@ fn paths() -> Vec<PathCase> {
             )
         },
         case(
+            "TCP SYN, identity-decided, valid",
+            Packet::syn(fresh, IpAddr::V4(scenario::IDENTITY_APP), 443),
+            Verdict::AdmittedNewFlow,
+            false,
+            true,
+        ),
+        case(
+            "TCP SYN, identity-decided, expired",
+            Packet::syn(expired, IpAddr::V4(scenario::IDENTITY_APP), 443),
+            Verdict::DroppedExpired,
+            false,
+            true,
+        ),
+        case(
             "TCP SYN, expired (refused)",
             Packet::syn(expired, app, 443),
             Verdict::DroppedExpired,
@@ -311,6 +325,10 @@ impl Loaded {
         let mut dp = Datapath::load(&limits)?;
         dp.maps.apply(policy::settings(&config), &table)?;
         let mut sessions = dp.take_sessions().expect("not taken yet");
+        let conditions = policy::identity_conditions(&config, &table);
+        sessions
+            .identities
+            .set_conditions([Some(conditions.clone()), Some(conditions)]);
         let now = boot_now_ns();
         let fresh = Session {
             authenticated_at_ns: now,
@@ -331,7 +349,13 @@ impl Loaded {
                 authenticated_at_ns: at,
                 ..Session::default()
             };
-            sessions.set_session(device, session, &scenario::IDENTITY)?;
+            // In one of the 64 teams: the identity-decided paths resolve its bit.
+            let groups = [scenario::BENCH_GROUP.to_string()];
+            let who = sessiongate::config::Identity {
+                groups: &groups,
+                ..scenario::IDENTITY
+            };
+            sessions.set_session(device, session, &who)?;
         }
         dp.maps.track_flows_v4(flows(size.flows), now as u64)?;
         Ok(Self { dp, config })

@@ -34,8 +34,16 @@ destinations = ["198.19.10.0/24"]
 check_session = { enforce = true, duration = "1h" }
 "#;
 
+/// Identity-conditioned policies in `policies`: as many as a config may hold.
+pub const IDENTITY_POLICIES: usize = 64;
+/// Where they apply: the identity-decided application the benchmarks send to.
+pub const IDENTITY_APP: Ipv4Addr = Ipv4Addr::new(198, 19, 11, 10);
+/// The group of the benchmark's own devices: the 41st condition of the 64.
+pub const BENCH_GROUP: &str = "team-40";
+
 /// A policy file with `cidrs` destination CIDRs in total (at least 10): the
-/// application the benchmarks send to, random applications, and a 7-day baseline.
+/// application the benchmarks send to, random applications, 64 identity-conditioned
+/// policies (one per group `team-N`) over `IDENTITY_APP`'s /24, and a 7-day baseline.
 pub fn policies(cidrs: usize, seed: u64) -> String {
     let mut rng = StdRng::seed_from_u64(seed);
     // The nested chain the benchmark packets hit belongs to its own policy; the
@@ -47,9 +55,9 @@ pub fn policies(cidrs: usize, seed: u64) -> String {
         "2001:db8:10::/48",
     ];
     let mut nets: BTreeSet<String> = BTreeSet::new();
-    while nets.len() < cidrs.saturating_sub(chain.len() + 2) {
+    while nets.len() < cidrs.saturating_sub(chain.len() + 3) {
         let net = random_cidr(&mut rng);
-        if !chain.contains(&net.as_str()) {
+        if !chain.contains(&net.as_str()) && net != "198.19.11.0/24" {
             nets.insert(net);
         }
     }
@@ -84,6 +92,15 @@ pub fn policies(cidrs: usize, seed: u64) -> String {
             durations.choose(&mut rng).expect("non-empty"),
         );
         precedence += 1 + rng.random_range(0..5);
+    }
+    // One policy per team on one application, before everything else: an answer there
+    // depends on who the device is, with all 64 bits to choose from.
+    for team in 0..IDENTITY_POLICIES {
+        let _ = write!(
+            out,
+            "[[policy]]\nname = \"ledger team-{team}\"\nprecedence = {}\ndestinations = [\"198.19.11.0/24\"]\ncheck_session = {{ enforce = true, duration = \"1h\" }}\nidentity = {{ groups = [\"team-{team}\"] }}\n\n",
+            10 + team
+        );
     }
     // A 7-day baseline over all applications, evaluated last (Gateway's "global timeout").
     let _ = write!(
