@@ -176,3 +176,40 @@ check_session = { enforce = true, duration = "1h" }
         }
     });
 }
+
+#[test]
+fn identity_verdicts_hold_while_the_agent_restarts() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let config = lab.config("", LEDGER);
+    let mut agent = lab.start_agent(&config);
+    let hours = |h: u64| Duration::from_secs(h * 3600);
+    let (finance, contractor) = (device(1), device(2));
+    login(&agent, finance, ANN, "okta", &["finance"], hours(3));
+    login(&agent, contractor, CY, "partners", &[], hours(2));
+    let probes = [
+        probe("finance's 3h session opens (8h)", || {
+            lab.tcp_works(finance, APP, PORT)
+        }),
+        probe("the contractor's 2h session is refused (1h)", || {
+            lab.tcp_blocked(contractor, APP, PORT)
+        }),
+    ];
+    // Stopped, the pinned datapath judges alone; started again, the new agent adopts
+    // it, gives every session a fresh identity slot and puts its own policy in force.
+    // A refused probe waits out its connection attempt: the window is long enough
+    // for several of each.
+    let agent = under_traffic(&probes, 3, || {
+        assert!(agent.stop().success());
+        std::thread::sleep(Duration::from_secs(2));
+        let agent = lab.start_agent(&config);
+        std::thread::sleep(Duration::from_secs(2));
+        agent
+    });
+    assert!(agent.log_text().contains("adopted the pinned datapath"));
+    // A new login after the restart still takes effect at once.
+    login(&agent, contractor, CY, "partners", &[], Duration::ZERO);
+    assert!(lab.tcp_works(contractor, APP, PORT));
+}

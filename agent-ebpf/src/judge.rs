@@ -81,7 +81,13 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         None => answer,
         Some(index) => {
             session = session_of::<F>(src, folded_src, settings);
-            identity_policy(set, index, &session, settings)
+            // One function per set: with the map chosen at run time the verifier could
+            // not turn the lookups into direct array accesses.
+            if set == 0 {
+                identity_policy::<0>(index, &session, settings)
+            } else {
+                identity_policy::<1>(index, &session, settings)
+            }
         }
     };
     if let Some(v) = verdict_without_policy(policy_index) {
@@ -313,12 +319,12 @@ fn found(session: &Session) -> Option<i64> {
     (at != NO_SESSION.authenticated_at_ns).then_some(at)
 }
 
-/// The policy identity answer `index` of set `set` gives the device with `session`
+/// The policy identity answer `index` of set `SET` gives the device with `session`
 /// (none: no identity, mask 0).
 // Out of line: only destinations with identity-conditioned policies come here.
 #[inline(never)]
-fn identity_policy(set: u32, index: u32, session: &Session, settings: &Settings) -> u32 {
-    let (answers, masks) = if set == 0 {
+fn identity_policy<const SET: u32>(index: u32, session: &Session, settings: &Settings) -> u32 {
+    let (answers, masks) = if SET == 0 {
         (&SG_IDENTITY_ANSWERS_0, &SG_IDENTITIES_0)
     } else {
         (&SG_IDENTITY_ANSWERS_1, &SG_IDENTITIES_1)
