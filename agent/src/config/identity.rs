@@ -77,6 +77,28 @@ pub fn mask_of(conditions: &[IdentityCondition], who: &Identity<'_>) -> u64 {
         .fold(0, |mask, (bit, _)| mask | 1 << bit)
 }
 
+/// `mask_of` for many identities at once: each distinct identity is evaluated once
+/// (and the user left out of the comparison when no condition looks at it), since a
+/// million devices typically share far fewer identities, or at least group sets.
+pub fn masks_of<'a>(
+    conditions: &[IdentityCondition],
+    who: impl IntoIterator<Item = &'a Identity<'a>>,
+) -> Vec<u64> {
+    let by_user = conditions
+        .iter()
+        .any(|c| c.users.is_some() || c.user_matches.is_some());
+    let mut known: std::collections::HashMap<(&str, &str, &[String]), u64> =
+        std::collections::HashMap::new();
+    who.into_iter()
+        .map(|w| {
+            let user = if by_user { w.user } else { "" };
+            *known
+                .entry((user, w.idp, w.groups))
+                .or_insert_with(|| mask_of(conditions, w))
+        })
+        .collect()
+}
+
 /// A `user_matches` pattern: the `regex` crate's syntax, matched against the whole
 /// user name (as if written `^(?:pattern)$`).
 #[derive(Clone, Debug)]
@@ -181,6 +203,36 @@ mod tests {
         let ann = who("ann@example.com", "okta", &groups);
         assert_eq!(mask_of(&conditions, &ann), 0b101);
         assert_eq!(mask_of(&[], &ann), 0);
+    }
+
+    #[test]
+    fn masks_of_many_equal_mask_of_each() {
+        let conditions = [
+            IdentityCondition {
+                users: None,
+                user_matches: None,
+                groups: Some(strings(&["finance"])),
+                idps: None,
+            },
+            IdentityCondition {
+                users: None,
+                user_matches: Some(UserPattern::new("a.*").unwrap()),
+                groups: None,
+                idps: Some(strings(&["okta"])),
+            },
+        ];
+        let (finance, none) = (strings(&["finance"]), strings(&[]));
+        let people = [
+            who("ann@example.com", "okta", &finance),
+            who("bob@example.com", "okta", &finance),
+            who("ann@example.com", "entra", &none),
+            who("al@example.com", "okta", &none),
+        ];
+        let each: Vec<u64> = people.iter().map(|p| mask_of(&conditions, p)).collect();
+        assert_eq!(each, [0b11, 0b01, 0b00, 0b10]);
+        assert_eq!(masks_of(&conditions, &people), each);
+        // Without a condition on the user, users that share the rest share the mask.
+        assert_eq!(masks_of(&conditions[..1], &people), [1, 1, 0, 0]);
     }
 
     #[test]

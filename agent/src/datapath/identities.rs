@@ -15,7 +15,10 @@ use super::{
     maps::{MapSource, map_err, typed},
     sys,
 };
-use crate::config::{Identity, IdentityCondition, Limits, identity::mask_of};
+use crate::config::{
+    Identity, IdentityCondition, Limits,
+    identity::{mask_of, masks_of},
+};
 
 /// Slots beyond two per device limit (one per family): a replaced session holds its
 /// old slot until its new one is written.
@@ -100,21 +103,32 @@ impl Identities {
         &mut self,
         who: &[(Identity<'_>, Option<u32>)],
     ) -> Result<Vec<u32>, DatapathError> {
-        let slots = who
-            .iter()
-            .map(|_| self.allocate())
-            .collect::<Result<Vec<u32>, _>>()?;
+        let mut slots = Vec::with_capacity(who.len());
+        for _ in who {
+            match self.allocate() {
+                Ok(slot) => slots.push(slot),
+                Err(e) => {
+                    slots.into_iter().for_each(|s| self.release(s));
+                    return Err(e);
+                }
+            }
+        }
         for set in 0..2 {
-            let masks: Vec<u64> = who
-                .iter()
-                .map(|(identity, previous)| self.mask(set, identity, *previous))
-                .collect();
-            sys::update_batch(self.masks[set].map().fd().as_fd(), &slots, &masks).map_err(
-                |source| DatapathError::Batch {
+            let masks: Vec<u64> = match &self.conditions[set] {
+                Some(conditions) => masks_of(conditions, who.iter().map(|(w, _)| w)),
+                None => who
+                    .iter()
+                    .map(|(identity, previous)| self.mask(set, identity, *previous))
+                    .collect(),
+            };
+            let written = sys::update_batch(self.masks[set].map().fd().as_fd(), &slots, &masks);
+            if let Err(source) = written {
+                slots.into_iter().for_each(|s| self.release(s));
+                return Err(DatapathError::Batch {
                     map: names::IDENTITIES[set],
                     source,
-                },
-            )?;
+                });
+            }
         }
         Ok(slots)
     }
@@ -134,10 +148,8 @@ impl Identities {
         conditions: Vec<IdentityCondition>,
         devices: &[(u32, Identity<'_>)],
     ) -> Result<(), DatapathError> {
-        let (slots, masks): (Vec<u32>, Vec<u64>) = devices
-            .iter()
-            .map(|(slot, who)| (*slot, mask_of(&conditions, who)))
-            .unzip();
+        let slots: Vec<u32> = devices.iter().map(|(slot, _)| *slot).collect();
+        let masks = masks_of(&conditions, devices.iter().map(|(_, who)| who));
         sys::update_batch(self.masks[set].map().fd().as_fd(), &slots, &masks).map_err(
             |source| DatapathError::Batch {
                 map: names::IDENTITIES[set],
@@ -146,6 +158,12 @@ impl Identities {
         )?;
         self.conditions[set] = Some(conditions);
         Ok(())
+    }
+
+    /// A set without identity conditions: its masks are never read (it has no identity
+    /// answers), so they are neither computed nor written until it gets some.
+    pub fn forget(&mut self, set: usize) {
+        self.conditions[set] = Some(Vec::new());
     }
 
     fn mask(&self, set: usize, who: &Identity<'_>, previous: Option<u32>) -> u64 {

@@ -28,13 +28,13 @@ pub trait KernelSessions {
     /// Devices with a session in the kernel.
     fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError>;
     /// Writes every device's identity mask of configuration set `set` for
-    /// `conditions` (`identity_of` tells who each device is), before the set is put in
-    /// force.
+    /// `conditions`, before the set is put in force. `identities` tells who each device
+    /// is, in address order (as the store iterates).
     fn prepare_identities<'a>(
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
     ) -> Result<(), DatapathError>;
 }
 
@@ -67,13 +67,35 @@ impl KernelSessions for SessionMaps {
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
     ) -> Result<(), DatapathError> {
-        let devices: Vec<(u32, Identity<'a>)> = self
-            .kernel_sessions()?
-            .into_iter()
-            .filter_map(|(ip, s)| Some((s.identity, identity_of(ip)?)))
-            .collect();
-        self.identities.prepare(set, conditions, &devices)
+        // Without conditions the set has no identity answers: its masks are never read.
+        if conditions.is_empty() {
+            self.identities.forget(set);
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut in_kernel = self.kernel_sessions()?;
+        in_kernel.sort_unstable_by_key(|(ip, _)| *ip);
+        let read = started.elapsed();
+        // Both in address order: one pass pairs each kernel session with its identity.
+        let mut devices: Vec<(u32, Identity<'a>)> = Vec::with_capacity(in_kernel.len());
+        let mut kernel = in_kernel.iter().peekable();
+        for (ip, who) in identities {
+            while kernel.next_if(|(k, _)| *k < ip).is_some() {}
+            if let Some((_, session)) = kernel.next_if(|(k, _)| *k == ip) {
+                devices.push((session.identity, who));
+            }
+        }
+        let paired = started.elapsed();
+        self.identities.prepare(set, conditions, &devices)?;
+        tracing::info!(
+            devices = devices.len(),
+            read_ms = read.as_millis() as u64,
+            paired_ms = (paired - read).as_millis() as u64,
+            written_ms = (started.elapsed() - paired).as_millis() as u64,
+            "identity masks written for the configuration about to be put in force"
+        );
+        Ok(())
     }
 }

@@ -213,9 +213,10 @@ impl<K: KernelSessions> SessionMirror<K> {
         let sides = &mut *self.lock();
         let set = next_set(datapath)?;
         let store = &sides.store;
-        sides.kernel.prepare_identities(set, conditions, &|ip| {
-            store.get(&ip).map(SessionRecord::identity)
-        })?;
+        let mut identities = store.iter().map(|r| (r.ip, r.identity()));
+        sides
+            .kernel
+            .prepare_identities(set, conditions, &mut identities)?;
         switch(datapath)
     }
 

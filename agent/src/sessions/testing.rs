@@ -111,7 +111,7 @@ impl KernelSessions for FakeKernel {
         &mut self,
         _set: usize,
         _conditions: Vec<IdentityCondition>,
-        _identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+        _identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
     ) -> Result<(), DatapathError> {
         self.check()
     }
@@ -156,9 +156,9 @@ impl KernelSessions for SharedKernel {
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identity_of: &dyn Fn(IpAddr) -> Option<Identity<'a>>,
+        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
     ) -> Result<(), DatapathError> {
-        self.with(|k| k.prepare_identities(set, conditions, identity_of))
+        self.with(|k| k.prepare_identities(set, conditions, identities))
     }
 }
 
