@@ -450,4 +450,6 @@ fn check_capacity(config: &Config, table: &PolicyTable) -> Result<(), CompileErr
 }
 
 #[cfg(test)]
+mod random_tests;
+#[cfg(test)]
 mod tests;

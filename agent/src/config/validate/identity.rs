@@ -89,3 +89,78 @@ pub(super) fn count(policies: &[Policy], problems: &mut Problems) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{
+        Config,
+        validate::tests::{assert_exactly, has, problems},
+    };
+
+    #[test]
+    fn identity_conditions_are_checked_part_by_part() {
+        let policy = |n: usize, identity: &str| {
+            format!(
+                "[[policy]]\nname = \"p{n}\"\nprecedence = {n}\ndestinations = [\"198.19.{n}.0/24\"]\ncheck_session = {{ enforce = true, duration = \"1h\" }}\nidentity = {identity}\n"
+            )
+        };
+        let text = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\n{}{}{}{}",
+            policy(1, "{ users = [] }"),
+            policy(2, "{ user_matches = \"(unclosed\" }"),
+            policy(3, "{}"),
+            policy(4, "{ groups = [\"fin\\u202eance\"], idps = [\"okta\"] }"),
+        );
+        assert_exactly(
+            &problems(&text),
+            &[
+                ("policy \"p1\" (#1)", "identity.users", "empty"),
+                (
+                    "policy \"p2\" (#2)",
+                    "identity.user_matches",
+                    "not a regular expression",
+                ),
+                ("policy \"p3\" (#3)", "identity", "empty"),
+                ("policy \"p4\" (#4)", "identity.groups", "invisible"),
+            ],
+        );
+        // Unknown keys are syntax errors with a location.
+        let unknown = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\n{}",
+            policy(1, "{ email = \"a\" }")
+        );
+        let err = Config::parse(&unknown, "test.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("email"), "{err}");
+        // At most 64 policies may have a condition.
+        let many: String = (1..=65)
+            .map(|n| policy(n, "{ groups = [\"g\"] }"))
+            .collect();
+        let text = format!("[agent]\ninterfaces = [\"eth0\"]\n{many}");
+        assert!(has(
+            &problems(&text),
+            "[[policy]]",
+            "identity",
+            "65 policies"
+        ));
+        // A valid one parses into its parts.
+        let ok = format!(
+            "[agent]\ninterfaces = [\"eth0\"]\n{}",
+            policy(
+                1,
+                "{ users = [\"a@example.com\"], user_matches = \".*@example\\\\.com\", groups = [\"finance\"], idps = [\"okta\"] }"
+            )
+        );
+        let config = Config::parse(&ok, "test.toml").expect("valid");
+        let condition = config.policies[0].identity.as_ref().expect("a condition");
+        assert_eq!(
+            condition.users.as_deref(),
+            Some(&["a@example.com".to_string()][..])
+        );
+        assert_eq!(
+            condition.user_matches.as_ref().unwrap().source,
+            ".*@example\\.com"
+        );
+    }
+}
