@@ -368,12 +368,7 @@ impl Model {
         };
         let mut order: Vec<usize> = (0..self.config.policies.len()).collect();
         order.sort_by_key(|&i| self.config.policies[i].precedence);
-        order.retain(|&i| {
-            let p = &self.config.policies[i];
-            p.destinations.iter().any(|net| net.contains(&flow.dst))
-                && p.matches_protocol(proto)
-                && p.matches_port(flow.dport)
-        });
+        order.retain(|&i| self.config.policies[i].matches_packet(flow.dst, proto, flow.dport));
         order
     }
 

@@ -295,6 +295,14 @@ impl Policy {
         }
     }
 
+    /// Whether a packet to `dst`, `proto`, `port` is under this policy (whoever sends
+    /// it).
+    pub fn matches_packet(&self, dst: IpAddr, proto: Protocol, port: u16) -> bool {
+        self.destinations.iter().any(|net| net.contains(&dst))
+            && self.matches_protocol(proto)
+            && self.matches_port(port)
+    }
+
     pub fn matches_port(&self, port: u16) -> bool {
         self.ports
             .as_ref()
@@ -408,12 +416,7 @@ impl Config {
         self.policies
             .iter()
             .enumerate()
-            .filter(|(_, p)| {
-                p.destinations.iter().any(|net| net.contains(&dst))
-                    && p.matches_protocol(proto)
-                    && p.matches_port(port)
-                    && p.applies_to(who)
-            })
+            .filter(|(_, p)| p.matches_packet(dst, proto, port) && p.applies_to(who))
             .min_by_key(|(_, p)| p.precedence)
             .map(|(i, _)| i)
     }

@@ -31,11 +31,7 @@ fn reachable_for_some_identity(
         .policies
         .iter()
         .enumerate()
-        .filter(|(_, p)| {
-            p.destinations.iter().any(|net| net.contains(&dst))
-                && p.matches_protocol(proto)
-                && p.matches_port(port)
-        })
+        .filter(|(_, p)| p.matches_packet(dst, proto, port))
         .collect();
     matching.sort_by_key(|(_, p)| p.precedence);
     let mut reached = Vec::new();
