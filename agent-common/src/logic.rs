@@ -57,24 +57,27 @@ pub const fn flow_needs_refresh(now_ns: u64, last_seen_ns: u64) -> bool {
     now_ns.saturating_sub(last_seen_ns) >= FLOW_REFRESH_NS
 }
 
+/// Whether `interval_ns` has passed since `last_ns` (`None`: never happened).
+#[inline(always)]
+const fn interval_passed(now_ns: u64, last_ns: Option<u64>, interval_ns: u64) -> bool {
+    match last_ns {
+        None => true,
+        Some(last) => now_ns.saturating_sub(last) >= interval_ns,
+    }
+}
+
 /// Whether a refusal may send an event, given when the last one for the same device and
 /// policy was sent (`None`: never).
 #[inline(always)]
 pub const fn event_due(now_ns: u64, last_event_ns: Option<u64>) -> bool {
-    match last_event_ns {
-        None => true,
-        Some(last) => now_ns.saturating_sub(last) >= EVENT_INTERVAL_NS,
-    }
+    interval_passed(now_ns, last_event_ns, EVENT_INTERVAL_NS)
 }
 
 /// Whether an admitted new flow may send a use report, given when the last one for the
 /// same device and policy was sent (`None`: never, or the slot holds another pair).
 #[inline(always)]
 pub const fn use_report_due(now_ns: u64, last_report_ns: Option<u64>) -> bool {
-    match last_report_ns {
-        None => true,
-        Some(last) => now_ns.saturating_sub(last) >= USE_REPORT_INTERVAL_NS,
-    }
+    interval_passed(now_ns, last_report_ns, USE_REPORT_INTERVAL_NS)
 }
 
 /// The index of the lowest set bit of a nonzero word, found in six steps without a

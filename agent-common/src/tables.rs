@@ -33,6 +33,25 @@ fn session_check(folded: u64, authenticated_at_ns: i64, identity: u32) -> u32 {
     ) as u32
 }
 
+/// An entry's session, if the entry is the device's (`same_addr`) and its check word
+/// holds for its fields.
+#[inline(always)]
+fn checked_session(
+    same_addr: bool,
+    check: u32,
+    folded: u64,
+    authenticated_at_ns: i64,
+    identity: u32,
+) -> Option<Session> {
+    (same_addr && check == session_check(folded, authenticated_at_ns, identity)).then_some(
+        Session {
+            authenticated_at_ns,
+            identity,
+            _pad: 0,
+        },
+    )
+}
+
 impl SessionSlot for SessionSlotV4 {
     type Addr = Ip4;
 
@@ -57,13 +76,12 @@ impl SessionSlot for SessionSlotV4 {
 
     #[inline(always)]
     fn session_of(&self, addr: &Ip4, folded: u64) -> Option<Session> {
-        let (at, identity) = (self.authenticated_at_ns, self.identity);
-        (self.addr == *addr && self.check == session_check(folded, at, identity)).then_some(
-            Session {
-                authenticated_at_ns: at,
-                identity,
-                _pad: 0,
-            },
+        checked_session(
+            self.addr == *addr,
+            self.check,
+            folded,
+            self.authenticated_at_ns,
+            self.identity,
         )
     }
 
@@ -95,13 +113,12 @@ impl SessionSlot for SessionSlotV6 {
 
     #[inline(always)]
     fn session_of(&self, addr: &Ip6, folded: u64) -> Option<Session> {
-        let (at, identity) = (self.authenticated_at_ns, self.identity);
-        (self.addr == *addr && self.check == session_check(folded, at, identity)).then_some(
-            Session {
-                authenticated_at_ns: at,
-                identity,
-                _pad: 0,
-            },
+        checked_session(
+            self.addr == *addr,
+            self.check,
+            folded,
+            self.authenticated_at_ns,
+            self.identity,
         )
     }
 

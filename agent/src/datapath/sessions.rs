@@ -362,29 +362,22 @@ fn walk(
     v6: &HashMap<MapData, Ip6, Session>,
 ) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
     let mut all = Vec::new();
-    sys::read_map::<Ip4, Session>(v4.map().fd().as_fd(), |keys, values| {
-        all.extend(
-            keys.iter()
-                .zip(values)
-                .map(|(k, v)| (IpAddr::V4((*k).into()), *v)),
-        );
-    })
-    .map_err(|source| DatapathError::Batch {
-        map: names::SESSIONS_V4,
-        source,
-    })?;
-    sys::read_map::<Ip6, Session>(v6.map().fd().as_fd(), |keys, values| {
-        all.extend(
-            keys.iter()
-                .zip(values)
-                .map(|(k, v)| (IpAddr::V6((*k).into()), *v)),
-        );
-    })
-    .map_err(|source| DatapathError::Batch {
-        map: names::SESSIONS_V6,
-        source,
-    })?;
+    walk_into(v4, names::SESSIONS_V4, |a| IpAddr::V4(a.into()), &mut all)?;
+    walk_into(v6, names::SESSIONS_V6, |a| IpAddr::V6(a.into()), &mut all)?;
     Ok(all)
+}
+
+/// One session map's elements, appended to `all` with their address made an `IpAddr`.
+fn walk_into<K: aya::Pod + Default>(
+    map: &HashMap<MapData, K, Session>,
+    name: &'static str,
+    ip: impl Fn(K) -> IpAddr,
+    all: &mut Vec<(IpAddr, Session)>,
+) -> Result<(), DatapathError> {
+    sys::read_map::<K, Session>(map.map().fd().as_fd(), |keys, values| {
+        all.extend(keys.iter().zip(values).map(|(k, v)| (ip(*k), *v)));
+    })
+    .map_err(|source| DatapathError::Batch { map: name, source })
 }
 
 const fn session_map_name(ip: IpAddr) -> &'static str {
