@@ -77,7 +77,8 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
     // An answer that depends on who the device is needs its session now; any other
     // looks the session up only if the policy checks sessions.
     let mut session = NO_SESSION;
-    let policy_index = match identity_answer_index(answer) {
+    let by_identity = identity_answer_index(answer);
+    let policy_index = match by_identity {
         None => answer,
         Some(index) => {
             session = session_of::<F>(src, folded_src, settings);
@@ -104,7 +105,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         Some((_, _, _, now)) => *now,
         None => now_ns(),
     };
-    if identity_answer_index(answer).is_none() {
+    if by_identity.is_none() {
         session = session_of::<F>(src, folded_src, settings);
     }
     let authenticated_at = found(&session);
@@ -115,6 +116,21 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
         None => NO_SESSION_AGE,
     };
     let judged = judge_new_flow(policy, authenticated_at, settings.unknown_device, now);
+    // What the agent is told of this flow: a use or a refusal.
+    let report = |action: u32| {
+        send_event(&Report {
+            family: F::FAMILY,
+            src: F::wide(src),
+            dst: F::wide(dst),
+            l4: *l4,
+            policy: policy_index,
+            set: set as u8,
+            action: action as u8,
+            verdict: judged,
+            session_age_ns: session_age,
+            now_ns: now,
+        })
+    };
     let mut action = ACTION_DROP;
     match judged {
         Verdict::AdmittedNewFlow | Verdict::AdmittedUnknownDevice => {
@@ -129,18 +145,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
             if judged == Verdict::AdmittedNewFlow
                 && use_report_allowed(folded_src, policy_index, F::FAMILY, now, settings)
             {
-                send_event(&Report {
-                    family: F::FAMILY,
-                    src: F::wide(src),
-                    dst: F::wide(dst),
-                    l4: *l4,
-                    policy: policy_index,
-                    set: set as u8,
-                    action: ACTION_DROP as u8,
-                    verdict: judged,
-                    session_age_ns: session_age,
-                    now_ns: now,
-                });
+                report(ACTION_DROP);
             }
         }
         _ if judged.is_refusal() => {
@@ -150,18 +155,7 @@ pub fn judge<F: Family>(src: &F::Addr, dst: &F::Addr, l4: &L4) -> (Verdict, u32)
                 action = visible_action(policy, l4, folded_src, now, settings);
             }
             if event_allowed(folded_src, policy_index, F::FAMILY, now, settings) {
-                send_event(&Report {
-                    family: F::FAMILY,
-                    src: F::wide(src),
-                    dst: F::wide(dst),
-                    l4: *l4,
-                    policy: policy_index,
-                    set: set as u8,
-                    action: action as u8,
-                    verdict: judged,
-                    session_age_ns: session_age,
-                    now_ns: now,
-                });
+                report(action);
             }
         }
         _ => {}
