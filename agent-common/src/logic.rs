@@ -80,36 +80,17 @@ pub const fn use_report_due(now_ns: u64, last_report_ns: Option<u64>) -> bool {
     interval_passed(now_ns, last_report_ns, USE_REPORT_INTERVAL_NS)
 }
 
-/// The index of the lowest set bit of a nonzero word, found in six steps without a
-/// loop or a table (the program cannot count trailing zeros in one instruction).
+/// A de Bruijn sequence B(2, 6): a single set bit times this word leaves a distinct
+/// number in the top six bits, one for each of the 64 bits.
+const DE_BRUIJN_64: u64 = 0x03f7_9d71_b4cb_0a89;
+
+/// Where the lowest bit set in `x` is kept in a table of 64 indexed this way (any
+/// number for 0): four instructions, where the program cannot count trailing zeros
+/// and a binary search costs a dozen branches. `Settings::identity_policies` is such
+/// a table.
 #[inline(always)]
-pub const fn lowest_bit(x: u64) -> u32 {
-    let mut x = x;
-    let mut n = 0;
-    if x & 0xFFFF_FFFF == 0 {
-        n += 32;
-        x >>= 32;
-    }
-    if x & 0xFFFF == 0 {
-        n += 16;
-        x >>= 16;
-    }
-    if x & 0xFF == 0 {
-        n += 8;
-        x >>= 8;
-    }
-    if x & 0xF == 0 {
-        n += 4;
-        x >>= 4;
-    }
-    if x & 0x3 == 0 {
-        n += 2;
-        x >>= 2;
-    }
-    if x & 0x1 == 0 {
-        n += 1;
-    }
-    n
+pub const fn bit_slot(x: u64) -> usize {
+    ((x & x.wrapping_neg()).wrapping_mul(DE_BRUIJN_64) >> 58) as usize
 }
 
 /// The policy an identity answer gives a device whose identity satisfies the
@@ -126,7 +107,7 @@ pub fn resolve_identity(
         return answer.default;
     }
     // Masked so that the verifier sees the index in bounds.
-    identity_policies[(lowest_bit(hit) as usize) & (MAX_IDENTITY_POLICIES - 1)]
+    identity_policies[bit_slot(hit) & (MAX_IDENTITY_POLICIES - 1)]
 }
 
 /// What a refused new flow gets: `ACTION_DROP`, `ACTION_REJECT` or `ACTION_REDIRECT`.
@@ -379,19 +360,21 @@ mod tests {
     }
 
     #[test]
-    fn lowest_bit_finds_every_bit() {
+    fn bit_slots_are_distinct_and_follow_the_lowest_bit() {
+        let slots: std::collections::BTreeSet<usize> = (0..64).map(|i| bit_slot(1 << i)).collect();
+        assert_eq!(slots.len(), 64);
+        assert!(slots.iter().all(|&s| s < 64));
         for i in 0..64 {
-            assert_eq!(lowest_bit(1 << i), i);
-            assert_eq!(lowest_bit(u64::MAX << i), i);
-            assert_eq!(lowest_bit((1 << i) | (1 << 63)), i);
+            assert_eq!(bit_slot(u64::MAX << i), bit_slot(1 << i));
+            assert_eq!(bit_slot((1 << i) | (1 << 63)), bit_slot(1 << i));
         }
     }
 
     #[test]
     fn identity_answers_give_the_first_matching_conditioned_policy_else_the_default() {
         let mut policies = [0u32; MAX_IDENTITY_POLICIES];
-        for (i, p) in policies.iter_mut().enumerate() {
-            *p = 100 + i as u32;
+        for i in 0..MAX_IDENTITY_POLICIES {
+            policies[bit_slot(1 << i)] = 100 + i as u32;
         }
         let answer = IdentityAnswer {
             mask: 0b1010_0100,

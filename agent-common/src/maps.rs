@@ -95,7 +95,8 @@ pub const fn identity_answer_index(answer: u32) -> Option<u32> {
 ///
 /// An identity-dependent first match (see `IDENTITY_ANSWER`): of the identity-conditioned
 /// policies that come before the first unconditional match, those in `mask` (bit `i`:
-/// the set's `Settings::identity_policies[i]`, bits in precedence order), and the
+/// the set's `i`-th identity-conditioned policy by precedence, see
+/// `Settings::identity_policies`), and the
 /// unconditional match itself. A device gets the policy of the lowest bit its own
 /// identity mask shares with `mask`, else `default`.
 #[repr(C)]
@@ -119,7 +120,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 6;
+pub const LAYOUT: u32 = 7;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -167,8 +168,9 @@ pub struct Settings {
     /// Bitmap of every redirect policy's `redirect_ports` (the TC program follows
     /// portal connections on these ports only).
     pub redirect_ports: [u64; PORT_BITMAP_WORDS],
-    /// The identity-conditioned policies in precedence order: bit `i` of identity masks
-    /// stands for policy `identity_policies[i]` (`IdentityAnswer`).
+    /// The identity-conditioned policies: bit `i` of identity masks (`IdentityAnswer`,
+    /// bits in precedence order) stands for policy `identity_policies[bit_slot(1 << i)]`
+    /// (`logic::bit_slot`: the program finds a mask's lowest bit's policy in one step).
     pub identity_policies: [u32; MAX_IDENTITY_POLICIES],
 }
 const _: () = assert!(size_of::<Settings>() == 72 + 2 * 8192 + 4 * MAX_IDENTITY_POLICIES);
@@ -353,7 +355,7 @@ const _: () = assert!(size_of::<Session>() == 16);
 /// `SG_IDENTITIES_0` / `SG_IDENTITIES_1`: ARRAY of `u64`, one per set, written by the
 /// agent, indexed by `Session::identity`: the device's identity mask for that set's
 /// policies (bit `i`: its identity satisfies the condition of the set's
-/// `Settings::identity_policies[i]`). A reload writes every device's mask of the set
+/// `i`-th identity-conditioned policy). A reload writes every device's mask of the set
 /// it is about to put in force before the flip. Slot 0 stays 0.
 pub const IDENTITY_NONE: u32 = 0;
 

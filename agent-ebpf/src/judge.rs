@@ -315,8 +315,7 @@ fn found(session: &Session) -> Option<i64> {
 
 /// The policy identity answer `index` of set `SET` gives the device with `session`
 /// (none: no identity, mask 0).
-// Out of line: only destinations with identity-conditioned policies come here.
-#[inline(never)]
+#[inline(always)]
 fn identity_policy<const SET: u32>(index: u32, session: &Session, settings: &Settings) -> u32 {
     let (answers, masks) = if SET == 0 {
         (&SG_IDENTITY_ANSWERS_0, &SG_IDENTITIES_0)

@@ -12,6 +12,7 @@ use agent_common::{
         DestRule, FlowBucketV4, FlowBucketV6, IdentityAnswer, MAX_POLICIES, PORT_TABLE_SET_BIT,
         PolicyParams, PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
     },
+    logic::bit_slot,
     verdict::counter,
 };
 use aya::maps::{
@@ -163,12 +164,8 @@ impl Maps {
         self.clear_set(set)?;
         self.write_set(set, table)?;
         self.geometry.apply(&mut settings);
-        for (slot, policy) in settings
-            .identity_policies
-            .iter_mut()
-            .zip(&table.identity_policies)
-        {
-            *slot = *policy;
+        for (bit, &policy) in table.identity_policies.iter().enumerate() {
+            settings.identity_policies[bit_slot(1 << bit)] = policy;
         }
         self.settings
             .set(set, settings, 0)
