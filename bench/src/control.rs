@@ -415,7 +415,7 @@ fn session_load(n: usize) -> anyhow::Result<f64> {
         ..Session::default()
     };
     let all: Vec<_> = scenario::devices(n)
-        .map(|d| (d, session, scenario::IDENTITY))
+        .map(|d| (d, session, scenario::IDENTITY, None))
         .collect();
     let started = Instant::now();
     let mut sessions = dp.take_sessions().expect("not taken yet");

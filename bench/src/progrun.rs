@@ -335,7 +335,7 @@ impl Loaded {
             ..Session::default()
         };
         let population: Vec<_> = scenario::devices(size.sessions)
-            .map(|device| (device, fresh, scenario::IDENTITY))
+            .map(|device| (device, fresh, scenario::IDENTITY, None))
             .collect();
         sessions.load_sessions(&population)?;
         let expired = now - (EXPIRED_AGE_SECS * 1_000_000_000) as i64;

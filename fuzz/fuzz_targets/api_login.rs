@@ -19,7 +19,7 @@ fuzz_target!(|body: &[u8]| {
             ..request.clone()
         };
         assert!(
-            sessions::plan_login(Some(&record), &other, &clock, "fuzz").is_err(),
+            sessions::plan_login(Some(record.enrolled()), &other, &clock, "fuzz").is_err(),
             "another user took a bound device"
         );
     }

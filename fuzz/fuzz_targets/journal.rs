@@ -15,10 +15,12 @@ fuzz_target!(|journal: &[u8]| {
     let read = |dir: &std::path::Path| {
         let store = SessionStore::open(dir)
             .unwrap_or_else(|e| panic!("a journal stopped the agent from starting: {e}"));
-        store
-            .iter()
-            .map(|r| (r.ip, r.user.clone(), r.idp.clone(), r.authenticated_at))
-            .collect::<Vec<_>>()
+        let mut sessions: Vec<_> = store
+            .records()
+            .map(|r| (r.ip, r.user, r.idp, r.authenticated_at))
+            .collect();
+        sessions.sort_unstable_by_key(|s| s.0);
+        sessions
     };
     let first = read(&dir);
     for (ip, user, idp, _) in &first {

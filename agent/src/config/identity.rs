@@ -77,6 +77,14 @@ pub fn mask_of(conditions: &[IdentityCondition], who: &Identity<'_>) -> u64 {
         .fold(0, |mask, (bit, _)| mask | 1 << bit)
 }
 
+/// Whether any of `conditions` depends on the user (else identities that differ only
+/// in their user get the same mask).
+pub fn looks_at_user(conditions: &[IdentityCondition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.users.is_some() || c.user_matches.is_some())
+}
+
 /// `mask_of` for many identities at once: each distinct identity is evaluated once
 /// (and the user left out of the comparison when no condition looks at it), since a
 /// million devices typically share far fewer identities, or at least group sets.
@@ -84,9 +92,7 @@ pub fn masks_of<'a>(
     conditions: &[IdentityCondition],
     who: impl IntoIterator<Item = &'a Identity<'a>>,
 ) -> Vec<u64> {
-    let by_user = conditions
-        .iter()
-        .any(|c| c.users.is_some() || c.user_matches.is_some());
+    let by_user = looks_at_user(conditions);
     let mut known: std::collections::HashMap<(&str, &str, &[String]), u64> =
         std::collections::HashMap::new();
     who.into_iter()

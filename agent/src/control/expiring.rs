@@ -48,7 +48,7 @@ impl Control {
                 let limit = i64::try_from(durations.get(policy)?.as_nanos()).ok()?;
                 let record = store.get(&device)?;
                 Some(Standing {
-                    left_ns: limit - views::age_ns(record, &clock, boot_id),
+                    left_ns: limit - views::age_ns(&record, &clock, boot_id),
                     authenticated_at: record.authenticated_at,
                 })
             });
@@ -56,7 +56,7 @@ impl Control {
                 .filter_map(|d| {
                     let record = store.get(&d.device)?;
                     let limit = *durations.get(d.policy.as_str())?;
-                    Some(expiring(&d, record, limit, &clock, config))
+                    Some(expiring(&d, &record, limit, &clock, config))
                 })
                 .collect()
         });

@@ -113,7 +113,11 @@ impl Control {
             block_on(fleet.snapshot(boot_id)).map_err(|e| ImportError::Control(e.into()))?;
         let clock = ClockPair::now();
         let (planned, plan_errors) = plan_import(
-            |ip| current.get(ip).and_then(|(r, _)| r.as_ref()),
+            |ip| {
+                current
+                    .get(ip)
+                    .and_then(|(r, _)| r.as_ref().map(SessionRecord::enrolled))
+            },
             &parsed.records,
             &clock,
             boot_id,
@@ -148,10 +152,13 @@ impl Control {
         let clock = ClockPair::now();
         let boot_id = self.sessions.boot_id();
         self.sessions.read(|store| {
-            store
-                .iter()
-                .map(|r| views::view(r, &clock, boot_id))
-                .collect()
+            let mut views: Vec<SessionView> = store
+                .records()
+                .map(|r| views::view(&r, &clock, boot_id))
+                .collect();
+            // By device address, as the list is read.
+            views.sort_unstable_by_key(|v| v.ip);
+            views
         })
     }
 
@@ -159,7 +166,7 @@ impl Control {
     pub fn session(&self, ip: IpAddr) -> Result<SessionDetail, ControlError> {
         let record = self
             .sessions
-            .read(|store| store.get(&ip).cloned())
+            .read(|store| store.get(&ip))
             .ok_or(SessionError::NotFound { ip })?;
         let active = self.active();
         Ok(views::detail(
@@ -175,7 +182,7 @@ impl Control {
     pub fn portal_facts(&self, device: IpAddr, destination: SocketAddr) -> PageFacts {
         let active = self.active();
         let config = &active.config;
-        let record = self.sessions.read(|store| store.get(&device).cloned());
+        let record = self.sessions.read(|store| store.get(&device));
         let who = record.as_ref().map(SessionRecord::identity);
         let policy = config
             .first_match(
@@ -252,7 +259,7 @@ impl Backend for Control {
         // The session's age, and the durations of the policies that apply to its user.
         let (age, limits) = self.sessions.read(|store| {
             let record = store.get(&device);
-            let who = record.map(SessionRecord::identity);
+            let who = record.as_ref().map(SessionRecord::identity);
             let limits: Vec<i64> = config
                 .policies
                 .iter()
@@ -260,7 +267,10 @@ impl Backend for Control {
                 .filter_map(|p| p.duration())
                 .map(|d| d.as_nanos_u64() as i64)
                 .collect();
-            (record.map(|r| views::age_ns(r, &clock, boot_id)), limits)
+            (
+                record.as_ref().map(|r| views::age_ns(r, &clock, boot_id)),
+                limits,
+            )
         });
         let Some(age) = age else {
             // No session: refused wherever sessions are checked, unless unknown

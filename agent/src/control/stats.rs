@@ -96,9 +96,7 @@ impl Control {
             active,
             flows,
         } = self.snapshot()?;
-        let sessions_v4 = self
-            .sessions
-            .read(|store| store.iter().filter(|r| r.ip.is_ipv4()).count());
+        let sessions_v4 = self.sessions.read(|store| store.table().count_v4());
         let sessions = (sessions_v4, stats.sessions.saturating_sub(sessions_v4));
         let occupancy = lock(&self.datapath)
             .maps

@@ -44,6 +44,9 @@ pub struct Identities {
     /// reused as late as possible.
     next: u32,
     freed: VecDeque<u32>,
+    /// Which slots are handed out: a slot freed twice (after a failure left the
+    /// caller unsure) is still handed out once.
+    taken: Vec<bool>,
     capacity: u32,
 }
 
@@ -54,25 +57,33 @@ impl Identities {
         limits: &Limits,
         used: &[u32],
     ) -> Result<Self, DatapathError> {
-        let capacity = slots_for(limits);
-        let mut taken = vec![false; capacity as usize];
-        for &slot in used {
-            if let Some(t) = taken.get_mut(slot as usize) {
-                *t = true;
-            }
-        }
-        let next = used.iter().max().map_or(1, |m| m + 1).max(1);
-        let freed = (1..next).filter(|s| !taken[*s as usize]).collect();
-        Ok(Self {
+        let mut identities = Self {
             masks: [
                 typed(source, names::IDENTITIES[0])?,
                 typed(source, names::IDENTITIES[1])?,
             ],
             conditions: [None, None],
-            next,
-            freed,
-            capacity,
-        })
+            next: 1,
+            freed: VecDeque::new(),
+            taken: Vec::new(),
+            capacity: slots_for(limits),
+        };
+        identities.reset_used(used);
+        Ok(identities)
+    }
+
+    /// Makes `used` the slots in use, every other one free: the kernel's sessions hold
+    /// exactly these (read back at start-up, or after a batch failed part-way).
+    pub(super) fn reset_used(&mut self, used: &[u32]) {
+        let mut taken = vec![false; self.capacity as usize];
+        for &slot in used {
+            if let Some(t) = taken.get_mut(slot as usize) {
+                *t = true;
+            }
+        }
+        self.next = used.iter().max().map_or(1, |m| m + 1).max(1);
+        self.freed = (1..self.next).filter(|s| !taken[*s as usize]).collect();
+        self.taken = taken;
     }
 
     /// The conditions of both sets, as this agent's config has them (start-up). A set
@@ -135,27 +146,30 @@ impl Identities {
 
     /// Frees the slot of a session no longer in the kernel.
     pub(super) fn release(&mut self, slot: u32) {
-        if slot != IDENTITY_NONE && slot < self.next {
+        if let Some(taken) = self.taken.get_mut(slot as usize)
+            && *taken
+            && slot != IDENTITY_NONE
+        {
+            *taken = false;
             self.freed.push_back(slot);
         }
     }
 
-    /// Writes set `set`'s mask of every device (`devices`: slot and identity) for
-    /// `conditions`, before the set is put in force.
+    /// Writes set `set`'s mask of every device (`masks[i]` to slot `slots[i]`), computed
+    /// for `conditions`, before the set is put in force.
     pub fn prepare(
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        devices: &[(u32, Identity<'_>)],
+        slots: &[u32],
+        masks: &[u64],
     ) -> Result<(), DatapathError> {
-        let slots: Vec<u32> = devices.iter().map(|(slot, _)| *slot).collect();
-        let masks = masks_of(&conditions, devices.iter().map(|(_, who)| who));
-        sys::update_batch(self.masks[set].map().fd().as_fd(), &slots, &masks).map_err(
-            |source| DatapathError::Batch {
+        sys::update_batch(self.masks[set].map().fd().as_fd(), slots, masks).map_err(|source| {
+            DatapathError::Batch {
                 map: names::IDENTITIES[set],
                 source,
-            },
-        )?;
+            }
+        })?;
         self.conditions[set] = Some(conditions);
         Ok(())
     }
@@ -175,14 +189,17 @@ impl Identities {
     }
 
     fn allocate(&mut self) -> Result<u32, DatapathError> {
-        if self.next < self.capacity {
+        let slot = if self.next < self.capacity {
             self.next += 1;
-            return Ok(self.next - 1);
-        }
-        self.freed
-            .pop_front()
-            .ok_or(DatapathError::IdentitySlotsFull {
-                limit: self.capacity,
-            })
+            self.next - 1
+        } else {
+            self.freed
+                .pop_front()
+                .ok_or(DatapathError::IdentitySlotsFull {
+                    limit: self.capacity,
+                })?
+        };
+        self.taken[slot as usize] = true;
+        Ok(slot)
     }
 }

@@ -4,7 +4,7 @@
 //! masks (`identities`). Split from `Maps` so that they have one owner, the session
 //! mirror (`sessions::SessionMirror`).
 
-use std::{collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd};
+use std::{net::IpAddr, os::fd::AsFd};
 
 use agent_common::{
     addr::{Ip4, Ip6},
@@ -21,10 +21,6 @@ use super::{
     sys,
 };
 use crate::config::{Identity, Limits};
-
-/// Past this many sessions in one batch, the previous sessions are read in one walk of
-/// the maps rather than one lookup each.
-const WALK_ABOVE: usize = 4096;
 
 pub struct SessionMaps {
     sessions_v4: HashMap<MapData, Ip4, Session>,
@@ -55,7 +51,7 @@ impl SessionMaps {
         } else {
             walk(&sessions_v4, &sessions_v6)?
                 .into_iter()
-                .map(|(_, s)| s.identity)
+                .map(|(_, slot)| slot)
                 .collect()
         };
         Ok(Self {
@@ -74,12 +70,13 @@ impl SessionMaps {
     /// slot's masks first, then the authoritative hash map, then its copy in the
     /// session table, so a reader always finds one of them; the previous slot is freed
     /// last.
+    /// Returns the new slot.
     pub fn set_session(
         &mut self,
         ip: IpAddr,
         mut session: Session,
         who: &Identity<'_>,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<u32, DatapathError> {
         let previous = self.session(ip)?.map(|s| s.identity);
         session.identity = self.identities.claim(who, previous)?;
         if let Err(e) = self.insert(ip, session) {
@@ -90,7 +87,7 @@ impl SessionMaps {
         if let Some(old) = previous {
             self.identities.release(old);
         }
-        Ok(())
+        Ok(session.identity)
     }
 
     fn insert(&mut self, ip: IpAddr, session: Session) -> Result<(), DatapathError> {
@@ -135,67 +132,56 @@ impl SessionMaps {
         }
     }
 
-    /// Every device's session in the kernel, read in batches.
-    pub fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+    /// Every device with a session in the kernel and its identity slot, read in
+    /// batches.
+    pub fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
         walk(&self.sessions_v4, &self.sessions_v6)
-    }
-
-    /// The identity slots the given devices hold now.
-    fn previous_slots(&self, ips: &[IpAddr]) -> Result<Vec<Option<u32>>, DatapathError> {
-        if self.empty {
-            return Ok(vec![None; ips.len()]);
-        }
-        if ips.len() > WALK_ABOVE {
-            let now: StdHashMap<IpAddr, u32> = self
-                .kernel_sessions()?
-                .into_iter()
-                .map(|(ip, s)| (ip, s.identity))
-                .collect();
-            return Ok(ips.iter().map(|ip| now.get(ip).copied()).collect());
-        }
-        ips.iter()
-            .map(|ip| Ok(self.session(*ip)?.map(|s| s.identity)))
-            .collect()
     }
 
     /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
     /// fresh identity slot for its identity (their masks written first): batched writes
     /// of the session-table buckets they fall in, then of the hash maps. Buckets are
-    /// rebuilt from the sessions given plus the sessions already in them. The previous
-    /// slots are freed last.
+    /// rebuilt from the sessions given plus the sessions already in them. Each comes
+    /// with the slot its device's session holds now (the caller's record of the
+    /// kernel: `SessionTable`), freed last; returns the new slots. Should a write fail
+    /// part-way, which slots are in use is read back from the kernel.
     pub fn load_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
-    ) -> Result<(), DatapathError> {
-        let ips: Vec<IpAddr> = sessions.iter().map(|(ip, _, _)| *ip).collect();
-        let previous = self.previous_slots(&ips)?;
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
+    ) -> Result<Vec<u32>, DatapathError> {
         let who: Vec<(Identity<'_>, Option<u32>)> = sessions
             .iter()
-            .zip(&previous)
-            .map(|((_, _, who), old)| (*who, *old))
+            .map(|(_, _, who, previous)| (*who, *previous))
             .collect();
         let slots = self.identities.claim_many(&who)?;
-        let written = self.write_sessions(sessions, &slots);
-        let unused: Vec<u32> = match &written {
-            Ok(()) => previous.into_iter().flatten().collect(),
-            Err(_) => slots,
-        };
-        for slot in unused {
-            self.identities.release(slot);
+        if let Err(e) = self.write_sessions(sessions, &slots) {
+            match self.kernel_slots() {
+                Ok(in_use) => {
+                    let used: Vec<u32> = in_use.into_iter().map(|(_, slot)| slot).collect();
+                    self.identities.reset_used(&used);
+                }
+                Err(read) => {
+                    tracing::error!(error = %read, "could not read the session maps back after a failed batch; its identity slots stay taken");
+                }
+            }
+            return Err(e);
         }
-        written
+        for previous in sessions.iter().filter_map(|s| s.3) {
+            self.identities.release(previous);
+        }
+        Ok(slots)
     }
 
     fn write_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
         slots: &[u32],
     ) -> Result<(), DatapathError> {
         let mask = self.buckets - 1;
         let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
         let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
         let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
-        for ((ip, session, _), slot) in sessions.iter().zip(slots) {
+        for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
             let session = &Session {
                 identity: *slot,
                 ..*session
@@ -316,15 +302,6 @@ impl SessionMaps {
             }),
         }
     }
-
-    /// Devices with a session in the kernel (both families).
-    pub fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
-        Ok(self
-            .kernel_sessions()?
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect())
-    }
 }
 
 /// A session-table bucket as the kernel holds it (empty when the table is known empty
@@ -356,26 +333,27 @@ fn place_session<S: SessionSlot + Default>(
     true
 }
 
-/// Both session maps' elements, read in batches.
+/// Both session maps' devices and identity slots, read in batches.
 fn walk(
     v4: &HashMap<MapData, Ip4, Session>,
     v6: &HashMap<MapData, Ip6, Session>,
-) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
     let mut all = Vec::new();
     walk_into(v4, names::SESSIONS_V4, |a| IpAddr::V4(a.into()), &mut all)?;
     walk_into(v6, names::SESSIONS_V6, |a| IpAddr::V6(a.into()), &mut all)?;
     Ok(all)
 }
 
-/// One session map's elements, appended to `all` with their address made an `IpAddr`.
+/// One session map's devices and identity slots, appended to `all` with their
+/// address made an `IpAddr`.
 fn walk_into<K: aya::Pod + Default>(
     map: &HashMap<MapData, K, Session>,
     name: &'static str,
     ip: impl Fn(K) -> IpAddr,
-    all: &mut Vec<(IpAddr, Session)>,
+    all: &mut Vec<(IpAddr, u32)>,
 ) -> Result<(), DatapathError> {
     sys::read_map::<K, Session>(map.map().fd().as_fd(), |keys, values| {
-        all.extend(keys.iter().zip(values).map(|(k, v)| (ip(*k), *v)));
+        all.extend(keys.iter().zip(values).map(|(k, v)| (ip(*k), v.identity)));
     })
     .map_err(|source| DatapathError::Batch { map: name, source })
 }

@@ -280,7 +280,12 @@ impl Fleet {
         for _ in 0..CAS_ATTEMPTS {
             let clock = ClockPair::now();
             let (current, revision) = self.current(req.ip, found.as_ref(), &clock, boot_id);
-            let record = plan_login(current.as_ref(), req, &clock, boot_id)?;
+            let record = plan_login(
+                current.as_ref().map(SessionRecord::enrolled),
+                req,
+                &clock,
+                boot_id,
+            )?;
             let value = entry::encode(&record);
             let put = TxnOp::put(key.as_str(), value.clone(), None);
             let response = self.txn(compare_and_swap(&key, revision, put)).await?;

@@ -11,30 +11,32 @@ use crate::{
 };
 
 pub trait KernelSessions {
-    /// Writes a device's session, with identity masks for `who`.
+    /// Writes a device's session, with identity masks for `who`; returns the identity
+    /// slot the kernel's copy now holds.
     fn set_session(
         &mut self,
         ip: IpAddr,
         session: Session,
         who: &Identity<'_>,
-    ) -> Result<(), DatapathError>;
+    ) -> Result<u32, DatapathError>;
     /// Removes a device's session; absent is fine.
     fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError>;
-    /// Writes many sessions in one go.
+    /// Writes many sessions in one go, each with the identity slot its device's
+    /// current kernel copy holds (`None`: it has none); returns each one's new slot.
     fn load_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
-    ) -> Result<(), DatapathError>;
-    /// Devices with a session in the kernel.
-    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError>;
-    /// Writes every device's identity mask of configuration set `set` for
-    /// `conditions`, before the set is put in force. `identities` tells who each device
-    /// is, in address order (as the store iterates).
-    fn prepare_identities<'a>(
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
+    ) -> Result<Vec<u32>, DatapathError>;
+    /// Devices with a session in the kernel, with the identity slot each holds.
+    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError>;
+    /// Writes configuration set `set`'s identity masks for `conditions`, `masks[i]` to
+    /// slot `slots[i]` (every device's), before the set is put in force.
+    fn prepare_identities(
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
+        slots: &[u32],
+        masks: &[u64],
     ) -> Result<(), DatapathError>;
 }
 
@@ -44,7 +46,7 @@ impl KernelSessions for SessionMaps {
         ip: IpAddr,
         session: Session,
         who: &Identity<'_>,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<u32, DatapathError> {
         SessionMaps::set_session(self, ip, session, who)
     }
 
@@ -54,48 +56,27 @@ impl KernelSessions for SessionMaps {
 
     fn load_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
-    ) -> Result<(), DatapathError> {
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
+    ) -> Result<Vec<u32>, DatapathError> {
         SessionMaps::load_sessions(self, sessions)
     }
 
-    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
-        SessionMaps::session_devices(self)
+    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
+        SessionMaps::kernel_slots(self)
     }
 
-    fn prepare_identities<'a>(
+    fn prepare_identities(
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
+        slots: &[u32],
+        masks: &[u64],
     ) -> Result<(), DatapathError> {
         // Without conditions the set has no identity answers: its masks are never read.
         if conditions.is_empty() {
             self.identities.forget(set);
             return Ok(());
         }
-        let started = std::time::Instant::now();
-        let mut in_kernel = self.kernel_sessions()?;
-        in_kernel.sort_unstable_by_key(|(ip, _)| *ip);
-        let read = started.elapsed();
-        // Both in address order: one pass pairs each kernel session with its identity.
-        let mut devices: Vec<(u32, Identity<'a>)> = Vec::with_capacity(in_kernel.len());
-        let mut kernel = in_kernel.iter().peekable();
-        for (ip, who) in identities {
-            while kernel.next_if(|(k, _)| *k < ip).is_some() {}
-            if let Some((_, session)) = kernel.next_if(|(k, _)| *k == ip) {
-                devices.push((session.identity, who));
-            }
-        }
-        let paired = started.elapsed();
-        self.identities.prepare(set, conditions, &devices)?;
-        tracing::info!(
-            devices = devices.len(),
-            read_ms = read.as_millis() as u64,
-            paired_ms = (paired - read).as_millis() as u64,
-            written_ms = (started.elapsed() - paired).as_millis() as u64,
-            "identity masks written for the configuration about to be put in force"
-        );
-        Ok(())
+        self.identities.prepare(set, conditions, slots, masks)
     }
 }

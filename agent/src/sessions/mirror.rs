@@ -55,27 +55,32 @@ impl<K: KernelSessions> SessionMirror<K> {
     /// does not have are removed (returned: how many), and every device the store has
     /// keeps a session throughout.
     pub fn start(
-        store: SessionStore,
+        mut store: SessionStore,
         mut kernel: K,
         state_dir: &Path,
         adopted: bool,
     ) -> Result<(Self, usize), DatapathError> {
         let clock = ClockPair::now();
         let boot_id = store.boot_id().to_string();
-        let sessions: Vec<_> = store
-            .iter()
-            .map(|r| (r.ip, r.kernel_value(&clock, &boot_id), r.identity()))
-            .collect();
         let mut removed = 0;
         if adopted {
-            for ip in kernel.session_devices()? {
-                if store.get(&ip).is_none() {
+            // The sessions in the kernel hold identity slots the store does not know.
+            for (ip, slot) in kernel.kernel_slots()? {
+                if store.table().contains(&ip) {
+                    store.note_slot(&ip, slot);
+                } else {
                     kernel.remove_session(ip)?;
                     removed += 1;
                 }
             }
         }
-        kernel.load_sessions(&sessions)?;
+        let sessions = store.table().kernel_values(&clock, &boot_id);
+        let slots = kernel.load_sessions(&sessions)?;
+        let devices: Vec<IpAddr> = sessions.iter().map(|(ip, ..)| *ip).collect();
+        drop(sessions);
+        for (ip, slot) in devices.iter().zip(slots) {
+            store.note_slot(ip, slot);
+        }
         let mirror = Self {
             syncer: store.syncer(),
             sides: Mutex::new(Sides { store, kernel }),
@@ -212,11 +217,25 @@ impl<K: KernelSessions> SessionMirror<K> {
     ) -> Result<R, E> {
         let sides = &mut *self.lock();
         let set = next_set(datapath)?;
-        let store = &sides.store;
-        let mut identities = store.iter().map(|r| (r.ip, r.identity()));
+        let started = std::time::Instant::now();
+        // Without conditions the set's masks are never read: nothing to compute.
+        let (slots, masks) = if conditions.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            sides.store.table().masks(&conditions)
+        };
+        let computed = started.elapsed();
         sides
             .kernel
-            .prepare_identities(set, conditions, &mut identities)?;
+            .prepare_identities(set, conditions, &slots, &masks)?;
+        if !slots.is_empty() {
+            tracing::info!(
+                devices = slots.len(),
+                computed_ms = computed.as_millis() as u64,
+                written_ms = (started.elapsed() - computed).as_millis() as u64,
+                "identity masks written for the configuration about to be put in force"
+            );
+        }
         switch(datapath)
     }
 

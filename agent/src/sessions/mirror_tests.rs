@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 use agent_common::maps::Session;
 
 use super::{
-    testing::{Faults, SharedKernel, faulty, journal, request},
+    testing::{Faults, SharedKernel, faulty, journal, request, sorted},
     *,
 };
 
@@ -22,7 +22,8 @@ struct Fixture {
 /// Everything the two sides hold: the kernel's sessions, the store's, the journal.
 #[derive(Debug, PartialEq)]
 struct Sides {
-    kernel: BTreeMap<IpAddr, Session>,
+    /// The kernel's session times (identity slots change on every write).
+    kernel: BTreeMap<IpAddr, i64>,
     store: Vec<SessionRecord>,
     journal: String,
 }
@@ -44,8 +45,13 @@ impl Fixture {
 
     fn sides(&self) -> Sides {
         Sides {
-            kernel: self.kernel.with(|k| k.sessions.clone()),
-            store: self.mirror.read(|s| s.iter().cloned().collect()),
+            kernel: self.kernel.with(|k| {
+                k.sessions
+                    .iter()
+                    .map(|(ip, s)| (*ip, s.authenticated_at_ns))
+                    .collect()
+            }),
+            store: self.mirror.read(sorted),
             journal: journal(self.dir.path()),
         }
     }
@@ -63,6 +69,37 @@ impl Fixture {
             self.mirror.boot_id(),
         )
         .unwrap()
+    }
+
+    /// Puts a configuration with one identity condition (group "finance") in force;
+    /// the fake kernel checks that the masks go to exactly the slots its sessions
+    /// hold. Returns each device's mask.
+    fn switch_to_finance(&self) -> BTreeMap<IpAddr, u64> {
+        let finance = crate::config::IdentityCondition {
+            users: None,
+            user_matches: None,
+            groups: Some(vec!["finance".into()]),
+            idps: None,
+        };
+        let mut switched = false;
+        self.mirror
+            .switch_config(
+                vec![finance],
+                &mut switched,
+                |_| Ok::<_, crate::datapath::DatapathError>(1),
+                |switched| {
+                    *switched = true;
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert!(switched);
+        self.kernel.with(|k| {
+            k.sessions
+                .iter()
+                .map(|(ip, s)| (*ip, k.prepared[&s.identity]))
+                .collect()
+        })
     }
 
     /// Every kind of change, each expected to fail and to leave both sides as they
@@ -118,7 +155,43 @@ fn a_failing_journal_write_leaves_both_sides_as_they_were() {
     assert_eq!(stored, devices);
     drop(f.mirror);
     let replayed = SessionStore::open(f.dir.path()).unwrap();
-    assert_eq!(replayed.iter().cloned().collect::<Vec<_>>(), sides.store);
+    assert_eq!(sorted(&replayed), sides.store);
+}
+
+#[test]
+fn a_configuration_s_identity_masks_reach_every_session_after_changes_failed_and_were_undone() {
+    let f = Fixture::new();
+    let mut alice = request("198.18.1.10", "alice@example.com");
+    alice.groups = vec!["finance".into()];
+    let alice = f.mirror.login(&alice, &ClockPair::now()).unwrap();
+    f.kernel.with(|k| k.fail = true);
+    f.every_change_fails_and_changes_nothing(&alice);
+    f.kernel.with(|k| k.fail = false);
+    f.faults.space(Some(0));
+    f.every_change_fails_and_changes_nothing(&alice);
+    f.faults.space(None);
+    // Logins, an import replacing one session and adding one, and a logout.
+    let bob = f.login("198.18.1.11", "bob@example.com").unwrap();
+    f.login("198.18.1.11", "bob@example.com").unwrap();
+    let mut carol = f.store_session("198.18.1.12", "carol@example.com");
+    carol.groups = vec!["finance".into()];
+    let mut alice_again = f.store_session("198.18.1.10", "alice@example.com");
+    alice_again.groups = vec!["staff".into()];
+    f.mirror
+        .import(&ClockPair::now(), |_| {
+            Ok::<_, ChangeError>((vec![carol.clone(), alice_again], ()))
+        })
+        .unwrap();
+    let masks = f.switch_to_finance();
+    assert_eq!(
+        masks,
+        BTreeMap::from([(alice.ip, 0), (bob.ip, 0), (carol.ip, 1)])
+    );
+    f.mirror.logout(carol.ip, &ClockPair::now()).unwrap();
+    assert_eq!(
+        f.switch_to_finance(),
+        BTreeMap::from([(alice.ip, 0), (bob.ip, 0)])
+    );
 }
 
 #[test]
@@ -202,7 +275,11 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
     let (mirror, removed) = SessionMirror::start(store, kernel.clone(), dir.path(), true).unwrap();
     assert_eq!(removed, 1);
     let clock = ClockPair::now();
-    let expected: BTreeMap<IpAddr, Session> =
-        BTreeMap::from([(alice.ip, alice.kernel_value(&clock, mirror.boot_id()))]);
-    assert_eq!(kernel.with(|k| k.sessions.clone()), expected);
+    let expected = alice.kernel_value(&clock, mirror.boot_id());
+    let sessions = kernel.with(|k| k.sessions.clone());
+    assert_eq!(sessions.keys().collect::<Vec<_>>(), [&alice.ip]);
+    assert_eq!(
+        sessions[&alice.ip].authenticated_at_ns,
+        expected.authenticated_at_ns
+    );
 }

@@ -14,8 +14,10 @@ pub mod import;
 mod journal;
 mod kernel;
 mod mirror;
+mod names;
 mod rules;
 mod store;
+pub mod table;
 
 use std::{
     net::IpAddr,
@@ -32,7 +34,7 @@ pub use journal::durable::{SyncFailed, Syncer, Ticket};
 pub use kernel::KernelSessions;
 pub use mirror::{Imported, SessionMirror};
 pub(crate) use rules::check_name;
-pub use rules::{check_identity, plan_import, plan_login};
+pub use rules::{Enrolled, check_identity, plan_import, plan_login};
 pub use store::SessionStore;
 
 /// The IdP recorded when a login names none.
@@ -82,13 +84,12 @@ impl SessionRecord {
         }
     }
 
-    /// Whether `other` (from the fleet's store) is this same session: then this one,
-    /// with the boot-clock time it was first applied with here, stays.
-    pub fn same_session(&self, other: &Self) -> bool {
-        self.user == other.user
-            && self.idp == other.idp
-            && self.authenticated_at == other.authenticated_at
-            && self.groups == other.groups
+    /// Whom this session binds its device to (the login rules' question).
+    pub fn enrolled(&self) -> Enrolled<'_> {
+        Enrolled {
+            user: &self.user,
+            idp: &self.idp,
+        }
     }
 }
 

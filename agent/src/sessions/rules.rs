@@ -23,10 +23,17 @@ use crate::{
 /// as "now" (small skew between the caller's clock and ours).
 const FUTURE_TOLERANCE: time::Duration = time::Duration::seconds(5);
 
+/// Who a device's current session binds it to: its user, and the IdP it enrolled with.
+#[derive(Clone, Copy, Debug)]
+pub struct Enrolled<'a> {
+    pub user: &'a str,
+    pub idp: &'a str,
+}
+
 /// The login rules: checks `req` against the device's `current` session and returns
 /// the record it would write. Shared by the local store and the fleet's etcd store.
 pub fn plan_login(
-    current: Option<&SessionRecord>,
+    current: Option<Enrolled<'_>>,
     req: &LoginRequest,
     clock: &ClockPair,
     boot_id: &str,
@@ -43,14 +50,14 @@ pub fn plan_login(
         if current.user != user {
             return Err(SessionError::OtherUser {
                 ip,
-                current: current.user.clone(),
+                current: current.user.to_string(),
                 requested: user,
             });
         }
         if current.idp != idp {
             return Err(SessionError::WrongIdp {
                 ip,
-                enrolled: current.idp.clone(),
+                enrolled: current.idp.to_string(),
                 requested: idp,
             });
         }
@@ -81,7 +88,7 @@ pub fn plan_login(
 /// (`current`): the records it would write, and each refused line with its number. A
 /// device may appear only once (`import::parse` already refuses files where it does not).
 pub fn plan_import<'a>(
-    current: impl Fn(&IpAddr) -> Option<&'a SessionRecord>,
+    current: impl Fn(&IpAddr) -> Option<Enrolled<'a>>,
     records: &[ImportRecord],
     clock: &ClockPair,
     boot_id: &str,

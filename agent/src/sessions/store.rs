@@ -5,7 +5,7 @@
 //! the kernel back if the append fails.
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     net::IpAddr,
     path::Path,
     sync::Arc,
@@ -17,7 +17,10 @@ use super::{
     import::{ImportRecord, LineError},
     journal::{self, Journal},
     rules::{plan_import, plan_login},
+    table::SessionTable,
 };
+use agent_common::maps::IDENTITY_NONE;
+
 use crate::clock::{ClockPair, boot_id};
 
 /// How to undo a change not yet durable: sessions to remove, and sessions to put back.
@@ -29,11 +32,11 @@ struct Undo {
 
 impl Undo {
     /// The undo of writing a session for `ip`, whose session now is `old`.
-    fn of_writing(old: Option<&SessionRecord>, ip: IpAddr) -> Self {
+    fn of_writing(old: Option<SessionRecord>, ip: IpAddr) -> Self {
         match old {
             Some(old) => Self {
                 added: Vec::new(),
-                replaced: vec![old.clone()],
+                replaced: vec![old],
             },
             None => Self {
                 added: vec![ip],
@@ -44,7 +47,7 @@ impl Undo {
 }
 
 pub struct SessionStore {
-    sessions: BTreeMap<IpAddr, SessionRecord>,
+    sessions: SessionTable,
     journal: Journal,
     boot_id: String,
     /// Changes made through `login`, `logout` and `import` that are not known durable
@@ -77,12 +80,18 @@ impl SessionStore {
         &self.boot_id
     }
 
-    pub fn get(&self, ip: &IpAddr) -> Option<&SessionRecord> {
+    pub fn get(&self, ip: &IpAddr) -> Option<SessionRecord> {
         self.sessions.get(ip)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &SessionRecord> {
-        self.sessions.values()
+    /// Every session, in no particular order.
+    pub fn records(&self) -> impl Iterator<Item = SessionRecord> + '_ {
+        self.sessions.records()
+    }
+
+    /// The sessions as kept in memory, for readers that need more than one record.
+    pub fn table(&self) -> &SessionTable {
+        &self.sessions
     }
 
     pub fn len(&self) -> usize {
@@ -93,13 +102,18 @@ impl SessionStore {
         self.sessions.is_empty()
     }
 
+    /// Notes the identity slot the kernel's copy of the device's session holds (start-up).
+    pub(super) fn note_slot(&mut self, ip: &IpAddr, slot: u32) {
+        self.sessions.set_slot(ip, slot);
+    }
+
     /// Checks a login against the rules and returns the record it would write.
     pub fn plan_login(
         &self,
         req: &LoginRequest,
         clock: &ClockPair,
     ) -> Result<SessionRecord, SessionError> {
-        plan_login(self.sessions.get(&req.ip), req, clock, &self.boot_id)
+        plan_login(self.sessions.enrolled(&req.ip), req, clock, &self.boot_id)
     }
 
     /// Checks every line of an import against the login rules and this store's state
@@ -109,11 +123,16 @@ impl SessionStore {
         records: &[ImportRecord],
         clock: &ClockPair,
     ) -> (Vec<SessionRecord>, Vec<LineError>) {
-        plan_import(|ip| self.sessions.get(ip), records, clock, &self.boot_id)
+        plan_import(
+            |ip| self.sessions.enrolled(ip),
+            records,
+            clock,
+            &self.boot_id,
+        )
     }
 
     /// Checks a logout: the device must have a session.
-    pub fn plan_logout(&self, ip: &IpAddr) -> Result<&SessionRecord, SessionError> {
+    pub fn plan_logout(&self, ip: &IpAddr) -> Result<SessionRecord, SessionError> {
         self.sessions
             .get(ip)
             .ok_or(SessionError::NotFound { ip: *ip })
@@ -131,7 +150,7 @@ impl SessionStore {
         self.prepare_write()?;
         let ip = record.ip;
         let undo = Undo::of_writing(self.sessions.get(&ip), ip);
-        kernel.set_session(
+        let slot = kernel.set_session(
             ip,
             record.kernel_value(clock, &self.boot_id),
             &record.identity(),
@@ -143,7 +162,7 @@ impl SessionStore {
                 return Err(e.into());
             }
         };
-        self.sessions.insert(ip, record.clone());
+        self.sessions.insert(&record, slot);
         self.pending.push_back((ticket, undo));
         self.compact_if_needed();
         Ok((record, ticket))
@@ -157,7 +176,7 @@ impl SessionStore {
         clock: &ClockPair,
         kernel: &mut impl KernelSessions,
     ) -> Result<(SessionRecord, Ticket), ChangeError> {
-        let record = self.plan_logout(ip)?.clone();
+        let record = self.plan_logout(ip)?;
         self.prepare_write()?;
         kernel.remove_session(*ip)?;
         let ticket = match self.journal.append_logout(ip) {
@@ -189,31 +208,23 @@ impl SessionStore {
         kernel: &mut impl KernelSessions,
     ) -> Result<(usize, Ticket), ChangeError> {
         self.prepare_write()?;
-        let mut undo = Undo::default();
-        for record in &planned {
-            match self.sessions.get(&record.ip) {
-                Some(old) => undo.replaced.push(old.clone()),
-                None => undo.added.push(record.ip),
-            }
-        }
-        let values: Vec<_> = planned
-            .iter()
-            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id), r.identity()))
-            .collect();
-        let written = kernel
-            .load_sessions(&values)
-            .map_err(ChangeError::from)
-            .and_then(|()| Ok(self.journal.append_logins(&planned)?));
-        let ticket = match written {
-            Ok(ticket) => ticket,
+        let undo = self.undo_of_writing(&planned);
+        let written = self
+            .write_kernel(&planned, clock, kernel)
+            .and_then(|slots| {
+                let ticket = self.journal.append_logins(&planned)?;
+                Ok((slots, ticket))
+            });
+        let (slots, ticket) = match written {
+            Ok(written) => written,
             Err(e) => {
                 self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
                 return Err(e);
             }
         };
         let reset = undo.replaced.len();
-        for record in planned {
-            self.sessions.insert(record.ip, record);
+        for (record, slot) in planned.iter().zip(slots) {
+            self.sessions.insert(record, slot);
         }
         self.pending.push_back((ticket, undo));
         self.compact_if_needed();
@@ -239,7 +250,9 @@ impl SessionStore {
                 self.sessions.remove(ip);
             }
             for record in &undo.replaced {
-                self.sessions.insert(record.ip, record.clone());
+                // The slot of the session being undone, until the kernel is put back.
+                let slot = self.sessions.slot(&record.ip).unwrap_or(IDENTITY_NONE);
+                self.sessions.insert(record, slot);
             }
             self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
             undone += 1;
@@ -251,7 +264,7 @@ impl SessionStore {
         // rewrite the file from what is left (tried again before the next change if
         // this fails).
         self.journal.cut_back(durable_len);
-        if let Err(e) = self.journal.compact(self.sessions.values()) {
+        if let Err(e) = self.journal.compact(self.sessions.records()) {
             tracing::error!(error = %e, "could not rewrite the session journal after a failed sync; it is tried again before the next change");
         }
     }
@@ -269,13 +282,12 @@ impl SessionStore {
     ) -> Result<bool, ChangeError> {
         match change {
             StoreChange::Put(record) => {
-                let old = self.sessions.get(&record.ip);
-                if old.is_some_and(|old| old.same_session(&record)) {
+                if self.sessions.same_session(&record) {
                     return Ok(false);
                 }
-                let undo = Undo::of_writing(old, record.ip);
+                let undo = Undo::of_writing(self.sessions.get(&record.ip), record.ip);
                 self.prepare_write()?;
-                kernel.set_session(
+                let slot = kernel.set_session(
                     record.ip,
                     record.kernel_value(clock, &self.boot_id),
                     &record.identity(),
@@ -284,10 +296,10 @@ impl SessionStore {
                     self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
                     return Err(e.into());
                 }
-                self.sessions.insert(record.ip, record);
+                self.sessions.insert(&record, slot);
             }
             StoreChange::Delete(ip) => {
-                let Some(old) = self.sessions.get(&ip).cloned() else {
+                let Some(old) = self.sessions.get(&ip) else {
                     return Ok(false);
                 };
                 self.prepare_write()?;
@@ -317,9 +329,8 @@ impl SessionStore {
         let wanted: HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
         let gone: Vec<IpAddr> = self
             .sessions
-            .keys()
+            .devices()
             .filter(|ip| !wanted.contains(ip))
-            .copied()
             .collect();
         let mut diff = StoreDiff::default();
         for ip in gone {
@@ -330,16 +341,11 @@ impl SessionStore {
         }
         let changed: Vec<SessionRecord> = snapshot
             .into_iter()
-            .filter(|r| {
-                !self
-                    .sessions
-                    .get(&r.ip)
-                    .is_some_and(|old| old.same_session(r))
-            })
+            .filter(|r| !self.sessions.same_session(r))
             .collect();
         let replaced = changed
             .iter()
-            .filter(|r| self.sessions.contains_key(&r.ip))
+            .filter(|r| self.sessions.contains(&r.ip))
             .count();
         match self.write_batch(&changed, clock, kernel) {
             Ok(()) => {
@@ -349,7 +355,7 @@ impl SessionStore {
             Err(ChangeError::Kernel(e)) => {
                 tracing::error!(error = %e, "could not write the store's snapshot to the kernel in one batch; writing it device by device");
                 for record in changed {
-                    let (ip, known) = (record.ip, self.sessions.contains_key(&record.ip));
+                    let (ip, known) = (record.ip, self.sessions.contains(&record.ip));
                     match self.apply(StoreChange::Put(record), clock, kernel) {
                         Ok(true) if known => diff.changed += 1,
                         Ok(true) => diff.added += 1,
@@ -377,25 +383,15 @@ impl SessionStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut undo = Undo::default();
-        for record in records {
-            match self.sessions.get(&record.ip) {
-                Some(old) => undo.replaced.push(old.clone()),
-                None => undo.added.push(record.ip),
-            }
-        }
+        let undo = self.undo_of_writing(records);
         self.prepare_write()?;
-        let values: Vec<_> = records
-            .iter()
-            .map(|r| (r.ip, r.kernel_value(clock, &self.boot_id), r.identity()))
-            .collect();
-        kernel.load_sessions(&values)?;
+        let slots = self.write_kernel(records, clock, kernel)?;
         if let Err(e) = self.journal.append_logins(records) {
             self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
             return Err(e.into());
         }
-        for record in records {
-            self.sessions.insert(record.ip, record.clone());
+        for (record, slot) in records.iter().zip(slots) {
+            self.sessions.insert(record, slot);
         }
         self.compact_if_needed();
         Ok(())
@@ -405,10 +401,39 @@ impl SessionStore {
     /// logins, so that a version from before batches can read it (a rollback).
     pub fn close(&mut self) {
         if self.journal.has_batches()
-            && let Err(e) = self.journal.compact(self.sessions.values())
+            && let Err(e) = self.journal.compact(self.sessions.records())
         {
             tracing::warn!(error = %e, "could not rewrite the session journal without its import batches; an earlier version of sessiongate (a rollback) cannot read it until this one has run again");
         }
+    }
+
+    /// How to undo writing `records`: the sessions they replace, the devices they add.
+    fn undo_of_writing(&self, records: &[SessionRecord]) -> Undo {
+        let mut undo = Undo::default();
+        for record in records {
+            match self.sessions.get(&record.ip) {
+                Some(old) => undo.replaced.push(old),
+                None => undo.added.push(record.ip),
+            }
+        }
+        undo
+    }
+
+    /// Writes `records` to the kernel in one batch; returns their identity slots.
+    fn write_kernel(
+        &self,
+        records: &[SessionRecord],
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> Result<Vec<u32>, ChangeError> {
+        let values: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let value = r.kernel_value(clock, &self.boot_id);
+                (r.ip, value, r.identity(), self.sessions.slot(&r.ip))
+            })
+            .collect();
+        Ok(kernel.load_sessions(&values)?)
     }
 
     /// Before an append: forgets the undo of changes now durable, and rewrites the
@@ -420,7 +445,7 @@ impl SessionStore {
         }
         if self.journal.needs_rewrite() {
             self.journal
-                .compact(self.sessions.values())
+                .compact(self.sessions.records())
                 .map_err(|e| match e {
                     SessionError::Io { path, source } => SessionError::not_recorded(path, source),
                     other => other,
@@ -432,7 +457,7 @@ impl SessionStore {
     /// Puts the kernel back as this store has it for these devices: `added` removed,
     /// `replaced` written back. Errors are logged: the caller is already failing.
     pub(super) fn restore_kernel(
-        &self,
+        &mut self,
         kernel: &mut impl KernelSessions,
         clock: &ClockPair,
         added: &[IpAddr],
@@ -444,11 +469,16 @@ impl SessionStore {
             }
         }
         for record in replaced {
-            if let Err(e) = kernel.set_session(
+            let restored = kernel.set_session(
                 record.ip,
                 record.kernel_value(clock, &self.boot_id),
                 &record.identity(),
-            ) {
+            );
+            // The slot the kernel's copy holds; not known after a failure, so never
+            // passed back to the kernel as one to free.
+            let slot = restored.as_ref().map_or(IDENTITY_NONE, |slot| *slot);
+            self.sessions.set_slot(&record.ip, slot);
+            if let Err(e) = restored {
                 tracing::error!(device = %record.ip, error = %e, "could not undo a kernel session write");
             }
         }
@@ -458,7 +488,7 @@ impl SessionStore {
     /// than it needs to be, so it is logged rather than failing the change.
     fn compact_if_needed(&mut self) {
         if self.journal.needs_compaction(self.sessions.len())
-            && let Err(e) = self.journal.compact(self.sessions.values())
+            && let Err(e) = self.journal.compact(self.sessions.records())
         {
             tracing::warn!(error = %e, "could not compact the session journal");
         }

@@ -16,7 +16,7 @@ use std::{
 use agent_common::maps::Session;
 
 use super::{
-    KernelSessions, LoginRequest,
+    KernelSessions, LoginRequest, SessionRecord, SessionStore,
     journal::{JournalFile, Opener},
 };
 use crate::{
@@ -35,18 +35,30 @@ pub fn request(ip: &str, user: &str) -> LoginRequest {
     }
 }
 
+/// The store's sessions in address order.
+pub fn sorted(store: &SessionStore) -> Vec<SessionRecord> {
+    let mut records: Vec<SessionRecord> = store.records().collect();
+    records.sort_unstable_by_key(|r| r.ip);
+    records
+}
+
 /// The journal's text in `dir` (empty when there is none yet).
 pub fn journal(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("sessions.jsonl")).unwrap_or_default()
 }
 
 /// Kernel session maps in memory; every write fails while `fail` is set, batches
-/// while `fail_batches` is.
+/// while `fail_batches` is. Each write takes a fresh identity slot, as the real maps
+/// do, and the slots the store says a batch replaces, or a configuration's masks go
+/// to, must be the ones the sessions hold (a wrong one panics the test).
 #[derive(Debug, Default)]
 pub struct FakeKernel {
     pub sessions: BTreeMap<IpAddr, Session>,
     pub fail: bool,
     pub fail_batches: bool,
+    last_slot: u32,
+    /// Masks written by the last `prepare_identities`, by slot.
+    pub prepared: BTreeMap<u32, u64>,
 }
 
 impl FakeKernel {
@@ -66,6 +78,14 @@ impl FakeKernel {
             .get(&ip.parse().unwrap())
             .map(|s| s.authenticated_at_ns)
     }
+
+    fn fresh(&mut self, session: Session) -> Session {
+        self.last_slot += 1;
+        Session {
+            identity: self.last_slot,
+            ..session
+        }
+    }
 }
 
 impl KernelSessions for FakeKernel {
@@ -74,10 +94,11 @@ impl KernelSessions for FakeKernel {
         ip: IpAddr,
         session: Session,
         _who: &Identity<'_>,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<u32, DatapathError> {
         self.check()?;
+        let session = self.fresh(session);
         self.sessions.insert(ip, session);
-        Ok(())
+        Ok(session.identity)
     }
 
     fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
@@ -88,8 +109,8 @@ impl KernelSessions for FakeKernel {
 
     fn load_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
-    ) -> Result<(), DatapathError> {
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
+    ) -> Result<Vec<u32>, DatapathError> {
         self.check()?;
         if self.fail_batches {
             return Err(DatapathError::SessionsFull {
@@ -97,23 +118,41 @@ impl KernelSessions for FakeKernel {
                 limit: 0,
             });
         }
-        self.sessions
-            .extend(sessions.iter().map(|(ip, session, _)| (*ip, *session)));
-        Ok(())
+        let mut slots = Vec::with_capacity(sessions.len());
+        for (ip, session, _, previous) in sessions {
+            let held = self.sessions.get(ip).map(|s| s.identity);
+            assert_eq!(*previous, held, "the store's slot for {ip}");
+            let session = self.fresh(*session);
+            self.sessions.insert(*ip, session);
+            slots.push(session.identity);
+        }
+        Ok(slots)
     }
 
-    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
+    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
         self.check()?;
-        Ok(self.sessions.keys().copied().collect())
+        Ok(self
+            .sessions
+            .iter()
+            .map(|(ip, s)| (*ip, s.identity))
+            .collect())
     }
 
-    fn prepare_identities<'a>(
+    fn prepare_identities(
         &mut self,
         _set: usize,
         _conditions: Vec<IdentityCondition>,
-        _identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
+        slots: &[u32],
+        masks: &[u64],
     ) -> Result<(), DatapathError> {
-        self.check()
+        self.check()?;
+        let mut held: Vec<u32> = self.sessions.values().map(|s| s.identity).collect();
+        let mut given = slots.to_vec();
+        held.sort_unstable();
+        given.sort_unstable();
+        assert_eq!(given, held, "masks go to every session's slot");
+        self.prepared = slots.iter().copied().zip(masks.iter().copied()).collect();
+        Ok(())
     }
 }
 
@@ -133,7 +172,7 @@ impl KernelSessions for SharedKernel {
         ip: IpAddr,
         session: Session,
         who: &Identity<'_>,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<u32, DatapathError> {
         self.with(|k| k.set_session(ip, session, who))
     }
 
@@ -143,22 +182,23 @@ impl KernelSessions for SharedKernel {
 
     fn load_sessions(
         &mut self,
-        sessions: &[(IpAddr, Session, Identity<'_>)],
-    ) -> Result<(), DatapathError> {
+        sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
+    ) -> Result<Vec<u32>, DatapathError> {
         self.with(|k| k.load_sessions(sessions))
     }
 
-    fn session_devices(&self) -> Result<Vec<IpAddr>, DatapathError> {
-        self.with(|k| k.session_devices())
+    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
+        self.with(|k| k.kernel_slots())
     }
 
-    fn prepare_identities<'a>(
+    fn prepare_identities(
         &mut self,
         set: usize,
         conditions: Vec<IdentityCondition>,
-        identities: &mut dyn Iterator<Item = (IpAddr, Identity<'a>)>,
+        slots: &[u32],
+        masks: &[u64],
     ) -> Result<(), DatapathError> {
-        self.with(|k| k.prepare_identities(set, conditions, identities))
+        self.with(|k| k.prepare_identities(set, conditions, slots, masks))
     }
 }
 

@@ -100,7 +100,7 @@ fn another_user_or_another_idp_is_refused_and_nothing_changes() {
     let err = apply(&mut store, &login("198.18.1.10", "alice@example.com", None)).unwrap_err();
     assert!(matches!(err, SessionError::WrongIdp { .. }), "{err}");
 
-    assert_eq!(store.get(&alice.ip), Some(&alice));
+    assert_eq!(store.get(&alice.ip), Some(alice.clone()));
     assert_eq!(store.len(), 1);
 
     // After a logout the device is free for another user.
@@ -192,8 +192,8 @@ fn sessions_survive_reopening_and_a_torn_last_line() {
 
     let store = SessionStore::open(dir.path()).unwrap();
     assert_eq!(store.len(), 2);
-    assert_eq!(store.get(&alice.ip), Some(&alice));
-    assert_eq!(store.get(&bob.ip), Some(&bob));
+    assert_eq!(store.get(&alice.ip), Some(alice.clone()));
+    assert_eq!(store.get(&bob.ip), Some(bob.clone()));
     // Reopening compacted the file: one line per live session.
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 2, "{text}");
@@ -328,7 +328,7 @@ fn plan_import_refuses_lines_against_the_rules_by_number_and_changes_nothing() {
 
     // Planning changed nothing.
     assert_eq!(store.len(), 1);
-    assert_eq!(store.get(&alice.ip), Some(&alice));
+    assert_eq!(store.get(&alice.ip), Some(alice.clone()));
     assert_eq!(
         std::fs::read_to_string(dir.path().join("sessions.jsonl")).unwrap(),
         journal
@@ -341,11 +341,15 @@ fn an_import_is_committed_durably_and_survives_reopening() {
     let planned;
     {
         let mut store = SessionStore::open(dir.path()).unwrap();
-        apply(
-            &mut store,
-            &login("198.18.1.10", "alice@example.com", Some("okta")),
-        )
-        .unwrap();
+        let mut kernel = FakeKernel::default();
+        let (_, ticket) = store
+            .login(
+                &login("198.18.1.10", "alice@example.com", Some("okta")),
+                &ClockPair::now(),
+                &mut kernel,
+            )
+            .unwrap();
+        durable(&store, ticket);
         let parsed = import::parse(
             "ip,user,idp,authenticated_at\n\
              198.18.1.10,alice@example.com,okta,2026-01-01T00:00:00Z\n\
@@ -357,7 +361,6 @@ fn an_import_is_committed_durably_and_survives_reopening() {
         let clock = ClockPair::now();
         (planned, errors) = store.plan_import(&parsed.records, &clock);
         assert_eq!(errors, []);
-        let mut kernel = FakeKernel::default();
         let (reset, ticket) = store.import(planned.clone(), &clock, &mut kernel).unwrap();
         durable(&store, ticket);
         assert_eq!(reset, 1);
@@ -370,7 +373,7 @@ fn an_import_is_committed_durably_and_survives_reopening() {
     let store = SessionStore::open(dir.path()).unwrap();
     assert_eq!(store.len(), 3);
     for record in &planned {
-        assert_eq!(store.get(&record.ip), Some(record));
+        assert_eq!(store.get(&record.ip).as_ref(), Some(record));
     }
     assert_eq!(
         store
@@ -510,7 +513,7 @@ fn replay_skips_sessions_the_rules_refuse_and_keeps_the_rest() {
 
     let store = SessionStore::open(dir.path()).expect("a refused line never stops a start");
     assert_eq!(store.len(), 1);
-    assert_eq!(store.get(&good.ip), Some(&good));
+    assert_eq!(store.get(&good.ip), Some(good.clone()));
     // The next rewrite leaves them out.
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 1, "{text}");

@@ -8,11 +8,11 @@ use std::os::fd::AsFd;
 
 use agent_common::{
     addr::{Ip4, Ip6},
+    logic::bit_slot,
     maps::{
         DestRule, FlowBucketV4, FlowBucketV6, IdentityAnswer, MAX_POLICIES, PORT_TABLE_SET_BIT,
         PolicyParams, PortRuleKey, Settings, WAYS, config_set, names, policy_slot,
     },
-    logic::bit_slot,
     verdict::counter,
 };
 use aya::maps::{

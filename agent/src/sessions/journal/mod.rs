@@ -19,7 +19,6 @@ pub(super) mod durable;
 mod replay;
 
 use std::{
-    collections::BTreeMap,
     fs::{self, File, OpenOptions},
     io::{self, BufWriter, Write},
     net::IpAddr,
@@ -30,7 +29,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{SessionError, SessionRecord};
+use super::{SessionError, SessionRecord, table::SessionTable};
 use durable::{Syncer, Ticket, sync_dir};
 use replay::replay;
 
@@ -162,7 +161,7 @@ impl Journal {
     pub(super) fn open(
         state_dir: &Path,
         open: Opener,
-    ) -> Result<(Self, BTreeMap<IpAddr, SessionRecord>), SessionError> {
+    ) -> Result<(Self, SessionTable), SessionError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| SessionError::Io { path, source }
@@ -173,7 +172,7 @@ impl Journal {
             .create(state_dir)
             .map_err(io(state_dir))?;
         let path = state_dir.join(FILE_NAME);
-        let mut sessions = BTreeMap::new();
+        let mut sessions = SessionTable::default();
         let replayed = match File::open(&path) {
             Ok(file) => Some(replay(&path, file, &mut sessions)?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -205,7 +204,7 @@ impl Journal {
             // Whatever replay left out goes before anything is appended; dead lines
             // are dropped too while at it.
             if replayed.needs_rewrite() || replayed.lines > sessions.len() {
-                journal.compact(sessions.values())?;
+                journal.compact(sessions.records())?;
             }
         }
         Ok((journal, sessions))
@@ -307,9 +306,9 @@ impl Journal {
     /// Rewrites the file with one login line per live session: a new file, synced,
     /// renamed into place, and the directory synced. Every change so far is then
     /// durable.
-    pub(super) fn compact<'a>(
+    pub(super) fn compact(
         &mut self,
-        live: impl Iterator<Item = &'a SessionRecord>,
+        live: impl Iterator<Item = SessionRecord>,
     ) -> Result<(), SessionError> {
         let io = |source| SessionError::Io {
             path: self.path.clone(),
@@ -321,7 +320,7 @@ impl Journal {
             let file = (self.open)(&tmp, true)?;
             let len = write_chunked(&*file, |out| {
                 for record in live {
-                    write_line(out, &LoginRef::Login(record))?;
+                    write_line(out, &LoginRef::Login(&record))?;
                     count += 1;
                 }
                 Ok(())

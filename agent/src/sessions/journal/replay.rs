@@ -3,14 +3,14 @@
 //! agent from starting.
 
 use std::{
-    collections::BTreeMap,
     io::{self, BufRead, BufReader, Read as _},
-    net::IpAddr,
     path::Path,
 };
 
+use agent_common::maps::IDENTITY_NONE;
+
 use super::{CHUNK, Entry};
-use crate::sessions::{SessionError, SessionRecord, rules::check_replayed};
+use crate::sessions::{SessionError, rules::check_replayed, table::SessionTable};
 
 /// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
 const MAX_LINE: usize = 64 * 1024;
@@ -48,7 +48,7 @@ struct OpenBatch {
 pub(super) fn replay(
     path: &Path,
     file: impl io::Read,
-    sessions: &mut BTreeMap<IpAddr, SessionRecord>,
+    sessions: &mut SessionTable,
 ) -> Result<Replayed, SessionError> {
     let mut reader = BufReader::with_capacity(CHUNK, file);
     let mut line = Vec::new();
@@ -78,7 +78,7 @@ pub(super) fn replay(
 /// read, whose entries wait for its `commit`.
 struct Replaying<'a> {
     path: &'a Path,
-    sessions: &'a mut BTreeMap<IpAddr, SessionRecord>,
+    sessions: &'a mut SessionTable,
     replayed: Replayed,
     batch: Option<OpenBatch>,
 }
@@ -160,10 +160,11 @@ impl Replaying<'_> {
     }
 }
 
-fn apply(sessions: &mut BTreeMap<IpAddr, SessionRecord>, entry: Entry) {
+fn apply(sessions: &mut SessionTable, entry: Entry) {
     match entry {
         Entry::Login(record) => {
-            sessions.insert(record.ip, record);
+            // Not in the kernel yet: no identity slot.
+            sessions.insert(&record, IDENTITY_NONE);
         }
         Entry::Logout { ip } => {
             sessions.remove(&ip);
