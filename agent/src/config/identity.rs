@@ -93,8 +93,7 @@ pub fn masks_of<'a>(
     who: impl IntoIterator<Item = &'a Identity<'a>>,
 ) -> Vec<u64> {
     let by_user = looks_at_user(conditions);
-    let mut known: std::collections::HashMap<(&str, &str, &[String]), u64> =
-        std::collections::HashMap::new();
+    let mut known: hashbrown::HashMap<(&str, &str, &[String]), u64> = hashbrown::HashMap::new();
     who.into_iter()
         .map(|w| {
             let user = if by_user { w.user } else { "" };

@@ -93,7 +93,7 @@ impl Identities {
     }
 
     /// A fresh slot for `who`, its masks written for both sets (copied from `previous`
-    /// where a set's conditions are unknown).
+    /// where a set's conditions are unknown; none for a set without conditions).
     pub(super) fn claim(
         &mut self,
         who: &Identity<'_>,
@@ -101,6 +101,9 @@ impl Identities {
     ) -> Result<u32, DatapathError> {
         let slot = self.allocate()?;
         for set in 0..2 {
+            if self.conditions[set].as_ref().is_some_and(Vec::is_empty) {
+                continue;
+            }
             let mask = self.mask(set, who, previous);
             self.masks[set]
                 .set(slot, mask, 0)
@@ -126,6 +129,8 @@ impl Identities {
         }
         for set in 0..2 {
             let masks: Vec<u64> = match &self.conditions[set] {
+                // A set without conditions never reads its masks (`forget`).
+                Some(conditions) if conditions.is_empty() => continue,
                 Some(conditions) => masks_of(conditions, who.iter().map(|(w, _)| w)),
                 None => who
                     .iter()

@@ -178,9 +178,15 @@ impl SessionMaps {
         slots: &[u32],
     ) -> Result<(), DatapathError> {
         let mask = self.buckets - 1;
-        let (mut keys4, mut values4, mut keys6, mut values6) = (vec![], vec![], vec![], vec![]);
-        let mut buckets4: std::collections::HashMap<u32, SessionBucketV4> = Default::default();
-        let mut buckets6: std::collections::HashMap<u32, SessionBucketV6> = Default::default();
+        let v4 = sessions.iter().filter(|s| s.0.is_ipv4()).count();
+        let v6 = sessions.len() - v4;
+        let (mut keys4, mut values4) = (Vec::with_capacity(v4), Vec::with_capacity(v4));
+        let (mut keys6, mut values6) = (Vec::with_capacity(v6), Vec::with_capacity(v6));
+        // Sized up front: growing moves every bucket gathered so far.
+        let mut buckets4: hashbrown::HashMap<u32, SessionBucketV4> =
+            hashbrown::HashMap::with_capacity(v4.min(self.buckets as usize));
+        let mut buckets6: hashbrown::HashMap<u32, SessionBucketV6> =
+            hashbrown::HashMap::with_capacity(v6.min(self.buckets as usize));
         for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
             let session = &Session {
                 identity: *slot,

@@ -53,13 +53,46 @@ unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Writes `keys[i] -> values[i]` for every `i` (BPF_ANY).
-pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+/// Writes `keys[i] -> values[i]` for every `i` (BPF_ANY). A large batch is split into
+/// one part per CPU (at most `MAX_WRITERS`), written at once: the elements are
+/// independent, and the kernel's per-bucket locks and per-CPU allocators let the parts
+/// go in parallel (a million sessions at start-up). On error, any part may be written.
+pub fn update_batch<K: aya::Pod + Sync, V: aya::Pod + Sync>(
     map: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
 ) -> io::Result<()> {
     assert_eq!(keys.len(), values.len(), "one value per key");
+    let writers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_WRITERS);
+    if keys.len() < PARALLEL_ABOVE || writers < 2 {
+        return update_chunks(map, keys, values);
+    }
+    let part = keys.len().div_ceil(writers);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = keys
+            .chunks(part)
+            .zip(values.chunks(part))
+            .map(|(keys, values)| scope.spawn(move || update_chunks(map, keys, values)))
+            .collect();
+        parts
+            .into_iter()
+            .try_for_each(|part| part.join().expect("a batch writer panicked"))
+    })
+}
+
+/// Batches at least this large are written by several threads.
+const PARALLEL_ABOVE: usize = 4 * CHUNK;
+/// Threads writing one batch.
+const MAX_WRITERS: usize = 4;
+
+/// `update_batch` on one thread, `CHUNK` elements per syscall.
+fn update_chunks<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> io::Result<()> {
     for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
         let mut attr = BatchAttr {
             keys: keys.as_ptr() as u64,

@@ -47,7 +47,9 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         StoreConfig::Etcd(etcd) => Some(Arc::new(Fleet::new(etcd).await?)),
     };
     let _lock = lock_state_dir(&config.agent.state_dir)?;
+    let replay_started = std::time::Instant::now();
     let store = SessionStore::open(&config.agent.state_dir)?;
+    let replay_ms = replay_started.elapsed().as_millis() as u64;
     let signin = sign_in(&config)?;
     let listeners = Listeners::bind(&config.agent, api_token).await?;
 
@@ -67,6 +69,7 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         policies = config.policies.len(),
         prefixes = table.dest.len(),
         sessions = started.sessions.read(|store| store.len()),
+        journal_replay_ms = replay_ms,
         api_socket = %config.agent.api_socket.display(),
         api_listen = ?config.agent.api_listen,
         metrics_listen = ?config.agent.metrics_listen,

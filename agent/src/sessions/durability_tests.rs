@@ -540,3 +540,55 @@ fn file_size_limit_child() {
     limit(libc::RLIM_INFINITY);
     login(&mut store, &mut kernel, "198.18.1.13", "dave@example.com").unwrap();
 }
+
+#[test]
+fn a_journal_of_many_blocks_replays_in_order() {
+    // Replay decodes blocks of lines on other threads; what it applies must still be
+    // the file's order, batches and logouts included, across block boundaries.
+    let dir = tempfile::tempdir().unwrap();
+    let login = |i: usize, hour: u32| {
+        format!(
+            "{{\"op\":\"login\",\"ip\":\"198.18.{}.{}\",\"user\":\"u{i}@example.com\",\"idp\":\"okta\",\"authenticated_at\":\"2026-01-01T{hour:02}:00:00Z\",\"boot_id\":\"\",\"authenticated_at_boot_ns\":0}}\n",
+            i / 250,
+            i % 250
+        )
+    };
+    const DEVICES: usize = 20_000;
+    let mut text = String::new();
+    for i in 0..DEVICES {
+        text.push_str(&login(i, 1));
+    }
+    text.push_str(&format!(
+        "{{\"op\":\"begin\",\"batch\":1,\"count\":{DEVICES}}}\n"
+    ));
+    for i in 0..DEVICES {
+        text.push_str(&login(i, 2));
+    }
+    text.push_str("{\"op\":\"commit\",\"batch\":1}\n");
+    for i in (0..DEVICES).step_by(100) {
+        text.push_str(&format!(
+            "{{\"op\":\"logout\",\"ip\":\"198.18.{}.{}\"}}\n",
+            i / 250,
+            i % 250
+        ));
+    }
+    // A batch cut short at the end counts as never written.
+    text.push_str("{\"op\":\"begin\",\"batch\":2,\"count\":3}\n");
+    text.push_str(&login(1, 3));
+    fs::write(dir.path().join("sessions.jsonl"), &text).unwrap();
+
+    let store = SessionStore::open(dir.path()).unwrap();
+    assert_eq!(store.len(), DEVICES - DEVICES / 100);
+    assert!(store.get(&ip("198.18.0.0")).is_none());
+    let kept = store.get(&ip("198.18.0.1")).unwrap();
+    assert_eq!(kept.user, "u1@example.com");
+    assert_eq!(
+        kept.authenticated_at,
+        time::macros::datetime!(2026-01-01 2:00 UTC)
+    );
+    let last = store.get(&ip("198.18.79.249")).unwrap();
+    assert_eq!(
+        last.authenticated_at,
+        time::macros::datetime!(2026-01-01 2:00 UTC)
+    );
+}

@@ -74,8 +74,14 @@ impl<K: KernelSessions> SessionMirror<K> {
                 }
             }
         }
+        let started = std::time::Instant::now();
         let sessions = store.table().kernel_values(&clock, &boot_id);
         let slots = kernel.load_sessions(&sessions)?;
+        tracing::info!(
+            sessions = sessions.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "wrote the sessions to the kernel"
+        );
         let devices: Vec<IpAddr> = sessions.iter().map(|(ip, ..)| *ip).collect();
         drop(sessions);
         for (ip, slot) in devices.iter().zip(slots) {

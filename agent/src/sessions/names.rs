@@ -3,13 +3,9 @@
 //! a session holds its number. Names nobody uses any more are dropped when the table
 //! rebuilds them (`SessionTable`).
 
-use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
-    sync::Arc,
-};
+use std::{hash::BuildHasher, sync::Arc};
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 
 /// Strings, each kept once in one buffer, numbered from 0 in the order first seen.
 #[derive(Default)]
@@ -19,7 +15,7 @@ pub(super) struct Names {
     ends: Vec<u32>,
     /// Name numbers, found by the hash of their text.
     index: HashTable<u32>,
-    hasher: RandomState,
+    hasher: DefaultHashBuilder,
 }
 
 impl Names {

@@ -7,13 +7,12 @@
 //! kernel's maps.
 
 use std::{
-    collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use agent_common::maps::{IDENTITY_NONE, Session};
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use time::OffsetDateTime;
 
 use super::{
@@ -49,7 +48,25 @@ struct Row {
 }
 const _: () = assert!(size_of::<Row>() == 56);
 
+/// A device address as a row keeps it: 16 bytes (IPv4 in the first four) and the family.
+type Key = ([u8; 16], bool);
+
+fn key_of(ip: &IpAddr) -> Key {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&a.octets());
+            (addr, false)
+        }
+        IpAddr::V6(a) => (a.octets(), true),
+    }
+}
+
 impl Row {
+    fn key(&self) -> Key {
+        (self.addr, self.v6)
+    }
+
     fn ip(&self) -> IpAddr {
         if self.v6 {
             IpAddr::V6(Ipv6Addr::from(self.addr))
@@ -64,7 +81,7 @@ pub struct SessionTable {
     rows: Vec<Row>,
     /// Row numbers, found by the hash of their device address.
     index: HashTable<u32>,
-    hasher: RandomState,
+    hasher: DefaultHashBuilder,
     /// Users and IdPs.
     names: Names,
     boots: Names,
@@ -78,7 +95,7 @@ impl Default for SessionTable {
         Self {
             rows: Vec::new(),
             index: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: DefaultHashBuilder::default(),
             names: Names::default(),
             boots,
             groups: GroupLists::default(),
@@ -152,14 +169,8 @@ impl SessionTable {
         {
             self.rebuild_names();
         }
-        let (addr, v6) = match record.ip {
-            IpAddr::V4(a) => {
-                let mut addr = [0; 16];
-                addr[..4].copy_from_slice(&a.octets());
-                (addr, false)
-            }
-            IpAddr::V6(a) => (a.octets(), true),
-        };
+        let key = key_of(&record.ip);
+        let (addr, v6) = key;
         let boot = u16::try_from(self.boots.intern(&record.boot_id)).unwrap_or(0);
         let row = Row {
             addr,
@@ -173,14 +184,17 @@ impl SessionTable {
             boot,
             v6,
         };
-        match self.find(&record.ip) {
-            Some(at) => self.rows[at] = row,
-            None => {
-                let hash = self.hasher.hash_one(record.ip);
-                let (rows, hasher) = (&self.rows, &self.hasher);
-                self.index.insert_unique(hash, rows.len() as u32, |&i| {
-                    hasher.hash_one(rows[i as usize].ip())
-                });
+        let hash = self.hasher.hash_one(key);
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        let entry = self.index.entry(
+            hash,
+            |&i| rows[i as usize].key() == key,
+            |&i| hasher.hash_one(rows[i as usize].key()),
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(at) => self.rows[*at.get() as usize] = row,
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(self.rows.len() as u32);
                 self.rows.push(row);
             }
         }
@@ -195,20 +209,20 @@ impl SessionTable {
 
     /// Removes the device's session; returns it with its kernel slot.
     pub fn remove(&mut self, ip: &IpAddr) -> Option<(SessionRecord, u32)> {
-        let hash = self.hasher.hash_one(ip);
+        let key = key_of(ip);
+        let hash = self.hasher.hash_one(key);
         let rows = &self.rows;
         let entry = self
             .index
-            .find_entry(hash, |&i| rows[i as usize].ip() == *ip)
+            .find_entry(hash, |&i| rows[i as usize].key() == key)
             .ok()?;
         let (at, _) = entry.remove();
         let at = at as usize;
         let removed = self.rows.swap_remove(at);
         // The last row moved into the hole: its index entry follows it.
         if at < self.rows.len() {
-            let moved = self.rows[at].ip();
             let old = self.rows.len() as u32;
-            let hash = self.hasher.hash_one(moved);
+            let hash = self.hasher.hash_one(self.rows[at].key());
             if let Some(i) = self.index.find_mut(hash, |&i| i == old) {
                 *i = at as u32;
             }
@@ -289,9 +303,10 @@ impl SessionTable {
     }
 
     fn find(&self, ip: &IpAddr) -> Option<usize> {
-        let hash = self.hasher.hash_one(ip);
+        let key = key_of(ip);
+        let hash = self.hasher.hash_one(key);
         self.index
-            .find(hash, |&i| self.rows[i as usize].ip() == *ip)
+            .find(hash, |&i| self.rows[i as usize].key() == key)
             .map(|&i| i as usize)
     }
 

@@ -5,6 +5,7 @@
 use std::{
     io::{self, BufRead, BufReader, Read as _},
     path::Path,
+    sync::mpsc,
 };
 
 use agent_common::maps::IDENTITY_NONE;
@@ -45,33 +46,136 @@ struct OpenBatch {
 
 /// Applies every line of the journal it can read, streaming, and says in the log
 /// what it left out. Only an error reading the file itself is an error.
+///
+/// Lines are read here and applied here, in order; decoding them (most of the work)
+/// goes to `DECODERS` threads, a block of lines at a time, blocks handed out in turn
+/// so that they come back in order.
 pub(super) fn replay(
     path: &Path,
     file: impl io::Read,
     sessions: &mut SessionTable,
 ) -> Result<Replayed, SessionError> {
     let mut reader = BufReader::with_capacity(CHUNK, file);
-    let mut line = Vec::new();
     let mut replaying = Replaying {
         path,
         sessions,
         replayed: Replayed::default(),
         batch: None,
     };
-    loop {
-        line.clear();
-        let (n, whole) = read_line(&mut reader, &mut line).map_err(|source| SessionError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if n == 0 {
-            break;
+    let read = std::thread::scope(|scope| {
+        let decoders: Vec<_> = (0..DECODERS)
+            .map(|_| {
+                let (blocks, inbox) = mpsc::sync_channel::<Block>(1);
+                let (outbox, decoded) = mpsc::sync_channel::<(Block, Vec<Decoded>)>(1);
+                scope.spawn(move || {
+                    for block in inbox {
+                        let lines = block.decode();
+                        if outbox.send((block, lines)).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (blocks, decoded)
+            })
+            .collect();
+        let (mut sent, mut received, mut done) = (0, 0, false);
+        let mut result = Ok(());
+        loop {
+            // Keep every decoder busy, then take the oldest block back.
+            while !done && sent < received + DECODERS {
+                match Block::read(&mut reader) {
+                    Ok(block) if block.is_empty() => done = true,
+                    Ok(block) => {
+                        decoders[sent % DECODERS]
+                            .0
+                            .send(block)
+                            .expect("a decoder thread is alive until its inbox closes");
+                        sent += 1;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        done = true;
+                    }
+                }
+            }
+            if received == sent {
+                break;
+            }
+            let (block, lines) = decoders[received % DECODERS]
+                .1
+                .recv()
+                .expect("a decoder answers every block");
+            received += 1;
+            block.apply(lines, &mut replaying);
         }
-        replaying.next_line(&line, n, whole);
-    }
+        drop(decoders);
+        result
+    });
+    read.map_err(|source| SessionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let replayed = replaying.finish();
     report(path, &replayed);
     Ok(replayed)
+}
+
+/// Threads decoding journal lines.
+const DECODERS: usize = 2;
+/// Lines in a block handed to a decoder.
+const BLOCK_LINES: usize = 8192;
+
+/// Consecutive journal lines, as read: their bytes, and for each where it lies in
+/// them, its length in the file and whether all of it was kept (`read_line`).
+#[derive(Default)]
+struct Block {
+    text: Vec<u8>,
+    lines: Vec<(usize, usize, usize, bool)>,
+}
+
+/// A line decoded: `None` for a blank one.
+type Decoded = Option<Result<Entry, String>>;
+
+impl Block {
+    /// The next block of the file (empty at its end).
+    fn read(reader: &mut impl BufRead) -> io::Result<Self> {
+        let mut block = Self::default();
+        while block.lines.len() < BLOCK_LINES {
+            let start = block.text.len();
+            let (n, whole) = read_line(reader, &mut block.text)?;
+            if n == 0 {
+                break;
+            }
+            block.lines.push((start, block.text.len(), n, whole));
+        }
+        Ok(block)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    fn line(&self, i: usize) -> &[u8] {
+        let (start, end, ..) = self.lines[i];
+        &self.text[start..end]
+    }
+
+    fn decode(&self) -> Vec<Decoded> {
+        (0..self.lines.len())
+            .map(|i| {
+                let line = self.line(i);
+                let (.., n, whole) = self.lines[i];
+                (!line.iter().all(u8::is_ascii_whitespace)).then(|| decode(line, n, whole))
+            })
+            .collect()
+    }
+
+    fn apply(&self, decoded: Vec<Decoded>, replaying: &mut Replaying<'_>) {
+        for (i, line) in decoded.into_iter().enumerate() {
+            let whole = self.lines[i].3;
+            replaying.next_line(self.line(i), whole, line);
+        }
+    }
 }
 
 /// A replay between two lines: the sessions so far, what it found, and the batch being
@@ -84,22 +188,20 @@ struct Replaying<'a> {
 }
 
 impl Replaying<'_> {
-    /// Takes the next line (`n` bytes, all of them in `line` if `whole`): applies it,
-    /// or notes why not.
-    fn next_line(&mut self, line: &[u8], n: usize, whole: bool) {
+    /// Takes the next line (all of it in `line` if `whole`), as `Block::decode` decoded
+    /// it: applies it, or notes why not.
+    fn next_line(&mut self, line: &[u8], whole: bool, decoded: Decoded) {
         self.replayed.lines += 1;
         let number = self.replayed.lines;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return;
-        }
-        match decode(line, n, whole) {
-            Ok(entry) => self.entry(number, entry),
+        match decoded {
+            None => {}
+            Some(Ok(entry)) => self.entry(number, entry),
             // Only the last line can lack its newline: a write a crash cut short.
-            Err(_) if !line.ends_with(b"\n") && whole => {
+            Some(Err(_)) if !line.ends_with(b"\n") && whole => {
                 self.replayed.torn_tail = true;
                 tracing::warn!(path = %self.path.display(), line = number, "ignoring a session journal line cut short by a crash");
             }
-            Err(reason) => self.replayed.skipped.push((number, reason)),
+            Some(Err(reason)) => self.replayed.skipped.push((number, reason)),
         }
     }
 
