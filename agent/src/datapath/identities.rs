@@ -105,9 +105,11 @@ impl Identities {
                 continue;
             }
             let mask = self.mask(set, who, previous);
-            self.masks[set]
-                .set(slot, mask, 0)
-                .map_err(map_err(names::IDENTITIES[set]))?;
+            if let Err(e) = self.masks[set].set(slot, mask, 0) {
+                // No session holds the slot yet: it is free again.
+                self.release(slot);
+                return Err(map_err(names::IDENTITIES[set])(e));
+            }
         }
         Ok(slot)
     }
