@@ -1,7 +1,8 @@
 //! Prompts with real traffic: refusals reach the live event stream at once and a
 //! webhook at most once per interval; with `notify_before`, a device that uses a
 //! session-checked policy is prompted once before its session runs out for it, again
-//! after each re-authentication, and a device that does not use it is not.
+//! after each re-authentication, and a device that does not use it, or that a new sign-in
+//! left outside it, is not.
 
 use std::{
     io::{BufRead, BufReader},
@@ -237,5 +238,64 @@ fn a_device_using_a_policy_is_prompted_once_per_sign_in_before_it_runs_out() {
     assert!(
         got.iter().all(|(_, v)| v["device"] == "198.18.1.11"),
         "{got:#?}"
+    );
+}
+
+/// The application with a 14 s policy for the finance group before a 1 h one for
+/// everyone.
+const FINANCE_FIRST: &str = r#"
+[[policy]]
+name = "Finance"
+precedence = 10
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "14s" }
+identity = { groups = ["finance"] }
+
+[[policy]]
+name = "App"
+precedence = 20
+destinations = ["198.19.10.0/24", "2001:db8:10::/48"]
+check_session = { enforce = true, duration = "1h" }
+"#;
+
+#[test]
+fn a_device_is_not_prompted_for_a_policy_its_new_groups_left() {
+    if !privileged!() {
+        return;
+    }
+    let lab = lab!();
+    let prompts = lab.webhook(8703);
+    let agent = lab.start_agent(&lab.config(
+        "notify_url = \"http://127.0.0.1:8703/prompt\"\nnotify_before = \"8s\"",
+        FINANCE_FIRST,
+    ));
+    let ip = device(1).to_string();
+    let login = |groups: &[&str]| {
+        let mut args = vec!["session", "login", &ip, "--user", BOB];
+        for group in groups {
+            args.extend(["--group", group]);
+        }
+        agent.cli_ok(&args);
+    };
+
+    // In finance, the device uses the application under the 14 s policy...
+    login(&["finance"]);
+    assert!(lab.tcp_works(device(1), APP, 443));
+    let reports = agent.counter("events_use_reports");
+    assert!(reports >= 1);
+    // ...then signs in again without the group: only the 1 h policy applies now.
+    login(&[]);
+    let signed_in = Instant::now();
+    assert!(lab.tcp_works(device(1), APP, 443));
+
+    // The finance session would have run out by now; no prompt said it would.
+    thread::sleep(
+        (signed_in + SESSION + Duration::from_secs(2)).saturating_duration_since(Instant::now()),
+    );
+    assert!(lab.tcp_works(device(1), APP, 443));
+    let got = of_kind(&prompts, "expiring");
+    assert!(
+        got.is_empty(),
+        "prompted for a policy that no longer applies: {got:#?}"
     );
 }

@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Duration};
 use super::{Control, lock, views};
 use crate::{
     clock::ClockPair,
-    config::Config,
+    config::{Config, Policy},
     events::{self, Event, Expiring, RawEvent},
     expiry::{Due, ExpiryStats, Standing},
 };
@@ -36,17 +36,28 @@ impl Control {
             lock(&self.reports.recent).clear();
             return 0;
         };
-        let durations: HashMap<&str, Duration> = config
+        if lock(&self.reports.recent).stats().pairs == 0 {
+            return 0;
+        }
+        let policies: HashMap<&str, (&Policy, Duration)> = config
             .policies
             .iter()
-            .filter_map(|p| Some((p.name.as_str(), p.duration()?.0)))
+            .filter_map(|p| Some((p.name.as_str(), (p, p.duration()?.0))))
             .collect();
+        let durations: HashMap<&str, Duration> =
+            policies.iter().map(|(name, (_, d))| (*name, *d)).collect();
         let clock = ClockPair::now();
         let boot_id = self.sessions.boot_id();
         let prompts: Vec<Expiring> = self.sessions.read(|store| {
-            let due = lock(&self.reports.recent).due(clock.boot_ns, before.0, |device, policy| {
-                let limit = i64::try_from(durations.get(policy)?.as_nanos()).ok()?;
+            let due = lock(&self.reports.recent).due(clock.boot_ns, before.0, |device, name| {
+                let (policy, limit) = policies.get(name)?;
+                let limit = i64::try_from(limit.as_nanos()).ok()?;
                 let record = store.get(&device)?;
+                // A sign-in since the use may have left the device under other policies
+                // (its groups changed): a policy that no longer applies is forgotten.
+                if !policy.applies_to(Some(&record.identity())) {
+                    return None;
+                }
                 Some(Standing {
                     left_ns: limit - views::age_ns(&record, &clock, boot_id),
                     authenticated_at: record.authenticated_at,
