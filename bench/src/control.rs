@@ -76,6 +76,10 @@ pub struct ControlReport {
     pub fleet_join_rss_bytes: u64,
     /// The etcd member's database (`dbSize`) holding the fleet's sessions, bytes.
     pub fleet_etcd_bytes: u64,
+    /// Seconds for a plain loop of put-only transactions, `IMPORT_BATCH` entries each,
+    /// one after another, writing `fleet_sessions` entries like the agent's into the
+    /// same etcd (after the fleet's): what the store takes for this pattern.
+    pub fleet_etcd_limit: f64,
 }
 
 pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
@@ -114,6 +118,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         fleet_join_synced: fleet.join_synced,
         fleet_join_rss_bytes: fleet.join_rss_bytes,
         fleet_etcd_bytes: fleet.etcd_bytes,
+        fleet_etcd_limit: fleet.etcd_limit,
     })
 }
 
@@ -271,6 +276,7 @@ struct FleetScale {
     join_synced: f64,
     join_rss_bytes: u64,
     etcd_bytes: u64,
+    etcd_limit: f64,
 }
 
 /// An etcd fleet at scale: `n` sessions imported through agent A (in one lab) into a
@@ -323,6 +329,7 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
         .as_u64()
         .context("no dbSize in etcd's endpoint status")?;
     drop((a, b));
+    let etcd_limit = etcd_put_limit(&etcd, n)?;
     Ok(FleetScale {
         sessions: n,
         import,
@@ -331,6 +338,48 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
         join_synced,
         join_rss_bytes,
         etcd_bytes,
+        etcd_limit,
+    })
+}
+
+/// Seconds for `n` entries like the agent's (a session's value, keys of the same
+/// length) put into `etcd` by a plain loop: transactions of `IMPORT_BATCH` puts, one
+/// after another, no compares, from a client inside etcd's namespace. The agent's
+/// import makes the same number of transactions of the same size, each also
+/// comparing every key's revision.
+fn etcd_put_limit(etcd: &netlab::Etcd, n: usize) -> anyhow::Result<f64> {
+    use etcd_client::{Client, Txn, TxnOp};
+    use sessiongate::{fleet::IMPORT_BATCH, sessions};
+
+    let request = sessions::LoginRequest {
+        ip: "198.18.0.7".parse()?,
+        user: "bench@example.com".into(),
+        idp: None,
+        at: None,
+        groups: vec!["team-7".into()],
+    };
+    let record = sessions::plan_login(None, &request, &ClockPair::now(), &boot_id())?;
+    let value = sessiongate::fleet::entry::encode(&record);
+    let keys: Vec<String> = scenario::devices(n)
+        .map(|device| format!("/limit/sessions/{device}"))
+        .collect();
+    let endpoint = etcd.endpoint(0);
+    etcd.ns.run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let mut client = Client::connect([endpoint], None).await?;
+            let started = Instant::now();
+            for batch in keys.chunks(IMPORT_BATCH) {
+                let puts: Vec<TxnOp> = batch
+                    .iter()
+                    .map(|key| TxnOp::put(key.as_str(), value.clone(), None))
+                    .collect();
+                client.txn(Txn::new().and_then(puts)).await?;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })
     })
 }
 

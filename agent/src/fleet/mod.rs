@@ -457,7 +457,7 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 /// Devices per import transaction (etcd refuses more than 128 operations in one).
-const IMPORT_BATCH: usize = 64;
+pub const IMPORT_BATCH: usize = 64;
 
 /// `then` if `key` is still at `revision` (0: absent); otherwise the key as it is now.
 fn compare_and_swap(key: &str, revision: i64, then: TxnOp) -> Txn {

@@ -44,6 +44,21 @@ pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
         measured: format!("{reload:.3} s"),
         met: reload < 0.5,
     });
+    // The rate of the agent's import into etcd against the store's own limit.
+    let share = c.fleet_etcd_limit / c.fleet_import;
+    targets.push(Target {
+        name: format!(
+            "{} sessions into etcd through an agent at no less than half the rate of a plain batched-put loop",
+            c.fleet_sessions
+        ),
+        measured: format!(
+            "{:.0} % ({:.2} s vs {:.2} s)",
+            100.0 * share,
+            c.fleet_import,
+            c.fleet_etcd_limit
+        ),
+        met: share >= 0.5,
+    });
     targets.push(Target {
         name: format!(
             "A reload adding 64 identity conditions with {} sessions: masks recomputed and flipped in under 1 s (`sessiongate reload`, end to end)",
@@ -178,6 +193,18 @@ pub fn section(c: &ControlReport, md: &mut String) {
         (
             format!("etcd database at {} sessions", c.fleet_sessions),
             format!("{:.0} MiB", mib(c.fleet_etcd_bytes)),
+            "-".into(),
+        ),
+        (
+            format!(
+                "the store's limit: {} entries put into the same etcd by a plain loop of batched transactions",
+                c.fleet_sessions
+            ),
+            format!(
+                "{:.2} s ({:.0} entries/s)",
+                c.fleet_etcd_limit,
+                c.fleet_sessions as f64 / c.fleet_etcd_limit
+            ),
             "-".into(),
         ),
     ];
