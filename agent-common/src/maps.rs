@@ -120,7 +120,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 7;
+pub const LAYOUT: u32 = 8;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -481,8 +481,9 @@ pub struct FlowSlotV4 {
     pub check: u64,
 }
 
-/// `SG_FLOWS_V4`: ARRAY of buckets, `flow_bucket_mask + 1` entries, written by the
-/// program when it admits a new UDP flow. A flow lives in bucket
+/// `SG_FLOWS_V4`: ARRAY of buckets, `flow_bucket_mask + 1` entries, created
+/// `BPF_F_MMAPABLE` (the agent counts active flows by reading its memory), written by
+/// the program when it admits a new UDP flow. A flow lives in bucket
 /// `hashing::bucket(fold_flow(..))`; a new flow takes a free or idle slot of its
 /// bucket, else the least recently seen one (a per-bucket LRU).
 #[repr(C)]

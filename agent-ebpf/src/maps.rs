@@ -10,7 +10,7 @@ use agent_common::maps::{
 };
 use agent_common::verdict::counter;
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -83,11 +83,12 @@ pub static SG_SESSION_TABLE_V4: Array<SessionBucketV4> = Array::with_max_entries
 #[map]
 pub static SG_SESSION_TABLE_V6: Array<SessionBucketV6> = Array::with_max_entries(1024, 0);
 
+// Mappable: the agent counts the flows by reading the tables' memory.
 #[map]
-pub static SG_FLOWS_V4: Array<FlowBucketV4> = Array::with_max_entries(1024, 0);
+pub static SG_FLOWS_V4: Array<FlowBucketV4> = Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 #[map]
-pub static SG_FLOWS_V6: Array<FlowBucketV6> = Array::with_max_entries(1024, 0);
+pub static SG_FLOWS_V6: Array<FlowBucketV6> = Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 /// Packets per verdict code, and the event counters (`agent_common::verdict::counter`).
 #[map]

@@ -88,22 +88,16 @@ impl Maps {
     }
 
     /// Tracked UDP flows (IPv4, IPv6) still active at boot-clock `now_ns`. Reads the
-    /// flow tables with batched lookups: cheap enough for every metrics scrape.
+    /// flow tables from their memory: cheap enough for every metrics scrape.
     pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
         let idle = self.current.udp_idle_ns;
         let mut v4 = 0;
-        let read4 = sys::read_array(self.flows_v4.map().fd().as_fd(), |b: &[FlowBucketV4]| {
-            v4 += b
-                .iter()
-                .map(|b| active_flows(&b.slots, now_ns, idle))
-                .sum::<usize>();
+        let read4 = sys::for_each_mapped(self.flows_v4.map(), |b: &FlowBucketV4| {
+            v4 += active_flows(&b.slots, now_ns, idle);
         });
         let mut v6 = 0;
-        let read6 = sys::read_array(self.flows_v6.map().fd().as_fd(), |b: &[FlowBucketV6]| {
-            v6 += b
-                .iter()
-                .map(|b| active_flows(&b.slots, now_ns, idle))
-                .sum::<usize>();
+        let read6 = sys::for_each_mapped(self.flows_v6.map(), |b: &FlowBucketV6| {
+            v6 += active_flows(&b.slots, now_ns, idle);
         });
         if let Err(e) = read4.and(read6) {
             tracing::warn!(error = %e, "cannot read the flow tables; flow counts are partial");
