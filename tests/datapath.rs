@@ -27,6 +27,7 @@ use std::{
 use agent_common::{
     addr::Ip4,
     hashing::bucket,
+    maps::Session,
     verdict::{Verdict, counter},
 };
 use netlab::{packets::*, privileged};
@@ -670,6 +671,106 @@ fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
             &Packet::syn(*device, app, 443),
             Verdict::DroppedUnknownDevice,
         );
+    }
+}
+
+#[test]
+fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
+    if !privileged!() {
+        return;
+    }
+    // A batch (start-up, import) writes the session table in its own memory. Seen
+    // from the program: with the hash map's copies removed behind the table's back,
+    // every device of two batches is still found, a renewed one with its new session.
+    let mut h = Harness::new("");
+    let app = |device: &IpAddr| {
+        if device.is_ipv4() {
+            ip("198.19.10.5")
+        } else {
+            ip("2001:db8:10::5")
+        }
+    };
+    let devices: Vec<IpAddr> = (0..100u32)
+        .flat_map(|i| {
+            [
+                IpAddr::V4(Ipv4Addr::from(0xc612_2000 + i)),
+                IpAddr::V6(std::net::Ipv6Addr::from(
+                    (0x2001_0db8_0002u128 << 80) | u128::from(i),
+                )),
+            ]
+        })
+        .collect();
+    let who = Identity {
+        user: DEFAULT_USER.0,
+        idp: DEFAULT_USER.1,
+        groups: &[],
+    };
+    let at = |age: Duration| Session {
+        authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
+        ..Session::default()
+    };
+    // First batch: every other device expired; the second renews those.
+    let first: Vec<_> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                *d,
+                at(if i % 4 < 2 { Duration::ZERO } else { 2 * HOUR }),
+                who,
+                None,
+            )
+        })
+        .collect();
+    let slots = h.sessions.load_sessions(&first).unwrap();
+    for (i, device) in devices.iter().enumerate() {
+        let verdict = if i % 4 < 2 {
+            Verdict::AdmittedNewFlow
+        } else {
+            Verdict::DroppedExpired
+        };
+        assert_eq!(
+            h.run(&Packet::syn(*device, app(device), 443).bytes()).1,
+            verdict,
+            "{device}"
+        );
+    }
+    let renewed: Vec<_> = devices
+        .iter()
+        .zip(&slots)
+        .enumerate()
+        .filter(|(i, _)| i % 4 >= 2)
+        .map(|(_, (d, slot))| (*d, at(Duration::ZERO), who, Some(*slot)))
+        .collect();
+    h.sessions.load_sessions(&renewed).unwrap();
+    remove_from_session_hash_maps(&h, &devices);
+    for device in &devices {
+        let packet = Packet::syn(*device, app(device), 443);
+        passes(&h, &packet, Verdict::AdmittedNewFlow);
+    }
+}
+
+/// Deletes devices' sessions from the kernel's hash maps only (found through the
+/// program's own map ids), leaving their session-table copies.
+fn remove_from_session_hash_maps(h: &Harness, devices: &[IpAddr]) {
+    use agent_common::addr::Ip6;
+    use aya::maps::{HashMap, Map, MapData};
+    let ids = h.dp.program().info().unwrap().map_ids().unwrap().unwrap();
+    let named = |name: &str| {
+        ids.iter()
+            .map(|id| MapData::from_id(*id).unwrap())
+            .find(|m| m.info().unwrap().name_as_str() == Some(name))
+            .unwrap_or_else(|| panic!("the program has no map {name}"))
+    };
+    let mut v4: HashMap<MapData, Ip4, Session> =
+        HashMap::try_from(Map::HashMap(named("SG_SESSIONS_V4"))).unwrap();
+    let mut v6: HashMap<MapData, Ip6, Session> =
+        HashMap::try_from(Map::HashMap(named("SG_SESSIONS_V6"))).unwrap();
+    for device in devices {
+        match device {
+            IpAddr::V4(a) => v4.remove(&Ip4::from(*a)).unwrap(),
+            IpAddr::V6(a) => v6.remove(&Ip6::from(*a)).unwrap(),
+        }
     }
 }
 

@@ -120,7 +120,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// Version of the maps' layout and meaning as a whole. Pins live in a directory named
 /// after it, so an agent never adopts maps it would misread. Bump it with any change
 /// to a map's key, value, type or meaning.
-pub const LAYOUT: u32 = 8;
+pub const LAYOUT: u32 = 9;
 
 /// `SG_GENERATION`: ARRAY, one `u32` entry, written by the agent. The configuration
 /// generation in force: the program reads `SG_SETTINGS[g & 1]` and the policy tables of
@@ -375,8 +375,9 @@ pub struct SessionSlotV4 {
     pub _pad: u32,
 }
 
-/// `SG_SESSION_TABLE_V4`: ARRAY of buckets, `session_bucket_mask + 1` entries, written
-/// by the agent together with `SG_SESSIONS_V4`. A copy of most sessions where the
+/// `SG_SESSION_TABLE_V4`: ARRAY of buckets, `session_bucket_mask + 1` entries, created
+/// `BPF_F_MMAPABLE` (a bulk write places sessions in its memory), written by the agent
+/// together with `SG_SESSIONS_V4`. A copy of most sessions where the
 /// program finds them with one array lookup: a device lives in bucket
 /// `hashing::bucket(addr.fold())`, in any of its `WAYS` slots. Devices whose bucket
 /// is full are only in the hash map. Login writes the hash map first and the table

@@ -77,11 +77,14 @@ pub static SG_IDENTITY_ANSWERS_0: Array<IdentityAnswer> = Array::with_max_entrie
 #[map]
 pub static SG_IDENTITY_ANSWERS_1: Array<IdentityAnswer> = Array::with_max_entries(1024, 0);
 
+// Mappable: the agent places a batch of sessions in the tables' own memory.
 #[map]
-pub static SG_SESSION_TABLE_V4: Array<SessionBucketV4> = Array::with_max_entries(1024, 0);
+pub static SG_SESSION_TABLE_V4: Array<SessionBucketV4> =
+    Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 #[map]
-pub static SG_SESSION_TABLE_V6: Array<SessionBucketV6> = Array::with_max_entries(1024, 0);
+pub static SG_SESSION_TABLE_V6: Array<SessionBucketV6> =
+    Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 // Mappable: the agent counts the flows by reading the tables' memory.
 #[map]

@@ -31,9 +31,6 @@ pub struct SessionMaps {
     max_sessions: u32,
     /// Buckets of each session table (a power of two).
     buckets: u32,
-    /// The maps are known to be empty (a new datapath before its first load), so
-    /// `load_sessions` need not read buckets back.
-    empty: bool,
     pub identities: Identities,
 }
 
@@ -61,7 +58,6 @@ impl SessionMaps {
             session_table_v6: typed(source, names::SESSION_TABLE_V6)?,
             max_sessions: limits.max_sessions,
             buckets: Geometry::of(limits).session_buckets,
-            empty,
             identities: Identities::open(source, limits, &used)?,
         })
     }
@@ -139,9 +135,9 @@ impl SessionMaps {
     }
 
     /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
-    /// fresh identity slot for its identity (their masks written first): batched writes
-    /// of the session-table buckets they fall in, then of the hash maps. Buckets are
-    /// rebuilt from the sessions given plus the sessions already in them. Each comes
+    /// fresh identity slot for its identity (their masks written first): the
+    /// session-table buckets they fall in, in the tables' own memory, then batched
+    /// writes of the hash maps. Each comes
     /// with the slot its device's session holds now (the caller's record of the
     /// kernel: `SessionTable`), freed last; returns the new slots. Should a write fail
     /// part-way, which slots are in use is read back from the kernel.
@@ -182,40 +178,45 @@ impl SessionMaps {
         let v6 = sessions.len() - v4;
         let (mut keys4, mut values4) = (Vec::with_capacity(v4), Vec::with_capacity(v4));
         let (mut keys6, mut values6) = (Vec::with_capacity(v6), Vec::with_capacity(v6));
-        // Sized up front: growing moves every bucket gathered so far.
-        let mut buckets4: hashbrown::HashMap<u32, SessionBucketV4> =
-            hashbrown::HashMap::with_capacity(v4.min(self.buckets as usize));
-        let mut buckets6: hashbrown::HashMap<u32, SessionBucketV6> =
-            hashbrown::HashMap::with_capacity(v6.min(self.buckets as usize));
+        let mapped = |name| move |source| DatapathError::Batch { map: name, source };
+        // The session table first, in place: the program looks there before the hash
+        // map, so a renewed device's old (perhaps expired) copy must not outlive the
+        // batch.
+        let mut table4 =
+            sys::MappedArray::<SessionBucketV4>::open(self.session_table_v4.map(), true)
+                .map_err(mapped(names::SESSION_TABLE_V4))?;
+        let mut table6 =
+            sys::MappedArray::<SessionBucketV6>::open(self.session_table_v6.map(), true)
+                .map_err(mapped(names::SESSION_TABLE_V6))?;
         for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
             let session = &Session {
                 identity: *slot,
                 ..*session
             };
-            let at = Some(session);
             match ip {
                 IpAddr::V4(a) => {
                     let addr = Ip4::from(*a);
                     keys4.push(addr);
                     values4.push(*session);
-                    let index = bucket(addr.fold(), mask);
-                    let b = buckets4
-                        .entry(index)
-                        .or_insert_with(|| existing(&self.session_table_v4, index, self.empty));
-                    place_session(&mut b.slots, &addr, at);
+                    let index = bucket(addr.fold(), mask) as usize;
+                    let mut b = table4.get(index);
+                    if place_session(&mut b.slots, &addr, Some(session)) {
+                        table4.set(index, b);
+                    }
                 }
                 IpAddr::V6(a) => {
                     let addr = Ip6::from(*a);
                     keys6.push(addr);
                     values6.push(*session);
-                    let index = bucket(addr.fold(), mask);
-                    let b = buckets6
-                        .entry(index)
-                        .or_insert_with(|| existing(&self.session_table_v6, index, self.empty));
-                    place_session(&mut b.slots, &addr, at);
+                    let index = bucket(addr.fold(), mask) as usize;
+                    let mut b = table6.get(index);
+                    if place_session(&mut b.slots, &addr, Some(session)) {
+                        table6.set(index, b);
+                    }
                 }
             }
         }
+        drop((table4, table6));
         let full = |family: &'static str, limit: u32| {
             move |e: std::io::Error| match e.raw_os_error() {
                 Some(libc::E2BIG) => DatapathError::SessionsFull { family, limit },
@@ -229,23 +230,6 @@ impl SessionMaps {
                 },
             }
         };
-        self.empty = false;
-        // The session table first: the program looks there before the hash map, so a
-        // renewed device's old (perhaps expired) copy must not outlive the batch.
-        let (index4, bucket4): (Vec<u32>, Vec<SessionBucketV4>) = buckets4.into_iter().unzip();
-        sys::update_batch(self.session_table_v4.map().fd().as_fd(), &index4, &bucket4).map_err(
-            |source| DatapathError::Batch {
-                map: names::SESSION_TABLE_V4,
-                source,
-            },
-        )?;
-        let (index6, bucket6): (Vec<u32>, Vec<SessionBucketV6>) = buckets6.into_iter().unzip();
-        sys::update_batch(self.session_table_v6.map().fd().as_fd(), &index6, &bucket6).map_err(
-            |source| DatapathError::Batch {
-                map: names::SESSION_TABLE_V6,
-                source,
-            },
-        )?;
         let limit = self.max_sessions;
         sys::update_batch(self.sessions_v4.map().fd().as_fd(), &keys4, &values4)
             .map_err(full("IPv4", limit))?;
@@ -308,15 +292,6 @@ impl SessionMaps {
             }),
         }
     }
-}
-
-/// A session-table bucket as the kernel holds it (empty when the table is known empty
-/// or unreadable: the hash map stays authoritative either way).
-fn existing<B: aya::Pod + Default>(table: &Array<MapData, B>, index: u32, empty: bool) -> B {
-    if empty {
-        return B::default();
-    }
-    table.get(&index, 0).unwrap_or_default()
 }
 
 /// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;

@@ -2,8 +2,8 @@
 //! `BPF_MAP_LOOKUP_BATCH`: one syscall writes or reads thousands of elements where
 //! per-element calls cost one each (loading a million sessions at start-up, counting
 //! tracked flows for every metrics scrape). `BPF_OBJ_GET` and `BPF_OBJ_GET_INFO_BY_FD` on
-//! a pinned link: which interface it is attached to. And `for_each_mapped`: reading an
-//! ARRAY created with `BPF_F_MMAPABLE` straight from its memory.
+//! a pinned link: which interface it is attached to. And `MappedArray`: an ARRAY
+//! created with `BPF_F_MMAPABLE`, read and written in its own memory.
 
 use std::{
     ffi::CString,
@@ -202,51 +202,93 @@ pub fn link_ifindex(path: &Path) -> io::Result<u32> {
 /// `BPF_F_MMAPABLE`.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Hands each element of an ARRAY map created with `BPF_F_MMAPABLE` to `each`, read from
-/// the map's own memory: no copy through the kernel (a million tracked flows in
-/// milliseconds rather than a quarter of a second of batched lookups). The mapping lasts
-/// for the call only, so the pages never count towards the agent's resident memory.
-/// The program may be writing an element meanwhile: each is copied out whole, and a
-/// torn copy is the caller's to detect (check words).
-pub fn for_each_mapped<V: aya::Pod>(
-    map: &aya::maps::MapData,
-    mut each: impl FnMut(&V),
-) -> io::Result<()> {
-    let info = map.info().map_err(io::Error::other)?;
-    if info.map_flags() & BPF_F_MMAPABLE == 0 || info.value_size() as usize != size_of::<V>() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not an mmapable array of this value size",
-        ));
+/// A shared mapping of an ARRAY map created with `BPF_F_MMAPABLE`: its elements read
+/// and written in place, without a syscall (or a copy through the kernel) each. A
+/// million tracked flows are counted, and a million sessions' buckets placed, in
+/// milliseconds. Held for one bulk operation only, so that the pages never count
+/// towards the agent's resident memory. The program reads and writes the same memory
+/// meanwhile: elements are copied in and out whole, and a torn one is caught by its
+/// check word, as with the kernel's own copy in `BPF_MAP_UPDATE_BATCH`.
+pub struct MappedArray<V> {
+    base: std::ptr::NonNull<V>,
+    len: usize,
+    writable: bool,
+}
+
+impl<V: aya::Pod> MappedArray<V> {
+    pub fn open(map: &aya::maps::MapData, writable: bool) -> io::Result<Self> {
+        let info = map.info().map_err(io::Error::other)?;
+        if info.map_flags() & BPF_F_MMAPABLE == 0 || info.value_size() as usize != size_of::<V>() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not an mmapable array of this value size",
+            ));
+        }
+        let len = info.max_entries() as usize;
+        let protection = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of the map's values (an mmapable array lays
+        // them out back to back from offset 0); it is unmapped on drop and never handed
+        // out beyond `get` and `set`'s copies.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                (len * size_of::<V>()).max(1),
+                protection,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            base: std::ptr::NonNull::new(base.cast()).expect("mmap returned null"),
+            len,
+            writable,
+        })
     }
-    let len = info.max_entries() as usize;
-    let bytes = len * size_of::<V>();
-    if bytes == 0 {
-        return Ok(());
+
+    pub fn len(&self) -> usize {
+        self.len
     }
-    // SAFETY: a fresh shared read-only mapping of the map's `bytes` bytes of values (an
-    // mmapable array lays them out back to back, 8-byte aligned, page-aligned at 0);
-    // unmapped below, and never handed out.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes,
-            libc::PROT_READ,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            map.fd().as_fd().as_raw_fd(),
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+
+    /// A copy of element `index`.
+    pub fn get(&self, index: usize) -> V {
+        assert!(
+            index < self.len,
+            "index {index} beyond the map's {}",
+            self.len
+        );
+        // SAFETY: within the mapping; volatile, as the program may write it meanwhile.
+        unsafe { std::ptr::read_volatile(self.base.as_ptr().add(index)) }
     }
-    let first = base.cast::<V>();
-    for i in 0..len {
-        // SAFETY: within the mapping; a volatile copy, as the program writes concurrently.
-        let value = unsafe { std::ptr::read_volatile(first.add(i)) };
-        each(&value);
+
+    pub fn set(&mut self, index: usize, value: V) {
+        assert!(self.writable, "a read-only mapping");
+        assert!(
+            index < self.len,
+            "index {index} beyond the map's {}",
+            self.len
+        );
+        // SAFETY: within a writable mapping; volatile, as the program reads it meanwhile.
+        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(index), value) }
     }
-    // SAFETY: the mapping made above, no longer read.
-    unsafe { libc::munmap(base, bytes) };
-    Ok(())
+}
+
+impl<V> Drop for MappedArray<V> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, of this length; no copy of its address
+        // outlives `self`.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                (self.len * size_of::<V>()).max(1),
+            )
+        };
+    }
 }

@@ -91,18 +91,20 @@ impl Maps {
     /// flow tables from their memory: cheap enough for every metrics scrape.
     pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
         let idle = self.current.udp_idle_ns;
-        let mut v4 = 0;
-        let read4 = sys::for_each_mapped(self.flows_v4.map(), |b: &FlowBucketV4| {
-            v4 += active_flows(&b.slots, now_ns, idle);
+        let v4 = sys::MappedArray::<FlowBucketV4>::open(self.flows_v4.map(), false).map(|m| {
+            (0..m.len())
+                .map(|i| active_flows(&m.get(i).slots, now_ns, idle))
+                .sum()
         });
-        let mut v6 = 0;
-        let read6 = sys::for_each_mapped(self.flows_v6.map(), |b: &FlowBucketV6| {
-            v6 += active_flows(&b.slots, now_ns, idle);
+        let v6 = sys::MappedArray::<FlowBucketV6>::open(self.flows_v6.map(), false).map(|m| {
+            (0..m.len())
+                .map(|i| active_flows(&m.get(i).slots, now_ns, idle))
+                .sum()
         });
-        if let Err(e) = read4.and(read6) {
+        if let Some(e) = v4.as_ref().err().or(v6.as_ref().err()) {
             tracing::warn!(error = %e, "cannot read the flow tables; flow counts are partial");
         }
-        (v4, v6)
+        (v4.unwrap_or(0), v6.unwrap_or(0))
     }
 }
 
