@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use super::{Control, ControlError, views};
 use crate::{
-    clock::ClockPair,
+    clock::{ClockPair, Laps},
     config::{Protocol, UnknownDevice},
     fleet::Fleet,
     portal::{Backend, Captive, PageFacts},
@@ -82,16 +82,25 @@ impl Control {
     /// A file with any bad line imports nothing, unless `skip_bad`, which imports the
     /// good lines. The kernel gets one batched write; the journal one append.
     pub fn import(&self, text: &str, skip_bad: bool) -> Result<ImportReport, ImportError> {
+        let mut laps = Laps::start();
         let parsed = import::parse(text);
+        laps.lap("parse");
         if let Some(fleet) = &self.fleet {
             return self.import_to_fleet(fleet, parsed, skip_bad);
         }
         let clock = ClockPair::now();
-        let (imported, (error_count, errors)) = self.sessions.import(&clock, |store| {
-            let (planned, plan_errors) = store.plan_import(&parsed.records, &clock);
-            let errors = line_errors(parsed.errors, plan_errors, skip_bad)?;
-            Ok::<_, ImportError>((planned, errors))
-        })?;
+        let (imported, (error_count, errors)) =
+            self.sessions.import(&clock, &mut laps, |store| {
+                let (planned, plan_errors) = store.plan_import(parsed.records, &clock);
+                let errors = line_errors(parsed.errors, plan_errors, skip_bad)?;
+                Ok::<_, ImportError>((planned, errors))
+            })?;
+        tracing::info!(
+            sessions = imported.sessions,
+            reset = imported.reset,
+            laps = %laps,
+            "imported sessions"
+        );
         Ok(ImportReport::new(
             imported.sessions,
             imported.reset,
@@ -118,7 +127,7 @@ impl Control {
                     .get(ip)
                     .and_then(|(r, _)| r.as_ref().map(SessionRecord::enrolled))
             },
-            &parsed.records,
+            parsed.records,
             &clock,
             boot_id,
         );

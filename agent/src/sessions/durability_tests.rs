@@ -14,6 +14,7 @@ use super::{
     testing::{FakeKernel, Faults, faulty, journal, logs_of, request, sorted},
     *,
 };
+use crate::clock::Laps;
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -146,7 +147,7 @@ fn planned(store: &SessionStore, n: u32) -> Vec<SessionRecord> {
             groups: Vec::new(),
         })
         .collect();
-    let (planned, errors) = store.plan_import(&records, &ClockPair::now());
+    let (planned, errors) = store.plan_import(records, &ClockPair::now());
     assert_eq!(errors, []);
     planned
 }
@@ -164,7 +165,12 @@ fn an_import_that_cannot_be_written_whole_changes_nothing() {
     let records = planned(&store, 20_000);
     faults.space(Some(1_500_000));
     let err = store
-        .import(records.clone(), &ClockPair::now(), &mut kernel)
+        .import(
+            records.clone(),
+            &ClockPair::now(),
+            &mut kernel,
+            &mut Laps::start(),
+        )
         .unwrap_err();
     assert!(
         matches!(err, ChangeError::Session(SessionError::JournalFull { .. })),
@@ -181,7 +187,7 @@ fn an_import_that_cannot_be_written_whole_changes_nothing() {
     faults.space(None);
     kernel.fail = true;
     let err = store
-        .import(records, &ClockPair::now(), &mut kernel)
+        .import(records, &ClockPair::now(), &mut kernel, &mut Laps::start())
         .unwrap_err();
     assert!(matches!(err, ChangeError::Kernel(_)), "{err}");
     assert_eq!(journal(dir.path()), before);
@@ -200,7 +206,12 @@ fn an_import_cut_short_by_a_crash_replays_as_nothing_and_a_whole_one_as_everythi
         .unwrap()
         .len() as usize;
     let (_, ticket) = store
-        .import(planned(&store, 1000), &ClockPair::now(), &mut kernel)
+        .import(
+            planned(&store, 1000),
+            &ClockPair::now(),
+            &mut kernel,
+            &mut Laps::start(),
+        )
         .unwrap();
     store.syncer().wait(ticket, |e| panic!("{e}")).unwrap();
     drop(store);
@@ -254,7 +265,12 @@ fn closing_leaves_a_journal_without_batches_for_a_rollback() {
     let mut store = SessionStore::open(dir.path()).unwrap();
     let mut kernel = FakeKernel::default();
     let (_, ticket) = store
-        .import(planned(&store, 10), &ClockPair::now(), &mut kernel)
+        .import(
+            planned(&store, 10),
+            &ClockPair::now(),
+            &mut kernel,
+            &mut Laps::start(),
+        )
         .unwrap();
     store.syncer().wait(ticket, |e| panic!("{e}")).unwrap();
     assert!(journal(dir.path()).contains(r#""op":"begin""#));

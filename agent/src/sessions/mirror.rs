@@ -16,7 +16,7 @@ use super::{
     StoreChange, StoreDiff, Syncer, Ticket,
 };
 use crate::{
-    clock::ClockPair,
+    clock::{ClockPair, Laps},
     config::IdentityCondition,
     datapath::{DatapathError, SessionMaps},
 };
@@ -141,19 +141,26 @@ impl<K: KernelSessions> SessionMirror<K> {
     /// An import, answered once durable: `plan` checks it against the sessions as they
     /// are (under the lock, so nothing changes in between) and returns the records to
     /// write, or refuses it whole; they are then written as one batch.
+    /// `laps` gets the time of each step.
     pub fn import<T, E: From<ChangeError>>(
         &self,
         clock: &ClockPair,
+        laps: &mut Laps,
         plan: impl FnOnce(&SessionStore) -> Result<(Vec<SessionRecord>, T), E>,
     ) -> Result<(Imported, T), E> {
         let (imported, ticket, planned) = {
             let sides = &mut *self.lock();
+            laps.lap("lock");
             let (records, planned) = plan(&sides.store)?;
+            laps.lap("plan");
             let sessions = records.len();
-            let (reset, ticket) = sides.store.import(records, clock, &mut sides.kernel)?;
+            let (reset, ticket) = sides
+                .store
+                .import(records, clock, &mut sides.kernel, laps)?;
             (Imported { sessions, reset }, ticket, planned)
         };
         self.durable(ticket).map_err(ChangeError::from)?;
+        laps.lap("sync");
         Ok((imported, planned))
     }
 

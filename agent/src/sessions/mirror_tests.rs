@@ -10,6 +10,7 @@ use super::{
     testing::{Faults, SharedKernel, faulty, journal, request, sorted},
     *,
 };
+use crate::clock::Laps;
 
 /// A mirror over a journal that fails on demand and a kernel the test can see.
 struct Fixture {
@@ -112,9 +113,9 @@ impl Fixture {
         assert!(self.mirror.logout(alice.ip, &clock).is_err());
         assert_eq!(self.sides(), before, "a logout");
         let carol = self.store_session("198.18.1.12", "carol@example.com");
-        let imported = self
-            .mirror
-            .import(&clock, |_| Ok::<_, ChangeError>((vec![carol.clone()], ())));
+        let imported = self.mirror.import(&clock, &mut Laps::start(), |_| {
+            Ok::<_, ChangeError>((vec![carol.clone()], ()))
+        });
         assert!(imported.is_err());
         assert_eq!(self.sides(), before, "an import");
         assert_eq!(self.mirror.apply(vec![StoreChange::Put(carol)], 7), 1);
@@ -178,7 +179,7 @@ fn a_configuration_s_identity_masks_reach_every_session_after_changes_failed_and
     let mut alice_again = f.store_session("198.18.1.10", "alice@example.com");
     alice_again.groups = vec!["staff".into()];
     f.mirror
-        .import(&ClockPair::now(), |_| {
+        .import(&ClockPair::now(), &mut Laps::start(), |_| {
             Ok::<_, ChangeError>((vec![carol.clone(), alice_again], ()))
         })
         .unwrap();

@@ -4,7 +4,7 @@
 //! every session, however it arrives, names a device and a user and IdP by `input`'s
 //! rules.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
 
 use super::{
     DEFAULT_IDP, LoginRequest, SessionError, SessionRecord,
@@ -38,14 +38,29 @@ pub fn plan_login(
     clock: &ClockPair,
     boot_id: &str,
 ) -> Result<SessionRecord, SessionError> {
-    let ip = req.ip;
-    let idp = req.idp.as_deref().unwrap_or(DEFAULT_IDP);
-    check_identity(ip, &req.user, idp)?;
-    for group in &req.groups {
+    plan_owned_login(current, req.clone(), clock, boot_id)
+}
+
+/// `plan_login` on a request it may take apart, so that the record keeps its strings
+/// (each line of an import).
+fn plan_owned_login(
+    current: Option<Enrolled<'_>>,
+    req: LoginRequest,
+    clock: &ClockPair,
+    boot_id: &str,
+) -> Result<SessionRecord, SessionError> {
+    let LoginRequest {
+        ip,
+        user,
+        idp,
+        at,
+        groups,
+    } = req;
+    let idp = idp.unwrap_or_else(|| DEFAULT_IDP.to_string());
+    check_identity(ip, &user, &idp)?;
+    for group in &groups {
         check_name("group", group)?;
     }
-    let user = req.user.clone();
-    let idp = idp.to_string();
     if let Some(current) = current {
         if current.user != user {
             return Err(SessionError::OtherUser {
@@ -62,7 +77,7 @@ pub fn plan_login(
             });
         }
     }
-    let (authenticated_at, boot_ns) = match req.at {
+    let (authenticated_at, boot_ns) = match at {
         None => (clock.wall, clock.boot_ns),
         Some(at) if at > clock.wall + FUTURE_TOLERANCE => {
             return Err(SessionError::InFuture {
@@ -80,7 +95,7 @@ pub fn plan_login(
         authenticated_at,
         boot_id: boot_id.to_string(),
         authenticated_at_boot_ns: boot_ns,
-        groups: req.groups.clone(),
+        groups,
     })
 }
 
@@ -89,13 +104,14 @@ pub fn plan_login(
 /// device may appear only once (`import::parse` already refuses files where it does not).
 pub fn plan_import<'a>(
     current: impl Fn(&IpAddr) -> Option<Enrolled<'a>>,
-    records: &[ImportRecord],
+    records: Vec<ImportRecord>,
     clock: &ClockPair,
     boot_id: &str,
 ) -> (Vec<SessionRecord>, Vec<LineError>) {
     let mut planned = Vec::with_capacity(records.len());
     let mut errors = Vec::new();
-    let mut seen: HashMap<IpAddr, usize> = HashMap::with_capacity(records.len());
+    let mut seen: hashbrown::HashMap<IpAddr, usize> =
+        hashbrown::HashMap::with_capacity(records.len());
     for r in records {
         if let Some(&first) = seen.get(&r.ip) {
             errors.push(LineError::new(
@@ -110,12 +126,12 @@ pub fn plan_import<'a>(
         seen.insert(r.ip, r.line);
         let line = LoginRequest {
             ip: r.ip,
-            user: r.user.clone(),
-            idp: Some(r.idp.clone()),
+            user: r.user,
+            idp: Some(r.idp),
             at: Some(r.authenticated_at),
-            groups: r.groups.clone(),
+            groups: r.groups,
         };
-        match plan_login(current(&r.ip), &line, clock, boot_id) {
+        match plan_owned_login(current(&r.ip), line, clock, boot_id) {
             Ok(record) => planned.push(record),
             Err(e) => errors.push(LineError::new(r.line, e)),
         }

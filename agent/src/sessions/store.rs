@@ -21,7 +21,7 @@ use super::{
 };
 use agent_common::maps::IDENTITY_NONE;
 
-use crate::clock::{ClockPair, boot_id};
+use crate::clock::{ClockPair, Laps, boot_id};
 
 /// How to undo a change not yet durable: sessions to remove, and sessions to put back.
 #[derive(Debug, Default)]
@@ -120,7 +120,7 @@ impl SessionStore {
     /// (`plan_import`).
     pub fn plan_import(
         &self,
-        records: &[ImportRecord],
+        records: Vec<ImportRecord>,
         clock: &ClockPair,
     ) -> (Vec<SessionRecord>, Vec<LineError>) {
         plan_import(
@@ -206,13 +206,17 @@ impl SessionStore {
         planned: Vec<SessionRecord>,
         clock: &ClockPair,
         kernel: &mut impl KernelSessions,
+        laps: &mut Laps,
     ) -> Result<(usize, Ticket), ChangeError> {
         self.prepare_write()?;
         let undo = self.undo_of_writing(&planned);
+        laps.lap("undo");
         let written = self
             .write_kernel(&planned, clock, kernel)
             .and_then(|slots| {
+                laps.lap("kernel");
                 let ticket = self.journal.append_logins(&planned)?;
+                laps.lap("journal");
                 Ok((slots, ticket))
             });
         let (slots, ticket) = match written {
@@ -226,6 +230,7 @@ impl SessionStore {
         for (record, slot) in planned.iter().zip(slots) {
             self.sessions.insert(record, slot);
         }
+        laps.lap("memory");
         self.pending.push_back((ticket, undo));
         self.compact_if_needed();
         Ok((reset, ticket))

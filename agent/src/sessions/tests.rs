@@ -1,7 +1,7 @@
 use std::io::Write as _;
 
 use super::{import::ImportRecord, testing::FakeKernel, *};
-use crate::input::AddressError;
+use crate::{clock::Laps, input::AddressError};
 
 fn login(ip: &str, user: &str, idp: Option<&str>) -> LoginRequest {
     LoginRequest {
@@ -260,7 +260,7 @@ fn plan_import_refuses_lines_against_the_rules_by_number_and_changes_nothing() {
         import_record(8, "198.18.1.12", "bad name", "okta", 1),
     ];
     let clock = ClockPair::now();
-    let (planned, errors) = store.plan_import(&records, &clock);
+    let (planned, errors) = store.plan_import(records.to_vec(), &clock);
     assert_eq!(
         planned.iter().map(|r| r.ip).collect::<Vec<_>>(),
         [records[0].ip, records[2].ip]
@@ -291,7 +291,7 @@ fn plan_import_refuses_lines_against_the_rules_by_number_and_changes_nothing() {
 
     // Another user on a device, and another IdP, are refused line by line.
     let (planned, errors) = store.plan_import(
-        &[
+        vec![
             import_record(2, "198.18.1.10", "alice@example.com", "azure", 1),
             import_record(3, "198.18.1.10", "bob@example.com", "okta", 1),
         ],
@@ -309,7 +309,7 @@ fn plan_import_refuses_lines_against_the_rules_by_number_and_changes_nothing() {
         "{messages:#?}"
     );
     let (_, errors) = store.plan_import(
-        &[import_record(
+        vec![import_record(
             5,
             "198.18.1.10",
             "bob@example.com",
@@ -359,15 +359,19 @@ fn an_import_is_committed_durably_and_survives_reopening() {
         assert_eq!(parsed.errors, []);
         let errors;
         let clock = ClockPair::now();
-        (planned, errors) = store.plan_import(&parsed.records, &clock);
+        (planned, errors) = store.plan_import(parsed.records, &clock);
         assert_eq!(errors, []);
-        let (reset, ticket) = store.import(planned.clone(), &clock, &mut kernel).unwrap();
+        let (reset, ticket) = store
+            .import(planned.clone(), &clock, &mut kernel, &mut Laps::start())
+            .unwrap();
         durable(&store, ticket);
         assert_eq!(reset, 1);
         assert_eq!(store.len(), 3);
         assert_eq!(kernel.sessions.len(), 3);
         // An empty import is fine too.
-        let (_, ticket) = store.import(Vec::new(), &clock, &mut kernel).unwrap();
+        let (_, ticket) = store
+            .import(Vec::new(), &clock, &mut kernel, &mut Laps::start())
+            .unwrap();
         durable(&store, ticket);
     }
     let store = SessionStore::open(dir.path()).unwrap();
@@ -422,11 +426,16 @@ fn a_million_sessions_import_in_seconds() {
     let parse = start.elapsed();
     assert_eq!(parsed.errors, []);
     let clock = ClockPair::now();
-    let (planned, errors) = store.plan_import(&parsed.records, &clock);
+    let (planned, errors) = store.plan_import(parsed.records, &clock);
     let plan = start.elapsed() - parse;
     assert_eq!(errors, []);
     let (_, ticket) = store
-        .import(planned, &clock, &mut FakeKernel::default())
+        .import(
+            planned,
+            &clock,
+            &mut FakeKernel::default(),
+            &mut Laps::start(),
+        )
         .unwrap();
     durable(&store, ticket);
     let total = start.elapsed();

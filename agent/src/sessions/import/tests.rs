@@ -321,3 +321,53 @@ fn invisible_characters_in_names_are_refused_in_both_formats() {
         );
     }
 }
+
+#[test]
+fn a_file_parsed_in_two_halves_reads_as_it_does_line_by_line() {
+    // Duplicates across the cut (of good and of bad lines, and repeated within the
+    // second half), bad lines on both sides, a header, comments and blank lines: cut
+    // after every line, the result is the uncut one.
+    let csv = "# devices\n\
+        ip,user,idp,authenticated_at,groups\n\
+        198.18.1.10,alice@example.com,okta,2026-11-23T09:30:00Z,finance\n\
+        198.18.1.11,bob@example.com,okta,not-a-time\n\
+        \n\
+        198.18.1.12,carol@example.com,,2026-11-23T09:30:00Z\n\
+        198.18.1.10,alice@example.com,okta,2026-11-23T10:30:00Z\n\
+        198.18.1.13,bad name,okta,2026-11-23T09:30:00Z\n\
+        198.18.1.11,bob@example.com,okta,2026-11-23T10:30:00Z\n\
+        ip,user,idp,authenticated_at\n\
+        198.18.1.12,carol@example.com,,also-not-a-time\n\
+        198.18.1.10,mallory@example.com,okta,2026-11-23T10:30:00Z\n\
+        2001:db8::20,dave@example.com,okta,2026-11-23T09:30:00Z,a;b\r\n\
+        198.18.1.13,erin@example.com,okta,2026-11-23T09:30:00Z\n";
+    let json = "{\"ip\":\"198.18.1.10\",\"user\":\"alice@example.com\",\"authenticated_at\":\"2026-11-23T09:30:00Z\"}\n\
+        # a comment\n\
+        {\"ip\":\"198.18.1.11\",\"user\":\"bob@example.com\"}\n\
+        {\"ip\":\"198.18.1.10\",\"user\":\"alice@example.com\",\"authenticated_at\":\"2026-11-23T10:30:00Z\"}\n\
+        {\"ip\":\"198.18.1.11\",\"user\":\"bob@example.com\",\"authenticated_at\":\"2026-11-23T10:30:00Z\"}\n\
+        {\"ip\":\"198.18.1.12\",\"user\":\"carol@example.com\",\"authenticated_at\":\"2026-11-23T10:30:00Z\"}\n";
+    for text in [csv, json] {
+        let whole = parse_split(text, None);
+        assert!(
+            !whole.records.is_empty() && whole.errors.len() >= 2,
+            "{whole:#?}"
+        );
+        let cuts = text.match_indices('\n').map(|(i, _)| i + 1);
+        for cut in cuts {
+            assert_eq!(parse_split(text, Some(cut)), whole, "cut at byte {cut}");
+        }
+    }
+    // Large files are cut: the same answer through `parse`.
+    let many: String = (0..40_000u32)
+        .map(|i| {
+            let device = std::net::Ipv4Addr::from(0xc612_0000 + i % 30_000);
+            format!("{device},u{i}@example.com,okta,2026-11-23T09:30:00Z\n")
+        })
+        .collect();
+    assert!(many.len() > SPLIT_ABOVE);
+    let parsed = parse(&many);
+    assert_eq!(parsed, parse_split(&many, None));
+    assert_eq!(parsed.records.len(), 30_000);
+    assert_eq!(parsed.errors.len(), 10_000);
+}
