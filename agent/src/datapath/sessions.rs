@@ -301,7 +301,8 @@ fn place_session<S: SessionSlot + Default>(
     addr: &S::Addr,
     at: Option<&Session>,
 ) -> bool {
-    let own = slots.iter().position(|s| s.is_valid() && s.addr() == addr);
+    // The address first: checking a slot's word costs a hash.
+    let own = slots.iter().position(|s| s.addr() == addr && s.is_valid());
     match (at, own) {
         (Some(at), Some(i)) => slots[i] = S::new(addr, at),
         (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {

@@ -21,6 +21,7 @@ use tokio::{
 
 use crate::{
     api,
+    clock::Laps,
     config::{Config, StoreConfig},
     control::{Control, missing_interfaces},
     events,
@@ -47,13 +48,18 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         StoreConfig::Etcd(etcd) => Some(Arc::new(Fleet::new(etcd).await?)),
     };
     let _lock = lock_state_dir(&config.agent.state_dir)?;
-    let replay_started = std::time::Instant::now();
-    let store = SessionStore::open(&config.agent.state_dir)?;
-    let replay_ms = replay_started.elapsed().as_millis() as u64;
+    let mut laps = Laps::start();
+    // The journal is replayed while the datapath loads; `startup` waits for it before
+    // the kernel's sessions are touched.
+    let state_dir = config.agent.state_dir.clone();
+    let replay = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        SessionStore::open(&state_dir).map(|store| (store, started.elapsed()))
+    });
     let signin = sign_in(&config)?;
     let listeners = Listeners::bind(&config.agent, api_token).await?;
 
-    let started = startup::start(&config, &table, store, replace)?;
+    let started = startup::start(&config, &table, replay, replace, &mut laps)?;
     let notifier = config.agent.notify.as_ref().map(|n| {
         Notifier::spawn(NotifyConfig::new(
             n.url.clone(),
@@ -69,7 +75,8 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         policies = config.policies.len(),
         prefixes = table.dest.len(),
         sessions = started.sessions.read(|store| store.len()),
-        journal_replay_ms = replay_ms,
+        journal_replay_ms = started.replay.as_millis() as u64,
+        start = %laps,
         api_socket = %config.agent.api_socket.display(),
         api_listen = ?config.agent.api_listen,
         metrics_listen = ?config.agent.metrics_listen,

@@ -8,6 +8,7 @@ use agent_common::maps::config_set;
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
+    clock::Laps,
     config::Config,
     control::{attach_interfaces, next_set, policy_names},
     datapath::{AttachedMode, Datapath, Origin, SessionMaps, SetConditions, is_veth},
@@ -16,6 +17,11 @@ use crate::{
     sessions::{SessionMirror, SessionStore},
 };
 
+/// The journal's replay, under way on its own thread: the store and how long it took.
+pub(super) type Replay = std::thread::JoinHandle<
+    Result<(SessionStore, std::time::Duration), crate::sessions::SessionError>,
+>;
+
 /// What a start brought up.
 pub(super) struct Started {
     pub datapath: Datapath,
@@ -23,6 +29,8 @@ pub(super) struct Started {
     pub sessions: Arc<SessionMirror>,
     /// The kernel's refusal events.
     pub ring: RingBuf<MapData>,
+    /// How long the journal's replay took (beside the datapath's load).
+    pub replay: std::time::Duration,
 }
 
 /// Opens the datapath pinned under the config's `pin_dir` and brings it up to date with
@@ -30,10 +38,24 @@ pub(super) struct Started {
 pub(super) fn start(
     config: &Config,
     table: &policy::PolicyTable,
-    store: SessionStore,
+    replay: Replay,
     replace: bool,
+    laps: &mut Laps,
 ) -> anyhow::Result<Started> {
     let (mut datapath, origin) = Datapath::open(&config.agent.pin_dir, &config.limits, replace)?;
+    laps.lap("datapath");
+    let replayed = replay
+        .join()
+        .map_err(|_| anyhow::anyhow!("the journal replay panicked"))
+        .and_then(|replayed| Ok(replayed?));
+    let (store, replay) = match replayed {
+        Ok(replayed) => replayed,
+        Err(e) => {
+            datapath.abandon(&origin);
+            return Err(e);
+        }
+    };
+    laps.lap("replay_after_datapath");
     let mut session_maps = datapath.take_sessions().expect("taken once");
     // Identity masks are computed from this config's conditions, except in the set an
     // adopted datapath has in force: its conditions are the earlier agent's, so a
@@ -45,11 +67,13 @@ pub(super) fn start(
     }
     session_maps.identities.set_conditions(sets);
     let up = start_sessions(store, session_maps, config, &origin, &datapath).and_then(|mirror| {
+        laps.lap("sessions");
         Ok((
             bring_up(&mut datapath, &origin, config, table, &mirror)?,
             mirror,
         ))
     });
+    laps.lap("policy_and_attach");
     let (drops, sessions) = match up {
         Ok(up) => up,
         Err(e) => {
@@ -66,6 +90,7 @@ pub(super) fn start(
         drops,
         sessions,
         ring,
+        replay,
     })
 }
 

@@ -158,6 +158,15 @@ impl SessionTable {
         self.rows.iter().map(Row::ip)
     }
 
+    /// Makes room for `additional` more sessions at once (a replay that knows roughly
+    /// how many are coming): growing a million rows step by step moves them many times.
+    pub fn reserve(&mut self, additional: usize) {
+        self.rows.reserve(additional);
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        self.index
+            .reserve(additional, |&i| hasher.hash_one(rows[i as usize].key()));
+    }
+
     pub fn count_v4(&self) -> usize {
         self.rows.iter().filter(|r| !r.v6).count()
     }

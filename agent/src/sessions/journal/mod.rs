@@ -41,6 +41,8 @@ const DAMAGED_NAME: &str = "sessions.jsonl.damaged";
 pub(super) const FILES: [&str; 3] = [FILE_NAME, TMP_NAME, DAMAGED_NAME];
 /// Dead lines tolerated before a rewrite, beyond one per live session.
 const SLACK_LINES: usize = 1024;
+/// Bytes of a usual login line (one with a short user and no groups is about 200).
+const USUAL_LINE: u64 = 200;
 /// Bulk writes go out in pieces of this size.
 const CHUNK: usize = 1 << 20;
 
@@ -174,7 +176,13 @@ impl Journal {
         let path = state_dir.join(FILE_NAME);
         let mut sessions = SessionTable::default();
         let replayed = match File::open(&path) {
-            Ok(file) => Some(replay(&path, file, &mut sessions)?),
+            Ok(file) => {
+                // Room for as many sessions as the file could hold lines of a usual
+                // length; untouched room costs no memory.
+                let len = file.metadata().map_or(0, |m| m.len());
+                sessions.reserve((len / USUAL_LINE) as usize);
+                Some(replay(&path, file, &mut sessions)?)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&path)(e)),
         };
