@@ -26,6 +26,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::{scenario, stats::Sample};
 
+/// Named steps of an operation and their milliseconds, in order.
+pub type Laps = Vec<(String, f64)>;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ControlReport {
     pub sessions: usize,
@@ -34,6 +37,9 @@ pub struct ControlReport {
     /// Seconds from starting the agent with `sessions` sessions in its journal to its
     /// API answering with the program attached.
     pub agent_start: f64,
+    /// Where the start's time went, as the agent logs it ("sessiongate running":
+    /// `journal_replay_ms` and the steps of `start`), milliseconds.
+    pub start_laps: Laps,
     /// Milliseconds from a login request to the first SYN the kernel admits.
     pub login_to_admitted: Sample,
     /// Milliseconds from a login request to agent A to the first SYN that gateway B's
@@ -53,6 +59,9 @@ pub struct ControlReport {
     /// Seconds for `sessiongate session import` of `sessions` sessions (a CSV file) into
     /// a running agent, end to end through the CLI.
     pub bulk_import: f64,
+    /// Where the import's time went in the agent, as it logs it ("imported
+    /// sessions": `laps`), milliseconds.
+    pub import_laps: Laps,
     /// Seconds for `sessiongate reload` from a one-policy config to one of `cidrs`
     /// CIDRs and 64 identity-conditioned policies on a running agent holding `sessions`
     /// sessions (each device in one of the 64 groups), end to end through the CLI:
@@ -90,17 +99,18 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     let session_load = Sample::of(&repeat(runs, || session_load(sessions))?);
     let (compile, write): (Vec<f64>, Vec<f64>) =
         repeat(runs, || policy_load(cidrs))?.into_iter().unzip();
-    let (agent_start, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
+    let (agent_start, start_laps, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
     let login_runs = if quick { 3 } else { 15 };
     let login_to_admitted = Sample::of(&single_agent_logins(agent, login_runs)?);
     let fleet_login_to_admitted = Sample::of(&fleet_logins(agent, login_runs)?);
     let logins = login_rate(quick, agent)?;
-    let (bulk_import, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
+    let (bulk_import, import_laps, reloads) = import_and_reload(sessions, cidrs, runs, agent)?;
     let fleet = fleet_at_scale(if quick { 5_000 } else { FLEET_SESSIONS }, agent)?;
     Ok(ControlReport {
         sessions,
         session_load,
         agent_start,
+        start_laps,
         login_to_admitted,
         fleet_login_to_admitted,
         logins,
@@ -110,6 +120,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         map_bytes,
         rss_bytes,
         bulk_import,
+        import_laps,
         reload: Sample::of(&reloads),
         fleet_sessions: fleet.sessions,
         fleet_import: fleet.import,
@@ -196,7 +207,7 @@ fn import_and_reload(
     cidrs: usize,
     runs: usize,
     agent: &Path,
-) -> anyhow::Result<(f64, Vec<f64>)> {
+) -> anyhow::Result<(f64, Laps, Vec<f64>)> {
     let lab = netlab::Lab::new(agent);
     let small = sized(lab.config("", scenario::APP_POLICY), n);
     let large = sized(lab.config("", &scenario::policies(cidrs, 11)), n);
@@ -205,6 +216,7 @@ fn import_and_reload(
     let file = lab.dir.path().join("sessions.csv");
     write_csv(&file, n)?;
     let import = import_file(&agent, &file)?;
+    let import_laps = logged_laps(&agent.log_text(), "imported sessions", "laps=");
 
     let config_path = lab.dir.path().join("sessiongate.toml");
     let mut reloads = Vec::with_capacity(runs);
@@ -216,7 +228,7 @@ fn import_and_reload(
         agent.cli_ok(&["reload"]);
         reloads.push(started.elapsed().as_secs_f64());
     }
-    Ok((import, reloads))
+    Ok((import, import_laps, reloads))
 }
 
 /// `config` (from `Lab::config`) with limits for `sessions` sessions and large policies.
@@ -489,8 +501,8 @@ fn policy_load(cidrs: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Starts the agent with `n` sessions in its journal; returns the seconds until it
-/// answers, the kernel memory of its maps and its RSS.
-fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, u64, u64)> {
+/// answers, where its start's time went, the kernel memory of its maps and its RSS.
+fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, Laps, u64, u64)> {
     let lab = netlab::Lab::new(agent);
     let state = lab.dir.path().join("state");
     fs::create_dir_all(&state)?;
@@ -506,10 +518,42 @@ fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, u64, u64)> {
     let started = Instant::now();
     let agent = lab.start_agent(&config);
     let startup = started.elapsed().as_secs_f64();
+    let log = agent.log_text();
+    let mut laps = logged_laps(&log, "sessiongate running", "journal_replay_ms=");
+    for lap in &mut laps {
+        lap.0 = "journal replay (on its own thread, beside the steps below)".into();
+    }
+    laps.extend(logged_laps(&log, "sessiongate running", "start="));
     let map_bytes = map_memory(agent.pid())?;
     let rss_bytes = rss(agent.pid())?;
     drop(agent);
-    Ok((startup, map_bytes, rss_bytes))
+    Ok((startup, laps, map_bytes, rss_bytes))
+}
+
+/// The steps an agent logged in the first line containing `line`, in the field that
+/// starts with `field`: `name=Nms` words (for `journal_replay_ms=N`, one step named
+/// `journal_replay`), in milliseconds. Empty if the line is not there.
+fn logged_laps(log: &str, line: &str, field: &str) -> Laps {
+    let Some(at) = log
+        .lines()
+        .find(|l| l.contains(line))
+        .and_then(|l| l.find(field).map(|i| &l[i + field.len()..]))
+    else {
+        return Vec::new();
+    };
+    if let Some(name) = field.strip_suffix("_ms=") {
+        let ms = at.split_whitespace().next().and_then(|v| v.parse().ok());
+        return ms
+            .map(|ms| vec![(name.to_string(), ms)])
+            .unwrap_or_default();
+    }
+    at.split_whitespace()
+        .map_while(|word| {
+            let (name, value) = word.split_once('=')?;
+            let ms = value.strip_suffix("ms")?.parse().ok()?;
+            Some((name.to_string(), ms))
+        })
+        .collect()
 }
 
 /// A session journal as the agent writes it, with `n` devices authenticated now.
@@ -707,4 +751,29 @@ fn connected(socket: &Socket) -> bool {
     // SAFETY: one valid pollfd.
     let ready = unsafe { libc::poll(&mut fd, 1, 0) } == 1;
     ready && matches!(socket.take_error(), Ok(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn laps_are_read_from_the_agents_log_lines() {
+        let log = "2026-12-07T11:00:00Z  INFO sessiongate::run: sessiongate running policies=1 journal_replay_ms=966 start=datapath=294ms replay_after_datapath=673ms sessions=781ms api_socket=/x\n\
+                   2026-12-07T11:00:05Z  INFO sessiongate::control::sessions: imported sessions sessions=10 reset=0 laps=parse=12ms plan=7ms sync=1ms\n";
+        assert_eq!(
+            logged_laps(log, "sessiongate running", "start="),
+            [
+                ("datapath".to_string(), 294.0),
+                ("replay_after_datapath".to_string(), 673.0),
+                ("sessions".to_string(), 781.0)
+            ]
+        );
+        assert_eq!(
+            logged_laps(log, "sessiongate running", "journal_replay_ms="),
+            [("journal_replay".to_string(), 966.0)]
+        );
+        assert_eq!(logged_laps(log, "imported sessions", "laps=").len(), 3);
+        assert!(logged_laps(log, "no such line", "laps=").is_empty());
+    }
 }

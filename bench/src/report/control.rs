@@ -212,6 +212,41 @@ pub fn section(c: &ControlReport, md: &mut String) {
         let _ = writeln!(md, "| {measure} | {median} | {range} |");
     }
     md.push('\n');
+    laps_table(
+        md,
+        &format!(
+            "Where the start's time goes ({} sessions in the journal, as the agent logs it)",
+            c.sessions
+        ),
+        &c.start_laps,
+        c.agent_start,
+    );
+    laps_table(
+        md,
+        &format!(
+            "Where the import's time goes ({} sessions, in the agent, as it logs it)",
+            c.sessions
+        ),
+        &c.import_laps,
+        c.bulk_import,
+    );
+}
+
+/// The steps of an operation that took `total_s` seconds end to end, in order, each
+/// with its share of that total.
+fn laps_table(md: &mut String, title: &str, laps: &[(String, f64)], total_s: f64) {
+    if laps.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "### {title}\n\n| step | ms | share of {:.2} s end to end |\n|---|---|---|",
+        total_s
+    );
+    for (step, ms) in laps {
+        let _ = writeln!(md, "| {step} | {ms:.0} | {:.0} % |", ms / (10.0 * total_s));
+    }
+    md.push('\n');
 }
 
 /// The concurrent login rate (`--part logins` run alone).
