@@ -27,6 +27,22 @@ pub struct GenConfig {
 // SAFETY: `#[repr(C)]` integers with no padding (4 + 4 + 2 + 2 + 4 bytes).
 unsafe impl Pod for GenConfig {}
 
+/// The benchmark's programs for the refusal path's parts, and what each is.
+const REFUSAL_PARTS: [(&str, &str); 3] = [
+    (
+        "part_counter",
+        "the policy's refusal counter (a per-CPU array increment), on every refusal",
+    ),
+    (
+        "part_limiter",
+        "the event limiter finding the pair's event sent within the second, with its rate-limited counter, on every refusal",
+    ),
+    (
+        "part_ring",
+        "a refusal event's ring buffer reservation (given back), at most once per device and policy per second",
+    ),
+];
+
 pub struct BenchPrograms {
     ebpf: Ebpf,
     config: Array<MapData, GenConfig>,
@@ -41,7 +57,8 @@ impl BenchPrograms {
             "the benchmark was built without its XDP programs (AYA_BUILD_SKIP)"
         );
         let mut ebpf = Ebpf::load(OBJECT).context("loading the benchmark's programs")?;
-        for name in ["xdp_pass", "xdp_generate"] {
+        let parts = REFUSAL_PARTS.iter().map(|(name, _)| *name);
+        for name in ["xdp_pass", "xdp_generate"].into_iter().chain(parts) {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("no program {name}"))?
@@ -62,6 +79,15 @@ impl BenchPrograms {
             .expect("loaded above")
             .try_into()
             .expect("an XDP program")
+    }
+
+    /// The parts of sessiongate's refusal path, each alone as its own program: the
+    /// program, what it is, and when sessiongate runs it.
+    pub fn refusal_parts(&self) -> Vec<(&Xdp, &'static str)> {
+        REFUSAL_PARTS
+            .iter()
+            .map(|(name, what)| (self.program(name), *what))
+            .collect()
     }
 
     /// The do-nothing program: the floor of BPF_PROG_TEST_RUN measurements.

@@ -109,7 +109,7 @@ fn paths() -> Vec<PathCase> {
             false,
         ),
         case(
-            "TCP SYN, valid session",
+            ADMITTED_SYN,
             Packet::syn(fresh, app, 443),
             Verdict::AdmittedNewFlow,
             false,
@@ -140,7 +140,7 @@ fn paths() -> Vec<PathCase> {
             true,
         ),
         case(
-            "TCP SYN, expired (refused)",
+            REFUSED_SYN,
             Packet::syn(expired, app, 443),
             Verdict::DroppedExpired,
             false,
@@ -241,6 +241,16 @@ pub struct ProgRunReport {
     pub results: Vec<PathResult>,
     /// Seconds to fill each size's tables (sessions, flows, policies), for the record.
     pub fill_seconds: Vec<(String, f64)>,
+    /// The refusal path's parts, each measured alone on the refused IPv4 SYN.
+    pub refusal_parts: Vec<PartResult>,
+}
+
+/// One part of the refusal path as its own program (`BenchPrograms::refusal_parts`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PartResult {
+    pub part: String,
+    /// ns above the floor, each run's pair measured back to back.
+    pub above_floor_ns: Sample,
 }
 
 pub fn run(
@@ -255,6 +265,7 @@ pub fn run(
         sizes: sizes(quick),
         results: Vec::new(),
         fill_seconds: Vec::new(),
+        refusal_parts: Vec::new(),
     };
     for size in report.sizes.clone() {
         eprintln!("bench: per-packet cost at {}", size.label);
@@ -299,8 +310,30 @@ pub fn run(
             });
         }
     }
+    let refused = paths()
+        .into_iter()
+        .find(|p| p.name == REFUSED_SYN)
+        .expect("the refused SYN is a benchmark path")
+        .packet;
+    for (program, part) in programs.refusal_parts() {
+        time(program, &refused, repeat)?;
+        let above = (0..runs)
+            .map(|_| {
+                let f = time(programs.floor(), &refused, repeat)?;
+                Ok(time(program, &refused, repeat)? - f)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        report.refusal_parts.push(PartResult {
+            part: part.to_string(),
+            above_floor_ns: Sample::of(&above),
+        });
+    }
     Ok(report)
 }
+
+/// The path whose parts `refusal_parts` measures, and the admitted one it differs from.
+pub const REFUSED_SYN: &str = "TCP SYN, expired (refused)";
+pub const ADMITTED_SYN: &str = "TCP SYN, valid session";
 
 /// The program loaded with one size's tables.
 struct Loaded {

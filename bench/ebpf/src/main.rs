@@ -3,14 +3,22 @@
 //! - `xdp_generate`, a packet generator. Run with BPF_PROG_TEST_RUN in live-frames mode
 //!   on the client's interface, it rewrites the source address and port of each frame
 //!   (with correct checksums) and transmits it, at rates no userspace generator here
-//!   reaches.
+//!   reaches;
+//! - `part_*`, the parts of sessiongate's refusal path each alone (`refusal_parts`), so
+//!   that the bench can say what each costs above the floor.
 #![no_std]
 #![no_main]
 
+use agent_common::{
+    hashing::{bucket, check, fold_event},
+    logic::event_due,
+    maps::{EVENT_CHECK_REFUSAL, EventLimitSlot, FlowEvent, MAX_POLICIES},
+    verdict::counter,
+};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 
@@ -51,6 +59,79 @@ pub fn xdp_generate(ctx: XdpContext) -> u32 {
         Some(()) => xdp_action::XDP_TX,
         None => xdp_action::XDP_DROP,
     }
+}
+
+// The refusal path's parts, with maps shaped and sized as sessiongate's
+// (`SG_POLICY_DROPS`, `SG_COUNTERS`, `SG_EVENT_LIMIT` at the agent's size for a
+// million sessions, `SG_EVENTS`).
+#[map]
+static PART_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_POLICIES, 0);
+
+#[map]
+static PART_EVENT_LIMIT: Array<EventLimitSlot> = Array::with_max_entries(1 << 20, 0);
+
+#[map]
+static PART_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// A policy's refusal counter: one per-CPU array increment.
+#[xdp]
+pub fn part_counter(ctx: XdpContext) -> u32 {
+    let slot = source_word(&ctx) & (MAX_POLICIES - 1);
+    bump(slot);
+    xdp_action::XDP_PASS
+}
+
+/// The event limiter as a refusal flood meets it: the pair's slot says an event went
+/// out within the second, so none is sent and the rate-limited counter moves.
+#[xdp]
+pub fn part_limiter(ctx: XdpContext) -> u32 {
+    // A fixed "now": the refusal path has read the clock already.
+    const NOW_NS: u64 = 1 << 40;
+    let folded = fold_event(u64::from(source_word(&ctx)), 3, 4);
+    let pair = check(folded, EVENT_CHECK_REFUSAL);
+    let Some(slot) = PART_EVENT_LIMIT.get_ptr_mut(bucket(folded, (1 << 20) - 1)) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a live array element.
+    unsafe {
+        let last = ((*slot).check == pair).then_some((*slot).last_event_ns);
+        if event_due(NOW_NS, last) {
+            (*slot).check = pair;
+            (*slot).last_event_ns = NOW_NS;
+        } else {
+            bump(counter::EVENTS_RATE_LIMITED);
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// A refusal event's ring buffer reservation, given back unsent.
+#[xdp]
+pub fn part_ring(_ctx: XdpContext) -> u32 {
+    if let Some(entry) = PART_EVENTS.reserve::<FlowEvent>(0) {
+        entry.discard(0);
+    }
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(c) = PART_COUNTS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The IPv4 source address of an untagged frame (0 if it is too short), as the
+/// refusal path's device.
+#[inline(always)]
+fn source_word(ctx: &XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + ETH_HLEN + IP_HLEN > ctx.data_end() {
+        return 0;
+    }
+    // SAFETY: within the frame, checked above.
+    unsafe { core::ptr::read_unaligned((start + ETH_HLEN + 12) as *const u32) }
 }
 
 /// One's-complement sum of big-endian 16-bit words, folded.

@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 
 use super::Target;
-use crate::{progrun::ProgRunReport, svg::Chart};
+use crate::{
+    progrun::{ADMITTED_SYN, ProgRunReport, REFUSED_SYN},
+    svg::Chart,
+};
 
 /// The size the per-packet targets are stated at.
 const LARGEST: &str = "1M sessions, 10k CIDRs";
@@ -77,6 +80,46 @@ pub fn section(p: &ProgRunReport, md: &mut String) {
         md.push('\n');
     }
     let _ = writeln!(md, "\\* new-flow paths.\n");
+    refusal_parts(p, md);
+}
+
+/// Where the refusal path's time goes: what a refused SYN costs beyond an admitted one
+/// (the same packet and policy, the largest tables), and its parts measured alone.
+fn refusal_parts(p: &ProgRunReport, md: &mut String) {
+    let Some(size) = p.sizes.last() else {
+        return;
+    };
+    let path = |name: &str| {
+        p.results
+            .iter()
+            .find(|r| r.size == size.label && r.path == name)
+    };
+    let (Some(refused), Some(admitted)) = (path(REFUSED_SYN), path(ADMITTED_SYN)) else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "### Where the refusal path's time goes\n\nThe refused IPv4 SYN against the admitted one at {}, then each part of the refusal as a program of its own on the same packet, above the floor (median, min-max of {} pairs). A drop policy's refusal (a flood's) runs the first two parts on every packet; the ring buffer only when the limiter lets an event out.\n\n| part | ns |\n|---|---|",
+        size.label, p.runs
+    );
+    // The fastest runs: a stray slow run of either path would skew a difference of
+    // medians taken in different loops.
+    let _ = writeln!(
+        md,
+        "| a refused SYN beyond an admitted one (fastest runs: {:.0} - {:.0} ns) | {:.1} |",
+        refused.sessiongate.min,
+        admitted.sessiongate.min,
+        refused.sessiongate.min - admitted.sessiongate.min
+    );
+    for part in &p.refusal_parts {
+        let ns = &part.above_floor_ns;
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} ({:.1} to {:.1}) |",
+            part.part, ns.median, ns.min, ns.max
+        );
+    }
+    md.push('\n');
 }
 
 pub fn charts(p: &ProgRunReport) -> Vec<(String, Chart)> {
