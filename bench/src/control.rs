@@ -83,6 +83,9 @@ pub struct ControlReport {
     pub fleet_join_synced: f64,
     /// Agent B's RSS once it holds them, bytes.
     pub fleet_join_rss_bytes: u64,
+    /// Where B's time went: its start's steps, then its first snapshot's (fetch from
+    /// etcd, decode, resync), as it logs them, milliseconds.
+    pub fleet_join_laps: Laps,
     /// The etcd member's database (`dbSize`) holding the fleet's sessions, bytes.
     pub fleet_etcd_bytes: u64,
     /// Seconds for a plain loop of put-only transactions, `IMPORT_BATCH` entries each,
@@ -128,6 +131,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         fleet_join_sessions: fleet.join_sessions,
         fleet_join_synced: fleet.join_synced,
         fleet_join_rss_bytes: fleet.join_rss_bytes,
+        fleet_join_laps: fleet.join_laps,
         fleet_etcd_bytes: fleet.etcd_bytes,
         fleet_etcd_limit: fleet.etcd_limit,
     })
@@ -287,6 +291,7 @@ struct FleetScale {
     join_sessions: usize,
     join_synced: f64,
     join_rss_bytes: u64,
+    join_laps: Laps,
     etcd_bytes: u64,
     etcd_limit: f64,
 }
@@ -335,6 +340,11 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
     }
     let join_synced = started.elapsed().as_secs_f64();
     let join_rss_bytes = rss(b.pid())?;
+    let log = b.log_text();
+    let mut join_laps = logged_laps(&log, "sessiongate running", "start=");
+    for (step, ms) in logged_laps(&log, "applied a full snapshot", "laps=") {
+        join_laps.push((format!("snapshot: {step}"), ms));
+    }
     let status: serde_json::Value =
         serde_json::from_str(&etcd.etcdctl(&["endpoint", "status", "-w", "json"]))?;
     let etcd_bytes = status[0]["Status"]["dbSize"]
@@ -349,6 +359,7 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
         join_sessions,
         join_synced,
         join_rss_bytes,
+        join_laps,
         etcd_bytes,
         etcd_limit,
     })

@@ -6,7 +6,7 @@ use etcd_client::{EventType, WatchOptions};
 
 use super::{Fleet, entry, lock, members::short, unix_now};
 use crate::{
-    clock::ClockPair,
+    clock::{ClockPair, Laps},
     sessions::{SessionMirror, SessionRecord, StoreChange},
 };
 
@@ -184,7 +184,9 @@ async fn apply_snapshot(
     mirror: &SessionMirror,
     bad: &mut HashSet<Vec<u8>>,
 ) -> Result<usize, String> {
+    let mut laps = Laps::start();
     let (revision, kvs) = fleet.snapshot_kvs().await?;
+    laps.lap("fetch");
     let clock = ClockPair::now();
     let boot_id = mirror.boot_id();
     let mut records = Vec::with_capacity(kvs.len());
@@ -199,9 +201,12 @@ async fn apply_snapshot(
         }
     }
     drop(kvs);
+    laps.lap("decode");
     let diff = tokio::task::block_in_place(|| mirror.resync(records));
+    laps.lap("resync");
     tracing::info!(
         revision,
+        laps = %laps,
         added = diff.added,
         changed = diff.changed,
         removed = diff.removed,

@@ -230,6 +230,15 @@ pub fn section(c: &ControlReport, md: &mut String) {
         &c.import_laps,
         c.bulk_import,
     );
+    laps_table(
+        md,
+        &format!(
+            "Where the time of an agent joining a fleet of {} sessions goes (as it logs it)",
+            c.fleet_sessions
+        ),
+        &c.fleet_join_laps,
+        c.fleet_join_synced,
+    );
 }
 
 /// The steps of an operation that took `total_s` seconds end to end, in order, each
