@@ -87,6 +87,10 @@ fn main() -> anyhow::Result<()> {
     let end_to_end = wanted(Part::EndToEnd)
         .then(|| flood::run(args.quick, &mut programs, &agent))
         .transpose()?;
+    // The agents, etcd and the CLI the remaining parts start inherit this thread's
+    // CPUs: they get every CPU, as in production (pinned, a million-session start ran
+    // on one CPU and took twice as long).
+    unpin();
     let control = wanted(Part::Control)
         .then(|| control::run(args.quick, &agent))
         .transpose()?;
@@ -120,6 +124,20 @@ fn main() -> anyhow::Result<()> {
 /// Keeps the calling thread on one CPU: BPF_PROG_TEST_RUN runs where it is called.
 fn pin_to_cpu(cpu: usize) {
     pin_to_cpu_pid(0, cpu);
+}
+
+/// Lets the calling thread (and what it starts) run on every CPU again.
+fn unpin() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        // Not `available_parallelism`: it counts the CPUs this thread is pinned to.
+        let cpus = usize::try_from(libc::sysconf(libc::_SC_NPROCESSORS_ONLN)).unwrap_or(1);
+        for cpu in 0..cpus.clamp(1, libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 /// Keeps a thread (0: the calling one) on one CPU.
