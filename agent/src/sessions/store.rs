@@ -4,12 +4,7 @@
 //! first, writes the kernel (`KernelSessions`), then appends to the journal, and puts
 //! the kernel back if the append fails.
 
-use std::{
-    collections::{HashSet, VecDeque},
-    net::IpAddr,
-    path::Path,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::IpAddr, path::Path, sync::Arc};
 
 use super::{
     ChangeError, KernelSessions, LoginRequest, SessionError, SessionRecord, StoreChange, StoreDiff,
@@ -331,7 +326,7 @@ impl SessionStore {
         clock: &ClockPair,
         kernel: &mut impl KernelSessions,
     ) -> StoreDiff {
-        let wanted: HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
+        let wanted: hashbrown::HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
         let gone: Vec<IpAddr> = self
             .sessions
             .devices()
