@@ -199,9 +199,6 @@ pub fn link_ifindex(path: &Path) -> io::Result<u32> {
     Ok(u32::from_ne_bytes(bytes))
 }
 
-/// `BPF_F_MMAPABLE`.
-pub const BPF_F_MMAPABLE: u32 = 1 << 10;
-
 /// A shared mapping of an ARRAY map created with `BPF_F_MMAPABLE`: its elements read
 /// and written in place, without a syscall (or a copy through the kernel) each. A
 /// million tracked flows are counted, and a million sessions' buckets placed, in
@@ -218,7 +215,9 @@ pub struct MappedArray<V> {
 impl<V: aya::Pod> MappedArray<V> {
     pub fn open(map: &aya::maps::MapData, writable: bool) -> io::Result<Self> {
         let info = map.info().map_err(io::Error::other)?;
-        if info.map_flags() & BPF_F_MMAPABLE == 0 || info.value_size() as usize != size_of::<V>() {
+        if info.map_flags() & aya_obj::generated::BPF_F_MMAPABLE == 0
+            || info.value_size() as usize != size_of::<V>()
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not an mmapable array of this value size",
