@@ -91,15 +91,11 @@ impl Maps {
     /// flow tables from their memory: cheap enough for every metrics scrape.
     pub fn flow_count(&self, now_ns: u64) -> (usize, usize) {
         let idle = self.current.udp_idle_ns;
-        let v4 = sys::MappedArray::<FlowBucketV4>::open(self.flows_v4.map(), false).map(|m| {
-            (0..m.len())
-                .map(|i| active_flows(&m.get(i).slots, now_ns, idle))
-                .sum()
+        let v4 = sum_mapped(self.flows_v4.map(), |b: &FlowBucketV4| {
+            active_flows(&b.slots, now_ns, idle)
         });
-        let v6 = sys::MappedArray::<FlowBucketV6>::open(self.flows_v6.map(), false).map(|m| {
-            (0..m.len())
-                .map(|i| active_flows(&m.get(i).slots, now_ns, idle))
-                .sum()
+        let v6 = sum_mapped(self.flows_v6.map(), |b: &FlowBucketV6| {
+            active_flows(&b.slots, now_ns, idle)
         });
         if let Some(e) = v4.as_ref().err().or(v6.as_ref().err()) {
             tracing::warn!(error = %e, "cannot read the flow tables; flow counts are partial");
@@ -131,6 +127,12 @@ fn rehash<B: Default, S: FlowSlot>(
     if let Some(i) = target {
         ways[i] = slot;
     }
+}
+
+/// `count` of every bucket of a mappable flow table, summed, read from its memory.
+fn sum_mapped<B: aya::Pod>(map: &MapData, count: impl Fn(&B) -> usize) -> std::io::Result<usize> {
+    let table = sys::MappedArray::<B>::open(map, false)?;
+    Ok((0..table.len()).map(|i| count(&table.get(i))).sum())
 }
 
 fn active_flows<S: FlowSlot>(slots: &[S], now_ns: u64, idle_ns: u64) -> usize {
