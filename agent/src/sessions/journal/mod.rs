@@ -16,6 +16,7 @@
 //!   log, and the file as it was is kept beside the journal (`sessions.jsonl.damaged`).
 
 pub(super) mod durable;
+mod flat;
 mod replay;
 
 use std::{

@@ -10,7 +10,7 @@ use std::{
 
 use agent_common::maps::IDENTITY_NONE;
 
-use super::{CHUNK, Entry};
+use super::{CHUNK, Entry, flat};
 use crate::sessions::{SessionError, rules::check_replayed, table::SessionTable};
 
 /// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
@@ -318,12 +318,12 @@ fn decode(line: &[u8], n: usize, whole: bool) -> Result<Entry, String> {
             .map_err(|e| e.to_string()),
         _ => Ok(entry),
     };
-    match serde_json::from_slice::<Entry>(line) {
+    match flat::parse(line) {
         Ok(entry) => checked(entry),
         Err(e) => {
             let glued = find_last(line, br#"{"op":"#)
                 .filter(|&at| at > 0)
-                .and_then(|at| serde_json::from_slice::<Entry>(&line[at..]).ok());
+                .and_then(|at| flat::parse(&line[at..]).ok());
             match glued {
                 Some(entry) => checked(entry),
                 None => {
