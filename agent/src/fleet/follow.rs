@@ -4,7 +4,7 @@ use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
 use etcd_client::{EventType, KeyValue, WatchOptions};
 
-use super::{Fleet, entry, lock, members::short, unix_now};
+use super::{Fleet, Layout, entry, lock, members::short, unix_now};
 use crate::{
     clock::{ClockPair, Laps},
     sessions::{SessionMirror, SessionRecord, StoreChange},
@@ -185,24 +185,18 @@ async fn apply_snapshot(
     bad: &mut HashSet<Vec<u8>>,
 ) -> Result<usize, String> {
     let mut laps = Laps::start();
-    let (revision, kvs) = fleet.snapshot_kvs().await?;
-    laps.lap("fetch");
-    let clock = ClockPair::now();
-    let boot_id = mirror.boot_id();
-    let mut records = Vec::with_capacity(kvs.len());
+    let (layout, clock) = (fleet.layout.clone(), ClockPair::now());
+    let boot_id = mirror.boot_id().to_string();
+    let (revision, pages) = fleet
+        .snapshot_pages(move |kvs| decode_page(&layout, &kvs, &clock, &boot_id))
+        .await?;
+    laps.lap("fetch_and_decode");
     bad.clear();
-    let entries = tokio::task::block_in_place(|| decode_all(fleet, &kvs, &clock, boot_id));
-    for (kv, entry) in kvs.iter().zip(entries) {
-        match entry {
-            Decoded::Session(record) => records.push(record),
-            // Left out of the snapshot, so the resync removes any session it had.
-            Decoded::BadValue(_) | Decoded::BadKey => {
-                bad.insert(kv.key().to_vec());
-            }
-        }
+    let mut records = Vec::with_capacity(pages.len());
+    for page in pages {
+        records.push(page.records);
+        bad.extend(page.bad_keys);
     }
-    drop(kvs);
-    laps.lap("decode");
     let diff = tokio::task::block_in_place(|| mirror.resync(records));
     laps.lap("resync");
     tracing::info!(
@@ -257,7 +251,7 @@ fn apply_events(
             }
             continue;
         }
-        match decoded(fleet, kv.key(), kv.value(), &clock, boot_id) {
+        match decoded(&fleet.layout, kv.key(), kv.value(), &clock, boot_id) {
             Decoded::Session(record) => {
                 bad.remove(kv.key());
                 changes.push(StoreChange::Put(record));
@@ -293,12 +287,30 @@ enum Decoded {
     BadKey,
 }
 
-/// Every entry of a snapshot decoded, in order; a large one in two halves at once (a
-/// million entries take over a second on one thread).
-fn decode_all(fleet: &Fleet, kvs: &[KeyValue], clock: &ClockPair, boot_id: &str) -> Vec<Decoded> {
-    in_two_halves(kvs, DECODE_SPLIT_ABOVE, |kv| {
-        decoded(fleet, kv.key(), kv.value(), clock, boot_id)
-    })
+/// A snapshot page as this host means it: its sessions, and the keys under the
+/// prefix that are not sessions (logged), which the resync treats as none.
+struct Page {
+    records: Vec<SessionRecord>,
+    bad_keys: Vec<Vec<u8>>,
+}
+
+/// Every entry of a snapshot page decoded, in order; a large one in two halves at
+/// once (a million entries take over a second on one thread).
+fn decode_page(layout: &Layout, kvs: &[KeyValue], clock: &ClockPair, boot_id: &str) -> Page {
+    let decoded = in_two_halves(kvs, DECODE_SPLIT_ABOVE, |kv| {
+        decoded(layout, kv.key(), kv.value(), clock, boot_id)
+    });
+    let mut page = Page {
+        records: Vec::with_capacity(kvs.len()),
+        bad_keys: Vec::new(),
+    };
+    for (kv, entry) in kvs.iter().zip(decoded) {
+        match entry {
+            Decoded::Session(record) => page.records.push(record),
+            Decoded::BadValue(_) | Decoded::BadKey => page.bad_keys.push(kv.key().to_vec()),
+        }
+    }
+    page
 }
 
 /// Snapshots larger than this are decoded on two threads.
@@ -323,8 +335,8 @@ fn in_two_halves<T: Sync, R: Send>(
     })
 }
 
-fn decoded(fleet: &Fleet, key: &[u8], value: &[u8], clock: &ClockPair, boot_id: &str) -> Decoded {
-    let ip = match fleet.layout.device(key) {
+fn decoded(layout: &Layout, key: &[u8], value: &[u8], clock: &ClockPair, boot_id: &str) -> Decoded {
+    let ip = match layout.device(key) {
         Ok(ip) => ip,
         Err(reason) => {
             tracing::warn!(
@@ -339,7 +351,7 @@ fn decoded(fleet: &Fleet, key: &[u8], value: &[u8], clock: &ClockPair, boot_id: 
         Ok(record) => Decoded::Session(record),
         Err(reason) => {
             tracing::error!(
-                key = fleet.layout.key(ip).as_str(),
+                key = layout.key(ip).as_str(),
                 reason = reason.as_str(),
                 "the store's entry for this device is not a session; the device is treated as having none"
             );

@@ -19,7 +19,7 @@ mod members;
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -390,13 +390,21 @@ impl Fleet {
         Ok(done)
     }
 
-    /// Every device key now, read in pages at one revision: (that revision, the
-    /// keys and values).
-    pub(super) async fn snapshot_kvs(&self) -> Result<(i64, Vec<KeyValue>), String> {
+    /// Every device key now, read in pages at one revision, each page handed to
+    /// `decode` on a blocking thread while the next one is fetched: a large snapshot's
+    /// decoding hides behind etcd's reads, and no more than two pages are held raw.
+    /// (That revision, `decode` of each page in order.)
+    pub(super) async fn snapshot_pages<T, D>(&self, decode: D) -> Result<(i64, Vec<T>), String>
+    where
+        T: Send + 'static,
+        D: Fn(Vec<KeyValue>) -> T + Send + Sync + 'static,
+    {
+        let decode = Arc::new(decode);
         let end = prefix_end(self.layout.devices());
         let mut start = self.layout.devices().as_bytes().to_vec();
         let mut revision = 0;
-        let mut all = Vec::new();
+        let mut pages = Vec::new();
+        let mut decoding: Option<tokio::task::JoinHandle<T>> = None;
         loop {
             let options = GetOptions::new()
                 .with_range(end.clone())
@@ -417,10 +425,16 @@ impl Fleet {
             if let Some(last) = kvs.last() {
                 start = [last.key(), &[0]].concat();
             }
-            all.extend(kvs);
-            if !more {
-                return Ok((revision, all));
+            if let Some(previous) = decoding.take() {
+                pages.push(previous.await.expect("a snapshot page decoder panicked"));
             }
+            let decode = Arc::clone(&decode);
+            let decoded = tokio::task::spawn_blocking(move || decode(kvs));
+            if !more {
+                pages.push(decoded.await.expect("a snapshot page decoder panicked"));
+                return Ok((revision, pages));
+            }
+            decoding = Some(decoded);
         }
     }
 
@@ -430,16 +444,21 @@ impl Fleet {
         &self,
         boot_id: &str,
     ) -> Result<HashMap<IpAddr, (Option<SessionRecord>, i64)>, FleetError> {
-        let (_, kvs) = self.snapshot_kvs().await.map_err(|e| self.unreachable(e))?;
-        let clock = ClockPair::now();
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let ip = self.layout.device(kv.key()).ok()?;
-                let record = entry::decode(ip, kv.value(), &clock, boot_id).ok();
-                Some((ip, (record, kv.mod_revision())))
-            })
-            .collect())
+        let (layout, boot_id, clock) = (self.layout.clone(), boot_id.to_string(), ClockPair::now());
+        let decode = move |kvs: Vec<KeyValue>| -> Vec<_> {
+            kvs.iter()
+                .filter_map(|kv| {
+                    let ip = layout.device(kv.key()).ok()?;
+                    let record = entry::decode(ip, kv.value(), &clock, &boot_id).ok();
+                    Some((ip, (record, kv.mod_revision())))
+                })
+                .collect()
+        };
+        let (_, pages) = self
+            .snapshot_pages(decode)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(pages.into_iter().flatten().collect())
     }
 }
 

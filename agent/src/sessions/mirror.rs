@@ -209,8 +209,8 @@ impl<K: KernelSessions> SessionMirror<K> {
     }
 
     /// Makes this host equal to a full snapshot of the fleet's store
-    /// (`SessionStore::resync`).
-    pub fn resync(&self, snapshot: Vec<SessionRecord>) -> StoreDiff {
+    /// (`SessionStore::resync`), in the pages it was read in.
+    pub fn resync(&self, snapshot: Vec<Vec<SessionRecord>>) -> StoreDiff {
         let sides = &mut *self.lock();
         sides
             .store

@@ -226,7 +226,9 @@ fn a_snapshot_removes_adds_and_falls_back_to_one_device_at_a_time() {
     let carol = f.store_session("198.18.1.12", "carol@example.com");
     // A kernel that refuses batches (a full map): each device goes on its own.
     f.kernel.with(|k| k.fail_batches = true);
-    let diff = f.mirror.resync(vec![bob.clone(), carol.clone()]);
+    let diff = f
+        .mirror
+        .resync(vec![vec![bob.clone()], vec![carol.clone()]]);
     assert_eq!(
         diff,
         StoreDiff {

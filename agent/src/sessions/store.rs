@@ -319,14 +319,16 @@ impl SessionStore {
     /// devices not in it are removed, then new and changed sessions go in as one batch
     /// (one kernel write, one journal batch, the kernel undone if the journal fails).
     /// Should the kernel refuse the batch (a full map), each goes on its own so that
-    /// all that fit are in. Changes that fail are logged and counted.
+    /// all that fit are in. Changes that fail are logged and counted. The snapshot
+    /// comes in the pages it was read in.
     pub fn resync(
         &mut self,
-        snapshot: Vec<SessionRecord>,
+        snapshot: Vec<Vec<SessionRecord>>,
         clock: &ClockPair,
         kernel: &mut impl KernelSessions,
     ) -> StoreDiff {
-        let wanted: hashbrown::HashSet<IpAddr> = snapshot.iter().map(|r| r.ip).collect();
+        let mut wanted = hashbrown::HashSet::with_capacity(snapshot.iter().map(Vec::len).sum());
+        wanted.extend(snapshot.iter().flatten().map(|r| r.ip));
         let gone: Vec<IpAddr> = self
             .sessions
             .devices()
@@ -341,6 +343,7 @@ impl SessionStore {
         }
         let changed: Vec<SessionRecord> = snapshot
             .into_iter()
+            .flatten()
             .filter(|r| !self.sessions.same_session(r))
             .collect();
         let replaced = changed
