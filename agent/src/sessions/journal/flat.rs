@@ -65,7 +65,10 @@ impl FlatEntry {
 
 /// `line` as an entry: in one pass when it can be, else as `Entry` reads it.
 pub(super) fn parse(line: &[u8]) -> serde_json::Result<Entry> {
-    match serde_json::from_slice::<FlatEntry>(line).ok().and_then(FlatEntry::entry) {
+    match serde_json::from_slice::<FlatEntry>(line)
+        .ok()
+        .and_then(FlatEntry::entry)
+    {
         Some(entry) => Ok(entry),
         None => serde_json::from_slice::<Entry>(line),
     }
