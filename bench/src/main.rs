@@ -21,7 +21,7 @@ mod stats;
 mod svg;
 mod xdp_filter;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -53,11 +53,16 @@ struct Args {
     /// the one next to this binary].
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Consecutive runs of the chosen parts. With more than one, each run's report goes
+    /// to `run-N/` under the output directory, and `report.md` sets their targets side
+    /// by side: a target counts as met only if every run met it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    runs: u32,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let agent = match args.agent {
+    let agent = match args.agent.clone() {
         Some(path) => path,
         None => std::env::current_exe()?
             .parent()
@@ -70,8 +75,40 @@ fn main() -> anyhow::Result<()> {
         agent.display()
     );
     let machine = report::Machine::describe();
-    pin_to_cpu(0);
+    let command = if args.quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
     let mut programs = programs::BenchPrograms::load()?;
+    let mut reports = Vec::new();
+    for run in 1..=args.runs {
+        if args.runs > 1 {
+            println!("bench: run {run} of {}", args.runs);
+        }
+        let report = run_once(&args, &agent, &machine, &mut programs)?;
+        if args.runs > 1 {
+            report.write(&args.out.join(format!("run-{run}")), command)?;
+        }
+        reports.push(report);
+    }
+    let summary = match reports.as_slice() {
+        [one] => one.write(&args.out, command)?,
+        runs => report::write_runs(runs, &args.out, command)?,
+    };
+    println!("{summary}");
+    println!("report: {}", args.out.join("report.md").display());
+    Ok(())
+}
+
+/// One run of the chosen parts.
+fn run_once(
+    args: &Args,
+    agent: &Path,
+    machine: &report::Machine,
+    programs: &mut programs::BenchPrograms,
+) -> anyhow::Result<report::Report> {
+    pin_to_cpu(0);
     let xdp_filter = match xdp_filter::XdpFilter::load() {
         Ok(xf) => Some(xf),
         Err(e) => {
@@ -81,44 +118,35 @@ fn main() -> anyhow::Result<()> {
     };
     let wanted = |part| args.part.is_empty() || args.part.contains(&part);
     let per_packet = wanted(Part::PerPacket)
-        .then(|| progrun::run(args.quick, &programs, xdp_filter.as_ref()))
+        .then(|| progrun::run(args.quick, programs, xdp_filter.as_ref()))
         .transpose()?;
     drop(xdp_filter);
     let end_to_end = wanted(Part::EndToEnd)
-        .then(|| flood::run(args.quick, &mut programs, &agent))
+        .then(|| flood::run(args.quick, programs, agent))
         .transpose()?;
     // The agents, etcd and the CLI the remaining parts start inherit this thread's
     // CPUs: they get every CPU, as in production (pinned, a million-session start ran
     // on one CPU and took twice as long).
     unpin();
     let control = wanted(Part::Control)
-        .then(|| control::run(args.quick, &agent))
+        .then(|| control::run(args.quick, agent))
         .transpose()?;
     // The control part measures it too.
     let logins = (control.is_none() && wanted(Part::Logins))
-        .then(|| control::login_rate(args.quick, &agent))
+        .then(|| control::login_rate(args.quick, agent))
         .transpose()?;
     let signin = wanted(Part::Signin)
-        .then(|| signin::run(args.quick, &agent))
+        .then(|| signin::run(args.quick, agent))
         .transpose()?;
-    let report = report::Report {
+    Ok(report::Report {
         quick: args.quick,
-        machine,
+        machine: machine.clone(),
         per_packet,
         end_to_end,
         control,
         logins,
         signin,
-    };
-    let command = if args.quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
-    };
-    let summary = report.write(&args.out, command)?;
-    println!("{summary}");
-    println!("report: {}", args.out.join("report.md").display());
-    Ok(())
+    })
 }
 
 /// Keeps the calling thread on one CPU: BPF_PROG_TEST_RUN runs where it is called.

@@ -122,28 +122,7 @@ impl Report {
             fs::write(dir.join(file), chart.render())?;
         }
         let summary = self.summary();
-        let m = &self.machine;
-        let mut md = String::new();
-        let _ = writeln!(md, "# sessiongate benchmark\n");
-        let _ = writeln!(
-            md,
-            "`{command}` on {} ({} cores{}, {:.0} GiB, Linux {}), {}.{}\n",
-            m.cpu,
-            m.cores,
-            if m.virtualized {
-                ", virtual machine"
-            } else {
-                ""
-            },
-            m.memory_gib,
-            m.kernel,
-            m.date,
-            if self.quick {
-                " **Quick run: small tables and short measurements check the harness; its figures are not the targets' measure.**"
-            } else {
-                ""
-            }
-        );
+        let mut md = heading(&self.machine, self.quick, command);
         let _ = writeln!(md, "## Targets\n\n{summary}\n{sections}## Charts\n");
         for (file, chart) in &charts {
             let _ = writeln!(md, "![{}]({file})\n", chart.title);
@@ -155,14 +134,142 @@ impl Report {
     fn summary(&self) -> String {
         let mut out = String::from("| target | measured | met |\n|---|---|---|\n");
         for t in self.targets() {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} |",
-                t.name,
-                t.measured,
-                if t.met { "yes" } else { "**no**" }
-            );
+            let _ = writeln!(out, "| {} | {} | {} |", t.name, t.measured, yes_no(t.met));
         }
         out
+    }
+}
+
+fn yes_no(met: bool) -> &'static str {
+    if met { "yes" } else { "**no**" }
+}
+
+/// The report's title and the line saying what ran where.
+fn heading(m: &Machine, quick: bool, command: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# sessiongate benchmark\n");
+    let _ = writeln!(
+        md,
+        "`{command}` on {} ({} cores{}, {:.0} GiB, Linux {}), {}.{}\n",
+        m.cpu,
+        m.cores,
+        if m.virtualized {
+            ", virtual machine"
+        } else {
+            ""
+        },
+        m.memory_gib,
+        m.kernel,
+        m.date,
+        if quick {
+            " **Quick run: small tables and short measurements check the harness; its figures are not the targets' measure.**"
+        } else {
+            ""
+        }
+    );
+    md
+}
+
+/// Consecutive runs (`--runs`) side by side: `report.md` with their targets' spread
+/// and links to each run's own report (`run-N/`, written by the caller), and every
+/// run's numbers in `report.json`. Returns the spread table.
+pub fn write_runs(runs: &[Report], dir: &Path, command: &str) -> anyhow::Result<String> {
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join("report.json"), serde_json::to_string_pretty(runs)?)?;
+    let targets: Vec<Vec<Target>> = runs.iter().map(Report::targets).collect();
+    let table = spread(&targets);
+    let mut md = heading(&runs[0].machine, runs[0].quick, command);
+    let _ = writeln!(
+        md,
+        "## Targets over {} consecutive runs\n\nA target is met only if every run met it.\n\n{table}",
+        runs.len()
+    );
+    let links: Vec<String> = (1..=runs.len())
+        .map(|n| format!("[run {n}](run-{n}/report.md)"))
+        .collect();
+    let _ = writeln!(
+        md,
+        "Each run's tables, \"where the time goes\" and charts: {}.",
+        links.join(", ")
+    );
+    fs::write(dir.join("report.md"), md)?;
+    Ok(table)
+}
+
+/// One row per target (in the order they first appear): its measure in each run, and
+/// whether every run met it. A run without the target counts as not meeting it.
+fn spread(runs: &[Vec<Target>]) -> String {
+    let mut out = String::from("| target |");
+    for n in 1..=runs.len() {
+        let _ = write!(out, " run {n} |");
+    }
+    out.push_str(" met in every run |\n|---|");
+    out.push_str(&"---|".repeat(runs.len() + 1));
+    out.push('\n');
+    let mut names: Vec<&str> = Vec::new();
+    for t in runs.iter().flatten() {
+        if !names.contains(&t.name.as_str()) {
+            names.push(&t.name);
+        }
+    }
+    for name in names {
+        let found: Vec<Option<&Target>> = runs
+            .iter()
+            .map(|targets| targets.iter().find(|t| t.name == name))
+            .collect();
+        let _ = write!(out, "| {name} |");
+        for t in &found {
+            match t {
+                Some(t) if t.met => {
+                    let _ = write!(out, " {} |", t.measured);
+                }
+                Some(t) => {
+                    let _ = write!(out, " {} (not met) |", t.measured);
+                }
+                None => out.push_str(" - |"),
+            }
+        }
+        let every = found.iter().all(|t| t.is_some_and(|t| t.met));
+        let _ = writeln!(out, " {} |", yes_no(every));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Target, spread};
+
+    fn target(name: &str, measured: &str, met: bool) -> Target {
+        Target {
+            name: name.into(),
+            measured: measured.into(),
+            met,
+        }
+    }
+
+    #[test]
+    fn a_target_is_met_only_if_every_run_met_it() {
+        let runs = vec![
+            vec![
+                target("start", "1.2 s", true),
+                target("join", "5.9 s", true),
+            ],
+            vec![
+                target("start", "1.6 s", false),
+                target("join", "5.8 s", true),
+            ],
+            vec![target("join", "5.7 s", true), target("new", "1 x", true)],
+        ];
+        let table = spread(&runs);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "| target | run 1 | run 2 | run 3 | met in every run |"
+        );
+        assert_eq!(lines[1], "|---|---|---|---|---|");
+        assert_eq!(lines[2], "| start | 1.2 s | 1.6 s (not met) | - | **no** |");
+        assert_eq!(lines[3], "| join | 5.9 s | 5.8 s | 5.7 s | yes |");
+        assert_eq!(lines[4], "| new | - | - | 1 x | **no** |");
+        assert_eq!(lines.len(), 5);
     }
 }

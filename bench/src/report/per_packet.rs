@@ -15,9 +15,9 @@ pub fn targets(p: &ProgRunReport, targets: &mut Vec<Target>) {
     let at_scale: Vec<_> = p.results.iter().filter(|r| r.size == LARGEST).collect();
     if let Some(established) = at_scale.iter().find(|r| r.path == "TCP established") {
         targets.push(Target {
-            name: "Established TCP path <= 1.3 x the do-nothing program".into(),
+            name: "Established TCP path <= 1.25 x the do-nothing program".into(),
             measured: format!("{:.2} x", established.ratio.median),
-            met: established.ratio.median <= 1.3,
+            met: established.ratio.median <= 1.25,
         });
     }
     let new_flows: Vec<_> = at_scale.iter().filter(|r| r.new_flow).collect();
@@ -28,9 +28,11 @@ pub fn targets(p: &ProgRunReport, targets: &mut Vec<Target>) {
         return;
     };
     targets.push(Target {
-        name: format!("New-flow paths at {LARGEST} <= 2.5 x the do-nothing program"),
+        name: format!(
+            "New-flow paths at {LARGEST} <= 2.2 x the do-nothing program (so that 2.5 x holds on slower machines of this kind)"
+        ),
         measured: format!("at most {:.2} x ({})", worst.ratio.median, worst.path),
-        met: worst.ratio.median <= 2.5,
+        met: worst.ratio.median <= 2.2,
     });
     let not_below: Vec<_> = new_flows
         .iter()
