@@ -82,11 +82,8 @@ impl<K: KernelSessions> SessionMirror<K> {
             ms = started.elapsed().as_millis() as u64,
             "wrote the sessions to the kernel"
         );
-        let devices: Vec<IpAddr> = sessions.iter().map(|(ip, ..)| *ip).collect();
         drop(sessions);
-        for (ip, slot) in devices.iter().zip(slots) {
-            store.note_slot(ip, slot);
-        }
+        store.note_slots_in_order(&slots);
         let mirror = Self {
             syncer: store.syncer(),
             sides: Mutex::new(Sides { store, kernel }),

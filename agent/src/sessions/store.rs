@@ -102,6 +102,12 @@ impl SessionStore {
         self.sessions.set_slot(ip, slot);
     }
 
+    /// Notes every session's slot, in the order of `SessionTable::kernel_values`
+    /// (start-up, right after the bulk write those values went into).
+    pub(super) fn note_slots_in_order(&mut self, slots: &[u32]) {
+        self.sessions.set_slots_in_order(slots);
+    }
+
     /// Checks a login against the rules and returns the record it would write.
     pub fn plan_login(
         &self,
