@@ -212,14 +212,11 @@ impl SessionStore {
         self.prepare_write()?;
         let undo = self.undo_of_writing(&planned);
         laps.lap("undo");
-        let written = self
-            .write_kernel(&planned, clock, kernel)
-            .and_then(|slots| {
-                laps.lap("kernel");
-                let ticket = self.journal.append_logins(&planned)?;
-                laps.lap("journal");
-                Ok((slots, ticket))
-            });
+        let (sessions, boot_id) = (&self.sessions, self.boot_id.as_str());
+        let written = self.journal.append_logins_alongside(&planned, || {
+            write_kernel(sessions, boot_id, &planned, clock, kernel)
+        });
+        laps.lap("kernel_and_journal");
         let (slots, ticket) = match written {
             Ok(written) => written,
             Err(e) => {
@@ -394,11 +391,18 @@ impl SessionStore {
         }
         let undo = self.undo_of_writing(records);
         self.prepare_write()?;
-        let slots = self.write_kernel(records, clock, kernel)?;
-        if let Err(e) = self.journal.append_logins(records) {
-            self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
-            return Err(e.into());
-        }
+        let (sessions, boot_id) = (&self.sessions, self.boot_id.as_str());
+        let (slots, _) = match self.journal.append_logins_alongside(records, || {
+            write_kernel(sessions, boot_id, records, clock, kernel)
+        }) {
+            Ok(written) => written,
+            // The kernel refused the batch: nothing of it was journaled.
+            Err(e @ ChangeError::Kernel(_)) => return Err(e),
+            Err(e) => {
+                self.restore_kernel(kernel, clock, &undo.added, &undo.replaced);
+                return Err(e);
+            }
+        };
         for (record, slot) in records.iter().zip(slots) {
             self.sessions.insert(record, slot);
         }
@@ -426,23 +430,6 @@ impl SessionStore {
             }
         }
         undo
-    }
-
-    /// Writes `records` to the kernel in one batch; returns their identity slots.
-    fn write_kernel(
-        &self,
-        records: &[SessionRecord],
-        clock: &ClockPair,
-        kernel: &mut impl KernelSessions,
-    ) -> Result<Vec<u32>, ChangeError> {
-        let values: Vec<_> = records
-            .iter()
-            .map(|r| {
-                let value = r.kernel_value(clock, &self.boot_id);
-                (r.ip, value, r.identity(), self.sessions.slot(&r.ip))
-            })
-            .collect();
-        Ok(kernel.load_sessions(&values)?)
     }
 
     /// Before an append: forgets the undo of changes now durable, and rewrites the
@@ -502,4 +489,23 @@ impl SessionStore {
             tracing::warn!(error = %e, "could not compact the session journal");
         }
     }
+}
+
+/// Writes `records` to the kernel in one batch; returns their identity slots.
+/// `sessions` holds the slots their devices' kernel copies hold now.
+fn write_kernel(
+    sessions: &SessionTable,
+    boot_id: &str,
+    records: &[SessionRecord],
+    clock: &ClockPair,
+    kernel: &mut impl KernelSessions,
+) -> Result<Vec<u32>, ChangeError> {
+    let values: Vec<_> = records
+        .iter()
+        .map(|r| {
+            let value = r.kernel_value(clock, boot_id);
+            (r.ip, value, r.identity(), sessions.slot(&r.ip))
+        })
+        .collect();
+    Ok(kernel.load_sessions(&values)?)
 }
