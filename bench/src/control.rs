@@ -73,6 +73,9 @@ pub struct ControlReport {
     /// file) through agent A of an etcd fleet, end to end through the CLI: A writes them
     /// to etcd and answers once its own follower has applied them.
     pub fleet_import: f64,
+    /// Where A's import went, as it logs it ("imported sessions into the fleet's
+    /// store": `laps`), milliseconds.
+    pub fleet_import_laps: Laps,
     /// Seconds from starting agent B (another lab, the same etcd) until its API
     /// answers. B serves once it has loaded the fleet's snapshot, or after waiting 5 s
     /// for it (then on its local mirror while the snapshot goes on).
@@ -127,6 +130,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
         reload: Sample::of(&reloads),
         fleet_sessions: fleet.sessions,
         fleet_import: fleet.import,
+        fleet_import_laps: fleet.import_laps,
         fleet_join: fleet.join,
         fleet_join_sessions: fleet.join_sessions,
         fleet_join_synced: fleet.join_synced,
@@ -287,6 +291,7 @@ const FLEET_SESSIONS: usize = 1_000_000;
 struct FleetScale {
     sessions: usize,
     import: f64,
+    import_laps: Laps,
     join: f64,
     join_sessions: usize,
     join_synced: f64,
@@ -315,6 +320,11 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
     let file = labs[0].dir.path().join("sessions.csv");
     write_csv(&file, n)?;
     let import = import_file(&a, &file)?;
+    let import_laps = logged_laps(
+        &a.log_text(),
+        "imported sessions into the fleet's store",
+        "laps=",
+    );
     let on_a = session_count(&a)?;
     if on_a != n {
         bail!("agent A has {on_a} sessions after importing {n}");
@@ -355,6 +365,7 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
     Ok(FleetScale {
         sessions: n,
         import,
+        import_laps,
         join,
         join_sessions,
         join_synced,

@@ -86,7 +86,7 @@ impl Control {
         let parsed = import::parse(text);
         laps.lap("parse");
         if let Some(fleet) = &self.fleet {
-            return self.import_to_fleet(fleet, parsed, skip_bad);
+            return self.import_to_fleet(fleet, parsed, skip_bad, laps);
         }
         let clock = ClockPair::now();
         let (imported, (error_count, errors)) =
@@ -116,10 +116,12 @@ impl Control {
         fleet: &Fleet,
         parsed: import::ParsedImport,
         skip_bad: bool,
+        mut laps: Laps,
     ) -> Result<ImportReport, ImportError> {
         let boot_id = self.sessions.boot_id();
         let current =
             block_on(fleet.snapshot(boot_id)).map_err(|e| ImportError::Control(e.into()))?;
+        laps.lap("snapshot");
         let clock = ClockPair::now();
         let (planned, plan_errors) = plan_import(
             |ip| {
@@ -143,6 +145,7 @@ impl Control {
                 (r, revision)
             })
             .collect();
+        laps.lap("plan");
         let imported = block_on(fleet.import(&with_revisions)).map_err(|(done, e)| {
             tracing::error!(recorded = done, error = %e, "import stopped part-way; the batches before it are recorded");
             ImportError::Partial {
@@ -150,6 +153,13 @@ impl Control {
                 error: Box::new(e.into()),
             }
         })?;
+        laps.lap("store");
+        tracing::info!(
+            sessions = imported,
+            reset,
+            laps = %laps,
+            "imported sessions into the fleet's store"
+        );
         Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 

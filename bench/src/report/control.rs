@@ -255,6 +255,15 @@ pub fn section(c: &ControlReport, md: &mut String) {
     laps_table(
         md,
         &format!(
+            "Where the time of an import of {} sessions into etcd through an agent goes (as it logs it)",
+            c.fleet_sessions
+        ),
+        &c.fleet_import_laps,
+        c.fleet_import,
+    );
+    laps_table(
+        md,
+        &format!(
             "Where the time of an agent joining a fleet of {} sessions goes (as it logs it)",
             c.fleet_sessions
         ),
