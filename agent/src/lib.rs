@@ -13,6 +13,7 @@ pub mod expiry;
 pub mod fleet;
 pub mod input;
 pub mod listen;
+pub mod memory;
 pub mod notify;
 pub mod output;
 pub mod policy;

@@ -101,6 +101,7 @@ impl Control {
             laps = %laps,
             "imported sessions"
         );
+        crate::memory::release_free_pages();
         Ok(ImportReport::new(
             imported.sessions,
             imported.reset,
@@ -160,6 +161,7 @@ impl Control {
             laps = %laps,
             "imported sessions into the fleet's store"
         );
+        crate::memory::release_free_pages();
         Ok(ImportReport::new(imported, reset, error_count, errors))
     }
 

@@ -209,6 +209,7 @@ async fn apply_snapshot(
         bad_entries = bad.len(),
         "applied a full snapshot of the session store"
     );
+    tokio::task::block_in_place(crate::memory::release_free_pages);
     {
         let mut status = lock(&fleet.status);
         status.resyncs += 1;

@@ -108,6 +108,8 @@ pub async fn run(config_path: &Path, replace: bool) -> anyhow::Result<()> {
         }
     };
     let servers = listeners.serve(&control, signin, stopped);
+    // What the start-up's replay and bulk write freed, while the API already answers.
+    tokio::task::spawn_blocking(crate::memory::release_free_pages);
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     let result = servers.join().await;
