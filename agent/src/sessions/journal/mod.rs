@@ -241,9 +241,9 @@ impl Journal {
     /// applies all of or, if the batch is not whole, none of; meanwhile `alongside`
     /// (the kernel's write of the same sessions) runs on this thread. The lines are
     /// encoded and written on another, and the `commit` follows only if `alongside`
-    /// succeeded. Otherwise the lines are cut back
-    /// off, and should even that fail, replay ignores a batch without its `commit`.
-    /// On two CPUs this takes about the longer of the two instead of their sum.
+    /// succeeded. Otherwise the lines are cut back off, and should even that fail,
+    /// replay ignores a batch without its `commit`. On two CPUs this takes about the
+    /// longer of the two instead of their sum.
     pub(super) fn append_logins_alongside<T, E: From<SessionError>>(
         &mut self,
         records: &[SessionRecord],
@@ -283,11 +283,11 @@ impl Journal {
                 return Err(e);
             }
         };
-        let written = written.and_then(|lines| {
+        let written = written.and_then(|bytes| {
             let mut commit = serde_json::to_vec(&Entry::Commit { batch })?;
             commit.push(b'\n');
             file.append(&commit)?;
-            Ok(lines + commit.len() as u64)
+            Ok(bytes + commit.len() as u64)
         });
         let ticket = self.appended(written, records.len() + 2)?;
         self.batches = true;
