@@ -502,13 +502,13 @@ fn generate(
     });
     live?;
     if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
-        let link = lab.client_link();
+        let link = lab.client_generator();
         lab.client.run(|| {
             crate::pin_to_cpu(GENERATOR_CPU);
             while Instant::now() < deadline {
-                for _ in 0..1000 {
-                    // A full transmit queue drops the frame, as a NIC would.
-                    let _ = link.send(packet);
+                for _ in 0..16 {
+                    // A full transmit queue drops frames, as a NIC would.
+                    let _ = link.send_copies(packet, 64);
                 }
             }
         });

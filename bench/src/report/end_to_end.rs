@@ -31,7 +31,7 @@ pub fn section(e: &FloodReport, md: &mut String) {
     if e.generator != "live frames" {
         let _ = writeln!(
             md,
-            "**Generator: {}.** This kernel refuses BPF_PROG_TEST_RUN's live-frames mode, so frames were sent from an AF_PACKET socket on the client's veth instead: fewer packets per second, the same receive path at the gateway. Rates below are the generator's limit, not the gateway's; the CPU cost per packet still compares the setups.\n",
+            "**Generator: {}.** This kernel refuses BPF_PROG_TEST_RUN's live-frames mode, so frames were sent from an AF_PACKET socket on the client's veth instead (send-only, past the queueing discipline, 64 frames per `sendmmsg`): fewer packets per second, the same receive path at the gateway. Rates below are the generator's limit, not the gateway's; the CPU cost per packet still compares the setups.\n",
             e.generator
         );
     }

@@ -23,18 +23,37 @@ impl Lab {
             .run(|| RawLink::open("cli0"))
             .expect("AF_PACKET socket on cli0")
     }
+
+    /// A send-only raw socket on the client's interface, for a packet generator: it
+    /// receives nothing (a receiving one gets a copy of every frame it sends) and
+    /// skips the queueing discipline, as pktgen and trafgen do.
+    pub fn client_generator(&self) -> RawLink {
+        self.client
+            .run(|| RawLink::open_sender("cli0"))
+            .expect("send-only AF_PACKET socket on cli0")
+    }
 }
 
 impl RawLink {
     fn open(interface: &str) -> io::Result<Self> {
+        let link = Self::bound(interface, ETH_P_ALL)?;
+        // Room for every frame of a flood and its replies.
+        link.set_option(libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20)?;
+        Ok(link)
+    }
+
+    fn open_sender(interface: &str) -> io::Result<Self> {
+        // Protocol 0: bound to the interface for sending, registered for no frames.
+        let link = Self::bound(interface, 0)?;
+        link.set_option(libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, 1)?;
+        Ok(link)
+    }
+
+    /// An AF_PACKET socket bound to `interface`, receiving frames of `protocol`.
+    fn bound(interface: &str, protocol: u16) -> io::Result<Self> {
         // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW,
-                i32::from(ETH_P_ALL.to_be()),
-            )
-        };
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol.to_be())) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -46,7 +65,7 @@ impl RawLink {
         // SAFETY: all-zero is a valid sockaddr_ll.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ALL.to_be();
+        addr.sll_protocol = protocol.to_be();
         addr.sll_ifindex = index as i32;
         // SAFETY: a valid sockaddr_ll of the size passed.
         let rc = unsafe {
@@ -59,18 +78,15 @@ impl RawLink {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        let link = Self { fd };
-        // Room for every frame of a flood and its replies.
-        link.set_option(libc::SO_RCVBUF, 8 << 20)?;
-        Ok(link)
+        Ok(Self { fd })
     }
 
-    fn set_option(&self, option: i32, value: i32) -> io::Result<()> {
+    fn set_option(&self, level: i32, option: i32, value: i32) -> io::Result<()> {
         // SAFETY: an int option of the right size.
         let rc = unsafe {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
+                level,
                 option,
                 (&raw const value).cast(),
                 size_of::<i32>() as u32,
@@ -90,6 +106,38 @@ impl RawLink {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Sends `frame` up to `copies` times (at most 1024) in one system call; returns
+    /// how many went (a full transmit queue takes fewer, as a NIC's would).
+    pub fn send_copies(&self, frame: &[u8], copies: usize) -> io::Result<usize> {
+        let mut iov = libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        };
+        // SAFETY: all-zero is a valid mmsghdr; each then points at the one iovec.
+        let mut messages: Vec<libc::mmsghdr> = (0..copies.min(1024))
+            .map(|_| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = &raw mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: the messages and the frame they point at live across the call; the
+        // kernel only reads the frame.
+        let n = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                messages.as_mut_ptr(),
+                messages.len() as u32,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     /// Every frame received (or sent) on the interface for `window`.
