@@ -6,11 +6,11 @@ use super::Target;
 use crate::control::{ControlReport, LoginRate};
 
 pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
-    targets.push(Target {
-        name: format!("{} sessions loaded in under 3 s", c.sessions),
-        measured: format!("{:.2} s", c.session_load.median),
-        met: c.session_load.median < 3.0,
-    });
+    targets.push(under_seconds(
+        format!("{} sessions loaded in under 3 s", c.sessions),
+        c.session_load.median,
+        3.0,
+    ));
     targets.push(Target {
         name: "A login enforced (first SYN admitted) within 10 ms".into(),
         measured: format!(
@@ -27,22 +27,22 @@ pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
         ),
         met: c.fleet_login_to_admitted.median < 100.0,
     });
-    targets.push(Target {
-        name: format!(
+    targets.push(under_seconds(
+        format!(
             "{} sessions imported in bulk (`session import`) in under 4 s, end to end",
             c.sessions
         ),
-        measured: format!("{:.2} s", c.bulk_import),
-        met: c.bulk_import < 4.0,
-    });
-    targets.push(Target {
-        name: format!(
+        c.bulk_import,
+        4.0,
+    ));
+    targets.push(under_seconds(
+        format!(
             "Agent start with {} sessions in its journal: its API answers in under 1.5 s",
             c.sessions
         ),
-        measured: format!("{:.2} s", c.agent_start),
-        met: c.agent_start < 1.5,
-    });
+        c.agent_start,
+        1.5,
+    ));
     let rss_mib = c.rss_bytes as f64 / f64::from(1 << 20);
     targets.push(Target {
         name: format!("Agent RSS at {} sessions under 150 MiB", c.sessions),
@@ -73,14 +73,14 @@ pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
         ),
         met: share >= 0.5,
     });
-    targets.push(Target {
-        name: format!(
+    targets.push(under_seconds(
+        format!(
             "An agent joining a fleet of {} sessions holds them all in under 6 s",
             c.fleet_sessions
         ),
-        measured: format!("{:.2} s", c.fleet_join_synced),
-        met: c.fleet_join_synced < 6.0,
-    });
+        c.fleet_join_synced,
+        6.0,
+    ));
     targets.push(Target {
         name: format!(
             "A reload adding 64 identity conditions with {} sessions: masks recomputed and flipped in under 1 s (`sessiongate reload`, end to end)",
@@ -89,6 +89,15 @@ pub fn targets(c: &ControlReport, targets: &mut Vec<Target>) {
         measured: format!("{:.3} s median, {:.3} s worst", c.reload.median, c.reload.max),
         met: c.reload.median < 1.0,
     });
+}
+
+/// The target `name`: done in under `limit` seconds, measured `seconds`.
+fn under_seconds(name: String, seconds: f64, limit: f64) -> Target {
+    Target {
+        name,
+        measured: format!("{seconds:.2} s"),
+        met: seconds < limit,
+    }
 }
 
 pub fn section(c: &ControlReport, md: &mut String) {
