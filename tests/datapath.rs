@@ -750,6 +750,61 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
     }
 }
 
+#[test]
+fn table_copies_a_stopped_bulk_write_left_behind_are_cleared() {
+    if !privileged!() {
+        return;
+    }
+    // An agent stopped between a bulk write's session-table placement and its hash-map
+    // writes leaves table copies that no walk of the hash maps finds. What an adopting
+    // agent then clears: every copy of a device it does not know, and only those.
+    let mut h = Harness::new("");
+    let devices: Vec<IpAddr> = (0..8u32)
+        .flat_map(|i| {
+            [
+                IpAddr::V4(Ipv4Addr::from(0xc612_3000 + i)),
+                IpAddr::V6(std::net::Ipv6Addr::from(
+                    (0x2001_0db8_0003u128 << 80) | u128::from(i),
+                )),
+            ]
+        })
+        .collect();
+    let app = |device: &IpAddr| {
+        if device.is_ipv4() {
+            ip("198.19.10.5")
+        } else {
+            ip("2001:db8:10::5")
+        }
+    };
+    let who = Identity {
+        user: DEFAULT_USER.0,
+        idp: DEFAULT_USER.1,
+        groups: &[],
+    };
+    let fresh = Session {
+        authenticated_at_ns: boot_now_ns(),
+        ..Session::default()
+    };
+    let batch: Vec<_> = devices.iter().map(|d| (*d, fresh, who, None)).collect();
+    h.sessions.load_sessions(&batch).unwrap();
+    remove_from_session_hash_maps(&h, &devices);
+    // Known: four of these, and the harness's own devices.
+    let known = |ip: &IpAddr| !devices[4..].contains(ip);
+    assert_eq!(
+        h.sessions.clear_table_except(&known).unwrap(),
+        devices.len() - 4
+    );
+    for device in &devices {
+        let packet = Packet::syn(*device, app(device), 443);
+        if known(device) {
+            passes(&h, &packet, Verdict::AdmittedNewFlow);
+        } else {
+            drops(&h, &packet, Verdict::DroppedUnknownDevice);
+        }
+    }
+    assert_eq!(h.sessions.clear_table_except(&known).unwrap(), 0);
+}
+
 /// Deletes devices' sessions from the kernel's hash maps only (found through the
 /// program's own map ids), leaving their session-table copies.
 fn remove_from_session_hash_maps(h: &Harness, devices: &[IpAddr]) {

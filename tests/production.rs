@@ -769,7 +769,8 @@ fn an_import_killed_mid_way_is_all_or_nothing_and_the_kernel_agrees_after_restar
     let journal = lab.dir.path().join("state").join("sessions.jsonl");
 
     // Killed while the import is being written to the journal: the first megabyte of
-    // it is there, its end is not. (The kernel already holds all of it by then.)
+    // it is there, its end is not. (The kernel holds some or all of it by then: the
+    // journal is written while the kernel takes the batch.)
     let mut cut = false;
     for attempt in 0..3 {
         let before = std::fs::metadata(&journal).unwrap().len();

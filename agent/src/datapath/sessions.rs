@@ -277,6 +277,34 @@ impl SessionMaps {
         Ok(())
     }
 
+    /// Clears every session-table entry whose device `keep` refuses; returns how many.
+    /// An adopted datapath needs it: a bulk write places its sessions in the tables
+    /// before the hash maps, so an agent stopped between the two leaves table copies
+    /// that no walk of the hash maps (`kernel_slots`) finds.
+    pub fn clear_table_except(
+        &mut self,
+        keep: &dyn Fn(&IpAddr) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let mapped = |name| move |source| DatapathError::Batch { map: name, source };
+        let mut table4 =
+            sys::MappedArray::<SessionBucketV4>::open(self.session_table_v4.map(), true)
+                .map_err(mapped(names::SESSION_TABLE_V4))?;
+        let mut cleared = clear_buckets(
+            &mut table4,
+            |b| &mut b.slots,
+            |a: &Ip4| keep(&IpAddr::V4((*a).into())),
+        );
+        let mut table6 =
+            sys::MappedArray::<SessionBucketV6>::open(self.session_table_v6.map(), true)
+                .map_err(mapped(names::SESSION_TABLE_V6))?;
+        cleared += clear_buckets(
+            &mut table6,
+            |b| &mut b.slots,
+            |a: &Ip6| keep(&IpAddr::V6((*a).into())),
+        );
+        Ok(cleared)
+    }
+
     /// The kernel's session for a device, if any.
     pub fn session(&self, ip: IpAddr) -> Result<Option<Session>, DatapathError> {
         let result = match ip {
@@ -313,6 +341,31 @@ fn place_session<S: SessionSlot + Default>(
         (None, None) => return false,
     }
     true
+}
+
+/// Clears the valid entries of a mapped session table whose address `keep` refuses
+/// (`slots`: a bucket's entries); returns how many.
+fn clear_buckets<B: aya::Pod, S: SessionSlot + Default>(
+    table: &mut sys::MappedArray<B>,
+    slots: impl Fn(&mut B) -> &mut [S; WAYS],
+    keep: impl Fn(&S::Addr) -> bool,
+) -> usize {
+    let mut cleared = 0;
+    for index in 0..table.len() {
+        let mut bucket = table.get(index);
+        let mut changed = false;
+        for slot in slots(&mut bucket) {
+            if slot.is_valid() && !keep(slot.addr()) {
+                *slot = S::default();
+                changed = true;
+                cleared += 1;
+            }
+        }
+        if changed {
+            table.set(index, bucket);
+        }
+    }
+    cleared
 }
 
 /// Both session maps' devices and identity slots, read in batches.
