@@ -683,28 +683,8 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
     // from the program: with the hash map's copies removed behind the table's back,
     // every device of two batches is still found, a renewed one with its new session.
     let mut h = Harness::new("");
-    let app = |device: &IpAddr| {
-        if device.is_ipv4() {
-            ip("198.19.10.5")
-        } else {
-            ip("2001:db8:10::5")
-        }
-    };
-    let devices: Vec<IpAddr> = (0..100u32)
-        .flat_map(|i| {
-            [
-                IpAddr::V4(Ipv4Addr::from(0xc612_2000 + i)),
-                IpAddr::V6(std::net::Ipv6Addr::from(
-                    (0x2001_0db8_0002u128 << 80) | u128::from(i),
-                )),
-            ]
-        })
-        .collect();
-    let who = Identity {
-        user: DEFAULT_USER.0,
-        idp: DEFAULT_USER.1,
-        groups: &[],
-    };
+    let devices = both_families(100, 0xc612_2000, 0x2001_0db8_0002);
+    let who = DEFAULT_IDENTITY;
     let at = |age: Duration| Session {
         authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
         ..Session::default()
@@ -759,28 +739,8 @@ fn table_copies_a_stopped_bulk_write_left_behind_are_cleared() {
     // writes leaves table copies that no walk of the hash maps finds. What an adopting
     // agent then clears: every copy of a device it does not know, and only those.
     let mut h = Harness::new("");
-    let devices: Vec<IpAddr> = (0..8u32)
-        .flat_map(|i| {
-            [
-                IpAddr::V4(Ipv4Addr::from(0xc612_3000 + i)),
-                IpAddr::V6(std::net::Ipv6Addr::from(
-                    (0x2001_0db8_0003u128 << 80) | u128::from(i),
-                )),
-            ]
-        })
-        .collect();
-    let app = |device: &IpAddr| {
-        if device.is_ipv4() {
-            ip("198.19.10.5")
-        } else {
-            ip("2001:db8:10::5")
-        }
-    };
-    let who = Identity {
-        user: DEFAULT_USER.0,
-        idp: DEFAULT_USER.1,
-        groups: &[],
-    };
+    let devices = both_families(8, 0xc612_3000, 0x2001_0db8_0003);
+    let who = DEFAULT_IDENTITY;
     let fresh = Session {
         authenticated_at_ns: boot_now_ns(),
         ..Session::default()
@@ -803,6 +763,34 @@ fn table_copies_a_stopped_bulk_write_left_behind_are_cleared() {
         }
     }
     assert_eq!(h.sessions.clear_table_except(&known).unwrap(), 0);
+}
+
+/// Who the harness's devices are, without groups.
+const DEFAULT_IDENTITY: Identity<'static> = Identity {
+    user: DEFAULT_USER.0,
+    idp: DEFAULT_USER.1,
+    groups: &[],
+};
+
+/// `n` IPv4 devices from `v4` on and `n` IPv6 ones in the /48 `v6_48`, interleaved.
+fn both_families(n: u32, v4: u32, v6_48: u128) -> Vec<IpAddr> {
+    (0..n)
+        .flat_map(|i| {
+            [
+                IpAddr::V4(Ipv4Addr::from(v4 + i)),
+                IpAddr::V6(std::net::Ipv6Addr::from((v6_48 << 80) | u128::from(i))),
+            ]
+        })
+        .collect()
+}
+
+/// The harness's application for a device's family.
+fn app(device: &IpAddr) -> IpAddr {
+    if device.is_ipv4() {
+        ip("198.19.10.5")
+    } else {
+        ip("2001:db8:10::5")
+    }
 }
 
 /// Deletes devices' sessions from the kernel's hash maps only (found through the
