@@ -15,8 +15,9 @@ use serde_json::Value;
 
 use crate::Netns;
 
-/// How long the provider may take to start.
-const READY_WAIT: Duration = Duration::from_secs(20);
+/// How long the provider may take to start: node took over 20 s once while the whole
+/// test suite ran beside it.
+const READY_WAIT: Duration = Duration::from_secs(60);
 
 /// `tests/oidc`: the scripts and their node_modules.
 pub fn dir() -> PathBuf {
