@@ -679,9 +679,10 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
     if !privileged!() {
         return;
     }
-    // A batch (start-up, import) writes the session table in its own memory. Seen
-    // from the program: with the hash map's copies removed behind the table's back,
-    // every device of two batches is still found, a renewed one with its new session.
+    // A batch (start-up, import) writes the session table in its own memory, and the
+    // hash map only for renewed devices (and those whose bucket is full: none here).
+    // Seen from the program: every device of two batches is found, a renewed one with
+    // its new session even once its hash-map copy is gone.
     let mut h = Harness::new("");
     let devices = both_families(100, 0xc612_2000, 0x2001_0db8_0002);
     let who = DEFAULT_IDENTITY;
@@ -703,6 +704,11 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
         })
         .collect();
     let slots = h.sessions.load_sessions(&first).unwrap();
+    assert_eq!(
+        remove_from_session_hash_maps(&h, &devices),
+        0,
+        "a batch of new devices leaves the hash maps alone"
+    );
     for (i, device) in devices.iter().enumerate() {
         let verdict = if i % 4 < 2 {
             Verdict::AdmittedNewFlow
@@ -723,7 +729,11 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
         .map(|(_, (d, slot))| (*d, at(Duration::ZERO), who, Some(*slot)))
         .collect();
     h.sessions.load_sessions(&renewed).unwrap();
-    remove_from_session_hash_maps(&h, &devices);
+    assert_eq!(
+        remove_from_session_hash_maps(&h, &devices),
+        renewed.len(),
+        "renewed devices are written to the hash maps too"
+    );
     for device in &devices {
         let packet = Packet::syn(*device, app(device), 443);
         passes(&h, &packet, Verdict::AdmittedNewFlow);
@@ -731,38 +741,106 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
 }
 
 #[test]
-fn table_copies_a_stopped_bulk_write_left_behind_are_cleared() {
+fn sessions_only_in_the_session_table_are_listed_and_removed() {
     if !privileged!() {
         return;
     }
-    // An agent stopped between a bulk write's session-table placement and its hash-map
-    // writes leaves table copies that no walk of the hash maps finds. What an adopting
-    // agent then clears: every copy of a device it does not know, and only those.
+    // What a restart adopts and a logout ends includes the sessions a batch put in
+    // the session table only.
     let mut h = Harness::new("");
+    let harness_devices = h.sessions.kernel_slots().unwrap().len();
     let devices = both_families(8, 0xc612_3000, 0x2001_0db8_0003);
-    let who = DEFAULT_IDENTITY;
     let fresh = Session {
         authenticated_at_ns: boot_now_ns(),
         ..Session::default()
     };
-    let batch: Vec<_> = devices.iter().map(|d| (*d, fresh, who, None)).collect();
-    h.sessions.load_sessions(&batch).unwrap();
-    remove_from_session_hash_maps(&h, &devices);
-    // Known: four of these, and the harness's own devices.
-    let known = |ip: &IpAddr| !devices[4..].contains(ip);
+    let batch: Vec<_> = devices
+        .iter()
+        .map(|d| (*d, fresh, DEFAULT_IDENTITY, None))
+        .collect();
+    let slots = h.sessions.load_sessions(&batch).unwrap();
+    let listed = h.sessions.kernel_slots().unwrap();
     assert_eq!(
-        h.sessions.clear_table_except(&known).unwrap(),
-        devices.len() - 4
+        listed.len(),
+        harness_devices + devices.len(),
+        "each device once"
     );
+    for (device, slot) in devices.iter().zip(&slots) {
+        assert!(
+            listed.contains(&(*device, *slot)),
+            "{device} with slot {slot}"
+        );
+    }
+    for device in &devices[..4] {
+        h.sessions.remove_session(*device).unwrap();
+    }
     for device in &devices {
         let packet = Packet::syn(*device, app(device), 443);
-        if known(device) {
-            passes(&h, &packet, Verdict::AdmittedNewFlow);
-        } else {
+        if devices[..4].contains(device) {
             drops(&h, &packet, Verdict::DroppedUnknownDevice);
+        } else {
+            passes(&h, &packet, Verdict::AdmittedNewFlow);
         }
     }
-    assert_eq!(h.sessions.clear_table_except(&known).unwrap(), 0);
+    assert_eq!(
+        h.sessions.kernel_slots().unwrap().len(),
+        harness_devices + devices.len() - 4
+    );
+}
+
+#[test]
+fn a_family_holds_at_most_max_sessions_devices() {
+    if !privileged!() {
+        return;
+    }
+    // The hash maps no longer hold every session, so the limit is counted: a login
+    // or a batch beyond it is refused and changes nothing; renewals and the other
+    // family are not held back.
+    const MAX: u32 = 64;
+    let mut h = Harness::sized("", MAX, 1024);
+    let held = h.sessions.kernel_slots().unwrap();
+    let held_v4 = held.iter().filter(|(ip, _)| ip.is_ipv4()).count() as u32;
+    let fresh = Session {
+        authenticated_at_ns: boot_now_ns(),
+        ..Session::default()
+    };
+    let room = MAX - held_v4;
+    let devices: Vec<IpAddr> = (0..room + 1)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(0xc612_4000 + i)))
+        .collect();
+    let batch: Vec<_> = devices
+        .iter()
+        .map(|d| (*d, fresh, DEFAULT_IDENTITY, None))
+        .collect();
+    let full = |e| matches!(e, sessiongate::datapath::DatapathError::SessionsFull { .. });
+    assert!(full(h.sessions.load_sessions(&batch).unwrap_err()));
+    assert_eq!(h.sessions.kernel_slots().unwrap(), held, "nothing changed");
+    let slots = h.sessions.load_sessions(&batch[..room as usize]).unwrap();
+    let last = *devices.last().unwrap();
+    let refused = h.sessions.set_session(last, fresh, &DEFAULT_IDENTITY);
+    assert!(full(refused.unwrap_err()));
+    drops(
+        &h,
+        &Packet::syn(last, app(&last), 443),
+        Verdict::DroppedUnknownDevice,
+    );
+    // A renewal takes no room, nor does an IPv6 device.
+    let renewal = [(devices[0], fresh, DEFAULT_IDENTITY, Some(slots[0]))];
+    h.sessions.load_sessions(&renewal).unwrap();
+    h.sessions
+        .set_session(devices[1], fresh, &DEFAULT_IDENTITY)
+        .unwrap();
+    h.login(ip("2001:db8:4::1"), Duration::ZERO);
+    // A logout makes room.
+    h.sessions.remove_session(devices[2]).unwrap();
+    h.sessions
+        .set_session(last, fresh, &DEFAULT_IDENTITY)
+        .unwrap();
+    passes(
+        &h,
+        &Packet::syn(last, app(&last), 443),
+        Verdict::AdmittedNewFlow,
+    );
 }
 
 /// Who the harness's devices are, without groups.
@@ -794,10 +872,11 @@ fn app(device: &IpAddr) -> IpAddr {
 }
 
 /// Deletes devices' sessions from the kernel's hash maps only (found through the
-/// program's own map ids), leaving their session-table copies.
-fn remove_from_session_hash_maps(h: &Harness, devices: &[IpAddr]) {
+/// program's own map ids), leaving their session-table copies; returns how many of
+/// them the hash maps held.
+fn remove_from_session_hash_maps(h: &Harness, devices: &[IpAddr]) -> usize {
     use agent_common::addr::Ip6;
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{HashMap, Map, MapData, MapError};
     let ids = h.dp.program().info().unwrap().map_ids().unwrap().unwrap();
     let named = |name: &str| {
         ids.iter()
@@ -809,12 +888,20 @@ fn remove_from_session_hash_maps(h: &Harness, devices: &[IpAddr]) {
         HashMap::try_from(Map::HashMap(named("SG_SESSIONS_V4"))).unwrap();
     let mut v6: HashMap<MapData, Ip6, Session> =
         HashMap::try_from(Map::HashMap(named("SG_SESSIONS_V6"))).unwrap();
+    let mut removed = 0;
     for device in devices {
-        match device {
-            IpAddr::V4(a) => v4.remove(&Ip4::from(*a)).unwrap(),
-            IpAddr::V6(a) => v6.remove(&Ip6::from(*a)).unwrap(),
+        let result = match device {
+            IpAddr::V4(a) => v4.remove(&Ip4::from(*a)),
+            IpAddr::V6(a) => v6.remove(&Ip6::from(*a)),
+        };
+        match result {
+            Ok(()) => removed += 1,
+            // ENOENT: the map has no copy of this device.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(2) => {}
+            Err(e) => panic!("removing {device}: {e}"),
         }
     }
+    removed
 }
 
 #[test]

@@ -717,19 +717,50 @@ fn a_start_that_cannot_bind_its_listeners_attaches_nothing_and_pins_nothing() {
     assert!(lab.tcp_blocked(device(1), APP, 443));
 }
 
-/// Devices with a session in the kernel's authoritative maps (both families), read
-/// from the pinned maps.
+/// Devices with a session in the kernel, wherever the program finds it (the session
+/// tables or the hash maps), read from the pinned maps.
 fn kernel_sessions(lab: &Lab) -> usize {
+    use std::{collections::HashSet, net::IpAddr};
+
     use agent_common::{
         addr::{Ip4, Ip6},
-        maps::{LAYOUT, Session, names},
+        maps::{LAYOUT, Session, SessionBucketV4, SessionBucketV6, names},
+        tables::{SessionBucket, SessionSlot},
     };
-    use aya::maps::{HashMap, Map, MapData};
+    use aya::maps::{Array, HashMap, Map, MapData};
     let dir = lab.pin_dir().join(format!("layout-{LAYOUT}")).join("maps");
-    let open = |name: &str| Map::HashMap(MapData::from_pin(dir.join(name)).expect(name));
-    let v4: HashMap<_, Ip4, Session> = HashMap::try_from(open(names::SESSIONS_V4)).unwrap();
-    let v6: HashMap<_, Ip6, Session> = HashMap::try_from(open(names::SESSIONS_V6)).unwrap();
-    v4.keys().count() + v6.keys().count()
+    let open = |name: &str| MapData::from_pin(dir.join(name)).expect(name);
+    fn in_table<B: SessionBucket + aya::Pod>(
+        table: Array<MapData, B>,
+        ip: impl Fn(<B::Slot as SessionSlot>::Addr) -> IpAddr,
+        into: &mut HashSet<IpAddr>,
+    ) {
+        for bucket in table.iter() {
+            for slot in bucket.unwrap().slots() {
+                if slot.is_valid() {
+                    into.insert(ip(*slot.addr()));
+                }
+            }
+        }
+    }
+    let mut all = HashSet::new();
+    in_table::<SessionBucketV4>(
+        Array::try_from(Map::Array(open(names::SESSION_TABLE_V4))).unwrap(),
+        |a: Ip4| IpAddr::V4(a.into()),
+        &mut all,
+    );
+    in_table::<SessionBucketV6>(
+        Array::try_from(Map::Array(open(names::SESSION_TABLE_V6))).unwrap(),
+        |a: Ip6| IpAddr::V6(a.into()),
+        &mut all,
+    );
+    let v4: HashMap<_, Ip4, Session> =
+        HashMap::try_from(Map::HashMap(open(names::SESSIONS_V4))).unwrap();
+    let v6: HashMap<_, Ip6, Session> =
+        HashMap::try_from(Map::HashMap(open(names::SESSIONS_V6))).unwrap();
+    all.extend(v4.keys().map(|k| IpAddr::V4(k.unwrap().into())));
+    all.extend(v6.keys().map(|k| IpAddr::V6(k.unwrap().into())));
+    all.len()
 }
 
 /// The sessions the agent holds (`stats --json`).

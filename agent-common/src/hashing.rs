@@ -7,7 +7,7 @@
 //! Every table entry carries a check word derived from all of its fields with a
 //! second, independent mix. Writers (the agent, or another CPU) may be caught half-way
 //! through a write; a reader that sees a check that does not match treats the entry as
-//! absent and falls back to the authoritative map or the slow path.
+//! absent and falls back to the hash map or the slow path.
 
 /// Fibonacci hashing's multiplier: spreads consecutive addresses across buckets.
 const K1: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -335,9 +335,11 @@ pub const PORTAL_MARK: u32 = 0x5347_0511;
 pub const PORTAL_TABLE: u32 = 21_323;
 
 /// Value of `SG_SESSIONS_V4` (HASH, key: `Ip4`) and `SG_SESSIONS_V6` (HASH, key:
-/// `Ip6`), written by the agent on login and logout: the
-/// authoritative session of every device, found by its source address. The program
-/// reads it only when the session table below does not answer.
+/// `Ip6`), written by the agent: a device's session, found by its source address. The
+/// program reads it only when the session table below does not answer. Every session
+/// is in the table, the hash map or both: a single login writes both; a bulk write
+/// writes the hash map only for devices whose table bucket is full and for renewed
+/// devices (an older copy here must not outlive a renewal).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Session {
@@ -377,12 +379,12 @@ pub struct SessionSlotV4 {
 
 /// `SG_SESSION_TABLE_V4`: ARRAY of buckets, `session_bucket_mask + 1` entries, created
 /// `BPF_F_MMAPABLE` (a bulk write places sessions in its memory), written by the agent
-/// together with `SG_SESSIONS_V4`. A copy of most sessions where the
-/// program finds them with one array lookup: a device lives in bucket
-/// `hashing::bucket(addr.fold())`, in any of its `WAYS` slots. Devices whose bucket
-/// is full are only in the hash map. Login writes the hash map first and the table
-/// second, logout the other way round, so a reader always finds the session in one
-/// of them.
+/// together with `SG_SESSIONS_V4`. Most sessions, where the program finds them with
+/// one array lookup: a device lives in bucket `hashing::bucket(addr.fold())`, in any
+/// of its `WAYS` slots. Devices whose bucket is full are only in the hash map. A
+/// single login writes the hash map first and the table second, logout the other way
+/// round, so a reader that meets an entry mid-write (its check word fails) finds the
+/// session in the hash map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SessionBucketV4 {

@@ -8,7 +8,7 @@ use crate::{
     logic::flow_active,
     maps::{
         DestCacheV4, DestCacheV6, FlowKeyV4, FlowKeyV6, FlowSlotV4, FlowSlotV6, Session,
-        SessionSlotV4, SessionSlotV6, WAYS,
+        SessionBucketV4, SessionBucketV6, SessionSlotV4, SessionSlotV6, WAYS,
     },
 };
 
@@ -125,6 +125,59 @@ impl SessionSlot for SessionSlotV6 {
     fn is_valid(&self) -> bool {
         self.session_of(&self.addr, self.addr.fold()).is_some()
     }
+}
+
+/// A session-table bucket of either family.
+pub trait SessionBucket: Copy + Default {
+    type Slot: SessionSlot + Default;
+    fn slots(&self) -> &[Self::Slot; WAYS];
+    fn slots_mut(&mut self) -> &mut [Self::Slot; WAYS];
+}
+
+impl SessionBucket for SessionBucketV4 {
+    type Slot = SessionSlotV4;
+
+    fn slots(&self) -> &[SessionSlotV4; WAYS] {
+        &self.slots
+    }
+
+    fn slots_mut(&mut self) -> &mut [SessionSlotV4; WAYS] {
+        &mut self.slots
+    }
+}
+
+impl SessionBucket for SessionBucketV6 {
+    type Slot = SessionSlotV6;
+
+    fn slots(&self) -> &[SessionSlotV6; WAYS] {
+        &self.slots
+    }
+
+    fn slots_mut(&mut self) -> &mut [SessionSlotV6; WAYS] {
+        &mut self.slots
+    }
+}
+
+/// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;
+/// returns whether the bucket changed. A new device takes a free slot if there is one:
+/// a device whose bucket is full does not change it.
+pub fn place_session<S: SessionSlot + Default>(
+    slots: &mut [S; WAYS],
+    addr: &S::Addr,
+    at: Option<&Session>,
+) -> bool {
+    // The address first: checking a slot's word costs a hash.
+    let own = slots.iter().position(|s| s.addr() == addr && s.is_valid());
+    match (at, own) {
+        (Some(at), Some(i)) => slots[i] = S::new(addr, at),
+        (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {
+            Some(free) => slots[free] = S::new(addr, at),
+            None => return false,
+        },
+        (None, Some(i)) => slots[i] = S::default(),
+        (None, None) => return false,
+    }
+    true
 }
 
 /// The session of `addr` in its bucket, if there.
@@ -343,6 +396,54 @@ mod tests {
         assert_eq!(torn.session_of(&addr6, addr6.fold()), None);
         bucket[2].addr.0[1] ^= 1 << 56; // torn address
         assert_eq!(find_session(&bucket, &addr6, addr6.fold()), None);
+    }
+
+    #[test]
+    fn sessions_are_placed_in_their_own_slot_a_free_one_or_none() {
+        let device = |n: u8| Ip4::from_octets([198, 18, 0, n]);
+        let mut bucket = SessionBucketV4::default();
+        for n in 1..=4 {
+            assert!(place_session(
+                bucket.slots_mut(),
+                &device(n),
+                Some(&session(n.into(), 1))
+            ));
+        }
+        let found =
+            |b: &SessionBucketV4, n: u8| find_session(b.slots(), &device(n), device(n).fold());
+        assert_eq!(found(&bucket, 3), Some(session(3, 1)));
+        // Full: a fifth device changes nothing; a placed one is renewed in place.
+        let before = bucket;
+        assert!(!place_session(
+            bucket.slots_mut(),
+            &device(5),
+            Some(&session(5, 1))
+        ));
+        assert_eq!(bucket, before);
+        assert!(place_session(
+            bucket.slots_mut(),
+            &device(3),
+            Some(&session(33, 2))
+        ));
+        assert_eq!(found(&bucket, 3), Some(session(33, 2)));
+        assert_eq!(
+            bucket
+                .slots()
+                .iter()
+                .filter(|s| s.addr() == &device(3))
+                .count(),
+            1
+        );
+        // Cleared, its slot is free for the fifth; clearing an absent device changes nothing.
+        assert!(place_session(bucket.slots_mut(), &device(2), None));
+        assert_eq!(found(&bucket, 2), None);
+        assert!(!place_session(bucket.slots_mut(), &device(2), None));
+        assert!(place_session(
+            bucket.slots_mut(),
+            &device(5),
+            Some(&session(5, 1))
+        ));
+        assert_eq!(found(&bucket, 5), Some(session(5, 1)));
     }
 
     fn key(sport: u16) -> FlowKeyV4 {

@@ -32,7 +32,7 @@ pub trait Family {
     fn dest_rule(set: u32, dst: &Self::Addr) -> Option<&'static DestRule>;
     fn dest_cache(index: u32) -> Option<*mut Self::DestEntry>;
     fn session_bucket(index: u32) -> Option<&'static [Self::SessionSlot; WAYS]>;
-    /// The authoritative session map, for devices the session table does not hold.
+    /// The session hash map, for devices the session table does not hold.
     fn session(src: &Self::Addr) -> Option<&'static Session>;
     fn flow_bucket(index: u32) -> Option<*mut [Self::FlowSlot; WAYS]>;
     fn flow_key(src: &Self::Addr, dst: &Self::Addr, l4: &L4) -> Self::FlowKey;

@@ -291,7 +291,7 @@ const NO_SESSION: Session = Session {
     _pad: 0,
 };
 
-/// The device's session: from the session table, else the authoritative session map;
+/// The device's session: from the session table, else the session hash map;
 /// `NO_SESSION` when it has none.
 #[inline(always)]
 fn session_of<F: Family>(src: &F::Addr, folded: u64, settings: &Settings) -> Session {

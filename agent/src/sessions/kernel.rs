@@ -27,15 +27,9 @@ pub trait KernelSessions {
         &mut self,
         sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
     ) -> Result<Vec<u32>, DatapathError>;
-    /// Devices with a session in the kernel, with the identity slot each holds.
+    /// Devices with a session in the kernel (wherever the program would find it), with
+    /// the identity slot each holds.
     fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError>;
-    /// Clears the copies of sessions the program reads first (the session tables) of
-    /// every device `keep` refuses, which `kernel_slots` may not list (an agent
-    /// stopped in the middle of a bulk write); returns how many.
-    fn clear_copies_except(
-        &mut self,
-        keep: &dyn Fn(&IpAddr) -> bool,
-    ) -> Result<usize, DatapathError>;
     /// Writes configuration set `set`'s identity masks for `conditions`, `masks[i]` to
     /// slot `slots[i]` (every device's), before the set is put in force.
     fn prepare_identities(
@@ -70,13 +64,6 @@ impl KernelSessions for SessionMaps {
 
     fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
         SessionMaps::kernel_slots(self)
-    }
-
-    fn clear_copies_except(
-        &mut self,
-        keep: &dyn Fn(&IpAddr) -> bool,
-    ) -> Result<usize, DatapathError> {
-        SessionMaps::clear_table_except(self, keep)
     }
 
     fn prepare_identities(

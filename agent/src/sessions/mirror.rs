@@ -73,7 +73,6 @@ impl<K: KernelSessions> SessionMirror<K> {
                     removed += 1;
                 }
             }
-            removed += kernel.clear_copies_except(&|ip| store.table().contains(ip))?;
         }
         let started = std::time::Instant::now();
         let sessions = store.table().kernel_values(&clock, &boot_id);

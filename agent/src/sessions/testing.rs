@@ -138,15 +138,6 @@ impl KernelSessions for FakeKernel {
             .collect())
     }
 
-    /// The fake keeps one copy of each session, all listed by `kernel_slots`.
-    fn clear_copies_except(
-        &mut self,
-        _keep: &dyn Fn(&IpAddr) -> bool,
-    ) -> Result<usize, DatapathError> {
-        self.check()?;
-        Ok(0)
-    }
-
     fn prepare_identities(
         &mut self,
         _set: usize,
@@ -198,13 +189,6 @@ impl KernelSessions for SharedKernel {
 
     fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
         self.with(|k| k.kernel_slots())
-    }
-
-    fn clear_copies_except(
-        &mut self,
-        keep: &dyn Fn(&IpAddr) -> bool,
-    ) -> Result<usize, DatapathError> {
-        self.with(|k| k.clear_copies_except(keep))
     }
 
     fn prepare_identities(
