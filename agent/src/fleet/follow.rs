@@ -7,7 +7,7 @@ use etcd_client::{EventType, KeyValue, WatchOptions};
 use super::{Fleet, Layout, entry, lock, members::short, unix_now};
 use crate::{
     clock::{ClockPair, Laps},
-    sessions::{SessionMirror, SessionRecord, StoreChange},
+    sessions::{SessionMirror, SessionRecord, StoreChange, StoreDiff},
 };
 
 /// Reconnection backoff: doubles from the first to the last, then stays there.
@@ -120,7 +120,7 @@ async fn follow(fleet: Arc<Fleet>, mirror: Arc<SessionMirror>) {
 
 async fn follow_once(
     fleet: &Fleet,
-    mirror: &SessionMirror,
+    mirror: &Arc<SessionMirror>,
     snapshot_needed: &mut bool,
     backoff: &mut Duration,
     bad: &mut HashSet<Vec<u8>>,
@@ -177,28 +177,38 @@ async fn follow_once(
     }
 }
 
-/// Makes this host equal to a full snapshot of the store, read at one revision; how
-/// many devices could not be changed here.
+/// Makes this host equal to a full snapshot of the store, read at one revision: each
+/// page applied on a blocking thread while the next one is read, then the devices the
+/// snapshot does not hold removed. How many devices could not be changed here.
 async fn apply_snapshot(
     fleet: &Fleet,
-    mirror: &SessionMirror,
+    mirror: &Arc<SessionMirror>,
     bad: &mut HashSet<Vec<u8>>,
 ) -> Result<usize, String> {
     let mut laps = Laps::start();
     let (layout, clock) = (fleet.layout.clone(), ClockPair::now());
     let boot_id = mirror.boot_id().to_string();
+    let applier = Arc::clone(mirror);
     let (revision, pages) = fleet
-        .snapshot_pages(move |kvs| decode_page(&layout, &kvs, &clock, &boot_id))
+        .snapshot_pages(move |kvs| {
+            let page = decode_page(&layout, &kvs, &clock, &boot_id);
+            drop(kvs);
+            let devices: Vec<IpAddr> = page.records.iter().map(|r| r.ip).collect();
+            let diff = applier.resync_page(page.records);
+            (devices, page.bad_keys, diff)
+        })
         .await?;
-    laps.lap("fetch_and_decode");
+    laps.lap("fetch_and_apply");
     bad.clear();
-    let mut records = Vec::with_capacity(pages.len());
-    for page in pages {
-        records.push(page.records);
-        bad.extend(page.bad_keys);
+    let mut wanted = hashbrown::HashSet::with_capacity(pages.iter().map(|p| p.0.len()).sum());
+    let mut diff = StoreDiff::default();
+    for (devices, bad_keys, page_diff) in pages {
+        wanted.extend(devices);
+        bad.extend(bad_keys);
+        diff += page_diff;
     }
-    let diff = tokio::task::block_in_place(|| mirror.resync(records));
-    laps.lap("resync");
+    diff += tokio::task::block_in_place(|| mirror.remove_absent(&wanted));
+    laps.lap("remove_absent");
     tracing::info!(
         revision,
         laps = %laps,

@@ -205,13 +205,35 @@ impl<K: KernelSessions> SessionMirror<K> {
         failed
     }
 
-    /// Makes this host equal to a full snapshot of the fleet's store
-    /// (`SessionStore::resync`), in the pages it was read in.
+    /// Makes this host equal to a full snapshot of the fleet's store, in the pages it
+    /// was read in: each page (`resync_page`), then the devices none of them holds
+    /// removed (`remove_absent`). The fleet's follower calls the two itself, to apply
+    /// each page while the next is read.
     pub fn resync(&self, snapshot: Vec<Vec<SessionRecord>>) -> StoreDiff {
+        let wanted = snapshot.iter().flatten().map(|r| r.ip).collect();
+        let mut diff = StoreDiff::default();
+        for page in snapshot {
+            diff += self.resync_page(page);
+        }
+        diff += self.remove_absent(&wanted);
+        diff
+    }
+
+    /// One page of a full snapshot of the fleet's store (`SessionStore::resync_page`).
+    pub fn resync_page(&self, page: Vec<SessionRecord>) -> StoreDiff {
         let sides = &mut *self.lock();
         sides
             .store
-            .resync(snapshot, &ClockPair::now(), &mut sides.kernel)
+            .resync_page(page, &ClockPair::now(), &mut sides.kernel)
+    }
+
+    /// The end of a full snapshot: removes the devices it does not hold
+    /// (`SessionStore::remove_absent`).
+    pub fn remove_absent(&self, wanted: &hashbrown::HashSet<IpAddr>) -> StoreDiff {
+        let sides = &mut *self.lock();
+        sides
+            .store
+            .remove_absent(wanted, &ClockPair::now(), &mut sides.kernel)
     }
 
     /// Puts a configuration in force with the sessions held still: `next_set` (under the

@@ -121,6 +121,15 @@ pub struct StoreDiff {
     pub not_applied: usize,
 }
 
+impl std::ops::AddAssign for StoreDiff {
+    fn add_assign(&mut self, other: Self) {
+        self.added += other.added;
+        self.changed += other.changed;
+        self.removed += other.removed;
+        self.not_applied += other.not_applied;
+    }
+}
+
 impl StoreDiff {
     fn failed(&mut self, ip: IpAddr, error: &ChangeError) {
         tracing::error!(device = %ip, error = %error, "could not apply the store's session here; the device keeps its previous state");

@@ -318,35 +318,20 @@ impl SessionStore {
         Ok(true)
     }
 
-    /// Makes this store and the kernel equal to a full snapshot of the fleet's store:
-    /// devices not in it are removed, then new and changed sessions go in as one batch
-    /// (one kernel write, one journal batch, the kernel undone if the journal fails).
-    /// Should the kernel refuse the batch (a full map), each goes on its own so that
-    /// all that fit are in. Changes that fail are logged and counted. The snapshot
-    /// comes in the pages it was read in.
-    pub fn resync(
+    /// One page of a full snapshot of the fleet's store: its new and changed sessions
+    /// go in as one batch (one kernel write, one journal batch, the kernel undone if
+    /// the journal fails). Should the kernel refuse the batch (a full map), each goes
+    /// on its own so that all that fit are in. Changes that fail are logged and
+    /// counted. Once every page is in, `remove_absent` ends the snapshot.
+    pub fn resync_page(
         &mut self,
-        snapshot: Vec<Vec<SessionRecord>>,
+        page: Vec<SessionRecord>,
         clock: &ClockPair,
         kernel: &mut impl KernelSessions,
     ) -> StoreDiff {
-        let mut wanted = hashbrown::HashSet::with_capacity(snapshot.iter().map(Vec::len).sum());
-        wanted.extend(snapshot.iter().flatten().map(|r| r.ip));
-        let gone: Vec<IpAddr> = self
-            .sessions
-            .devices()
-            .filter(|ip| !wanted.contains(ip))
-            .collect();
         let mut diff = StoreDiff::default();
-        for ip in gone {
-            match self.apply(StoreChange::Delete(ip), clock, kernel) {
-                Ok(changed) => diff.removed += usize::from(changed),
-                Err(e) => diff.failed(ip, &e),
-            }
-        }
-        let changed: Vec<SessionRecord> = snapshot
+        let changed: Vec<SessionRecord> = page
             .into_iter()
-            .flatten()
             .filter(|r| !self.sessions.same_session(r))
             .collect();
         let replaced = changed
@@ -373,6 +358,29 @@ impl SessionStore {
             Err(e) => {
                 tracing::error!(devices = changed.len(), error = %e, "could not record the store's snapshot here; these devices keep their previous state");
                 diff.not_applied += changed.len();
+            }
+        }
+        diff
+    }
+
+    /// The end of a full snapshot of the fleet's store: removes the devices it does
+    /// not hold (`wanted`: every device of its pages).
+    pub fn remove_absent(
+        &mut self,
+        wanted: &hashbrown::HashSet<IpAddr>,
+        clock: &ClockPair,
+        kernel: &mut impl KernelSessions,
+    ) -> StoreDiff {
+        let gone: Vec<IpAddr> = self
+            .sessions
+            .devices()
+            .filter(|ip| !wanted.contains(ip))
+            .collect();
+        let mut diff = StoreDiff::default();
+        for ip in gone {
+            match self.apply(StoreChange::Delete(ip), clock, kernel) {
+                Ok(changed) => diff.removed += usize::from(changed),
+                Err(e) => diff.failed(ip, &e),
             }
         }
         diff
