@@ -40,6 +40,11 @@ pub struct ControlReport {
     /// Where the start's time went, as the agent logs it ("sessiongate running":
     /// `journal_replay_ms` and the steps of `start`), milliseconds.
     pub start_laps: Laps,
+    /// Seconds from starting an agent on the datapath and journal that agent left
+    /// (killed with SIGKILL) to its API answering: an adoption.
+    pub agent_adopt: f64,
+    /// Where the adoption's time went, as `start_laps`.
+    pub adopt_laps: Laps,
     /// Milliseconds from a login request to the first SYN the kernel admits.
     pub login_to_admitted: Sample,
     /// Milliseconds from a login request to agent A to the first SYN that gateway B's
@@ -105,7 +110,7 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     let session_load = Sample::of(&repeat(runs, || session_load(sessions))?);
     let (compile, write): (Vec<f64>, Vec<f64>) =
         repeat(runs, || policy_load(cidrs))?.into_iter().unzip();
-    let (agent_start, start_laps, map_bytes, rss_bytes) = agent_at_scale(sessions, agent)?;
+    let at_scale = agent_at_scale(sessions, agent)?;
     let login_runs = if quick { 3 } else { 15 };
     let login_to_admitted = Sample::of(&single_agent_logins(agent, login_runs)?);
     let fleet_login_to_admitted = Sample::of(&fleet_logins(agent, login_runs)?);
@@ -115,16 +120,18 @@ pub fn run(quick: bool, agent: &Path) -> anyhow::Result<ControlReport> {
     Ok(ControlReport {
         sessions,
         session_load,
-        agent_start,
-        start_laps,
+        agent_start: at_scale.start,
+        start_laps: at_scale.start_laps,
+        agent_adopt: at_scale.adopt,
+        adopt_laps: at_scale.adopt_laps,
         login_to_admitted,
         fleet_login_to_admitted,
         logins,
         cidrs,
         policy_compile: Sample::of(&compile),
         policy_write: Sample::of(&write),
-        map_bytes,
-        rss_bytes,
+        map_bytes: at_scale.map_bytes,
+        rss_bytes: at_scale.rss_bytes,
         bulk_import,
         import_laps,
         reload: Sample::of(&reloads),
@@ -522,9 +529,20 @@ fn policy_load(cidrs: usize) -> anyhow::Result<(f64, f64)> {
     Ok((compiled, started.elapsed().as_secs_f64()))
 }
 
-/// Starts the agent with `n` sessions in its journal; returns the seconds until it
-/// answers, where its start's time went, the kernel memory of its maps and its RSS.
-fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, Laps, u64, u64)> {
+/// An agent with a million sessions: started, then adopted.
+struct AtScale {
+    start: f64,
+    start_laps: Laps,
+    adopt: f64,
+    adopt_laps: Laps,
+    map_bytes: u64,
+    rss_bytes: u64,
+}
+
+/// Starts the agent with `n` sessions in its journal: the seconds until it answers,
+/// where its start's time went, the kernel memory of its maps and its RSS. Then kills
+/// it and starts another on what it left: the same for that adoption.
+fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<AtScale> {
     let lab = netlab::Lab::new(agent);
     let state = lab.dir.path().join("state");
     fs::create_dir_all(&state)?;
@@ -537,19 +555,36 @@ fn agent_at_scale(n: usize, agent: &Path) -> anyhow::Result<(f64, Laps, u64, u64
     let config = lab
         .config("", "")
         .replace("[limits]\nmax_sessions = 4096\nmax_flows = 4096\n", &limits);
-    let started = Instant::now();
-    let agent = lab.start_agent(&config);
-    let startup = started.elapsed().as_secs_f64();
-    let log = agent.log_text();
-    let mut laps = logged_laps(&log, "sessiongate running", "journal_replay_ms=");
-    for lap in &mut laps {
-        lap.0 = "journal replay (on its own thread, beside the steps below)".into();
-    }
-    laps.extend(logged_laps(&log, "sessiongate running", "start="));
-    let map_bytes = map_memory(agent.pid())?;
-    let rss_bytes = rss(agent.pid())?;
-    drop(agent);
-    Ok((startup, laps, map_bytes, rss_bytes))
+    let timed_start = || {
+        let started = Instant::now();
+        let agent = lab.start_agent(&config);
+        let seconds = started.elapsed().as_secs_f64();
+        let log = agent.log_text();
+        let mut laps = logged_laps(&log, "sessiongate running", "journal_replay_ms=");
+        for lap in &mut laps {
+            lap.0 = "journal replay (on its own thread, beside the steps below)".into();
+        }
+        laps.extend(logged_laps(&log, "sessiongate running", "start="));
+        (agent, seconds, laps)
+    };
+    let (mut first, start, start_laps) = timed_start();
+    let map_bytes = map_memory(first.pid())?;
+    let rss_bytes = rss(first.pid())?;
+    first.kill();
+    let (adopted, adopt, adopt_laps) = timed_start();
+    anyhow::ensure!(
+        adopted.log_text().contains("adopted"),
+        "the second agent did not adopt the first one's datapath:\n{}",
+        adopted.log_text()
+    );
+    Ok(AtScale {
+        start,
+        start_laps,
+        adopt,
+        adopt_laps,
+        map_bytes,
+        rss_bytes,
+    })
 }
 
 /// The steps an agent logged in the first line containing `line`, in the field that
