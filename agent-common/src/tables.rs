@@ -158,26 +158,71 @@ impl SessionBucket for SessionBucketV6 {
     }
 }
 
-/// Puts `at` (or, with `None`, nothing) in `addr`'s slot of a session-table bucket;
-/// returns whether the bucket changed. A new device takes a free slot if there is one:
-/// a device whose bucket is full does not change it.
+/// Where a session goes in its session-table bucket. The agent writes a bucket whole,
+/// and a reader on another CPU may meet any entry that changes half-written (it then
+/// fails its check): a device that had a valid entry must keep one throughout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Into free slot `.0`, the device's earlier entries left valid until a second
+    /// write clears them (`clear_others`).
+    Beside(usize),
+    /// Over the device's own entry `.0` (the bucket is full): a reader may meet it
+    /// half-written, so the session must be readable elsewhere (the hash map) first.
+    Over(usize),
+    /// The bucket is full and holds no entry of the device.
+    Full,
+}
+
+/// Where `addr`'s session goes in this bucket.
+pub fn placement<S: SessionSlot>(slots: &[S; WAYS], addr: &S::Addr) -> Placement {
+    if let Some(free) = slots.iter().position(|s| !s.is_valid()) {
+        return Placement::Beside(free);
+    }
+    // The address first: checking a slot's word costs a hash.
+    match slots.iter().position(|s| s.addr() == addr && s.is_valid()) {
+        Some(own) => Placement::Over(own),
+        None => Placement::Full,
+    }
+}
+
+/// Clears the valid entries of `addr` other than slot `keep` (a device has one entry,
+/// but an agent killed between the two writes of a `Placement::Beside` leaves two);
+/// returns whether any was.
+pub fn clear_others<S: SessionSlot + Default>(
+    slots: &mut [S; WAYS],
+    addr: &S::Addr,
+    keep: Option<usize>,
+) -> bool {
+    let mut cleared = false;
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if Some(i) != keep && slot.addr() == addr && slot.is_valid() {
+            *slot = S::default();
+            cleared = true;
+        }
+    }
+    cleared
+}
+
+/// Puts `at` (or, with `None`, nothing) in `addr`'s entry of a session-table bucket in
+/// one write, for a writer that has made the session readable elsewhere first (the
+/// hash map); returns whether the bucket changed. A device whose bucket is full and
+/// holds no entry of it does not change it.
 pub fn place_session<S: SessionSlot + Default>(
     slots: &mut [S; WAYS],
     addr: &S::Addr,
     at: Option<&Session>,
 ) -> bool {
-    // The address first: checking a slot's word costs a hash.
-    let own = slots.iter().position(|s| s.addr() == addr && s.is_valid());
-    match (at, own) {
-        (Some(at), Some(i)) => slots[i] = S::new(addr, at),
-        (Some(at), None) => match slots.iter().position(|s| !s.is_valid()) {
-            Some(free) => slots[free] = S::new(addr, at),
-            None => return false,
-        },
-        (None, Some(i)) => slots[i] = S::default(),
-        (None, None) => return false,
+    let Some(at) = at else {
+        return clear_others(slots, addr, None);
+    };
+    match placement(slots, addr) {
+        Placement::Beside(i) | Placement::Over(i) => {
+            slots[i] = S::new(addr, at);
+            clear_others(slots, addr, Some(i));
+            true
+        }
+        Placement::Full => false,
     }
-    true
 }
 
 /// The session of `addr` in its bucket, if there.
@@ -444,6 +489,53 @@ mod tests {
             Some(&session(5, 1))
         ));
         assert_eq!(found(&bucket, 5), Some(session(5, 1)));
+    }
+
+    #[test]
+    fn a_renewal_goes_beside_the_old_entry_while_a_slot_is_free() {
+        let device = |n: u8| Ip4::from_octets([198, 18, 0, n]);
+        let mut bucket = SessionBucketV4::default();
+        for n in 1..=3 {
+            place_session(bucket.slots_mut(), &device(n), Some(&session(n.into(), 1)));
+        }
+        // Device 2 renewed: the new entry goes in the free slot, the old one stays
+        // valid until the second write.
+        let Placement::Beside(free) = placement(bucket.slots(), &device(2)) else {
+            panic!("a slot is free");
+        };
+        assert_eq!(free, 3);
+        bucket.slots_mut()[free] = SessionSlotV4::new(&device(2), &session(22, 2));
+        let valid = |b: &SessionBucketV4, n: u8| {
+            b.slots()
+                .iter()
+                .filter(|s| s.is_valid() && s.addr() == &device(n))
+                .count()
+        };
+        assert_eq!(valid(&bucket, 2), 2, "both entries are valid in between");
+        assert!(clear_others(bucket.slots_mut(), &device(2), Some(free)));
+        assert_eq!(valid(&bucket, 2), 1);
+        let found =
+            |b: &SessionBucketV4, n: u8| find_session(b.slots(), &device(n), device(n).fold());
+        assert_eq!(found(&bucket, 2), Some(session(22, 2)));
+        assert_eq!(found(&bucket, 1), Some(session(1, 1)), "others untouched");
+        // Full: a device's own entry is renewed over, an absent device finds none.
+        place_session(bucket.slots_mut(), &device(4), Some(&session(4, 1)));
+        assert_eq!(placement(bucket.slots(), &device(3)), Placement::Over(2));
+        assert_eq!(placement(bucket.slots(), &device(9)), Placement::Full);
+        // Two entries of one device (an agent killed between the writes): a single
+        // write keeps one, a removal clears both.
+        bucket.slots_mut()[0] = SessionSlotV4::new(&device(3), &session(30, 3));
+        assert_eq!(valid(&bucket, 3), 2);
+        assert!(place_session(
+            bucket.slots_mut(),
+            &device(3),
+            Some(&session(33, 3))
+        ));
+        assert_eq!(valid(&bucket, 3), 1);
+        assert_eq!(found(&bucket, 3), Some(session(33, 3)));
+        bucket.slots_mut()[1] = SessionSlotV4::new(&device(3), &session(30, 3));
+        assert!(place_session(bucket.slots_mut(), &device(3), None));
+        assert_eq!(valid(&bucket, 3), 0);
     }
 
     fn key(sport: u16) -> FlowKeyV4 {

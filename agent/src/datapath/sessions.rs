@@ -1,19 +1,23 @@
 //! The kernel's session maps, with the devices' identity masks (`identities`). Each
 //! family has two (layouts in `agent_common::maps`): the bucketed session table
 //! (`SG_SESSION_TABLE_V4/V6`), which the program reads first, and the hash map
-//! (`SG_SESSIONS_V4/V6`) it falls back to. Every session is in at least one of them.
-//! A bulk write (start-up, import, fleet resync) places sessions in the table's own
-//! memory and writes the hash map only for devices whose bucket is full and for renewed
-//! ones (so that no older hash copy outlives a renewal); a single login writes both.
-//! Split from `Maps` so that they have one owner, the session mirror
-//! (`sessions::SessionMirror`).
+//! (`SG_SESSIONS_V4/V6`) it falls back to. Every session is in at least one of them,
+//! and a device that has a session always has a valid copy a reader can find, even
+//! while it is rewritten. A bulk write (start-up, import, fleet resync) places sessions
+//! in the table's own memory and writes the hash map only for what the table cannot
+//! take safely (`Bulk`); a single login writes both, the hash map first. A hash-map
+//! copy shadowed by a table entry may be stale: nothing reads it while the entry is
+//! valid, and a removal takes it first. Split from `Maps` so that they have one owner,
+//! the session mirror (`sessions::SessionMirror`).
 
 use std::{net::IpAddr, os::fd::AsFd};
 
 use agent_common::{
     hashing::bucket,
     maps::{Session, SessionBucketV4, SessionBucketV6, names},
-    tables::{SessionBucket, SessionSlot, find_session, place_session},
+    tables::{
+        Placement, SessionBucket, SessionSlot, clear_others, find_session, place_session, placement,
+    },
 };
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 
@@ -69,9 +73,9 @@ impl SessionMaps {
             identities: Identities::open(source, limits, &[])?,
         };
         if !empty {
-            let held = maps.kernel_slots()?;
+            let held = maps.kernel_sessions()?;
             maps.count(&held);
-            let used: Vec<u32> = held.iter().map(|(_, slot)| *slot).collect();
+            let used: Vec<u32> = held.iter().map(|(_, s)| s.identity).collect();
             maps.identities.reset_used(&used);
         }
         Ok(maps)
@@ -93,13 +97,18 @@ impl SessionMaps {
         }
         session.identity = self.identities.claim(who, previous)?;
         let (limit, mask) = (self.max_sessions, self.mask);
-        let written = match ip {
-            IpAddr::V4(a) => self.v4.write_one(&a.into(), &session, mask, limit),
-            IpAddr::V6(a) => self.v6.write_one(&a.into(), &session, mask, limit),
+        let in_hash = match ip {
+            IpAddr::V4(a) => self.v4.insert(&a.into(), &session, limit),
+            IpAddr::V6(a) => self.v6.insert(&a.into(), &session, limit),
         };
-        if let Err(e) = written {
+        if let Err(e) = in_hash {
             self.identities.release(session.identity);
             return Err(e);
+        }
+        // From here the hash map's copy holds the new slot: it stays taken on error.
+        match ip {
+            IpAddr::V4(a) => self.v4.place(&a.into(), Some(&session), mask)?,
+            IpAddr::V6(a) => self.v6.place(&a.into(), Some(&session), mask)?,
         }
         match previous {
             Some(old) => self.identities.release(old),
@@ -108,8 +117,8 @@ impl SessionMaps {
         Ok(session.identity)
     }
 
-    /// Removes a device's session (absent is fine): the table entry first, then the
-    /// hash map's; then its identity slot is freed.
+    /// Removes a device's session (absent is fine): the hash map's copy first, then the
+    /// table entry; then its identity slot is freed.
     pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
         let previous = self.session(ip)?.map(|s| s.identity);
         let mask = self.mask;
@@ -125,9 +134,10 @@ impl SessionMaps {
         Ok(())
     }
 
-    /// Every device with a session in the kernel and its identity slot, once each:
+    /// Every device with a session in the kernel and that session, once each (a
+    /// device an agent killed mid-write left two table entries is listed with both):
     /// the session tables read in place, then the hash maps in batches.
-    pub fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
+    pub fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
         let mut all = Vec::new();
         self.v4
             .walk(self.mask, |a| IpAddr::V4(a.into()), &mut all)?;
@@ -138,8 +148,8 @@ impl SessionMaps {
 
     /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
     /// fresh identity slot for its identity (their masks written first): placed in the
-    /// session tables' own memory, then the few the tables did not take, and the
-    /// renewed ones, in batched writes of the hash maps. Each comes with the slot its
+    /// session tables' own memory, then what the tables could not take safely in
+    /// batched writes of the hash maps (`Bulk`). Each comes with the slot its
     /// device's session holds now (the caller's record of the kernel: `SessionTable`),
     /// freed last; returns the new slots. A batch that would take a family past
     /// `max_sessions` changes nothing; should a write fail part-way, what the kernel
@@ -162,10 +172,10 @@ impl SessionMaps {
             .collect();
         let slots = self.identities.claim_many(&who)?;
         if let Err(e) = self.write_sessions(sessions, &slots) {
-            match self.kernel_slots() {
+            match self.kernel_sessions() {
                 Ok(held) => {
                     self.count(&held);
-                    let used: Vec<u32> = held.into_iter().map(|(_, slot)| slot).collect();
+                    let used: Vec<u32> = held.into_iter().map(|(_, s)| s.identity).collect();
                     self.identities.reset_used(&used);
                 }
                 Err(read) => {
@@ -188,52 +198,30 @@ impl SessionMaps {
         slots: &[u32],
     ) -> Result<(), DatapathError> {
         let (mask, limit) = (self.mask, self.max_sessions);
-        let given = || {
-            sessions
-                .iter()
-                .zip(slots)
-                .map(|((ip, session, _, previous), slot)| {
-                    let session = Session {
-                        identity: *slot,
-                        ..*session
-                    };
-                    (*ip, session, previous.is_some())
-                })
-        };
-        // Renewed devices' hash-map copies first: a reader that meets their table entry
-        // mid-write falls back on them.
-        let (mut renewed4, mut renewed6) = (HashWrites::default(), HashWrites::default());
-        for (ip, session, _) in given().filter(|(_, _, renewed)| *renewed) {
+        let mut v4 = Bulk::new(self.v4.mapped(true)?);
+        let mut v6 = Bulk::new(self.v6.mapped(true)?);
+        for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
+            let session = Session {
+                identity: *slot,
+                ..*session
+            };
             match ip {
-                IpAddr::V4(a) => renewed4.push(a.into(), session),
-                IpAddr::V6(a) => renewed6.push(a.into(), session),
+                IpAddr::V4(a) => v4.place((*a).into(), session, mask),
+                IpAddr::V6(a) => v6.place((*a).into(), session, mask),
             }
         }
-        self.v4.write_hash(renewed4, limit)?;
-        self.v6.write_hash(renewed6, limit)?;
-        // Then the tables, in place; new devices whose bucket is full go to the hash
-        // maps.
-        let (mut table4, mut table6) = (self.v4.mapped(true)?, self.v6.mapped(true)?);
-        let (mut full4, mut full6) = (HashWrites::default(), HashWrites::default());
-        for (ip, session, renewed) in given() {
-            match ip {
-                IpAddr::V4(a) => {
-                    let addr = a.into();
-                    if !place_mapped(&mut table4, &addr, &session, mask) && !renewed {
-                        full4.push(addr, session);
-                    }
-                }
-                IpAddr::V6(a) => {
-                    let addr = a.into();
-                    if !place_mapped(&mut table6, &addr, &session, mask) && !renewed {
-                        full6.push(addr, session);
-                    }
-                }
-            }
+        let v4 = v4.finish_table();
+        let v6 = v6.finish_table();
+        self.v4.write_hash(&v4, limit)?;
+        self.v6.write_hash(&v6, limit)?;
+        // Entries renewed in place come last, their sessions in the hash maps by now.
+        if !v4.over.is_empty() {
+            v4.place_over(&mut self.v4.mapped(true)?, mask);
         }
-        drop((table4, table6));
-        self.v4.write_hash(full4, limit)?;
-        self.v6.write_hash(full6, limit)
+        if !v6.over.is_empty() {
+            v6.place_over(&mut self.v6.mapped(true)?, mask);
+        }
+        Ok(())
     }
 
     /// The kernel's session for a device, if any: as the program finds it.
@@ -268,7 +256,7 @@ impl SessionMaps {
     }
 
     /// Counts the devices of `held` (what the kernel holds) by family.
-    fn count(&mut self, held: &[(IpAddr, u32)]) {
+    fn count(&mut self, held: &[(IpAddr, Session)]) {
         let v4 = held.iter().filter(|(ip, _)| ip.is_ipv4()).count() as u32;
         self.v4.devices = v4;
         self.v6.devices = held.len() as u32 - v4;
@@ -315,12 +303,10 @@ where
         }
     }
 
-    /// The hash map first, then the table entry.
-    fn write_one(
+    fn insert(
         &mut self,
         addr: &Addr<B>,
         session: &Session,
-        mask: u32,
         limit: u32,
     ) -> Result<(), DatapathError> {
         self.hash
@@ -336,13 +322,12 @@ where
                     map: self.hash_name,
                     source,
                 },
-            })?;
-        self.place(addr, Some(session), mask)
+            })
     }
 
-    /// The table entry first, then the hash map's copy (absent is fine).
+    /// The hash map's copy first (absent is fine; a stale one must not outlive the
+    /// table entry that shadows it), then the table entry.
     fn remove_one(&mut self, addr: &Addr<B>, mask: u32) -> Result<(), DatapathError> {
-        self.place(addr, None, mask)?;
         match self.hash.remove(addr) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
@@ -352,7 +337,8 @@ where
                 map: self.hash_name,
                 source,
             }),
-        }
+        }?;
+        self.place(addr, None, mask)
     }
 
     /// Places, renews (`Some`) or clears (`None`) a device's entry in the session table.
@@ -383,9 +369,9 @@ where
         })
     }
 
-    /// Writes sessions to the hash map in batches.
-    fn write_hash(&mut self, writes: HashWrites<Addr<B>>, limit: u32) -> Result<(), DatapathError> {
-        sys::update_batch(self.hash.map().fd().as_fd(), &writes.keys, &writes.values).map_err(|e| {
+    /// Writes a bulk write's hash-map sessions in batches.
+    fn write_hash(&mut self, bulk: &Bulk<B>, limit: u32) -> Result<(), DatapathError> {
+        sys::update_batch(self.hash.map().fd().as_fd(), &bulk.keys, &bulk.values).map_err(|e| {
             match e.raw_os_error() {
                 Some(libc::E2BIG) => DatapathError::SessionsFull {
                     family: self.family,
@@ -399,20 +385,20 @@ where
         })
     }
 
-    /// Appends every device with a session and its identity slot: the table's valid
+    /// Appends every device with a session and that session: the table's valid
     /// entries, then the hash map's devices that the table does not hold.
     fn walk(
         &self,
         mask: u32,
         ip: impl Fn(Addr<B>) -> IpAddr,
-        all: &mut Vec<(IpAddr, u32)>,
+        all: &mut Vec<(IpAddr, Session)>,
     ) -> Result<(), DatapathError> {
         let table = self.mapped(false)?;
         for index in 0..table.len() {
             for slot in table.get(index).slots() {
                 let addr = slot.addr();
                 if let Some(session) = slot.session_of(addr, B::Slot::fold(addr)) {
-                    all.push((ip(*addr), session.identity));
+                    all.push((ip(*addr), session));
                 }
             }
         }
@@ -421,7 +407,7 @@ where
                 let folded = B::Slot::fold(addr);
                 let in_table = table.get(bucket(folded, mask) as usize);
                 if find_session(in_table.slots(), addr, folded).is_none() {
-                    all.push((ip(*addr), session.identity));
+                    all.push((ip(*addr), *session));
                 }
             }
         })
@@ -432,41 +418,69 @@ where
     }
 }
 
-/// Sessions for one `BPF_MAP_UPDATE_BATCH` of a hash map.
-struct HashWrites<K> {
-    keys: Vec<K>,
+/// One family's part of a bulk write. A session goes beside its device's old entry
+/// when its bucket has a free slot (both stay valid until a second write clears the
+/// old one), so that a reader never finds a device without a valid entry. Otherwise it
+/// goes to the hash map: a new device whose bucket is full stays there, and a device
+/// whose entry is in a full bucket has it renewed in place once the hash map holds
+/// its session (`place_over`).
+struct Bulk<B: SessionBucket + aya::Pod> {
+    table: Option<sys::MappedArray<B>>,
+    keys: Vec<Addr<B>>,
     values: Vec<Session>,
+    /// Of `keys`, those whose entry is renewed in place after the hash-map write.
+    over: Vec<usize>,
 }
 
-impl<K> Default for HashWrites<K> {
-    fn default() -> Self {
+impl<B: SessionBucket + aya::Pod> Bulk<B> {
+    fn new(table: sys::MappedArray<B>) -> Self {
         Self {
+            table: Some(table),
             keys: Vec::new(),
             values: Vec::new(),
+            over: Vec::new(),
         }
     }
-}
 
-impl<K> HashWrites<K> {
-    fn push(&mut self, key: K, session: Session) {
-        self.keys.push(key);
-        self.values.push(session);
+    fn place(&mut self, addr: Addr<B>, session: Session, mask: u32) {
+        let table = self.table.as_mut().expect("placed before finish_table");
+        let index = bucket(B::Slot::fold(&addr), mask) as usize;
+        let mut b = table.get(index);
+        match placement(b.slots(), &addr) {
+            Placement::Beside(free) => {
+                b.slots_mut()[free] = B::Slot::new(&addr, &session);
+                table.set(index, b);
+                if clear_others(b.slots_mut(), &addr, Some(free)) {
+                    table.set(index, b);
+                }
+            }
+            Placement::Over(_) => {
+                self.over.push(self.keys.len());
+                self.keys.push(addr);
+                self.values.push(session);
+            }
+            Placement::Full => {
+                self.keys.push(addr);
+                self.values.push(session);
+            }
+        }
     }
-}
 
-/// Places a session in its bucket of a mapped session table; returns whether it
-/// found room (its own entry or a free one).
-fn place_mapped<B: SessionBucket + aya::Pod>(
-    table: &mut sys::MappedArray<B>,
-    addr: &Addr<B>,
-    session: &Session,
-    mask: u32,
-) -> bool {
-    let index = bucket(B::Slot::fold(addr), mask) as usize;
-    let mut b = table.get(index);
-    let placed = place_session(b.slots_mut(), addr, Some(session));
-    if placed {
-        table.set(index, b);
+    /// Unmaps the table: its part of the write is done.
+    fn finish_table(mut self) -> Self {
+        self.table = None;
+        self
     }
-    placed
+
+    /// Renews in place the entries left for after the hash-map write.
+    fn place_over(&self, table: &mut sys::MappedArray<B>, mask: u32) {
+        for &i in &self.over {
+            let (addr, session) = (&self.keys[i], &self.values[i]);
+            let index = bucket(B::Slot::fold(addr), mask) as usize;
+            let mut b = table.get(index);
+            if place_session(b.slots_mut(), addr, Some(session)) {
+                table.set(index, b);
+            }
+        }
+    }
 }

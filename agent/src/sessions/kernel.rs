@@ -28,8 +28,8 @@ pub trait KernelSessions {
         sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
     ) -> Result<Vec<u32>, DatapathError>;
     /// Devices with a session in the kernel (wherever the program would find it), with
-    /// the identity slot each holds.
-    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError>;
+    /// that session (its identity slot included).
+    fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError>;
     /// Writes configuration set `set`'s identity masks for `conditions`, `masks[i]` to
     /// slot `slots[i]` (every device's), before the set is put in force.
     fn prepare_identities(
@@ -62,8 +62,8 @@ impl KernelSessions for SessionMaps {
         SessionMaps::load_sessions(self, sessions)
     }
 
-    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
-        SessionMaps::kernel_slots(self)
+    fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        SessionMaps::kernel_sessions(self)
     }
 
     fn prepare_identities(

@@ -25,6 +25,9 @@ use crate::{
 /// line (each at debug level).
 const BULK_CHANGES: usize = 16;
 
+/// A kernel time no session has: a device whose kernel copy must be rewritten.
+const NO_TIME: i64 = i64::MIN;
+
 pub struct SessionMirror<K = SessionMaps> {
     /// Lock order: this before the datapath's.
     sides: Mutex<Sides<K>>,
@@ -53,7 +56,10 @@ impl<K: KernelSessions> SessionMirror<K> {
     /// and puts every session of the store in the kernel. Maps `adopted` from an
     /// earlier agent may hold a change its journal never recorded: devices the store
     /// does not have are removed (returned: how many), and every device the store has
-    /// keeps a session throughout.
+    /// keeps a session throughout. A device whose kernel session is already the
+    /// store's is left as it is (its identity masks are the earlier agent's for the set
+    /// in force, as a rewrite would copy them, and are computed afresh for the set the
+    /// new configuration puts in force).
     pub fn start(
         mut store: SessionStore,
         mut kernel: K,
@@ -63,11 +69,21 @@ impl<K: KernelSessions> SessionMirror<K> {
         let clock = ClockPair::now();
         let boot_id = store.boot_id().to_string();
         let mut removed = 0;
+        // The kernel's time of each device the store has, where it has one copy.
+        let mut in_kernel = hashbrown::HashMap::new();
         if adopted {
-            // The sessions in the kernel hold identity slots the store does not know.
-            for (ip, slot) in kernel.kernel_slots()? {
+            let held = kernel.kernel_sessions()?;
+            in_kernel.reserve(held.len());
+            for (ip, session) in held {
                 if store.table().contains(&ip) {
-                    store.note_slot(&ip, slot);
+                    // The sessions in the kernel hold identity slots the store does not
+                    // know.
+                    store.note_slot(&ip, session.identity);
+                    // Listed twice (two table entries): rewritten, which clears one.
+                    let once = in_kernel.insert(ip, session.authenticated_at_ns).is_none();
+                    if !once {
+                        in_kernel.insert(ip, NO_TIME);
+                    }
                 } else {
                     kernel.remove_session(ip)?;
                     removed += 1;
@@ -75,15 +91,29 @@ impl<K: KernelSessions> SessionMirror<K> {
             }
         }
         let started = std::time::Instant::now();
-        let sessions = store.table().kernel_values(&clock, &boot_id);
+        let mut sessions = store.table().kernel_values(&clock, &boot_id);
+        if adopted {
+            sessions.retain(|(ip, session, _, _)| {
+                in_kernel.get(ip) != Some(&session.authenticated_at_ns)
+            });
+        }
+        drop(in_kernel);
         let slots = kernel.load_sessions(&sessions)?;
         tracing::info!(
             sessions = sessions.len(),
             ms = started.elapsed().as_millis() as u64,
             "wrote the sessions to the kernel"
         );
-        drop(sessions);
-        store.note_slots_in_order(&slots);
+        if adopted {
+            let written: Vec<IpAddr> = sessions.iter().map(|s| s.0).collect();
+            drop(sessions);
+            for (ip, slot) in written.iter().zip(&slots) {
+                store.note_slot(ip, *slot);
+            }
+        } else {
+            drop(sessions);
+            store.note_slots_in_order(&slots);
+        }
         let mirror = Self {
             syncer: store.syncer(),
             sides: Mutex::new(Sides { store, kernel }),

@@ -259,8 +259,16 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
             &ClockPair::now(),
         )
         .unwrap();
+    let bob = mirror
+        .login(
+            &request("198.18.1.11", "bob@example.com"),
+            &ClockPair::now(),
+        )
+        .unwrap();
     mirror.close();
     drop(mirror);
+    let held = |ip: &IpAddr| kernel.with(|k| k.sessions[ip]);
+    let (bob_before, alice_before) = (held(&bob.ip), held(&alice.ip));
 
     // An earlier agent's maps: a change its journal never recorded, and a stale time.
     let stray: IpAddr = "198.18.1.99".parse().unwrap();
@@ -280,9 +288,23 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
     let clock = ClockPair::now();
     let expected = alice.kernel_value(&clock, mirror.boot_id());
     let sessions = kernel.with(|k| k.sessions.clone());
-    assert_eq!(sessions.keys().collect::<Vec<_>>(), [&alice.ip]);
+    assert_eq!(sessions.keys().collect::<Vec<_>>(), [&alice.ip, &bob.ip]);
     assert_eq!(
         sessions[&alice.ip].authenticated_at_ns,
         expected.authenticated_at_ns
     );
+    assert_ne!(
+        sessions[&alice.ip].identity, alice_before.identity,
+        "rewritten"
+    );
+    assert_eq!(
+        sessions[&bob.ip], bob_before,
+        "already the journal's: left as it is"
+    );
+    // The mirror knows the slot bob's kernel copy holds: a logout frees it, a
+    // configuration's masks go to it (the fake checks both).
+    let masks = mirror.read(|store| store.table().masks(&[]));
+    assert!(masks.0.contains(&bob_before.identity), "{masks:?}");
+    mirror.logout(bob.ip, &ClockPair::now()).unwrap();
+    assert!(kernel.with(|k| !k.sessions.contains_key(&bob.ip)));
 }

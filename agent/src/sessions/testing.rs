@@ -129,13 +129,9 @@ impl KernelSessions for FakeKernel {
         Ok(slots)
     }
 
-    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
+    fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
         self.check()?;
-        Ok(self
-            .sessions
-            .iter()
-            .map(|(ip, s)| (*ip, s.identity))
-            .collect())
+        Ok(self.sessions.iter().map(|(ip, s)| (*ip, *s)).collect())
     }
 
     fn prepare_identities(
@@ -187,8 +183,8 @@ impl KernelSessions for SharedKernel {
         self.with(|k| k.load_sessions(sessions))
     }
 
-    fn kernel_slots(&self) -> Result<Vec<(IpAddr, u32)>, DatapathError> {
-        self.with(|k| k.kernel_slots())
+    fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        self.with(|k| k.kernel_sessions())
     }
 
     fn prepare_identities(
