@@ -89,7 +89,7 @@ pub struct ControlReport {
     pub fleet_join_sessions: usize,
     /// Seconds from starting B until it holds all `fleet_sessions` sessions.
     pub fleet_join_synced: f64,
-    /// Agent B's RSS once it holds them, bytes.
+    /// Agent B's RSS once its snapshot is done (after it holds them), bytes.
     pub fleet_join_rss_bytes: u64,
     /// Where B's time went: its start's steps, then its first snapshot's (fetch from
     /// etcd, decode, resync), as it logs them, milliseconds.
@@ -356,6 +356,17 @@ fn fleet_at_scale(n: usize, agent: &Path) -> anyhow::Result<FleetScale> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let join_synced = started.elapsed().as_secs_f64();
+    // The snapshot ends after its last page (removals, its log line, memory given
+    // back): its RSS and laps are read once the agent counts it done.
+    while resyncs(&b)? == 0 {
+        if Instant::now() >= deadline {
+            bail!(
+                "agent B never finished its snapshot; log:\n{}",
+                b.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let join_rss_bytes = rss(b.pid())?;
     let log = b.log_text();
     let mut join_laps = logged_laps(&log, "sessiongate running", "start=");
@@ -440,6 +451,20 @@ fn session_count(agent: &netlab::Agent) -> anyhow::Result<usize> {
         );
     }
     sessions_of(&out.stdout)
+}
+
+/// The full snapshots an agent of a fleet has applied (`stats --json`).
+fn resyncs(agent: &netlab::Agent) -> anyhow::Result<u64> {
+    let out = agent.cli(&["stats", "--json"]);
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "sessiongate stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    stats["store"]["resyncs"]
+        .as_u64()
+        .context("no store.resyncs in stats --json")
 }
 
 fn sessions_of(stats: &[u8]) -> anyhow::Result<usize> {
