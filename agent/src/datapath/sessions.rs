@@ -234,13 +234,13 @@ impl SessionMaps {
 
     /// Whether each family has room for this many more devices.
     fn room_for(&self, v4: u32, v6: u32) -> Result<(), DatapathError> {
-        for (maps, more) in [
+        for (family, devices) in [
             (self.v4.family, self.v4.devices + v4),
             (self.v6.family, self.v6.devices + v6),
         ] {
-            if more > self.max_sessions {
+            if devices > self.max_sessions {
                 return Err(DatapathError::SessionsFull {
-                    family: maps,
+                    family,
                     limit: self.max_sessions,
                 });
             }

@@ -28,6 +28,12 @@ const BULK_CHANGES: usize = 16;
 /// A kernel time no session has: a device whose kernel copy must be rewritten.
 const NO_TIME: i64 = i64::MIN;
 
+/// How far apart two agents' boot-clock times of one session of an earlier boot may be
+/// and still count as the same: each converts its wall-clock time with its own clock
+/// readings. Far below the kernel's own lag in reading "now" (one tick, 1-10 ms); a
+/// wall clock corrected by more since is converted afresh.
+const CONVERTED_SLACK_NS: u64 = 1_000_000;
+
 pub struct SessionMirror<K = SessionMaps> {
     /// Lock order: this before the datapath's.
     sides: Mutex<Sides<K>>,
@@ -57,9 +63,9 @@ impl<K: KernelSessions> SessionMirror<K> {
     /// earlier agent may hold a change its journal never recorded: devices the store
     /// does not have are removed (returned: how many), and every device the store has
     /// keeps a session throughout. A device whose kernel session is already the
-    /// store's is left as it is (its identity masks are the earlier agent's for the set
-    /// in force, as a rewrite would copy them, and are computed afresh for the set the
-    /// new configuration puts in force).
+    /// store's (`same_time`) is left as it is (its identity masks are the earlier
+    /// agent's for the set in force, as a rewrite would copy them, and are computed
+    /// afresh for the set the new configuration puts in force).
     pub fn start(
         mut store: SessionStore,
         mut kernel: K,
@@ -93,8 +99,12 @@ impl<K: KernelSessions> SessionMirror<K> {
         let started = std::time::Instant::now();
         let mut sessions = store.table().kernel_values(&clock, &boot_id);
         if adopted {
+            let mut recorded = store.table().boot_times_recorded(&boot_id).into_iter();
             sessions.retain(|(ip, session, _, _)| {
-                in_kernel.get(ip) != Some(&session.authenticated_at_ns)
+                let recorded = recorded.next().unwrap_or(true);
+                !in_kernel
+                    .get(ip)
+                    .is_some_and(|&at| same_time(at, session.authenticated_at_ns, recorded))
             });
         }
         drop(in_kernel);
@@ -321,5 +331,19 @@ impl<K: KernelSessions> SessionMirror<K> {
                 dir: self.state_dir.clone(),
                 reason: failed.reason,
             })
+    }
+}
+
+/// Whether the kernel's time of a session (`NO_TIME`: none to keep) is the journal's:
+/// exactly, when the journal `recorded` it for this boot, else within
+/// `CONVERTED_SLACK_NS`.
+fn same_time(kernel: i64, journal: i64, recorded: bool) -> bool {
+    if kernel == NO_TIME {
+        return false;
+    }
+    if recorded {
+        kernel == journal
+    } else {
+        kernel.abs_diff(journal) <= CONVERTED_SLACK_NS
     }
 }

@@ -308,3 +308,59 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
     mirror.logout(bob.ip, &ClockPair::now()).unwrap();
     assert!(kernel.with(|k| !k.sessions.contains_key(&bob.ip)));
 }
+
+#[test]
+fn an_adopted_session_of_an_earlier_boot_is_kept_within_the_conversion_slack() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).unwrap();
+    let kernel = SharedKernel::default();
+    let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
+    // Two sessions that began before this boot (from the fleet's store, or from a
+    // journal written before a reboot): their kernel time is converted from wall-clock
+    // time.
+    let earlier = |ip: &str| {
+        let mut record = plan_login(
+            None,
+            &request(ip, "carol@example.com"),
+            &ClockPair::now(),
+            mirror.boot_id(),
+        )
+        .unwrap();
+        record.boot_id = "an-earlier-boot".into();
+        record
+    };
+    let (near, far) = (earlier("198.18.1.20"), earlier("198.18.1.21"));
+    let changes = vec![
+        StoreChange::Put(near.clone()),
+        StoreChange::Put(far.clone()),
+    ];
+    assert_eq!(mirror.apply(changes, 1), 0);
+    mirror.close();
+    drop(mirror);
+    // The kernel's times as another agent's clock readings converted them.
+    kernel.with(|k| {
+        k.sessions.get_mut(&near.ip).unwrap().authenticated_at_ns += 300_000;
+        k.sessions.get_mut(&far.ip).unwrap().authenticated_at_ns += 5_000_000;
+    });
+    let held = |ip: IpAddr| kernel.with(|k| k.sessions[&ip]);
+    let (near_before, far_before) = (held(near.ip), held(far.ip));
+    let store = SessionStore::open(dir.path()).unwrap();
+    let (_mirror, removed) = SessionMirror::start(store, kernel.clone(), dir.path(), true).unwrap();
+    assert_eq!(removed, 0);
+    assert_eq!(
+        held(near.ip),
+        near_before,
+        "within the slack: left as it is"
+    );
+    let far_after = held(far.ip);
+    assert_ne!(
+        far_after.identity, far_before.identity,
+        "beyond it: rewritten"
+    );
+    let converted = far_before.authenticated_at_ns - 5_000_000;
+    assert!(
+        far_after.authenticated_at_ns.abs_diff(converted) < 1_000_000,
+        "{} against {converted}",
+        far_after.authenticated_at_ns
+    );
+}

@@ -260,7 +260,7 @@ impl SessionTable {
         self.rows
             .iter()
             .map(|row| {
-                let at_boot_ns = if row.boot != 0 && Some(row.boot) == current {
+                let at_boot_ns = if recorded_boot_time(row, current) {
                     row.at_boot_ns
                 } else {
                     clock.boot_ns_of(wall(row))
@@ -273,6 +273,17 @@ impl SessionTable {
                 let slot = Some(row.slot).filter(|&s| s != IDENTITY_NONE);
                 (row.ip(), session, self.identity(row), slot)
             })
+            .collect()
+    }
+
+    /// For each session, in the order of `kernel_values`: whether its kernel time there
+    /// is the one recorded for `current_boot`, rather than converted from wall-clock
+    /// time with the clock readings given.
+    pub fn boot_times_recorded(&self, current_boot: &str) -> Vec<bool> {
+        let current = self.boots_id(current_boot);
+        self.rows
+            .iter()
+            .map(|row| recorded_boot_time(row, current))
             .collect()
     }
 
@@ -352,6 +363,12 @@ impl SessionTable {
 
 /// The row's wall-clock authentication time (valid by construction: it came from an
 /// `OffsetDateTime`).
+/// Whether a row's boot-clock time is the one recorded (a session of the boot `current`
+/// names), not one to convert from its wall-clock time.
+fn recorded_boot_time(row: &Row, current: Option<u16>) -> bool {
+    row.boot != 0 && Some(row.boot) == current
+}
+
 fn wall(row: &Row) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp(row.at_secs)
         .map(|t| t + time::Duration::nanoseconds(i64::from(row.at_nanos)))
