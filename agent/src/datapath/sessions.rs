@@ -32,8 +32,6 @@ use crate::config::{Identity, Limits};
 pub struct SessionMaps {
     v4: FamilyMaps<SessionBucketV4>,
     v6: FamilyMaps<SessionBucketV6>,
-    /// Devices each family may hold, for the error that says it is full.
-    max_sessions: u32,
     /// The session tables' bucket mask (buckets are a power of two).
     mask: u32,
     pub identities: Identities,
@@ -56,6 +54,8 @@ where
     /// Devices with a session, wherever it is (kept by this owner, as no map counts
     /// them all).
     devices: u32,
+    /// Devices it may hold (`max_sessions`).
+    limit: u32,
 }
 
 impl SessionMaps {
@@ -65,19 +65,35 @@ impl SessionMaps {
         limits: &Limits,
         empty: bool,
     ) -> Result<Self, DatapathError> {
-        let mut maps = Self {
-            v4: FamilyMaps::open(source, names::SESSIONS_V4, names::SESSION_TABLE_V4, "IPv4")?,
-            v6: FamilyMaps::open(source, names::SESSIONS_V6, names::SESSION_TABLE_V6, "IPv6")?,
-            max_sessions: limits.max_sessions,
-            mask: Geometry::of(limits).session_buckets - 1,
-            identities: Identities::open(source, limits, &[])?,
+        let limit = limits.max_sessions;
+        let v4 = FamilyMaps::open(
+            source,
+            names::SESSIONS_V4,
+            names::SESSION_TABLE_V4,
+            "IPv4",
+            limit,
+        )?;
+        let v6 = FamilyMaps::open(
+            source,
+            names::SESSIONS_V6,
+            names::SESSION_TABLE_V6,
+            "IPv6",
+            limit,
+        )?;
+        let mask = Geometry::of(limits).session_buckets - 1;
+        let held = if empty {
+            Vec::new()
+        } else {
+            sessions_in(&v4, &v6, mask)?
         };
-        if !empty {
-            let held = maps.kernel_sessions()?;
-            maps.count(&held);
-            let used: Vec<u32> = held.iter().map(|(_, s)| s.identity).collect();
-            maps.identities.reset_used(&used);
-        }
+        let used: Vec<u32> = held.iter().map(|(_, s)| s.identity).collect();
+        let mut maps = Self {
+            v4,
+            v6,
+            mask,
+            identities: Identities::open(source, limits, &used)?,
+        };
+        maps.count(&held);
         Ok(maps)
     }
 
@@ -93,13 +109,16 @@ impl SessionMaps {
     ) -> Result<u32, DatapathError> {
         let previous = self.session(ip)?.map(|s| s.identity);
         if previous.is_none() {
-            self.room_for(ip.is_ipv4().into(), (!ip.is_ipv4()).into())?;
+            match ip {
+                IpAddr::V4(_) => self.v4.room_for(1)?,
+                IpAddr::V6(_) => self.v6.room_for(1)?,
+            }
         }
         session.identity = self.identities.claim(who, previous)?;
-        let (limit, mask) = (self.max_sessions, self.mask);
+        let mask = self.mask;
         let in_hash = match ip {
-            IpAddr::V4(a) => self.v4.insert(&a.into(), &session, limit),
-            IpAddr::V6(a) => self.v6.insert(&a.into(), &session, limit),
+            IpAddr::V4(a) => self.v4.insert(&a.into(), &session),
+            IpAddr::V6(a) => self.v6.insert(&a.into(), &session),
         };
         if let Err(e) = in_hash {
             self.identities.release(session.identity);
@@ -138,12 +157,7 @@ impl SessionMaps {
     /// device an agent killed mid-write left two table entries is listed with both):
     /// the session tables read in place, then the hash maps in batches.
     pub fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
-        let mut all = Vec::new();
-        self.v4
-            .walk(self.mask, |a| IpAddr::V4(a.into()), &mut all)?;
-        self.v6
-            .walk(self.mask, |a| IpAddr::V6(a.into()), &mut all)?;
-        Ok(all)
+        sessions_in(&self.v4, &self.v6, self.mask)
     }
 
     /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
@@ -165,7 +179,8 @@ impl SessionMaps {
                 .count() as u32
         };
         let (new4, new6) = (new(true), new(false));
-        self.room_for(new4, new6)?;
+        self.v4.room_for(new4)?;
+        self.v6.room_for(new6)?;
         let who: Vec<(Identity<'_>, Option<u32>)> = sessions
             .iter()
             .map(|(_, _, who, previous)| (*who, *previous))
@@ -197,23 +212,23 @@ impl SessionMaps {
         sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
         slots: &[u32],
     ) -> Result<(), DatapathError> {
-        let (mask, limit) = (self.mask, self.max_sessions);
-        let mut v4 = Bulk::new(self.v4.mapped(true)?);
-        let mut v6 = Bulk::new(self.v6.mapped(true)?);
+        let mask = self.mask;
+        let (mut v4, mut v6) = (Bulk::default(), Bulk::default());
+        // The tables are mapped for this pass only.
+        let (mut table4, mut table6) = (self.v4.mapped(true)?, self.v6.mapped(true)?);
         for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
             let session = Session {
                 identity: *slot,
                 ..*session
             };
             match ip {
-                IpAddr::V4(a) => v4.place((*a).into(), session, mask),
-                IpAddr::V6(a) => v6.place((*a).into(), session, mask),
+                IpAddr::V4(a) => v4.place(&mut table4, (*a).into(), session, mask),
+                IpAddr::V6(a) => v6.place(&mut table6, (*a).into(), session, mask),
             }
         }
-        let v4 = v4.finish_table();
-        let v6 = v6.finish_table();
-        self.v4.write_hash(&v4, limit)?;
-        self.v6.write_hash(&v6, limit)?;
+        drop((table4, table6));
+        self.v4.write_hash(&v4)?;
+        self.v6.write_hash(&v6)?;
         // Entries renewed in place come last, their sessions in the hash maps by now.
         if !v4.over.is_empty() {
             v4.place_over(&mut self.v4.mapped(true)?, mask);
@@ -230,22 +245,6 @@ impl SessionMaps {
             IpAddr::V4(a) => self.v4.session(&a.into(), self.mask),
             IpAddr::V6(a) => self.v6.session(&a.into(), self.mask),
         }
-    }
-
-    /// Whether each family has room for this many more devices.
-    fn room_for(&self, v4: u32, v6: u32) -> Result<(), DatapathError> {
-        for (family, devices) in [
-            (self.v4.family, self.v4.devices + v4),
-            (self.v6.family, self.v6.devices + v6),
-        ] {
-            if devices > self.max_sessions {
-                return Err(DatapathError::SessionsFull {
-                    family,
-                    limit: self.max_sessions,
-                });
-            }
-        }
-        Ok(())
     }
 
     fn devices_of(&mut self, ip: IpAddr) -> &mut u32 {
@@ -273,6 +272,7 @@ where
         hash_name: &'static str,
         table_name: &'static str,
         family: &'static str,
+        limit: u32,
     ) -> Result<Self, DatapathError> {
         Ok(Self {
             hash: typed(source, hash_name)?,
@@ -281,7 +281,24 @@ where
             table_name,
             family,
             devices: 0,
+            limit,
         })
+    }
+
+    /// Whether this family has room for `more` devices.
+    fn room_for(&self, more: u32) -> Result<(), DatapathError> {
+        if self.devices + more > self.limit {
+            return Err(self.full());
+        }
+        Ok(())
+    }
+
+    /// The error that says this family is full.
+    fn full(&self) -> DatapathError {
+        DatapathError::SessionsFull {
+            family: self.family,
+            limit: self.limit,
+        }
     }
 
     fn session(&self, addr: &Addr<B>, mask: u32) -> Result<Option<Session>, DatapathError> {
@@ -303,20 +320,12 @@ where
         }
     }
 
-    fn insert(
-        &mut self,
-        addr: &Addr<B>,
-        session: &Session,
-        limit: u32,
-    ) -> Result<(), DatapathError> {
+    fn insert(&mut self, addr: &Addr<B>, session: &Session) -> Result<(), DatapathError> {
         self.hash
             .insert(addr, session, 0)
             .map_err(|source| match &source {
                 MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                    DatapathError::SessionsFull {
-                        family: self.family,
-                        limit,
-                    }
+                    self.full()
                 }
                 _ => DatapathError::Map {
                     map: self.hash_name,
@@ -370,13 +379,10 @@ where
     }
 
     /// Writes a bulk write's hash-map sessions in batches.
-    fn write_hash(&mut self, bulk: &Bulk<B>, limit: u32) -> Result<(), DatapathError> {
+    fn write_hash(&mut self, bulk: &Bulk<Addr<B>>) -> Result<(), DatapathError> {
         sys::update_batch(self.hash.map().fd().as_fd(), &bulk.keys, &bulk.values).map_err(|e| {
             match e.raw_os_error() {
-                Some(libc::E2BIG) => DatapathError::SessionsFull {
-                    family: self.family,
-                    limit,
-                },
+                Some(libc::E2BIG) => self.full(),
                 _ => DatapathError::Batch {
                     map: self.hash_name,
                     source: e,
@@ -418,32 +424,48 @@ where
     }
 }
 
-/// One family's part of a bulk write. A session goes beside its device's old entry
-/// when its bucket has a free slot (both stay valid until a second write clears the
-/// old one), so that a reader never finds a device without a valid entry. Otherwise it
-/// goes to the hash map: a new device whose bucket is full stays there, and a device
-/// whose entry is in a full bucket has it renewed in place once the hash map holds
-/// its session (`place_over`).
-struct Bulk<B: SessionBucket + aya::Pod> {
-    table: Option<sys::MappedArray<B>>,
-    keys: Vec<Addr<B>>,
+/// Both families' sessions and their entries, read in place from the tables, then the
+/// hash maps' devices the tables do not hold.
+fn sessions_in(
+    v4: &FamilyMaps<SessionBucketV4>,
+    v6: &FamilyMaps<SessionBucketV6>,
+    mask: u32,
+) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+    let mut all = Vec::new();
+    v4.walk(mask, |a| IpAddr::V4(a.into()), &mut all)?;
+    v6.walk(mask, |a| IpAddr::V6(a.into()), &mut all)?;
+    Ok(all)
+}
+
+/// One family's part of a bulk write (`A`: its address type). A session goes beside
+/// its device's old entry when its bucket has a free slot (both stay valid until a
+/// second write clears the old one), so that a reader never finds a device without a
+/// valid entry. Otherwise it goes to the hash map: a new device whose bucket is full
+/// stays there, and a device whose entry is in a full bucket has it renewed in place
+/// once the hash map holds its session (`place_over`).
+struct Bulk<A> {
+    keys: Vec<A>,
     values: Vec<Session>,
     /// Of `keys`, those whose entry is renewed in place after the hash-map write.
     over: Vec<usize>,
 }
 
-impl<B: SessionBucket + aya::Pod> Bulk<B> {
-    fn new(table: sys::MappedArray<B>) -> Self {
+impl<A> Default for Bulk<A> {
+    fn default() -> Self {
         Self {
-            table: Some(table),
             keys: Vec::new(),
             values: Vec::new(),
             over: Vec::new(),
         }
     }
+}
 
-    fn place(&mut self, addr: Addr<B>, session: Session, mask: u32) {
-        let table = self.table.as_mut().expect("placed before finish_table");
+impl<A: Copy + PartialEq> Bulk<A> {
+    fn place<B>(&mut self, table: &mut sys::MappedArray<B>, addr: A, session: Session, mask: u32)
+    where
+        B: SessionBucket + aya::Pod,
+        B::Slot: SessionSlot<Addr = A>,
+    {
         let index = bucket(B::Slot::fold(&addr), mask) as usize;
         let mut b = table.get(index);
         match placement(b.slots(), &addr) {
@@ -466,14 +488,12 @@ impl<B: SessionBucket + aya::Pod> Bulk<B> {
         }
     }
 
-    /// Unmaps the table: its part of the write is done.
-    fn finish_table(mut self) -> Self {
-        self.table = None;
-        self
-    }
-
     /// Renews in place the entries left for after the hash-map write.
-    fn place_over(&self, table: &mut sys::MappedArray<B>, mask: u32) {
+    fn place_over<B>(&self, table: &mut sys::MappedArray<B>, mask: u32)
+    where
+        B: SessionBucket + aya::Pod,
+        B::Slot: SessionSlot<Addr = A>,
+    {
         for &i in &self.over {
             let (addr, session) = (&self.keys[i], &self.values[i]);
             let index = bucket(B::Slot::fold(addr), mask) as usize;
