@@ -636,15 +636,7 @@ fn sessions_beyond_the_session_table_are_found_in_the_hash_map() {
     // its slots, the other four live in the hash map only.
     let mut h = Harness::sized("", 64, 1024);
     let app = ip("198.19.10.5");
-    let mask = Geometry::of(&Limits {
-        max_sessions: 64,
-        max_flows: 1024,
-        max_policy_cidrs: 1024,
-        max_port_rules: 1024,
-    })
-    .session_buckets
-        - 1;
-    let same_bucket = |ip: &Ipv4Addr| bucket(Ip4::from(*ip).fold(), mask) == 0;
+    let same_bucket = |ip: &Ipv4Addr| session_bucket(*ip, 64) == 0;
     let devices: Vec<(IpAddr, bool)> = (0..u32::MAX)
         .map(|i| Ipv4Addr::from(0xc612_1000 + i))
         .filter(same_bucket)
@@ -680,16 +672,12 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
         return;
     }
     // A batch (start-up, import) writes the session table in its own memory, and the
-    // hash map only for renewed devices (and those whose bucket is full: none here).
-    // Seen from the program: every device of two batches is found, a renewed one with
-    // its new session even once its hash-map copy is gone.
+    // hash map only for what a full bucket cannot take (none here). Seen from the
+    // program: every device of two batches is found, a renewed one with its new
+    // session.
     let mut h = Harness::new("");
     let devices = both_families(100, 0xc612_2000, 0x2001_0db8_0002);
     let who = DEFAULT_IDENTITY;
-    let at = |age: Duration| Session {
-        authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
-        ..Session::default()
-    };
     // First batch: every other device expired; the second renews those.
     let first: Vec<_> = devices
         .iter()
@@ -697,7 +685,7 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
         .map(|(i, d)| {
             (
                 *d,
-                at(if i % 4 < 2 { Duration::ZERO } else { 2 * HOUR }),
+                aged(if i % 4 < 2 { Duration::ZERO } else { 2 * HOUR }),
                 who,
                 None,
             )
@@ -726,7 +714,7 @@ fn a_batch_of_sessions_is_placed_in_the_session_table_itself() {
         .zip(&slots)
         .enumerate()
         .filter(|(i, _)| i % 4 >= 2)
-        .map(|(_, (d, slot))| (*d, at(Duration::ZERO), who, Some(*slot)))
+        .map(|(_, (d, slot))| (*d, aged(Duration::ZERO), who, Some(*slot)))
         .collect();
     h.sessions.load_sessions(&renewed).unwrap();
     assert_eq!(
@@ -749,16 +737,8 @@ fn a_batch_renews_entries_of_full_buckets_after_the_hash_map_has_them() {
     // Renewed in a batch, the four are rewritten in place, which a reader may meet
     // half-done, so the hash map takes their sessions first.
     let mut h = Harness::new("");
-    let mask = Geometry::of(&Limits {
-        max_sessions: 1024,
-        max_flows: 1024,
-        max_policy_cidrs: 1024,
-        max_port_rules: 1024,
-    })
-    .session_buckets
-        - 1;
     let bucket_of = |ip: &IpAddr| match ip {
-        IpAddr::V4(a) => bucket(Ip4::from(*a).fold(), mask),
+        IpAddr::V4(a) => session_bucket(*a, 1024),
         IpAddr::V6(_) => u32::MAX,
     };
     let taken: Vec<u32> = h
@@ -778,13 +758,9 @@ fn a_batch_renews_entries_of_full_buckets_after_the_hash_map_has_them() {
         .take(6)
         .collect();
     assert_eq!(devices.len(), 6);
-    let at = |age: Duration| Session {
-        authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
-        ..Session::default()
-    };
     let expired: Vec<_> = devices
         .iter()
-        .map(|d| (*d, at(2 * HOUR), DEFAULT_IDENTITY, None))
+        .map(|d| (*d, aged(2 * HOUR), DEFAULT_IDENTITY, None))
         .collect();
     let slots = h.sessions.load_sessions(&expired).unwrap();
     for device in &devices {
@@ -797,7 +773,7 @@ fn a_batch_renews_entries_of_full_buckets_after_the_hash_map_has_them() {
     let renewed: Vec<_> = devices
         .iter()
         .zip(&slots)
-        .map(|(d, slot)| (*d, at(Duration::ZERO), DEFAULT_IDENTITY, Some(*slot)))
+        .map(|(d, slot)| (*d, aged(Duration::ZERO), DEFAULT_IDENTITY, Some(*slot)))
         .collect();
     h.sessions.load_sessions(&renewed).unwrap();
     for device in &devices {
@@ -831,10 +807,7 @@ fn sessions_only_in_the_session_table_are_listed_and_removed() {
     let mut h = Harness::new("");
     let harness_devices = h.sessions.kernel_sessions().unwrap().len();
     let devices = both_families(8, 0xc612_3000, 0x2001_0db8_0003);
-    let fresh = Session {
-        authenticated_at_ns: boot_now_ns(),
-        ..Session::default()
-    };
+    let fresh = aged(Duration::ZERO);
     let batch: Vec<_> = devices
         .iter()
         .map(|d| (*d, fresh, DEFAULT_IDENTITY, None))
@@ -887,10 +860,7 @@ fn a_family_holds_at_most_max_sessions_devices() {
     let mut h = Harness::sized("", MAX, 1024);
     let held = h.sessions.kernel_sessions().unwrap();
     let held_v4 = held.iter().filter(|(ip, _)| ip.is_ipv4()).count() as u32;
-    let fresh = Session {
-        authenticated_at_ns: boot_now_ns(),
-        ..Session::default()
-    };
+    let fresh = aged(Duration::ZERO);
     let room = MAX - held_v4;
     let devices: Vec<IpAddr> = (0..room + 1)
         .map(|i| IpAddr::V4(Ipv4Addr::from(0xc612_4000 + i)))
@@ -940,6 +910,18 @@ const DEFAULT_IDENTITY: Identity<'static> = Identity {
     idp: DEFAULT_USER.1,
     groups: &[],
 };
+
+/// The session-table bucket of an IPv4 device in a datapath sized for `max_sessions`.
+fn session_bucket(device: Ipv4Addr, max_sessions: u32) -> u32 {
+    let buckets = Geometry::of(&Limits {
+        max_sessions,
+        max_flows: 1024,
+        max_policy_cidrs: 1024,
+        max_port_rules: 1024,
+    })
+    .session_buckets;
+    bucket(Ip4::from(device).fold(), buckets - 1)
+}
 
 /// `n` IPv4 devices from `v4` on and `n` IPv6 ones in the /48 `v6_48`, interleaved.
 fn both_families(n: u32, v4: u32, v6_48: u128) -> Vec<IpAddr> {

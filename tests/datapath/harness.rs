@@ -212,11 +212,7 @@ impl Harness {
 
     /// Gives a device a session authenticated `age` ago, for `who`.
     pub fn login_as(&mut self, device: IpAddr, age: Duration, who: &Identity<'_>) {
-        let session = Session {
-            authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
-            ..Session::default()
-        };
-        self.sessions.set_session(device, session, who).unwrap();
+        self.sessions.set_session(device, aged(age), who).unwrap();
     }
 
     /// The XDP action for one packet.
@@ -296,4 +292,12 @@ pub fn passes(h: &Harness, p: &Packet, v: Verdict) {
 
 pub fn drops(h: &Harness, p: &Packet, v: Verdict) {
     h.expect(p, XDP_DROP, v);
+}
+
+/// A session authenticated `age` ago (its identity slot is the kernel's to give).
+pub fn aged(age: Duration) -> Session {
+    Session {
+        authenticated_at_ns: boot_now_ns() - age.as_nanos() as i64,
+        ..Session::default()
+    }
 }
