@@ -441,8 +441,8 @@ fn fleet_config(etcd: &netlab::Etcd) -> String {
     format!("{}{}", etcd.store_section("/fleet"), scenario::APP_POLICY)
 }
 
-/// The sessions an agent reports (`sessiongate stats --json`).
-fn session_count(agent: &netlab::Agent) -> anyhow::Result<usize> {
+/// An agent's `sessiongate stats --json`.
+fn stats(agent: &netlab::Agent) -> anyhow::Result<serde_json::Value> {
     let out = agent.cli(&["stats", "--json"]);
     if !out.status.success() {
         bail!(
@@ -450,25 +450,22 @@ fn session_count(agent: &netlab::Agent) -> anyhow::Result<usize> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    sessions_of(&out.stdout)
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// The full snapshots an agent of a fleet has applied (`stats --json`).
+/// The sessions an agent reports.
+fn session_count(agent: &netlab::Agent) -> anyhow::Result<usize> {
+    sessions_of(&stats(agent)?)
+}
+
+/// The full snapshots an agent of a fleet has applied.
 fn resyncs(agent: &netlab::Agent) -> anyhow::Result<u64> {
-    let out = agent.cli(&["stats", "--json"]);
-    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "sessiongate stats: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
-    stats["store"]["resyncs"]
+    stats(agent)?["store"]["resyncs"]
         .as_u64()
-        .context("no store.resyncs in stats --json")
+        .context("no store.resyncs in the agent's stats")
 }
 
-fn sessions_of(stats: &[u8]) -> anyhow::Result<usize> {
-    let stats: serde_json::Value = serde_json::from_slice(stats)?;
+fn sessions_of(stats: &serde_json::Value) -> anyhow::Result<usize> {
     stats["sessions"]
         .as_u64()
         .map(|n| n as usize)
@@ -484,7 +481,7 @@ fn wait_answering(agent: &netlab::Agent, deadline: Instant) -> anyhow::Result<us
         if agent.socket.exists() {
             let out = agent.cli(&["stats", "--json"]);
             if out.status.success() {
-                return sessions_of(&out.stdout);
+                return sessions_of(&serde_json::from_slice(&out.stdout)?);
             }
         }
         if !running(agent.pid()) {
