@@ -4,10 +4,12 @@
 //!
 //! The generator is `xdp_generate` run with BPF_PROG_TEST_RUN in live-frames mode on
 //! the client's veth: frames arrive at the gateway as a NIC would deliver them, with an
-//! XDP hook. Without sessiongate the hook only passes (the do-nothing program), so the
-//! kernel builds socket buffers for the stack as a driver would. The gateway's NAPI
-//! work runs in a kernel thread pinned to CPU 1 and the generator on CPU 0, so CPU 1's
-//! busy time is the gateway's cost.
+//! XDP hook. Where the kernel refuses live frames, an AF_PACKET socket feeds
+//! `xdp_relay`, which redirects each frame to the client's veth: the gateway still
+//! receives XDP frames, not socket buffers. Without sessiongate the hook only passes
+//! (the do-nothing program), so the kernel builds socket buffers for the stack as a
+//! driver would. The gateway's NAPI work runs in a kernel thread pinned to CPU 1 and
+//! the generator on CPU 0, so CPU 1's busy time is the gateway's cost.
 
 use std::{
     fmt::Write as _,
@@ -21,7 +23,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode};
-use netlab::{APP, GATEWAY_IFACE, Lab, packets::Packet};
+use netlab::{APP, GATEWAY_IFACE, Lab, RawLink, packets::Packet};
 use serde::Serialize;
 
 use crate::{
@@ -41,23 +43,41 @@ const POOLS: &str = "198.18.16.0/20";
 const SINK_PORT: u16 = 5001;
 const GATEWAY_CPU: usize = 1;
 const GENERATOR_CPU: usize = 0;
+/// The relay's veth pair in the client namespace: frames sent on the outer end reach
+/// `xdp_relay` on the inner end.
+const RELAY_OUTER: &str = "relay0";
+const RELAY_INNER: &str = "relay1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum Setup {
     NoFiltering,
     Nftables,
     Sessiongate,
+    /// An XDP program that drops every frame unread: what receiving and freeing a
+    /// frame costs on its own, measured for the refused SYNs only.
+    DropAll,
 }
 
 impl Setup {
-    pub const ALL: [Self; 3] = [Self::NoFiltering, Self::Nftables, Self::Sessiongate];
+    pub const ALL: [Self; 4] = [
+        Self::NoFiltering,
+        Self::Nftables,
+        Self::Sessiongate,
+        Self::DropAll,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             Self::NoFiltering => "no filtering",
             Self::Nftables => "nftables",
             Self::Sessiongate => "sessiongate",
+            Self::DropAll => "dropping every frame unread",
         }
+    }
+
+    /// The traffics this setup is measured with.
+    fn measures(self, traffic: Traffic) -> bool {
+        self != Self::DropAll || traffic == Traffic::ExpiredSyns
     }
 }
 
@@ -168,8 +188,10 @@ impl FloodResult {
 pub struct FloodReport {
     /// Seconds each measurement lasts.
     pub seconds: f64,
-    /// `live frames` (BPF_PROG_TEST_RUN) or `AF_PACKET` where the kernel refuses those.
+    /// `live frames` (BPF_PROG_TEST_RUN) or `relay` where the kernel refuses those.
     pub generator: &'static str,
+    /// Frames the relay sends per frame it receives.
+    pub relay_fanout: u32,
     pub rounds: usize,
     pub results: Vec<FloodResult>,
 }
@@ -183,11 +205,14 @@ pub fn run(
     let mut results: Vec<FloodResult> = Setup::ALL
         .iter()
         .flat_map(|&setup| {
-            Traffic::ALL.iter().map(move |&traffic| FloodResult {
-                traffic,
-                setup,
-                rounds: Vec::new(),
-            })
+            Traffic::ALL
+                .iter()
+                .filter(move |&&traffic| setup.measures(traffic))
+                .map(move |&traffic| FloodResult {
+                    traffic,
+                    setup,
+                    rounds: Vec::new(),
+                })
         })
         .collect();
     for round in 0..rounds {
@@ -197,12 +222,13 @@ pub fn run(
         lab.gateway
             .ip(&format!("route add {POOLS} dev {GATEWAY_IFACE}"));
         lab.server.ip(&format!("route add blackhole {POOLS}"));
+        let source = Source::new(&lab, programs)?;
         for i in 0..Setup::ALL.len() {
             let setup = Setup::ALL[(i + round) % Setup::ALL.len()];
             eprintln!("bench: end to end, round {}, {}", round + 1, setup.name());
             let gateway = Gateway::prepare(&lab, setup, programs)?;
-            for traffic in Traffic::ALL {
-                let measured = gateway.flood(&lab, programs, traffic, seconds)?;
+            for traffic in Traffic::ALL.into_iter().filter(|&t| setup.measures(t)) {
+                let measured = gateway.flood(&lab, programs, &source, traffic, seconds)?;
                 results
                     .iter_mut()
                     .find(|r| r.setup == setup && r.traffic == traffic)
@@ -212,10 +238,12 @@ pub fn run(
             }
             gateway.finish(&lab, programs)?;
         }
+        source.finish(programs)?;
     }
     Ok(FloodReport {
         seconds,
         generator: generator_used(),
+        relay_fanout: programs.relay_fanout(),
         rounds,
         results,
     })
@@ -236,16 +264,20 @@ impl Gateway {
                 Some(agent)
             }
             Setup::Nftables => {
-                attach_pass(lab, programs)?;
+                attach(lab, programs, "xdp_pass")?;
                 load_nftables(lab)?;
                 None
             }
             Setup::NoFiltering => {
-                attach_pass(lab, programs)?;
+                attach(lab, programs, "xdp_pass")?;
+                None
+            }
+            Setup::DropAll => {
+                attach(lab, programs, "xdp_drop")?;
                 None
             }
         };
-        pin_napi_thread(lab)?;
+        pin_napi_thread(&lab.gateway, GATEWAY_IFACE, GATEWAY_CPU)?;
         Ok(Self { setup, agent })
     }
 
@@ -259,9 +291,9 @@ impl Gateway {
             }
             Setup::Nftables => {
                 output(lab.gateway.command("nft").args(["flush", "ruleset"]))?;
-                detach_pass(programs)?;
+                programs.detach_attached()?;
             }
-            Setup::NoFiltering => detach_pass(programs)?,
+            Setup::NoFiltering | Setup::DropAll => programs.detach_attached()?,
         }
         Ok(())
     }
@@ -270,18 +302,18 @@ impl Gateway {
         &self,
         lab: &Lab,
         programs: &mut BenchPrograms,
+        source: &Source,
         traffic: Traffic,
         seconds: f64,
     ) -> anyhow::Result<Round> {
         let packet = frame(lab, traffic)?;
-        let ifindex = ifindex(lab, "cli0")?;
         let generator = programs.generator(traffic.generator())?;
         // Warm up: admits the UDP flows, fills caches and conntrack.
-        generate(lab, generator, &packet, ifindex, 0.1 + seconds / 5.0)?;
+        source.generate(lab, generator, &packet, 0.1 + seconds / 5.0)?;
         thread::sleep(Duration::from_millis(100));
         let before = (rx_packets(lab)?, cpu_busy_ticks(GATEWAY_CPU)?);
         let started = Instant::now();
-        generate(lab, generator, &packet, ifindex, seconds)?;
+        source.generate(lab, generator, &packet, seconds)?;
         // Let the gateway drain its queue before reading the counters.
         thread::sleep(Duration::from_millis(50));
         let elapsed = started.elapsed().as_secs_f64();
@@ -368,41 +400,36 @@ fn load_nftables(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The do-nothing XDP program on the gateway's device side: frames then take the path
-/// a NIC driver's would, into socket buffers for the stack.
-fn attach_pass(lab: &Lab, programs: &mut BenchPrograms) -> anyhow::Result<()> {
+/// One of the benchmark's programs on the gateway's device side. With `xdp_pass`,
+/// frames take the path a NIC driver's would, into socket buffers for the stack.
+fn attach(lab: &Lab, programs: &mut BenchPrograms, program: &'static str) -> anyhow::Result<()> {
     lab.gateway
-        .run(|| programs.attach_floor(GATEWAY_IFACE, XdpMode::Driver))
-        .context("attaching the do-nothing program")
+        .run(|| programs.attach(program, GATEWAY_IFACE, XdpMode::Driver))
+        .with_context(|| format!("attaching {program}"))
 }
 
-fn detach_pass(programs: &mut BenchPrograms) -> anyhow::Result<()> {
-    programs.detach_floor()
-}
-
-/// Turns on threaded NAPI for the gateway's device-side veth and pins its thread to
-/// the gateway CPU.
-fn pin_napi_thread(lab: &Lab) -> anyhow::Result<()> {
-    output(lab.gateway.command("sh").args([
-        "-c",
-        &format!("echo 1 > /sys/class/net/{GATEWAY_IFACE}/threaded"),
-    ]))
-    .context("enabling threaded NAPI")?;
-    let prefix = format!("napi/{GATEWAY_IFACE}-");
+/// Turns on threaded NAPI for `device` in `ns` and pins its thread to `cpu`.
+fn pin_napi_thread(ns: &netlab::Netns, device: &str, cpu: usize) -> anyhow::Result<()> {
+    output(
+        ns.command("sh")
+            .args(["-c", &format!("echo 1 > /sys/class/net/{device}/threaded")]),
+    )
+    .with_context(|| format!("enabling threaded NAPI on {device}"))?;
+    let prefix = format!("napi/{device}-");
     let mut pinned = 0;
     for entry in fs::read_dir("/proc")?.filter_map(Result::ok) {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        // Every lab names its device alike; the benchmark runs one lab at a time.
+        // Every lab names its devices alike; the benchmark runs one lab at a time.
         if comm.trim().starts_with(&prefix) {
-            crate::pin_to_cpu_pid(pid, GATEWAY_CPU);
+            crate::pin_to_cpu_pid(pid, cpu);
             pinned += 1;
         }
     }
     if pinned == 0 {
-        bail!("no NAPI thread for {GATEWAY_IFACE}");
+        bail!("no NAPI thread for {device}");
     }
     Ok(())
 }
@@ -446,49 +473,42 @@ fn rx_packets(lab: &Lab) -> anyhow::Result<u64> {
 }
 
 /// Set once a kernel refuses BPF_PROG_TEST_RUN's live-frames mode (some sandboxed
-/// kernels answer EPERM): the generator is then an AF_PACKET socket on the client's
-/// veth, slower but on the same receive path at the gateway.
+/// kernels answer EPERM): the generator is then the relay.
 static LIVE_FRAMES_REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// Which generator the measurements used, for the report.
-pub fn generator_used() -> &'static str {
+fn generator_used() -> &'static str {
     if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
-        "AF_PACKET"
+        "relay"
     } else {
         "live frames"
     }
 }
 
-/// Sends frames from the client's veth for `seconds`, from CPU 0.
-fn generate(
-    lab: &Lab,
-    generator: &Xdp,
-    packet: &[u8],
-    ifindex: u32,
-    seconds: f64,
-) -> anyhow::Result<()> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex. The kernel wants data_end to be the frame's length and no
-    // metadata.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let live = lab.client.run(|| {
-        crate::pin_to_cpu(GENERATOR_CPU);
-        while !LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let sent = generator.test_run(TestRunOptions {
-                data_in: Some(packet),
-                ctx_in: Some(&ctx),
-                repeat: 100_000,
-                attrs: TestRunAttrs::new().xdp_live_frames(64),
-                ..Default::default()
-            });
-            match sent {
-                Ok(_) => {}
+/// Where a lab's flood comes from, on CPU 0.
+enum Source {
+    /// `xdp_generate` in live-frames mode on the client's veth.
+    LiveFrames { ifindex: u32 },
+    /// An AF_PACKET socket on the relay pair's outer end; `xdp_relay` on its inner end
+    /// rewrites each frame as `xdp_generate` would and redirects it to the client's
+    /// veth, which hands it to the gateway's veth as an XDP frame.
+    Relay(RawLink),
+}
+
+impl Source {
+    /// Live frames if the kernel runs them (tried once per benchmark), else the relay,
+    /// set up in `lab`'s client namespace.
+    fn new(lab: &Lab, programs: &mut BenchPrograms) -> anyhow::Result<Self> {
+        let ifindex = ifindex(lab, "cli0")?;
+        if !LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
+            let traffic = Traffic::ValidSyns;
+            let packet = frame(lab, traffic)?;
+            let generator = programs.generator(traffic.generator())?;
+            match lab.client.run(|| send_live(generator, &packet, ifindex, 1)) {
+                Ok(()) => return Ok(Self::LiveFrames { ifindex }),
                 Err(e) if is_permission_denied(&e) => {
                     eprintln!(
-                        "bench: this kernel refuses BPF_PROG_TEST_RUN live frames ({e}); generating with an AF_PACKET socket instead"
+                        "bench: this kernel refuses BPF_PROG_TEST_RUN live frames ({e}); relaying frames from an AF_PACKET socket instead"
                     );
                     LIVE_FRAMES_REFUSED.store(true, Ordering::Relaxed);
                 }
@@ -498,22 +518,77 @@ fn generate(
                 }
             }
         }
-        Ok(())
-    });
-    live?;
-    if LIVE_FRAMES_REFUSED.load(Ordering::Relaxed) {
-        let link = lab.client_generator();
+        lab.client.ip(&format!(
+            "link add {RELAY_OUTER} type veth peer name {RELAY_INNER}"
+        ));
+        lab.client.ip(&format!("link set {RELAY_OUTER} up"));
+        lab.client.ip(&format!("link set {RELAY_INNER} up"));
+        lab.client
+            .run(|| programs.attach_relay(RELAY_INNER, ifindex))
+            .context("attaching the relay")?;
+        Ok(Self::Relay(lab.client_generator(RELAY_OUTER)))
+    }
+
+    /// Sends frames toward the gateway for `seconds`.
+    fn generate(
+        &self,
+        lab: &Lab,
+        generator: &Xdp,
+        packet: &[u8],
+        seconds: f64,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         lab.client.run(|| {
             crate::pin_to_cpu(GENERATOR_CPU);
             while Instant::now() < deadline {
-                for _ in 0..16 {
-                    // A full transmit queue drops frames, as a NIC would.
-                    let _ = link.send_copies(packet, 64);
+                match self {
+                    Self::LiveFrames { ifindex } => {
+                        send_live(generator, packet, *ifindex, 100_000)
+                            .context("generating frames (BPF_PROG_TEST_RUN live frames)")?;
+                    }
+                    Self::Relay(link) => {
+                        for _ in 0..16 {
+                            // A full transmit queue drops frames, as a NIC would.
+                            let _ = link.send_copies(packet, 64);
+                        }
+                    }
                 }
             }
-        });
+            Ok(())
+        })
     }
-    Ok(())
+
+    fn finish(self, programs: &mut BenchPrograms) -> anyhow::Result<()> {
+        match self {
+            Self::LiveFrames { .. } => Ok(()),
+            // The pair goes with the lab's namespace.
+            Self::Relay(_) => programs.detach_relay(),
+        }
+    }
+}
+
+/// `repeat` frames from the generator in live-frames mode, transmitted by `ifindex`.
+fn send_live(
+    generator: &Xdp,
+    packet: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(), aya::programs::ProgramError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex. The kernel wants data_end to be the frame's length and no
+    // metadata.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    generator
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx),
+            repeat,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..Default::default()
+        })
+        .map(|_| ())
 }
 
 fn is_permission_denied(e: &aya::programs::ProgramError) -> bool {

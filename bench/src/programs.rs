@@ -1,10 +1,10 @@
-//! The benchmark's own XDP programs (`bench/ebpf`): the do-nothing floor and the
-//! packet generator.
+//! The benchmark's own XDP programs (`bench/ebpf`): the do-nothing floor, the
+//! packet generator and its relay.
 
 use anyhow::{Context as _, ensure};
 use aya::{
     Ebpf, Pod,
-    maps::{Array, MapData},
+    maps::{Array, DevMap, MapData},
     programs::{
         Xdp,
         xdp::{XdpLinkId, XdpMode},
@@ -46,8 +46,11 @@ const REFUSAL_PARTS: [(&str, &str); 3] = [
 pub struct BenchPrograms {
     ebpf: Ebpf,
     config: Array<MapData, GenConfig>,
-    /// The floor program's attachment, if attached.
-    floor_link: Option<XdpLinkId>,
+    relay_to: DevMap<MapData>,
+    /// The program attached with `attach`, and its attachment.
+    attached: Option<(&'static str, XdpLinkId)>,
+    /// The relay's attachment, if attached.
+    relay_link: Option<XdpLinkId>,
 }
 
 impl BenchPrograms {
@@ -58,7 +61,10 @@ impl BenchPrograms {
         );
         let mut ebpf = Ebpf::load(OBJECT).context("loading the benchmark's programs")?;
         let parts = REFUSAL_PARTS.iter().map(|(name, _)| *name);
-        for name in ["xdp_pass", "xdp_generate"].into_iter().chain(parts) {
+        for name in ["xdp_pass", "xdp_drop", "xdp_generate", "xdp_relay"]
+            .into_iter()
+            .chain(parts)
+        {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .with_context(|| format!("no program {name}"))?
@@ -66,10 +72,13 @@ impl BenchPrograms {
             program.load()?;
         }
         let config = Array::try_from(ebpf.take_map("GEN_CONFIG").context("GEN_CONFIG")?)?;
+        let relay_to = DevMap::try_from(ebpf.take_map("RELAY_TO").context("RELAY_TO")?)?;
         Ok(Self {
             ebpf,
             config,
-            floor_link: None,
+            relay_to,
+            attached: None,
+            relay_link: None,
         })
     }
 
@@ -95,31 +104,67 @@ impl BenchPrograms {
         self.program("xdp_pass")
     }
 
-    /// Attaches the do-nothing program to `interface` (in the calling thread's network
-    /// namespace).
-    pub fn attach_floor(&mut self, interface: &str, mode: XdpMode) -> anyhow::Result<()> {
-        let program: &mut Xdp = self
+    /// Attaches `program` (`xdp_pass` or `xdp_drop`) to `interface` (in the calling
+    /// thread's network namespace).
+    pub fn attach(
+        &mut self,
+        program: &'static str,
+        interface: &str,
+        mode: XdpMode,
+    ) -> anyhow::Result<()> {
+        ensure!(self.attached.is_none(), "a program is attached already");
+        let xdp: &mut Xdp = self
             .ebpf
-            .program_mut("xdp_pass")
-            .expect("loaded")
+            .program_mut(program)
+            .with_context(|| format!("no program {program}"))?
             .try_into()?;
-        self.floor_link = Some(program.attach(interface, mode)?);
+        self.attached = Some((program, xdp.attach(interface, mode)?));
         Ok(())
     }
 
-    pub fn detach_floor(&mut self) -> anyhow::Result<()> {
-        if let Some(link) = self.floor_link.take() {
-            let program: &mut Xdp = self
-                .ebpf
-                .program_mut("xdp_pass")
-                .expect("loaded")
-                .try_into()?;
+    /// Detaches what `attach` attached.
+    pub fn detach_attached(&mut self) -> anyhow::Result<()> {
+        match self.attached.take() {
+            Some((program, link)) => self.detach(program, Some(link)),
+            None => Ok(()),
+        }
+    }
+
+    /// Attaches the relay to `interface` (in the calling thread's network namespace):
+    /// each frame it receives is rewritten as the generator's last configuration says
+    /// (`generator`) and sent out of the interface `target`, as an XDP frame.
+    pub fn attach_relay(&mut self, interface: &str, target: u32) -> anyhow::Result<()> {
+        for index in 0..self.relay_to.len() {
+            self.relay_to.set(index, target, None, 0)?;
+        }
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("xdp_relay")
+            .expect("loaded")
+            .try_into()?;
+        self.relay_link = Some(program.attach(interface, XdpMode::Driver)?);
+        Ok(())
+    }
+
+    /// Frames the relay sends per frame it receives (`RELAY_TO`'s size).
+    pub fn relay_fanout(&self) -> u32 {
+        self.relay_to.len()
+    }
+
+    pub fn detach_relay(&mut self) -> anyhow::Result<()> {
+        let link = self.relay_link.take();
+        self.detach("xdp_relay", link)
+    }
+
+    fn detach(&mut self, name: &str, link: Option<XdpLinkId>) -> anyhow::Result<()> {
+        if let Some(link) = link {
+            let program: &mut Xdp = self.ebpf.program_mut(name).expect("loaded").try_into()?;
             program.detach(link)?;
         }
         Ok(())
     }
 
-    /// The generator, configured for the next run.
+    /// The generator, configured for the next run (of it or of the relay).
     pub fn generator(&mut self, config: GenConfig) -> anyhow::Result<&Xdp> {
         self.config.set(0, config, 0)?;
         Ok(self.program("xdp_generate"))

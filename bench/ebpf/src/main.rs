@@ -1,5 +1,7 @@
 //! XDP programs used only by `cargo xtask bench`:
 //! - `xdp_pass`, the do-nothing program every per-packet cost is measured against;
+//! - `xdp_drop`, which drops every frame unread: the least a refusal can cost end to
+//!   end, the floor of the flood's measurements;
 //! - `xdp_generate`, a packet generator. Run with BPF_PROG_TEST_RUN in live-frames mode
 //!   on the client's interface, it rewrites the source address and port of each frame
 //!   (with correct checksums) and transmits it, at rates no userspace generator here
@@ -16,9 +18,9 @@ use agent_common::{
     verdict::counter,
 };
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_BROADCAST, xdp_action},
     macros::{map, xdp},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, DevMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 
@@ -54,6 +56,11 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
+pub fn xdp_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
+#[xdp]
 pub fn xdp_generate(ctx: XdpContext) -> u32 {
     match generate(&ctx) {
         Some(()) => xdp_action::XDP_TX,
@@ -72,6 +79,25 @@ static PART_EVENT_LIMIT: Array<EventLimitSlot> = Array::with_max_entries(1 << 20
 
 #[map]
 static PART_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// `RELAY_TO`: DEVMAP, every entry set by the benchmark to the client's veth: a frame
+/// broadcast to all of them leaves it `RELAY_FANOUT` times.
+#[map]
+static RELAY_TO: DevMap = DevMap::with_max_entries(RELAY_FANOUT, 0);
+
+/// Frames the relay sends per frame it receives: enough that its rate exceeds what the
+/// gateway takes in, whatever the userspace sender feeding it manages.
+pub const RELAY_FANOUT: u32 = 32;
+
+#[xdp]
+pub fn xdp_relay(ctx: XdpContext) -> u32 {
+    match generate(&ctx) {
+        Some(()) => RELAY_TO
+            .redirect(0, u64::from(BPF_F_BROADCAST))
+            .unwrap_or(xdp_action::XDP_DROP),
+        None => xdp_action::XDP_DROP,
+    }
+}
 
 /// A policy's refusal counter: one per-CPU array increment.
 #[xdp]

@@ -24,13 +24,13 @@ impl Lab {
             .expect("AF_PACKET socket on cli0")
     }
 
-    /// A send-only raw socket on the client's interface, for a packet generator: it
-    /// receives nothing (a receiving one gets a copy of every frame it sends) and
-    /// skips the queueing discipline, as pktgen and trafgen do.
-    pub fn client_generator(&self) -> RawLink {
+    /// A send-only raw socket on `interface` in the client namespace, for a packet
+    /// generator: it receives nothing (a receiving one gets a copy of every frame it
+    /// sends) and skips the queueing discipline, as pktgen and trafgen do.
+    pub fn client_generator(&self, interface: &str) -> RawLink {
         self.client
-            .run(|| RawLink::open_sender("cli0"))
-            .expect("send-only AF_PACKET socket on cli0")
+            .run(|| RawLink::open_sender(interface))
+            .unwrap_or_else(|e| panic!("send-only AF_PACKET socket on {interface}: {e}"))
     }
 }
 
