@@ -55,8 +55,8 @@ pub fn targets(p: &ProgRunReport, targets: &mut Vec<Target>) {
 pub fn section(p: &ProgRunReport, md: &mut String) {
     let _ = writeln!(
         md,
-        "## Per-packet cost (BPF_PROG_TEST_RUN)\n\nThe kernel runs each program on one packet {} times and reports the mean; each figure is the median of {} such measurements. The do-nothing program (the floor of the method) is measured back to back with sessiongate on the same packet, and the ratio is taken per pair so that drift of the shared machine cancels. xdp-filter (Debian's xdp-tools) runs with all its features on the same packets. Every path's verdict is checked before it is timed.\n",
-        p.repeat, p.runs
+        "## Per-packet cost (BPF_PROG_TEST_RUN)\n\nThe kernel runs each program on one packet {} times; the mean per run is the benchmark thread's CPU time over the call, less that of a call of two runs (the fixed cost of a call), divided by the repeat count, and each figure is the median of {} such measurements. The kernel's own figure is whole nanoseconds, truncated; {} of the {} calls were more than half a nanosecond below it or 1.5 above, and for those the kernel's figure is used. The do-nothing program (the floor of the method) is measured back to back with sessiongate on the same packet, and the ratio is taken per pair so that drift of the shared machine cancels. xdp-filter (Debian's xdp-tools) runs with all its features on the same packets. Every path's verdict is checked before it is timed.\n",
+        p.repeat, p.runs, p.kernel_figures, p.measurements
     );
     for size in &p.sizes {
         let _ = writeln!(
@@ -67,7 +67,7 @@ pub fn section(p: &ProgRunReport, md: &mut String) {
         for r in p.results.iter().filter(|r| r.size == size.label) {
             let _ = writeln!(
                 md,
-                "| {}{} | {:.0} | {:.0} | {:.2} ({:.2}-{:.2}) | {} |",
+                "| {}{} | {:.1} | {:.1} | {:.2} ({:.2}-{:.2}) | {} |",
                 r.path,
                 if r.new_flow { " *" } else { "" },
                 r.sessiongate.median,
@@ -76,7 +76,7 @@ pub fn section(p: &ProgRunReport, md: &mut String) {
                 r.ratio.min,
                 r.ratio.max,
                 r.xdp_filter
-                    .map_or("-".into(), |x| format!("{:.0}", x.median))
+                    .map_or("-".into(), |x| format!("{:.1}", x.median))
             );
         }
         md.push('\n');
@@ -108,7 +108,7 @@ fn refusal_parts(p: &ProgRunReport, md: &mut String) {
     // medians taken in different loops.
     let _ = writeln!(
         md,
-        "| a refused SYN beyond an admitted one (fastest runs: {:.0} - {:.0} ns) | {:.1} |",
+        "| a refused SYN beyond an admitted one (fastest runs: {:.1} - {:.1} ns) | {:.1} |",
         refused.sessiongate.min,
         admitted.sessiongate.min,
         refused.sessiongate.min - admitted.sessiongate.min
