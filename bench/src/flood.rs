@@ -53,8 +53,9 @@ pub enum Setup {
     NoFiltering,
     Nftables,
     Sessiongate,
-    /// An XDP program that drops every frame unread: what receiving and freeing a
-    /// frame costs on its own, measured for the refused SYNs only.
+    /// An XDP program that reads each frame's Ethernet header and drops it: what
+    /// receiving, reading and freeing a frame costs on its own, measured for the
+    /// refused SYNs only.
     DropAll,
 }
 
@@ -71,7 +72,7 @@ impl Setup {
             Self::NoFiltering => "no filtering",
             Self::Nftables => "nftables",
             Self::Sessiongate => "sessiongate",
-            Self::DropAll => "dropping every frame unread",
+            Self::DropAll => "dropping every frame after its Ethernet header",
         }
     }
 
