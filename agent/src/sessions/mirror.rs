@@ -75,36 +75,38 @@ impl<K: KernelSessions> SessionMirror<K> {
         let clock = ClockPair::now();
         let boot_id = store.boot_id().to_string();
         let mut removed = 0;
-        // The kernel's time of each device the store has, where it has one copy.
-        let mut in_kernel = hashbrown::HashMap::new();
+        // The kernel's time of each of the store's rows (in the order of
+        // `kernel_values`) that has a copy there; `NO_TIME` where it has two.
+        let mut in_kernel: Vec<Option<i64>> = Vec::new();
         if adopted {
             let held = kernel.kernel_sessions()?;
-            in_kernel.reserve(held.len());
+            in_kernel = vec![None; store.len()];
             for (ip, session) in held {
-                if store.table().contains(&ip) {
-                    // The sessions in the kernel hold identity slots the store does not
-                    // know.
-                    store.note_slot(&ip, session.identity);
-                    // Listed twice (two table entries): rewritten, which clears one.
-                    in_kernel
-                        .entry(ip)
-                        .and_modify(|at| *at = NO_TIME)
-                        .or_insert(session.authenticated_at_ns);
-                } else {
-                    kernel.remove_session(ip)?;
-                    removed += 1;
+                // The sessions in the kernel hold identity slots the store does not
+                // know.
+                match store.note_slot(&ip, session.identity) {
+                    Some(row) => {
+                        // Listed twice (two table entries): rewritten, which clears one.
+                        in_kernel[row] = match in_kernel[row] {
+                            None => Some(session.authenticated_at_ns),
+                            Some(_) => Some(NO_TIME),
+                        };
+                    }
+                    None => {
+                        kernel.remove_session(ip)?;
+                        removed += 1;
+                    }
                 }
             }
         }
         let started = std::time::Instant::now();
         let mut sessions = store.table().kernel_values(&clock, &boot_id);
         if adopted {
-            let mut recorded = store.table().boot_times_recorded(&boot_id).into_iter();
-            sessions.retain(|(ip, session, _, _)| {
-                let recorded = recorded.next().unwrap_or(true);
-                !in_kernel
-                    .get(ip)
-                    .is_some_and(|&at| same_time(at, session.authenticated_at_ns, recorded))
+            let recorded = store.table().boot_times_recorded(&boot_id);
+            let mut rows = in_kernel.iter().zip(recorded);
+            sessions.retain(|(_, session, _, _)| {
+                let (at, recorded) = rows.next().expect("one per row");
+                !at.is_some_and(|at| same_time(at, session.authenticated_at_ns, recorded))
             });
         }
         drop(in_kernel);

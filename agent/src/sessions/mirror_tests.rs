@@ -310,6 +310,46 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
 }
 
 #[test]
+fn an_adopted_device_listed_twice_is_rewritten_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SessionStore::open(dir.path()).unwrap();
+    let kernel = SharedKernel::default();
+    let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
+    let dave = mirror
+        .login(
+            &request("198.18.1.30", "dave@example.com"),
+            &ClockPair::now(),
+        )
+        .unwrap();
+    let erin = mirror
+        .login(
+            &request("198.18.1.31", "erin@example.com"),
+            &ClockPair::now(),
+        )
+        .unwrap();
+    mirror.close();
+    drop(mirror);
+    // An agent killed mid-renewal left dave two entries, both with the journal's time.
+    let held = |ip: IpAddr| kernel.with(|k| k.sessions[&ip]);
+    let (dave_before, erin_before) = (held(dave.ip), held(erin.ip));
+    kernel.with(|k| k.duplicates.insert(dave.ip, dave_before));
+    let store = SessionStore::open(dir.path()).unwrap();
+    let (_mirror, removed) = SessionMirror::start(store, kernel.clone(), dir.path(), true).unwrap();
+    assert_eq!(removed, 0);
+    let dave_after = held(dave.ip);
+    assert_eq!(
+        dave_after.authenticated_at_ns,
+        dave_before.authenticated_at_ns
+    );
+    assert_ne!(dave_after.identity, dave_before.identity, "rewritten");
+    assert!(
+        kernel.with(|k| k.duplicates.is_empty()),
+        "the rewrite cleared the second entry"
+    );
+    assert_eq!(held(erin.ip), erin_before, "listed once: left as it is");
+}
+
+#[test]
 fn an_adopted_session_of_an_earlier_boot_is_kept_within_the_conversion_slack() {
     let dir = tempfile::tempdir().unwrap();
     let store = SessionStore::open(dir.path()).unwrap();

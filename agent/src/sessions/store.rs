@@ -97,9 +97,11 @@ impl SessionStore {
         self.sessions.is_empty()
     }
 
-    /// Notes the identity slot the kernel's copy of the device's session holds (start-up).
-    pub(super) fn note_slot(&mut self, ip: &IpAddr, slot: u32) {
-        self.sessions.set_slot(ip, slot);
+    /// Notes the identity slot the kernel's copy of the device's session holds
+    /// (start-up); returns the device's row in the order of
+    /// `SessionTable::kernel_values`, or `None` if the store has no session for it.
+    pub(super) fn note_slot(&mut self, ip: &IpAddr, slot: u32) -> Option<usize> {
+        self.sessions.set_slot(ip, slot)
     }
 
     /// Notes every session's slot, in the order of `SessionTable::kernel_values`

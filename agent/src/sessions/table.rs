@@ -210,10 +210,11 @@ impl SessionTable {
     }
 
     /// Notes the slot the kernel's copy of the device's session holds now.
-    pub fn set_slot(&mut self, ip: &IpAddr, slot: u32) {
-        if let Some(at) = self.find(ip) {
-            self.rows[at].slot = slot;
-        }
+    /// Returns the device's row, in the order of `kernel_values`, if it has one.
+    pub fn set_slot(&mut self, ip: &IpAddr, slot: u32) -> Option<usize> {
+        let at = self.find(ip)?;
+        self.rows[at].slot = slot;
+        Some(at)
     }
 
     /// Notes the kernel slots of every row at once, in the order of `kernel_values`

@@ -59,6 +59,10 @@ pub struct FakeKernel {
     last_slot: u32,
     /// Masks written by the last `prepare_identities`, by slot.
     pub prepared: BTreeMap<u32, u64>,
+    /// Second entries of devices (an agent killed between a renewal's two writes
+    /// leaves one): listed again by `kernel_sessions`, gone with the device's next
+    /// write or removal.
+    pub duplicates: BTreeMap<IpAddr, Session>,
 }
 
 impl FakeKernel {
@@ -98,12 +102,14 @@ impl KernelSessions for FakeKernel {
         self.check()?;
         let session = self.fresh(session);
         self.sessions.insert(ip, session);
+        self.duplicates.remove(&ip);
         Ok(session.identity)
     }
 
     fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
         self.check()?;
         self.sessions.remove(&ip);
+        self.duplicates.remove(&ip);
         Ok(())
     }
 
@@ -124,6 +130,7 @@ impl KernelSessions for FakeKernel {
             assert_eq!(*previous, held, "the store's slot for {ip}");
             let session = self.fresh(*session);
             self.sessions.insert(*ip, session);
+            self.duplicates.remove(ip);
             slots.push(session.identity);
         }
         Ok(slots)
@@ -131,7 +138,12 @@ impl KernelSessions for FakeKernel {
 
     fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
         self.check()?;
-        Ok(self.sessions.iter().map(|(ip, s)| (*ip, *s)).collect())
+        Ok(self
+            .sessions
+            .iter()
+            .chain(&self.duplicates)
+            .map(|(ip, s)| (*ip, *s))
+            .collect())
     }
 
     fn prepare_identities(
