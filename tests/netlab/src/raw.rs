@@ -1,5 +1,6 @@
-//! Raw frames on the client's interface (`cli0`): sent as a device would send them
-//! (a packet generator's view), and captured as the client receives them.
+//! Raw frames in the client namespace: sent as a device would send them (a packet
+//! generator's view), and captured on its interface (`cli0`) as the client receives
+//! them.
 
 use std::{
     io,
@@ -11,7 +12,7 @@ use crate::Lab;
 
 const ETH_P_ALL: u16 = 0x0003;
 
-/// An AF_PACKET socket bound to `cli0`.
+/// An AF_PACKET socket bound to an interface of the client namespace.
 pub struct RawLink {
     fd: OwnedFd,
 }
