@@ -247,26 +247,27 @@ fn a_snapshot_removes_adds_and_falls_back_to_one_device_at_a_time() {
     );
 }
 
-#[test]
-fn an_adopted_kernel_is_made_equal_to_the_journal() {
+/// The journal and kernel an agent left after logging in one device for each
+/// `(address, user)` and stopping, with the records it wrote.
+fn left_by_logins(
+    logins: [(&str, &str); 2],
+) -> (tempfile::TempDir, SharedKernel, [SessionRecord; 2]) {
     let dir = tempfile::tempdir().unwrap();
     let store = SessionStore::open(dir.path()).unwrap();
     let kernel = SharedKernel::default();
     let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
-    let alice = mirror
-        .login(
-            &request("198.18.1.10", "alice@example.com"),
-            &ClockPair::now(),
-        )
-        .unwrap();
-    let bob = mirror
-        .login(
-            &request("198.18.1.11", "bob@example.com"),
-            &ClockPair::now(),
-        )
-        .unwrap();
+    let records =
+        logins.map(|(ip, user)| mirror.login(&request(ip, user), &ClockPair::now()).unwrap());
     mirror.close();
-    drop(mirror);
+    (dir, kernel, records)
+}
+
+#[test]
+fn an_adopted_kernel_is_made_equal_to_the_journal() {
+    let (dir, kernel, [alice, bob]) = left_by_logins([
+        ("198.18.1.10", "alice@example.com"),
+        ("198.18.1.11", "bob@example.com"),
+    ]);
     let held = |ip: &IpAddr| kernel.with(|k| k.sessions[ip]);
     let (bob_before, alice_before) = (held(&bob.ip), held(&alice.ip));
 
@@ -311,24 +312,10 @@ fn an_adopted_kernel_is_made_equal_to_the_journal() {
 
 #[test]
 fn an_adopted_device_listed_twice_is_rewritten_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SessionStore::open(dir.path()).unwrap();
-    let kernel = SharedKernel::default();
-    let (mirror, _) = SessionMirror::start(store, kernel.clone(), dir.path(), false).unwrap();
-    let dave = mirror
-        .login(
-            &request("198.18.1.30", "dave@example.com"),
-            &ClockPair::now(),
-        )
-        .unwrap();
-    let erin = mirror
-        .login(
-            &request("198.18.1.31", "erin@example.com"),
-            &ClockPair::now(),
-        )
-        .unwrap();
-    mirror.close();
-    drop(mirror);
+    let (dir, kernel, [dave, erin]) = left_by_logins([
+        ("198.18.1.30", "dave@example.com"),
+        ("198.18.1.31", "erin@example.com"),
+    ]);
     // An agent killed mid-renewal left dave two entries, both with the journal's time.
     let held = |ip: IpAddr| kernel.with(|k| k.sessions[&ip]);
     let (dave_before, erin_before) = (held(dave.ip), held(erin.ip));
