@@ -113,12 +113,7 @@ impl BenchPrograms {
         mode: XdpMode,
     ) -> anyhow::Result<()> {
         ensure!(self.attached.is_none(), "a program is attached already");
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(program)
-            .with_context(|| format!("no program {program}"))?
-            .try_into()?;
-        self.attached = Some((program, xdp.attach(interface, mode)?));
+        self.attached = Some((program, self.attach_program(program, interface, mode)?));
         Ok(())
     }
 
@@ -137,12 +132,7 @@ impl BenchPrograms {
         for index in 0..self.relay_to.len() {
             self.relay_to.set(index, target, None, 0)?;
         }
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut("xdp_relay")
-            .expect("loaded")
-            .try_into()?;
-        self.relay_link = Some(program.attach(interface, XdpMode::Driver)?);
+        self.relay_link = Some(self.attach_program("xdp_relay", interface, XdpMode::Driver)?);
         Ok(())
     }
 
@@ -154,6 +144,20 @@ impl BenchPrograms {
     pub fn detach_relay(&mut self) -> anyhow::Result<()> {
         let link = self.relay_link.take();
         self.detach("xdp_relay", link)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &str,
+        interface: &str,
+        mode: XdpMode,
+    ) -> anyhow::Result<XdpLinkId> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        Ok(program.attach(interface, mode)?)
     }
 
     fn detach(&mut self, name: &str, link: Option<XdpLinkId>) -> anyhow::Result<()> {
