@@ -34,7 +34,7 @@ use netlab::{packets::*, privileged};
 use sessiongate::{
     clock::{ClockPair, boot_now_ns},
     config::{Identity, Limits},
-    datapath::Geometry,
+    datapath::{Datapath, Geometry, Origin},
 };
 
 use crate::harness::*;
@@ -846,6 +846,74 @@ fn sessions_only_in_the_session_table_are_listed_and_removed() {
         h.sessions.kernel_sessions().unwrap().len(),
         harness_devices + devices.len() - 4
     );
+}
+
+#[test]
+fn an_adopted_datapath_hands_over_the_sessions_it_read_until_a_write_makes_them_stale() {
+    if !privileged!() {
+        return;
+    }
+    // An adoption reads the pinned session maps when it opens them (to count the
+    // devices and find the identity slots in use); the session mirror takes that list
+    // instead of reading a million entries again, unless something was written since.
+    let dir = tempfile::tempdir().unwrap();
+    let bpf = netlab::BpfMount::new(dir.path().join("bpf"));
+    let pins = bpf.path.join("sessiongate");
+    let config = sessiongate::config::Config::parse(
+        &format!("[agent]\ninterfaces = [\"t0\"]\n{POLICIES}"),
+        "adoption-test",
+    )
+    .unwrap();
+    let table = sessiongate::policy::compile(&config).unwrap();
+    let limits = Limits {
+        max_sessions: 1024,
+        max_flows: 1024,
+        max_policy_cidrs: 1024,
+        max_port_rules: 1024,
+    };
+    let open = || {
+        let (mut dp, origin) = Datapath::open(&pins, &limits, false).unwrap();
+        let sessions = dp.take_sessions().unwrap();
+        (dp, origin, sessions)
+    };
+    let sorted = |mut held: Vec<(IpAddr, Session)>| {
+        held.sort_by_key(|(ip, _)| *ip);
+        held.into_iter()
+            .map(|(ip, s)| (ip, s.authenticated_at_ns, s.identity))
+            .collect::<Vec<_>>()
+    };
+    let devices = both_families(40, 0xc612_6000, 0x2001_0db8_0006);
+    let (mut dp, origin, mut sessions) = open();
+    assert!(matches!(origin, Origin::Loaded));
+    dp.maps
+        .apply(sessiongate::policy::settings(&config), &table)
+        .unwrap();
+    let batch: Vec<_> = devices
+        .iter()
+        .map(|d| (*d, aged(Duration::ZERO), DEFAULT_IDENTITY, None))
+        .collect();
+    sessions.load_sessions(&batch).unwrap();
+    let written = sorted(sessions.kernel_sessions().unwrap());
+    assert_eq!(written.len(), devices.len());
+    drop((dp, sessions));
+
+    let (_dp, origin, mut sessions) = open();
+    assert!(matches!(origin, Origin::Adopted));
+    assert_eq!(sorted(sessions.take_kernel_sessions().unwrap()), written);
+    drop((_dp, sessions));
+
+    // A login between the opening and the adoption's matching is in the list.
+    let (_dp, _, mut sessions) = open();
+    let newcomer = IpAddr::V4(Ipv4Addr::from(0xc612_6100));
+    sessions
+        .set_session(newcomer, aged(Duration::ZERO), &DEFAULT_IDENTITY)
+        .unwrap();
+    let listed = sorted(sessions.take_kernel_sessions().unwrap());
+    assert_eq!(listed.len(), devices.len() + 1);
+    assert!(listed.iter().any(|(ip, ..)| *ip == newcomer));
+    // And a second take reads the maps again.
+    sessions.remove_session(newcomer).unwrap();
+    assert_eq!(sorted(sessions.take_kernel_sessions().unwrap()), written);
 }
 
 #[test]

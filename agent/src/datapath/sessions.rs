@@ -35,6 +35,10 @@ pub struct SessionMaps {
     /// The session tables' bucket mask (buckets are a power of two).
     mask: u32,
     pub identities: Identities,
+    /// The sessions `open` read from maps an earlier agent left, until the first write
+    /// makes the list stale: an adoption takes it (`take_kernel_sessions`) instead of
+    /// reading a million entries a second time.
+    read_at_open: Option<Vec<(IpAddr, Session)>>,
 }
 
 /// A session-table entry's address type: `Ip4` or `Ip6`.
@@ -92,8 +96,12 @@ impl SessionMaps {
             v6,
             mask,
             identities: Identities::open(source, limits, &used)?,
+            read_at_open: None,
         };
         maps.count(&held);
+        if !empty {
+            maps.read_at_open = Some(held);
+        }
         Ok(maps)
     }
 
@@ -107,6 +115,7 @@ impl SessionMaps {
         mut session: Session,
         who: &Identity<'_>,
     ) -> Result<u32, DatapathError> {
+        self.read_at_open = None;
         let previous = self.session(ip)?.map(|s| s.identity);
         if previous.is_none() {
             match ip {
@@ -139,6 +148,7 @@ impl SessionMaps {
     /// Removes a device's session (absent is fine): the hash map's copy first, then the
     /// table entry; then its identity slot is freed.
     pub fn remove_session(&mut self, ip: IpAddr) -> Result<(), DatapathError> {
+        self.read_at_open = None;
         let previous = self.session(ip)?.map(|s| s.identity);
         let mask = self.mask;
         match ip {
@@ -160,6 +170,15 @@ impl SessionMaps {
         sessions_in(&self.v4, &self.v6, self.mask)
     }
 
+    /// `kernel_sessions`, or the same list as `open` read it if nothing was written
+    /// since (once).
+    pub fn take_kernel_sessions(&mut self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        match self.read_at_open.take() {
+            Some(held) => Ok(held),
+            None => self.kernel_sessions(),
+        }
+    }
+
     /// Writes many sessions at once (start-up, bulk import, benchmarks), each with a
     /// fresh identity slot for its identity (their masks written first): placed in the
     /// session tables' own memory, then what the tables could not take safely in
@@ -172,6 +191,7 @@ impl SessionMaps {
         &mut self,
         sessions: &[(IpAddr, Session, Identity<'_>, Option<u32>)],
     ) -> Result<Vec<u32>, DatapathError> {
+        self.read_at_open = None;
         let new = |v4: bool| {
             sessions
                 .iter()

@@ -30,6 +30,11 @@ pub trait KernelSessions {
     /// Devices with a session in the kernel (wherever the program would find it), with
     /// that session (its identity slot included).
     fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError>;
+    /// `kernel_sessions`, where an implementation may hand over a list it already
+    /// read, if nothing was written since.
+    fn take_kernel_sessions(&mut self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        self.kernel_sessions()
+    }
     /// Writes configuration set `set`'s identity masks for `conditions`, `masks[i]` to
     /// slot `slots[i]` (every device's), before the set is put in force.
     fn prepare_identities(
@@ -64,6 +69,10 @@ impl KernelSessions for SessionMaps {
 
     fn kernel_sessions(&self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
         SessionMaps::kernel_sessions(self)
+    }
+
+    fn take_kernel_sessions(&mut self) -> Result<Vec<(IpAddr, Session)>, DatapathError> {
+        SessionMaps::take_kernel_sessions(self)
     }
 
     fn prepare_identities(

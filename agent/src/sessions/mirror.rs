@@ -79,7 +79,7 @@ impl<K: KernelSessions> SessionMirror<K> {
         // `kernel_values`) that has a copy there; `NO_TIME` where it has two.
         let mut in_kernel: Vec<Option<i64>> = Vec::new();
         if adopted {
-            let held = kernel.kernel_sessions()?;
+            let held = kernel.take_kernel_sessions()?;
             in_kernel = vec![None; store.len()];
             for (ip, session) in held {
                 // The sessions in the kernel hold identity slots the store does not

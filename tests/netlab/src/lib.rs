@@ -312,7 +312,8 @@ pub struct BpfMount {
 }
 
 impl BpfMount {
-    fn new(path: PathBuf) -> Self {
+    /// Mounts a new bpffs at `path` (created if missing).
+    pub fn new(path: PathBuf) -> Self {
         std::fs::create_dir_all(&path).expect("bpffs mount point");
         run_ok("mount", &["-t", "bpf", "bpf", &path.to_string_lossy()]);
         Self { path }
