@@ -3,9 +3,9 @@
 //! a session holds its number. Names nobody uses any more are dropped when the table
 //! rebuilds them (`SessionTable`).
 
-use std::{hash::BuildHasher, sync::Arc};
+use std::hash::{BuildHasher, Hash, Hasher};
 
-use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// Strings, each kept once in one buffer, numbered from 0 in the order first seen.
 #[derive(Default)]
@@ -58,20 +58,27 @@ fn slice<'a>(text: &'a str, ends: &[u32], id: u32) -> &'a str {
 /// Group lists, each distinct list (in the IdP's order) kept once.
 #[derive(Default)]
 pub(super) struct GroupLists {
-    lists: Vec<Arc<[String]>>,
-    index: HashMap<Arc<[String]>, u32>,
+    lists: Vec<Box<[String]>>,
+    /// List numbers, found by the hash of their groups.
+    index: HashTable<u32>,
+    hasher: DefaultHashBuilder,
 }
 
 impl GroupLists {
-    /// The number of `groups`, added if new.
-    pub fn intern(&mut self, groups: &[String]) -> u32 {
-        if let Some(&id) = self.index.get(groups) {
+    /// The number of `groups` (`String`s or `&str`s), added if new.
+    pub fn intern<G: AsRef<str>>(&mut self, groups: &[G]) -> u32 {
+        let hash = hash_list(&self.hasher, groups);
+        let Self { lists, index, .. } = self;
+        let same = |list: &[String]| {
+            list.len() == groups.len() && list.iter().zip(groups).all(|(a, b)| a == b.as_ref())
+        };
+        if let Some(&id) = index.find(hash, |&id| same(&lists[id as usize])) {
             return id;
         }
-        let id = self.lists.len() as u32;
-        let list: Arc<[String]> = groups.into();
-        self.lists.push(Arc::clone(&list));
-        self.index.insert(list, id);
+        let id = lists.len() as u32;
+        lists.push(groups.iter().map(|g| g.as_ref().to_owned()).collect());
+        let hasher = &self.hasher;
+        index.insert_unique(hash, id, |&id| hash_list(hasher, &lists[id as usize]));
         id
     }
 
@@ -82,6 +89,16 @@ impl GroupLists {
     pub fn len(&self) -> usize {
         self.lists.len()
     }
+}
+
+/// One hash for a list of groups, the same whether they are `String`s or `&str`s.
+fn hash_list<G: AsRef<str>>(hasher: &DefaultHashBuilder, groups: &[G]) -> u64 {
+    let mut state = hasher.build_hasher();
+    groups.len().hash(&mut state);
+    for group in groups {
+        group.as_ref().hash(&mut state);
+    }
+    state.finish()
 }
 
 #[cfg(test)]
@@ -111,13 +128,17 @@ mod tests {
     #[test]
     fn group_lists_are_kept_once_in_their_order() {
         let mut lists = GroupLists::default();
-        let ab = lists.intern(&["a".into(), "b".into()]);
-        let ba = lists.intern(&["b".into(), "a".into()]);
-        let none = lists.intern(&[]);
-        assert_eq!(lists.intern(&["a".into(), "b".into()]), ab);
+        let ab = lists.intern(&["a", "b"]);
+        let ba = lists.intern(&["b", "a"]);
+        let none = lists.intern::<&str>(&[]);
+        // Owned or borrowed, the same list is the same number.
+        assert_eq!(lists.intern(&[String::from("a"), String::from("b")]), ab);
+        assert_eq!(lists.intern::<String>(&[]), none);
         assert_ne!(ab, ba);
+        // A list is not its groups run together.
+        assert_ne!(lists.intern(&["ab"]), ab);
         assert_eq!(lists.get(ba), ["b", "a"]);
         assert!(lists.get(none).is_empty());
-        assert_eq!(lists.len(), 3);
+        assert_eq!(lists.len(), 4);
     }
 }

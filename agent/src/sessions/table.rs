@@ -28,6 +28,19 @@ use crate::{
 /// dropping those no session uses any more.
 const NAMES_SLACK: usize = 4096;
 
+/// A session as `SessionTable::insert_fields` takes it: a `SessionRecord`'s fields,
+/// borrowed, where its groups may be `String`s or `&str`s (a journal line's, read in
+/// place by replay).
+pub struct Fields<'a, G> {
+    pub ip: IpAddr,
+    pub user: &'a str,
+    pub idp: &'a str,
+    pub authenticated_at: OffsetDateTime,
+    pub boot_id: &'a str,
+    pub authenticated_at_boot_ns: i64,
+    pub groups: &'a [G],
+}
+
 /// One device's session. `SessionRecord` is its owned form.
 #[derive(Clone, Copy)]
 struct Row {
@@ -173,6 +186,22 @@ impl SessionTable {
 
     /// Records (or replaces) the device's session, whose kernel copy holds `slot`.
     pub fn insert(&mut self, record: &SessionRecord, slot: u32) {
+        self.insert_fields(
+            &Fields {
+                ip: record.ip,
+                user: &record.user,
+                idp: &record.idp,
+                authenticated_at: record.authenticated_at,
+                boot_id: &record.boot_id,
+                authenticated_at_boot_ns: record.authenticated_at_boot_ns,
+                groups: &record.groups,
+            },
+            slot,
+        );
+    }
+
+    /// `insert`, from borrowed fields.
+    pub fn insert_fields<G: AsRef<str>>(&mut self, record: &Fields<'_, G>, slot: u32) {
         if self.names.len() > 2 * self.rows.len() + NAMES_SLACK
             || self.groups.len() > 2 * self.rows.len() + NAMES_SLACK
         {
@@ -180,15 +209,15 @@ impl SessionTable {
         }
         let key = key_of(&record.ip);
         let (addr, v6) = key;
-        let boot = u16::try_from(self.boots.intern(&record.boot_id)).unwrap_or(0);
+        let boot = u16::try_from(self.boots.intern(record.boot_id)).unwrap_or(0);
         let row = Row {
             addr,
             at_secs: record.authenticated_at.unix_timestamp(),
             at_boot_ns: record.authenticated_at_boot_ns,
             at_nanos: record.authenticated_at.nanosecond(),
-            user: self.names.intern(&record.user),
-            idp: self.names.intern(&record.idp),
-            groups: self.groups.intern(&record.groups),
+            user: self.names.intern(record.user),
+            idp: self.names.intern(record.idp),
+            groups: self.groups.intern(record.groups),
             slot,
             boot,
             v6,

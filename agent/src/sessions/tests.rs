@@ -200,6 +200,60 @@ fn sessions_survive_reopening_and_a_torn_last_line() {
 }
 
 #[test]
+fn sessions_with_groups_survive_reopening_inside_and_outside_a_batch() {
+    // Replay reads a login's strings in place; escaped ones, and logins held for a
+    // batch's commit, take other ways. Each comes back as it was written.
+    let dir = tempfile::tempdir().unwrap();
+    let line = |ip: &str, user: &str, groups: &str| {
+        format!(
+            r#"{{"op":"login","ip":"{ip}","user":"{user}","idp":"okta","authenticated_at":"2026-01-01T00:00:00.25Z","boot_id":"b1","authenticated_at_boot_ns":7,"groups":{groups}}}"#
+        )
+    };
+    let lines = [
+        line("198.18.0.1", "alice@example.com", r#"["staff","finance"]"#),
+        line("198.18.0.2", "bob@example.com", r#"["staff","finance"]"#),
+        line(
+            "2001:db8::3",
+            "carol@example.com",
+            r#"["fin\u0061nce","a\"b"]"#,
+        ),
+        line("198.18.0.4", r"d\u0061ve@example.com", "[]"),
+        r#"{"op":"begin","batch":1,"count":2}"#.to_string(),
+        line("198.18.0.5", "erin@example.com", r#"["ops"]"#),
+        line("198.18.0.1", "alice@example.com", r#"["finance"]"#),
+        r#"{"op":"commit","batch":1}"#.to_string(),
+    ];
+    std::fs::write(dir.path().join("sessions.jsonl"), lines.join("\n") + "\n").unwrap();
+    let store = SessionStore::open(dir.path()).unwrap();
+    let groups = |ip: &str| store.get(&ip.parse().unwrap()).unwrap().groups;
+    assert_eq!(store.len(), 5);
+    assert_eq!(
+        groups("198.18.0.1"),
+        ["finance"],
+        "the batch's login replaced it"
+    );
+    assert_eq!(groups("198.18.0.2"), ["staff", "finance"]);
+    assert_eq!(groups("2001:db8::3"), ["finance", "a\"b"]);
+    assert!(groups("198.18.0.4").is_empty());
+    assert_eq!(groups("198.18.0.5"), ["ops"]);
+    let dave = store.get(&"198.18.0.4".parse().unwrap()).unwrap();
+    assert_eq!(dave.user, "dave@example.com");
+    let bob = store.get(&"198.18.0.2".parse().unwrap()).unwrap();
+    assert_eq!(
+        (
+            bob.idp.as_str(),
+            bob.boot_id.as_str(),
+            bob.authenticated_at_boot_ns
+        ),
+        ("okta", "b1", 7)
+    );
+    assert_eq!(
+        bob.authenticated_at,
+        time::macros::datetime!(2026-01-01 0:00:00.25 UTC)
+    );
+}
+
+#[test]
 fn a_corrupt_line_in_the_middle_is_skipped_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
     let alice = r#"{"op":"login","ip":"198.18.0.1","user":"alice@example.com","idp":"default","authenticated_at":"2026-01-01T00:00:00Z","boot_id":"","authenticated_at_boot_ns":0}"#;

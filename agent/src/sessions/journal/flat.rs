@@ -1,9 +1,11 @@
 //! A journal line read in one pass. serde's internally tagged `Entry` first buffers
 //! every value of a line (each string copied once more) to find its `op`; a replay of
 //! a million logins spent about a quarter of its decoding there. `FlatEntry` holds
-//! every field any entry may have, read straight into place. It answers only for
-//! lines it reads whole: anything else is decoded again as `Entry`, so the answer,
-//! and the error, are always `Entry`'s.
+//! every field any entry may have, read straight into place, and a login's strings
+//! are not even copied: they are borrowed from the line (`LoginText`), so that replay
+//! can keep a block's logins without an allocation each. It answers only for lines
+//! it reads whole (and whose strings need no unescaping): anything else is decoded
+//! again as `Entry`, so the answer, and the error, are always `Entry`'s.
 
 use std::net::IpAddr;
 
@@ -11,7 +13,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::Entry;
-use crate::sessions::SessionRecord;
+use crate::sessions::{SessionRecord, table::Fields};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -25,26 +27,69 @@ enum Op {
 /// Every field of every entry; which ones must be there depends on `op`. Unknown
 /// fields are ignored, as `Entry` ignores them.
 #[derive(Deserialize)]
-struct FlatEntry {
+struct FlatEntry<'a> {
     op: Op,
     ip: Option<IpAddr>,
-    user: Option<String>,
-    idp: Option<String>,
+    user: Option<&'a str>,
+    idp: Option<&'a str>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     authenticated_at: Option<OffsetDateTime>,
-    boot_id: Option<String>,
+    boot_id: Option<&'a str>,
     authenticated_at_boot_ns: Option<i64>,
-    #[serde(default)]
-    groups: Vec<String>,
+    #[serde(default, borrow)]
+    groups: Vec<&'a str>,
     batch: Option<u64>,
     count: Option<usize>,
 }
 
-impl FlatEntry {
-    /// The entry, if every field its `op` needs is there.
-    fn entry(self) -> Option<Entry> {
+/// A login line's fields, its strings where they lie in the line.
+pub(super) struct LoginText<'a> {
+    pub ip: IpAddr,
+    pub user: &'a str,
+    pub idp: &'a str,
+    pub authenticated_at: OffsetDateTime,
+    pub boot_id: &'a str,
+    pub authenticated_at_boot_ns: i64,
+    pub groups: Vec<&'a str>,
+}
+
+impl LoginText<'_> {
+    pub(super) fn fields(&self) -> Fields<'_, &str> {
+        Fields {
+            ip: self.ip,
+            user: self.user,
+            idp: self.idp,
+            authenticated_at: self.authenticated_at,
+            boot_id: self.boot_id,
+            authenticated_at_boot_ns: self.authenticated_at_boot_ns,
+            groups: &self.groups,
+        }
+    }
+
+    pub(super) fn to_record(&self) -> SessionRecord {
+        SessionRecord {
+            ip: self.ip,
+            user: self.user.to_owned(),
+            idp: self.idp.to_owned(),
+            authenticated_at: self.authenticated_at,
+            boot_id: self.boot_id.to_owned(),
+            authenticated_at_boot_ns: self.authenticated_at_boot_ns,
+            groups: self.groups.iter().map(|g| (*g).to_owned()).collect(),
+        }
+    }
+}
+
+/// A line read: a login, borrowed, or any other entry.
+pub(super) enum Line<'a> {
+    Login(LoginText<'a>),
+    Other(Entry),
+}
+
+impl<'a> FlatEntry<'a> {
+    /// The line, if every field its `op` needs is there.
+    fn line(self) -> Option<Line<'a>> {
         Some(match self.op {
-            Op::Login => Entry::Login(SessionRecord {
+            Op::Login => Line::Login(LoginText {
                 ip: self.ip?,
                 user: self.user?,
                 idp: self.idp?,
@@ -53,25 +98,35 @@ impl FlatEntry {
                 authenticated_at_boot_ns: self.authenticated_at_boot_ns?,
                 groups: self.groups,
             }),
-            Op::Logout => Entry::Logout { ip: self.ip? },
-            Op::Begin => Entry::Begin {
+            Op::Logout => Line::Other(Entry::Logout { ip: self.ip? }),
+            Op::Begin => Line::Other(Entry::Begin {
                 batch: self.batch?,
                 count: self.count?,
-            },
-            Op::Commit => Entry::Commit { batch: self.batch? },
+            }),
+            Op::Commit => Line::Other(Entry::Commit { batch: self.batch? }),
         })
     }
 }
 
-/// `line` as an entry: in one pass when it can be, else as `Entry` reads it.
-pub(super) fn parse(line: &[u8]) -> serde_json::Result<Entry> {
-    match serde_json::from_slice::<FlatEntry>(line)
+/// `line` read: in one pass, borrowing a login's strings, when it can be; else as
+/// `Entry` reads it.
+pub(super) fn parse_line(line: &[u8]) -> serde_json::Result<Line<'_>> {
+    match serde_json::from_slice::<FlatEntry<'_>>(line)
         .ok()
-        .and_then(FlatEntry::entry)
+        .and_then(FlatEntry::line)
     {
-        Some(entry) => Ok(entry),
-        None => serde_json::from_slice::<Entry>(line),
+        Some(read) => Ok(read),
+        None => serde_json::from_slice::<Entry>(line).map(Line::Other),
     }
+}
+
+/// `line` as an entry (owned).
+#[cfg(test)]
+pub(super) fn parse(line: &[u8]) -> serde_json::Result<Entry> {
+    parse_line(line).map(|read| match read {
+        Line::Login(login) => Entry::Login(login.to_record()),
+        Line::Other(entry) => entry,
+    })
 }
 
 #[cfg(test)]
@@ -101,6 +156,9 @@ mod tests {
             format!(r#"{{{login},"op":"login"}}"#),
             format!(r#"{{"op":"login",{login},"future":{{"x":[1]}},"batch":3}}"#),
             format!(r#"{{"op":"login",{login},"groups":null}}"#),
+            // Escaped strings cannot be borrowed from the line: read as `Entry` reads them.
+            format!(r#"{{"op":"login",{login},"groups":["fin\u0061nce","a\"b"]}}"#),
+            r#"{"op":"login","ip":"198.18.0.7","user":"al\u0069ce","idp":"okta","authenticated_at":"2026-12-07T10:00:00Z","boot_id":"b","authenticated_at_boot_ns":1}"#.to_string(),
             format!(r#"{{"op":"login",{login},"ip":"198.18.0.8"}}"#),
             r#"{"op":"login","ip":"198.18.0.7","user":"alice"}"#.to_string(),
             r#"{"op":"login","ip":null,"user":"a","idp":"b","authenticated_at":"2026-12-07T10:00:00Z","boot_id":"","authenticated_at_boot_ns":1}"#.to_string(),
@@ -130,8 +188,7 @@ mod tests {
             .filter(|l| {
                 serde_json::from_str::<super::FlatEntry>(l)
                     .ok()
-                    .and_then(super::FlatEntry::entry)
-                    .is_some()
+                    .is_some_and(|f| f.line().is_some())
             })
             .count();
         assert!((5..lines.len() - 5).contains(&read_flat), "{read_flat}");

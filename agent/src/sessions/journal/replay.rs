@@ -10,8 +10,11 @@ use std::{
 
 use agent_common::maps::IDENTITY_NONE;
 
-use super::{CHUNK, Entry, flat};
-use crate::sessions::{SessionError, rules::check_replayed, table::SessionTable};
+use super::{
+    CHUNK, Entry,
+    flat::{self, LoginText},
+};
+use crate::sessions::{SessionError, check_identity, rules::check_replayed, table::SessionTable};
 
 /// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
 const MAX_LINE: usize = 64 * 1024;
@@ -66,11 +69,11 @@ pub(super) fn replay(
         let decoders: Vec<_> = (0..DECODERS)
             .map(|_| {
                 let (blocks, inbox) = mpsc::sync_channel::<Block>(1);
-                let (outbox, decoded) = mpsc::sync_channel::<(Block, Vec<Decoded>)>(1);
+                let (outbox, decoded) = mpsc::sync_channel::<(Block, Vec<Decoded>, Texts)>(1);
                 scope.spawn(move || {
                     for block in inbox {
-                        let lines = block.decode();
-                        if outbox.send((block, lines)).is_err() {
+                        let (lines, texts) = block.decode();
+                        if outbox.send((block, lines, texts)).is_err() {
                             break;
                         }
                     }
@@ -101,12 +104,12 @@ pub(super) fn replay(
             if received == sent {
                 break;
             }
-            let (block, lines) = decoders[received % DECODERS]
+            let (block, lines, texts) = decoders[received % DECODERS]
                 .1
                 .recv()
                 .expect("a decoder answers every block");
             received += 1;
-            block.apply(lines, &mut replaying);
+            block.apply(lines, &texts, &mut replaying);
         }
         drop(decoders);
         result
@@ -134,7 +137,84 @@ struct Block {
 }
 
 /// A line decoded: `None` for a blank one.
-type Decoded = Option<Result<Entry, String>>;
+type Decoded = Option<Result<Read, String>>;
+
+/// A line's entry: a login, its strings in its block's `Texts`, or any other.
+enum Read {
+    Login(Login),
+    Other(Entry),
+}
+
+/// Where a string lies in a block's `Texts`: start and end.
+type Span = (u32, u32);
+
+/// A login as decoded, its strings kept in its block's `Texts`.
+struct Login {
+    ip: std::net::IpAddr,
+    authenticated_at: time::OffsetDateTime,
+    authenticated_at_boot_ns: i64,
+    user: Span,
+    idp: Span,
+    boot_id: Span,
+    /// Of `Texts::groups`.
+    groups: Span,
+}
+
+/// The strings of a block's logins, side by side: one buffer for a block, where owned
+/// records took three or more allocations each, all freed by the thread that applies
+/// them (most of its time, in a replay of a million logins).
+#[derive(Default)]
+struct Texts {
+    text: String,
+    groups: Vec<Span>,
+}
+
+impl Texts {
+    fn keep(&mut self, s: &str) -> Span {
+        let start = self.text.len() as u32;
+        self.text.push_str(s);
+        (start, self.text.len() as u32)
+    }
+
+    fn get(&self, (start, end): Span) -> &str {
+        &self.text[start as usize..end as usize]
+    }
+
+    /// Keeps the login's strings here.
+    fn keep_login(&mut self, login: &LoginText<'_>) -> Login {
+        let first = self.groups.len() as u32;
+        for group in &login.groups {
+            let span = self.keep(group);
+            self.groups.push(span);
+        }
+        Login {
+            ip: login.ip,
+            authenticated_at: login.authenticated_at,
+            authenticated_at_boot_ns: login.authenticated_at_boot_ns,
+            user: self.keep(login.user),
+            idp: self.keep(login.idp),
+            boot_id: self.keep(login.boot_id),
+            groups: (first, self.groups.len() as u32),
+        }
+    }
+
+    /// The login kept by `keep_login`.
+    fn login(&self, login: &Login) -> LoginText<'_> {
+        let (first, end) = login.groups;
+        LoginText {
+            ip: login.ip,
+            user: self.get(login.user),
+            idp: self.get(login.idp),
+            authenticated_at: login.authenticated_at,
+            boot_id: self.get(login.boot_id),
+            authenticated_at_boot_ns: login.authenticated_at_boot_ns,
+            groups: self.groups[first as usize..end as usize]
+                .iter()
+                .map(|span| self.get(*span))
+                .collect(),
+        }
+    }
+}
 
 impl Block {
     /// The next block of the file (empty at its end).
@@ -160,20 +240,26 @@ impl Block {
         &self.text[start..end]
     }
 
-    fn decode(&self) -> Vec<Decoded> {
-        (0..self.lines.len())
+    fn decode(&self) -> (Vec<Decoded>, Texts) {
+        let mut texts = Texts {
+            text: String::with_capacity(self.text.len() / 2),
+            groups: Vec::new(),
+        };
+        let lines = (0..self.lines.len())
             .map(|i| {
                 let line = self.line(i);
                 let (.., n, whole) = self.lines[i];
-                (!line.iter().all(u8::is_ascii_whitespace)).then(|| decode(line, n, whole))
+                (!line.iter().all(u8::is_ascii_whitespace))
+                    .then(|| decode(line, n, whole, &mut texts))
             })
-            .collect()
+            .collect();
+        (lines, texts)
     }
 
-    fn apply(&self, decoded: Vec<Decoded>, replaying: &mut Replaying<'_>) {
+    fn apply(&self, decoded: Vec<Decoded>, texts: &Texts, replaying: &mut Replaying<'_>) {
         for (i, line) in decoded.into_iter().enumerate() {
             let whole = self.lines[i].3;
-            replaying.next_line(self.line(i), whole, line);
+            replaying.next_line(self.line(i), whole, line, texts);
         }
     }
 }
@@ -190,12 +276,19 @@ struct Replaying<'a> {
 impl Replaying<'_> {
     /// Takes the next line (all of it in `line` if `whole`), as `Block::decode` decoded
     /// it: applies it, or notes why not.
-    fn next_line(&mut self, line: &[u8], whole: bool, decoded: Decoded) {
+    fn next_line(&mut self, line: &[u8], whole: bool, decoded: Decoded, texts: &Texts) {
         self.replayed.lines += 1;
         let number = self.replayed.lines;
         match decoded {
             None => {}
-            Some(Ok(entry)) => self.entry(number, entry),
+            Some(Ok(Read::Login(login))) => {
+                let login = texts.login(&login);
+                match &mut self.batch {
+                    Some(open) => open.entries.push(Entry::Login(login.to_record())),
+                    None => self.sessions.insert_fields(&login.fields(), IDENTITY_NONE),
+                }
+            }
+            Some(Ok(Read::Other(entry))) => self.entry(number, entry),
             // Only the last line can lack its newline: a write a crash cut short.
             Some(Err(_)) if !line.ends_with(b"\n") && whole => {
                 self.replayed.torn_tail = true;
@@ -304,28 +397,32 @@ fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<(usize
     }
 }
 
-/// One line as an entry, or why it is not one. A line that an older version's failed
-/// write left a stump of, with a whole entry glued after it, yields that entry.
-fn decode(line: &[u8], n: usize, whole: bool) -> Result<Entry, String> {
+/// One line as an entry (a login's strings kept in `texts`), or why it is not one. A
+/// line that an older version's failed write left a stump of, with a whole entry glued
+/// after it, yields that entry.
+fn decode(line: &[u8], n: usize, whole: bool, texts: &mut Texts) -> Result<Read, String> {
     if !whole {
         return Err(format!(
             "{n} bytes long, beyond the {MAX_LINE} bytes of any entry"
         ));
     }
-    let checked = |entry: Entry| match &entry {
-        Entry::Login(record) => check_replayed(record)
-            .map(|()| entry)
+    let checked = |read: flat::Line<'_>, texts: &mut Texts| match read {
+        flat::Line::Login(login) => check_identity(login.ip, login.user, login.idp)
+            .map(|()| Read::Login(texts.keep_login(&login)))
             .map_err(|e| e.to_string()),
-        _ => Ok(entry),
+        flat::Line::Other(Entry::Login(record)) => check_replayed(&record)
+            .map(|()| Read::Other(Entry::Login(record)))
+            .map_err(|e| e.to_string()),
+        flat::Line::Other(entry) => Ok(Read::Other(entry)),
     };
-    match flat::parse(line) {
-        Ok(entry) => checked(entry),
+    match flat::parse_line(line) {
+        Ok(read) => checked(read, texts),
         Err(e) => {
             let glued = find_last(line, br#"{"op":"#)
                 .filter(|&at| at > 0)
-                .and_then(|at| flat::parse(&line[at..]).ok());
+                .and_then(|at| flat::parse_line(&line[at..]).ok());
             match glued {
-                Some(entry) => checked(entry),
+                Some(read) => checked(read, texts),
                 None => {
                     // serde_json's position is within the line; keep the column.
                     let message = e.to_string();
