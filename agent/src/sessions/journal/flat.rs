@@ -13,7 +13,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::Entry;
-use crate::sessions::{SessionRecord, table::Fields};
+use crate::sessions::table::Fields;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -66,8 +66,9 @@ impl LoginText<'_> {
         }
     }
 
-    pub(super) fn to_record(&self) -> SessionRecord {
-        SessionRecord {
+    #[cfg(test)]
+    pub(super) fn to_record(&self) -> crate::sessions::SessionRecord {
+        crate::sessions::SessionRecord {
             ip: self.ip,
             user: self.user.to_owned(),
             idp: self.idp.to_owned(),

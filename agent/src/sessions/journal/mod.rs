@@ -210,10 +210,13 @@ impl Journal {
             if !replayed.skipped.is_empty() {
                 journal.keep_damaged();
             }
-            // Whatever replay left out goes before anything is appended; dead lines
-            // are dropped too while at it.
-            if replayed.needs_rewrite() || replayed.lines > sessions.len() {
+            // Whatever replay left out goes before anything is appended. Dead lines
+            // wait for the usual threshold: rewriting a million sessions would hold
+            // up the start about as long as reading them did.
+            if replayed.needs_rewrite() || journal.needs_compaction(sessions.len()) {
                 journal.compact(sessions.records())?;
+            } else {
+                journal.batches = replayed.batches;
             }
         }
         Ok((journal, sessions))

@@ -5,6 +5,7 @@
 use std::{
     io::{self, BufRead, BufReader, Read as _},
     path::Path,
+    rc::Rc,
     sync::mpsc,
 };
 
@@ -31,6 +32,8 @@ pub(super) struct Replayed {
     pub torn_tail: bool,
     /// Batches left out because they were not whole: (first line, entries announced).
     pub cut_batches: Vec<(usize, usize)>,
+    /// A whole batch was applied: the file holds batch markers.
+    pub batches: bool,
 }
 
 impl Replayed {
@@ -44,7 +47,14 @@ struct OpenBatch {
     batch: u64,
     line: usize,
     count: usize,
-    entries: Vec<Entry>,
+    entries: Vec<Change>,
+}
+
+/// An entry to apply: a login, its strings still in its block's `Texts` (shared with
+/// the rest of the block, and kept as long as a batch holds the login), or any other.
+enum Change {
+    Login(Rc<Texts>, Login),
+    Other(Entry),
 }
 
 /// Applies every line of the journal it can read, streaming, and says in the log
@@ -109,7 +119,7 @@ pub(super) fn replay(
                 .recv()
                 .expect("a decoder answers every block");
             received += 1;
-            block.apply(lines, &texts, &mut replaying);
+            block.apply(lines, texts, &mut replaying);
         }
         drop(decoders);
         result
@@ -256,10 +266,11 @@ impl Block {
         (lines, texts)
     }
 
-    fn apply(&self, decoded: Vec<Decoded>, texts: &Texts, replaying: &mut Replaying<'_>) {
+    fn apply(&self, decoded: Vec<Decoded>, texts: Texts, replaying: &mut Replaying<'_>) {
+        let texts = Rc::new(texts);
         for (i, line) in decoded.into_iter().enumerate() {
             let whole = self.lines[i].3;
-            replaying.next_line(self.line(i), whole, line, texts);
+            replaying.next_line(self.line(i), whole, line, &texts);
         }
     }
 }
@@ -276,19 +287,15 @@ struct Replaying<'a> {
 impl Replaying<'_> {
     /// Takes the next line (all of it in `line` if `whole`), as `Block::decode` decoded
     /// it: applies it, or notes why not.
-    fn next_line(&mut self, line: &[u8], whole: bool, decoded: Decoded, texts: &Texts) {
+    fn next_line(&mut self, line: &[u8], whole: bool, decoded: Decoded, texts: &Rc<Texts>) {
         self.replayed.lines += 1;
         let number = self.replayed.lines;
         match decoded {
             None => {}
             Some(Ok(Read::Login(login))) => {
-                let login = texts.login(&login);
-                match &mut self.batch {
-                    Some(open) => open.entries.push(Entry::Login(login.to_record())),
-                    None => self.sessions.insert_fields(&login.fields(), IDENTITY_NONE),
-                }
+                self.change(number, Change::Login(Rc::clone(texts), login));
             }
-            Some(Ok(Read::Other(entry))) => self.entry(number, entry),
+            Some(Ok(Read::Other(entry))) => self.change(number, Change::Other(entry)),
             // Only the last line can lack its newline: a write a crash cut short.
             Some(Err(_)) if !line.ends_with(b"\n") && whole => {
                 self.replayed.torn_tail = true;
@@ -299,13 +306,13 @@ impl Replaying<'_> {
     }
 
     /// Applies the entry on line `number`, or holds it while a batch is open.
-    fn entry(&mut self, number: usize, entry: Entry) {
-        match entry {
-            Entry::Begin { batch, count } => self.begin(number, batch, count),
-            Entry::Commit { batch } => self.commit(number, batch),
-            entry => match &mut self.batch {
-                Some(open) => open.entries.push(entry),
-                None => apply(self.sessions, entry),
+    fn change(&mut self, number: usize, change: Change) {
+        match change {
+            Change::Other(Entry::Begin { batch, count }) => self.begin(number, batch, count),
+            Change::Other(Entry::Commit { batch }) => self.commit(number, batch),
+            change => match &mut self.batch {
+                Some(open) => open.entries.push(change),
+                None => apply(self.sessions, change),
             },
         }
     }
@@ -331,6 +338,7 @@ impl Replaying<'_> {
                 for entry in open.entries {
                     apply(self.sessions, entry);
                 }
+                self.replayed.batches = true;
             }
             Some(open) => {
                 self.replayed.cut_batches.push((open.line, open.count));
@@ -355,16 +363,17 @@ impl Replaying<'_> {
     }
 }
 
-fn apply(sessions: &mut SessionTable, entry: Entry) {
-    match entry {
-        Entry::Login(record) => {
-            // Not in the kernel yet: no identity slot.
-            sessions.insert(&record, IDENTITY_NONE);
+fn apply(sessions: &mut SessionTable, change: Change) {
+    // Not in the kernel yet: no identity slot.
+    match change {
+        Change::Login(texts, login) => {
+            sessions.insert_fields(&texts.login(&login).fields(), IDENTITY_NONE);
         }
-        Entry::Logout { ip } => {
+        Change::Other(Entry::Login(record)) => sessions.insert(&record, IDENTITY_NONE),
+        Change::Other(Entry::Logout { ip }) => {
             sessions.remove(&ip);
         }
-        Entry::Begin { .. } | Entry::Commit { .. } => {}
+        Change::Other(Entry::Begin { .. } | Entry::Commit { .. }) => {}
     }
 }
 
