@@ -29,16 +29,16 @@ use crate::{
 const NAMES_SLACK: usize = 4096;
 
 /// A session as `SessionTable::insert_fields` takes it: a `SessionRecord`'s fields,
-/// borrowed, where its groups may be `String`s or `&str`s (a journal line's, read in
-/// place by replay).
-pub struct Fields<'a, G> {
+/// borrowed, with its groups as any list of `String`s or `&str`s (a journal line's,
+/// read in place by replay, are a `Vec<&str>`).
+pub struct Fields<'a, Groups> {
     pub ip: IpAddr,
     pub user: &'a str,
     pub idp: &'a str,
     pub authenticated_at: OffsetDateTime,
     pub boot_id: &'a str,
     pub authenticated_at_boot_ns: i64,
-    pub groups: &'a [G],
+    pub groups: Groups,
 }
 
 /// One device's session. `SessionRecord` is its owned form.
@@ -194,14 +194,18 @@ impl SessionTable {
                 authenticated_at: record.authenticated_at,
                 boot_id: &record.boot_id,
                 authenticated_at_boot_ns: record.authenticated_at_boot_ns,
-                groups: &record.groups,
+                groups: record.groups.as_slice(),
             },
             slot,
         );
     }
 
     /// `insert`, from borrowed fields.
-    pub fn insert_fields<G: AsRef<str>>(&mut self, record: &Fields<'_, G>, slot: u32) {
+    pub fn insert_fields<G: AsRef<str>>(
+        &mut self,
+        record: &Fields<'_, impl AsRef<[G]>>,
+        slot: u32,
+    ) {
         if self.names.len() > 2 * self.rows.len() + NAMES_SLACK
             || self.groups.len() > 2 * self.rows.len() + NAMES_SLACK
         {
@@ -217,7 +221,7 @@ impl SessionTable {
             at_nanos: record.authenticated_at.nanosecond(),
             user: self.names.intern(record.user),
             idp: self.names.intern(record.idp),
-            groups: self.groups.intern(record.groups),
+            groups: self.groups.intern(record.groups.as_ref()),
             slot,
             boot,
             v6,

@@ -43,42 +43,7 @@ struct FlatEntry<'a> {
 }
 
 /// A login line's fields, its strings where they lie in the line.
-pub(super) struct LoginText<'a> {
-    pub ip: IpAddr,
-    pub user: &'a str,
-    pub idp: &'a str,
-    pub authenticated_at: OffsetDateTime,
-    pub boot_id: &'a str,
-    pub authenticated_at_boot_ns: i64,
-    pub groups: Vec<&'a str>,
-}
-
-impl LoginText<'_> {
-    pub(super) fn fields(&self) -> Fields<'_, &str> {
-        Fields {
-            ip: self.ip,
-            user: self.user,
-            idp: self.idp,
-            authenticated_at: self.authenticated_at,
-            boot_id: self.boot_id,
-            authenticated_at_boot_ns: self.authenticated_at_boot_ns,
-            groups: &self.groups,
-        }
-    }
-
-    #[cfg(test)]
-    pub(super) fn to_record(&self) -> crate::sessions::SessionRecord {
-        crate::sessions::SessionRecord {
-            ip: self.ip,
-            user: self.user.to_owned(),
-            idp: self.idp.to_owned(),
-            authenticated_at: self.authenticated_at,
-            boot_id: self.boot_id.to_owned(),
-            authenticated_at_boot_ns: self.authenticated_at_boot_ns,
-            groups: self.groups.iter().map(|g| (*g).to_owned()).collect(),
-        }
-    }
-}
+pub(super) type LoginText<'a> = Fields<'a, Vec<&'a str>>;
 
 /// A line read: a login, borrowed, or any other entry.
 pub(super) enum Line<'a> {
@@ -90,7 +55,7 @@ impl<'a> FlatEntry<'a> {
     /// The line, if every field its `op` needs is there.
     fn line(self) -> Option<Line<'a>> {
         Some(match self.op {
-            Op::Login => Line::Login(LoginText {
+            Op::Login => Line::Login(Fields {
                 ip: self.ip?,
                 user: self.user?,
                 idp: self.idp?,
@@ -125,7 +90,15 @@ pub(super) fn parse_line(line: &[u8]) -> serde_json::Result<Line<'_>> {
 #[cfg(test)]
 pub(super) fn parse(line: &[u8]) -> serde_json::Result<Entry> {
     parse_line(line).map(|read| match read {
-        Line::Login(login) => Entry::Login(login.to_record()),
+        Line::Login(login) => Entry::Login(crate::sessions::SessionRecord {
+            ip: login.ip,
+            user: login.user.to_owned(),
+            idp: login.idp.to_owned(),
+            authenticated_at: login.authenticated_at,
+            boot_id: login.boot_id.to_owned(),
+            authenticated_at_boot_ns: login.authenticated_at_boot_ns,
+            groups: login.groups.iter().map(|g| (*g).to_owned()).collect(),
+        }),
         Line::Other(entry) => entry,
     })
 }

@@ -15,7 +15,11 @@ use super::{
     CHUNK, Entry,
     flat::{self, LoginText},
 };
-use crate::sessions::{SessionError, check_identity, rules::check_replayed, table::SessionTable};
+use crate::sessions::{
+    SessionError, check_identity,
+    rules::check_replayed,
+    table::{Fields, SessionTable},
+};
 
 /// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
 const MAX_LINE: usize = 64 * 1024;
@@ -211,7 +215,7 @@ impl Texts {
     /// The login kept by `keep_login`.
     fn login(&self, login: &Login) -> LoginText<'_> {
         let (first, end) = login.groups;
-        LoginText {
+        Fields {
             ip: login.ip,
             user: self.get(login.user),
             idp: self.get(login.idp),
@@ -367,7 +371,7 @@ fn apply(sessions: &mut SessionTable, change: Change) {
     // Not in the kernel yet: no identity slot.
     match change {
         Change::Login(texts, login) => {
-            sessions.insert_fields(&texts.login(&login).fields(), IDENTITY_NONE);
+            sessions.insert_fields(&texts.login(&login), IDENTITY_NONE);
         }
         Change::Other(Entry::Login(record)) => sessions.insert(&record, IDENTITY_NONE),
         Change::Other(Entry::Logout { ip }) => {
