@@ -601,6 +601,45 @@ fn file_size_limit_child() {
 }
 
 #[test]
+fn lines_longer_than_a_block_are_skipped_where_they_were() {
+    // Damage of megabytes without a newline is read to its end but never kept: the
+    // lines around it, and the numbers of the lines after it, are as in the file.
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |ip: String| {
+        format!(
+            r#"{{"op":"login","ip":"{ip}","user":"u@example.com","idp":"okta","authenticated_at":"2026-01-01T00:00:00Z","boot_id":"","authenticated_at_boot_ns":0}}"#
+        )
+        .into_bytes()
+    };
+    let mut text = Vec::new();
+    let mut line = |bytes: Vec<u8>| {
+        text.extend_from_slice(&bytes);
+        text.push(b'\n');
+    };
+    line(entry("198.18.2.1".into())); // 1
+    line(vec![b'x'; 5 << 20]); // 2
+    const MANY: usize = 20_000; // about 3 MiB: more than one block
+    for i in 0..MANY {
+        line(entry(format!("198.18.{}.{}", 3 + i / 250, i % 250))); // 3..=20_002
+    }
+    line(vec![b'y'; 3 << 20]); // 20_003
+    line(entry("198.18.2.2".into())); // 20_004
+    text.extend_from_slice(&vec![b'z'; 70_000]); // 20_005: the end, no newline
+    fs::write(dir.path().join("sessions.jsonl"), &text).unwrap();
+
+    let logs = logs_of(|| {
+        let store = SessionStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(), MANY + 2);
+        assert!(store.get(&ip("198.18.2.2")).is_some());
+        assert!(store.get(&ip("198.18.82.249")).is_some());
+    });
+    assert!(logs.contains("lines 2, 20003, 20005"), "{logs}");
+    for n in [(5 << 20) + 1, (3 << 20) + 1, 70_000] {
+        assert!(logs.contains(&format!("{n} bytes long")), "{n}: {logs}");
+    }
+}
+
+#[test]
 fn a_journal_of_many_blocks_replays_in_order() {
     // Replay decodes blocks of lines on other threads; what it applies must still be
     // the file's order, batches and logouts included, across block boundaries.
