@@ -59,6 +59,13 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         path: key.to_path_buf(),
         cause: e.to_string(),
     })?;
+    // ring, as everywhere in the agent (aws-lc-rs would add a C and CMake build).
+    // rustls 0.23.48, which the fuzz workspace's lock file already has, deprecates
+    // ring's provider for lacking post-quantum key exchange.
+    #[allow(
+        deprecated,
+        reason = "ring is the agent's one TLS backend; deprecated from rustls 0.23.48 on"
+    )]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
