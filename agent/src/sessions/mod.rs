@@ -58,6 +58,19 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// The record's fields, borrowed (as a journal line's are read in place).
+    pub fn fields(&self) -> table::Fields<'_, &[String]> {
+        table::Fields {
+            ip: self.ip,
+            user: &self.user,
+            idp: &self.idp,
+            authenticated_at: self.authenticated_at,
+            boot_id: &self.boot_id,
+            authenticated_at_boot_ns: self.authenticated_at_boot_ns,
+            groups: &self.groups,
+        }
+    }
+
     /// Who the session says the device's user is, for policies' identity conditions.
     pub fn identity(&self) -> crate::config::Identity<'_> {
         crate::config::Identity {

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use super::{
     DEFAULT_IDP, LoginRequest, SessionError, SessionRecord,
     import::{ImportRecord, LineError},
+    table::Fields,
 };
 use crate::{
     clock::ClockPair,
@@ -158,8 +159,8 @@ pub fn check_identity(ip: IpAddr, user: &str, idp: &str) -> Result<(), SessionEr
 
 /// Whether a login read back from the journal may count: the rules every session must
 /// meet now. Replay skips (and names) one that does not.
-pub(super) fn check_replayed(record: &SessionRecord) -> Result<(), SessionError> {
-    check_identity(record.ip, &record.user, &record.idp)
+pub(super) fn check_replayed<G>(record: &Fields<'_, G>) -> Result<(), SessionError> {
+    check_identity(record.ip, record.user, record.idp)
 }
 
 /// A user or IdP by the rules of `input::name`: one word, bounded, visible.

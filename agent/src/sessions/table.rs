@@ -186,18 +186,7 @@ impl SessionTable {
 
     /// Records (or replaces) the device's session, whose kernel copy holds `slot`.
     pub fn insert(&mut self, record: &SessionRecord, slot: u32) {
-        self.insert_fields(
-            &Fields {
-                ip: record.ip,
-                user: &record.user,
-                idp: &record.idp,
-                authenticated_at: record.authenticated_at,
-                boot_id: &record.boot_id,
-                authenticated_at_boot_ns: record.authenticated_at_boot_ns,
-                groups: record.groups.as_slice(),
-            },
-            slot,
-        );
+        self.insert_fields(&record.fields(), slot);
     }
 
     /// `insert`, from borrowed fields.

@@ -16,7 +16,7 @@ use super::{
     flat::{self, LoginText},
 };
 use crate::sessions::{
-    SessionError, check_identity,
+    SessionError,
     rules::check_replayed,
     table::{Fields, SessionTable},
 };
@@ -420,10 +420,10 @@ fn decode(line: &[u8], n: usize, whole: bool, texts: &mut Texts) -> Result<Read,
         ));
     }
     let checked = |read: flat::Line<'_>, texts: &mut Texts| match read {
-        flat::Line::Login(login) => check_identity(login.ip, login.user, login.idp)
+        flat::Line::Login(login) => check_replayed(&login)
             .map(|()| Read::Login(texts.keep_login(&login)))
             .map_err(|e| e.to_string()),
-        flat::Line::Other(Entry::Login(record)) => check_replayed(&record)
+        flat::Line::Other(Entry::Login(record)) => check_replayed(&record.fields())
             .map(|()| Read::Other(Entry::Login(record)))
             .map_err(|e| e.to_string()),
         flat::Line::Other(entry) => Ok(Read::Other(entry)),
