@@ -152,20 +152,22 @@ impl BenchPrograms {
         interface: &str,
         mode: XdpMode,
     ) -> anyhow::Result<XdpLinkId> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?;
-        Ok(program.attach(interface, mode)?)
+        Ok(self.program_mut(name)?.attach(interface, mode)?)
     }
 
     fn detach(&mut self, name: &str, link: Option<XdpLinkId>) -> anyhow::Result<()> {
         if let Some(link) = link {
-            let program: &mut Xdp = self.ebpf.program_mut(name).expect("loaded").try_into()?;
-            program.detach(link)?;
+            self.program_mut(name)?.detach(link)?;
         }
         Ok(())
+    }
+
+    fn program_mut(&mut self, name: &str) -> anyhow::Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?)
     }
 
     /// The generator, configured for the next run (of it or of the relay).
