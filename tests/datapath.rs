@@ -33,7 +33,7 @@ use agent_common::{
 use netlab::{packets::*, privileged};
 use sessiongate::{
     clock::{ClockPair, boot_now_ns},
-    config::{Identity, Limits},
+    config::Identity,
     datapath::{Datapath, Geometry, Origin},
 };
 
@@ -859,18 +859,8 @@ fn an_adopted_datapath_hands_over_the_sessions_it_read_until_a_write_makes_them_
     let dir = tempfile::tempdir().unwrap();
     let bpf = netlab::BpfMount::new(dir.path().join("bpf"));
     let pins = bpf.path.join("sessiongate");
-    let config = sessiongate::config::Config::parse(
-        &format!("[agent]\ninterfaces = [\"t0\"]\n{POLICIES}"),
-        "adoption-test",
-    )
-    .unwrap();
-    let table = sessiongate::policy::compile(&config).unwrap();
-    let limits = Limits {
-        max_sessions: 1024,
-        max_flows: 1024,
-        max_policy_cidrs: 1024,
-        max_port_rules: 1024,
-    };
+    let (config, table) = compiled("", POLICIES);
+    let limits = limits(1024, 1024);
     let open = || {
         let (mut dp, origin) = Datapath::open(&pins, &limits, false).unwrap();
         let sessions = dp.take_sessions().unwrap();
@@ -981,13 +971,7 @@ const DEFAULT_IDENTITY: Identity<'static> = Identity {
 
 /// The session-table bucket of an IPv4 device in a datapath sized for `max_sessions`.
 fn session_bucket(device: Ipv4Addr, max_sessions: u32) -> u32 {
-    let buckets = Geometry::of(&Limits {
-        max_sessions,
-        max_flows: 1024,
-        max_policy_cidrs: 1024,
-        max_port_rules: 1024,
-    })
-    .session_buckets;
+    let buckets = Geometry::of(&limits(max_sessions, 1024)).session_buckets;
     bucket(Ip4::from(device).fold(), buckets - 1)
 }
 

@@ -152,6 +152,25 @@ pub struct Harness {
     events: RingBuf<MapData>,
 }
 
+/// The tests' config, with `agent_extra` in `[agent]` and `policies`, and its
+/// compiled policy table.
+pub fn compiled(agent_extra: &str, policies: &str) -> (Config, policy::PolicyTable) {
+    let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{policies}");
+    let config = Config::parse(&text, "datapath-test").expect("valid config");
+    let table = policy::compile(&config).expect("compiles");
+    (config, table)
+}
+
+/// Room for `sessions` sessions and `flows` flows per family.
+pub fn limits(sessions: u32, flows: u32) -> Limits {
+    Limits {
+        max_sessions: sessions,
+        max_flows: flows,
+        max_policy_cidrs: 1024,
+        max_port_rules: 1024,
+    }
+}
+
 impl Harness {
     pub fn new(agent_extra: &str) -> Self {
         Self::sized(agent_extra, 1024, 1024)
@@ -168,16 +187,9 @@ impl Harness {
     }
 
     fn build(agent_extra: &str, policies: &str, sessions: u32, flows: u32) -> Self {
-        let text = format!("[agent]\ninterfaces = [\"t0\"]\n{agent_extra}\n{policies}");
-        let config = Config::parse(&text, "datapath-test").expect("valid config");
-        let table = policy::compile(&config).expect("compiles");
-        let limits = Limits {
-            max_sessions: sessions,
-            max_flows: flows,
-            max_policy_cidrs: 1024,
-            max_port_rules: 1024,
-        };
-        let mut dp = Datapath::load(&limits).expect("the kernel accepts the program");
+        let (config, table) = compiled(agent_extra, policies);
+        let mut dp =
+            Datapath::load(&limits(sessions, flows)).expect("the kernel accepts the program");
         dp.maps.apply(settings(&config), &table).unwrap();
         let events = dp.take_events().unwrap();
         let mut sessions = dp.take_sessions().unwrap();
