@@ -327,32 +327,34 @@ fn closing_leaves_a_journal_without_batches_for_a_rollback() {
     );
 }
 
+/// A journal login line (without its newline) for `ip` and `user`.
+fn login_line(ip: &str, user: &str) -> String {
+    format!(
+        r#"{{"op":"login","ip":"{ip}","user":"{user}","idp":"okta","authenticated_at":"2026-01-01T00:00:00Z","boot_id":"","authenticated_at_boot_ns":0}}"#
+    )
+}
+
 #[test]
 fn replay_skips_what_it_cannot_read_says_which_lines_and_keeps_everything_else() {
     let dir = tempfile::tempdir().unwrap();
-    let entry = |ip: &str, user: &str| {
-        format!(
-            r#"{{"op":"login","ip":"{ip}","user":"{user}","idp":"okta","authenticated_at":"2026-01-01T00:00:00Z","boot_id":"","authenticated_at_boot_ns":0}}"#
-        )
-    };
     let mut text = Vec::new();
     let mut line = |bytes: &[u8]| {
         text.extend_from_slice(bytes);
         text.push(b'\n');
     };
-    line(entry("198.18.1.1", "alice@example.com").as_bytes()); // 1
+    line(login_line("198.18.1.1", "alice@example.com").as_bytes()); // 1
     line(b"not json at all"); // 2
     // 3: an older version's stump (a failed write) with the next login glued on.
     let glued = format!(
         r#"{{"op":"login","ip":"198.18.1.9","user":"zz{}"#,
-        entry("198.18.1.2", "bob@example.com")
+        login_line("198.18.1.2", "bob@example.com")
     );
     line(glued.as_bytes());
     line(b"\xff\xfe not UTF-8 \x00\x00"); // 4
     line(&vec![b'x'; 100_000]); // 5: far longer than any entry
-    line(entry("198.18.1.3", "").as_bytes()); // 6: an entry the rules refuse
+    line(login_line("198.18.1.3", "").as_bytes()); // 6: an entry the rules refuse
     line(br#"{"op":"commit","batch":7}"#); // 7: the end of a batch never begun
-    line(entry("198.18.1.4", "carol@example.com").as_bytes()); // 8
+    line(login_line("198.18.1.4", "carol@example.com").as_bytes()); // 8
     line(br#"{"op":"logout","ip":"198.18.1.1"}"#); // 9
     line(b""); // 10: blank
     fs::write(dir.path().join("sessions.jsonl"), &text).unwrap();
@@ -605,12 +607,7 @@ fn lines_longer_than_a_block_are_skipped_where_they_were() {
     // Damage of megabytes without a newline is read to its end but never kept: the
     // lines around it, and the numbers of the lines after it, are as in the file.
     let dir = tempfile::tempdir().unwrap();
-    let entry = |ip: String| {
-        format!(
-            r#"{{"op":"login","ip":"{ip}","user":"u@example.com","idp":"okta","authenticated_at":"2026-01-01T00:00:00Z","boot_id":"","authenticated_at_boot_ns":0}}"#
-        )
-        .into_bytes()
-    };
+    let entry = |ip: String| login_line(&ip, "u@example.com").into_bytes();
     let mut text = Vec::new();
     let mut line = |bytes: Vec<u8>| {
         text.extend_from_slice(&bytes);
