@@ -236,7 +236,19 @@ impl SessionMaps {
         let (mut v4, mut v6) = (Bulk::default(), Bulk::default());
         // The tables are mapped for this pass only.
         let (mut table4, mut table6) = (self.v4.mapped(true)?, self.v6.mapped(true)?);
-        for ((ip, session, _, _), slot) in sessions.iter().zip(slots) {
+        for (i, ((ip, session, _, _), slot)) in sessions.iter().zip(slots).enumerate() {
+            // Each session lands in a random bucket of a table far larger than the
+            // caches: waiting for each bucket in turn was most of a bulk write.
+            if let Some((ahead, ..)) = sessions.get(i + PREFETCH_AHEAD) {
+                match ahead {
+                    IpAddr::V4(a) => {
+                        table4.prefetch(bucket_of::<SessionBucketV4>(&(*a).into(), mask))
+                    }
+                    IpAddr::V6(a) => {
+                        table6.prefetch(bucket_of::<SessionBucketV6>(&(*a).into(), mask))
+                    }
+                }
+            }
             let session = Session {
                 identity: *slot,
                 ..*session
@@ -457,6 +469,15 @@ fn sessions_in(
     Ok(all)
 }
 
+/// How many sessions ahead a bulk write asks for its bucket: enough to keep the CPU's
+/// outstanding loads busy, few enough that the buckets are still cached when placed.
+const PREFETCH_AHEAD: usize = 16;
+
+/// The session-table bucket of `addr`.
+fn bucket_of<B: SessionBucket>(addr: &Addr<B>, mask: u32) -> usize {
+    bucket(B::Slot::fold(addr), mask) as usize
+}
+
 /// One family's part of a bulk write (`A`: its address type). A session goes beside
 /// its device's old entry when its bucket has a free slot (both stay valid until a
 /// second write clears the old one), so that a reader never finds a device without a
@@ -486,7 +507,7 @@ impl<A: Copy + PartialEq> Bulk<A> {
         B: SessionBucket + aya::Pod,
         B::Slot: SessionSlot<Addr = A>,
     {
-        let index = bucket(B::Slot::fold(&addr), mask) as usize;
+        let index = bucket_of::<B>(&addr, mask);
         let mut b = table.get(index);
         match placement(b.slots(), &addr) {
             Placement::Beside(free) => {
@@ -516,7 +537,7 @@ impl<A: Copy + PartialEq> Bulk<A> {
     {
         for &i in &self.over {
             let (addr, session) = (&self.keys[i], &self.values[i]);
-            let index = bucket(B::Slot::fold(addr), mask) as usize;
+            let index = bucket_of::<B>(addr, mask);
             let mut b = table.get(index);
             if place_session(b.slots_mut(), addr, Some(session)) {
                 table.set(index, b);

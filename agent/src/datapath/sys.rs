@@ -267,6 +267,13 @@ impl<V: aya::Pod> MappedArray<V> {
         unsafe { std::ptr::read_volatile(self.base.as_ptr().add(index)) }
     }
 
+    /// Asks the CPU to start loading element `index`, about to be read (a hint).
+    pub fn prefetch(&self, index: usize) {
+        if index < self.len {
+            crate::memory::prefetch(self.base.as_ptr().wrapping_add(index));
+        }
+    }
+
     pub fn set(&mut self, index: usize, value: V) {
         assert!(self.writable, "a read-only mapping");
         assert!(
