@@ -141,6 +141,9 @@ pub(super) fn replay(
 const DECODERS: usize = 2;
 /// Lines in a block handed to a decoder.
 const BLOCK_LINES: usize = 8192;
+/// How many lines ahead the applying thread `warm`s the index for a login's device
+/// (and asks for the decoded line itself, twice as far ahead).
+const WARM_AHEAD: usize = 8;
 
 /// Consecutive journal lines, as read: their bytes, and for each where it lies in
 /// them, its length in the file and whether all of it was kept (`read_line`).
@@ -270,11 +273,20 @@ impl Block {
         (lines, texts)
     }
 
-    fn apply(&self, decoded: Vec<Decoded>, texts: Texts, replaying: &mut Replaying<'_>) {
+    fn apply(&self, mut decoded: Vec<Decoded>, texts: Texts, replaying: &mut Replaying<'_>) {
         let texts = Rc::new(texts);
-        for (i, line) in decoded.into_iter().enumerate() {
+        for i in 0..decoded.len() {
+            // Two waits for memory, each once a line, were most of this thread's time:
+            // the decoded line (written on the other core) and the index probe of its
+            // device. Both are asked for a few lines ahead, the line first.
+            if let Some(ahead) = decoded.get(i + 2 * WARM_AHEAD) {
+                crate::memory::prefetch(ahead);
+            }
+            if let Some(Some(Ok(Read::Login(ahead)))) = decoded.get(i + WARM_AHEAD) {
+                replaying.sessions.warm(&ahead.ip);
+            }
             let whole = self.lines[i].3;
-            replaying.next_line(self.line(i), whole, line, &texts);
+            replaying.next_line(self.line(i), whole, decoded[i].take(), &texts);
         }
     }
 }
