@@ -12,7 +12,7 @@ use super::{
     import::{ImportRecord, LineError},
     journal::{self, Journal},
     rules::{plan_import, plan_login},
-    table::SessionTable,
+    table::{SessionTable, WARM_AHEAD},
 };
 use agent_common::maps::IDENTITY_NONE;
 
@@ -227,7 +227,12 @@ impl SessionStore {
             }
         };
         let reset = undo.replaced.len();
-        for (record, slot) in planned.iter().zip(slots) {
+        // Grown once, not doubled (and rehashed) twenty times on the way to a million.
+        self.sessions.reserve(undo.added.len());
+        for (i, (record, slot)) in planned.iter().zip(slots).enumerate() {
+            if let Some(ahead) = planned.get(i + WARM_AHEAD) {
+                self.sessions.warm(&ahead.ip);
+            }
             self.sessions.insert(record, slot);
         }
         laps.lap("memory");

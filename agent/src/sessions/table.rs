@@ -28,6 +28,9 @@ use crate::{
 /// dropping those no session uses any more.
 const NAMES_SLACK: usize = 4096;
 
+/// How many devices ahead a bulk pass `warm`s the index for the one it will change.
+pub const WARM_AHEAD: usize = 8;
+
 /// A session as `SessionTable::insert_fields` takes it: a `SessionRecord`'s fields,
 /// borrowed, with its groups as any list of `String`s or `&str`s (a journal line's,
 /// read in place by replay, are a `Vec<&str>`).
@@ -364,8 +367,9 @@ impl SessionTable {
     }
 
     /// Looks the device up without using the answer, so that the memory an insert of
-    /// it will touch is on its way. Replay calls this a few lines ahead: at a million
-    /// rows, waiting for each line's probe in turn was most of its applying thread's time.
+    /// it will touch is on its way. Bulk inserts (replay, import) call this a few
+    /// devices ahead: at a million rows, waiting for each device's probe in turn was
+    /// most of their time.
     pub fn warm(&self, ip: &IpAddr) {
         std::hint::black_box(self.find(ip));
     }

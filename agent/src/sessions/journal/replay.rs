@@ -18,7 +18,7 @@ use super::{
 use crate::sessions::{
     SessionError,
     rules::check_replayed,
-    table::{Fields, SessionTable},
+    table::{Fields, SessionTable, WARM_AHEAD},
 };
 
 /// The longest line replay reads (a login is well under 1 KiB); longer ones are skipped.
@@ -141,9 +141,6 @@ pub(super) fn replay(
 const DECODERS: usize = 2;
 /// Lines in a block handed to a decoder.
 const BLOCK_LINES: usize = 8192;
-/// How many lines ahead the applying thread `warm`s the index for a login's device
-/// (and asks for the decoded line itself, twice as far ahead).
-const WARM_AHEAD: usize = 8;
 
 /// Consecutive journal lines, as read: their bytes, and for each where it lies in
 /// them, its length in the file and whether all of it was kept (`read_line`).
