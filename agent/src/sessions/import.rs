@@ -221,7 +221,9 @@ fn parse_part(text: &str, first_line: usize, format: Format, mut header_allowed:
     part
 }
 
-fn duplicate_message(ip: IpAddr, first: usize) -> String {
+/// Why a line is refused whose device `ip` already appeared on line `first` (here, and
+/// in `rules::plan_import`).
+pub(super) fn duplicate_message(ip: IpAddr, first: usize) -> String {
     format!("ip {ip} already appears on line {first} (one session per device)")
 }
 

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::{
     DEFAULT_IDP, LoginRequest, SessionError, SessionRecord,
-    import::{ImportRecord, LineError},
+    import::{ImportRecord, LineError, duplicate_message},
     table::Fields,
 };
 use crate::{
@@ -211,10 +211,7 @@ fn plan_part<'a>(
 
 /// Line `line`'s refusal: its device `ip` already appeared on line `first`.
 fn duplicate(line: usize, ip: IpAddr, first: usize) -> LineError {
-    LineError::new(
-        line,
-        format_args!("ip {ip} already appears on line {first} (one session per device)"),
-    )
+    LineError::new(line, duplicate_message(ip, first))
 }
 
 /// What every session must be, however it arrives (a login, an import line, an etcd
